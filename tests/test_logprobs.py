@@ -1,0 +1,119 @@
+"""Summed response log-probs: the plain path, and the chunked path that never builds the logits."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpo.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
+from dpo.tiny import tiny_qwen3
+from tests.conftest import QWEN3_VOCAB
+
+
+def test_uniform_logits_by_hand():
+    """All-zero logits over V = 4 give every token log(1/4). Row 0 has response labels at
+    positions 2 and 3 (predicted from positions 1 and 2): 2·log(1/4) = −2.7725887.
+    Row 1 has one response label: −1.3862944."""
+    logits = torch.zeros(2, 4, 4)
+    labels = torch.tensor([[-100, -100, 3, 1], [-100, -100, -100, 2]])
+    logps, counts = sequence_logps(logits, labels)
+    torch.testing.assert_close(logps, torch.tensor([2 * math.log(0.25), math.log(0.25)]))
+    assert counts.tolist() == [2, 1]
+
+
+def test_label_shift_by_hand():
+    """The logits at position t score the label at t+1: with V = 2 and logits (0, ln 3) at
+    position 0, p(token 1) = 3/4, so a label 1 at position 1 scores log(3/4) = −0.2876821; the
+    logits at the last position predict nothing and are never read."""
+    logits = torch.tensor([[[0.0, math.log(3)], [100.0, -100.0]]])
+    logps, counts = sequence_logps(logits, torch.tensor([[-100, 1]]))
+    torch.testing.assert_close(logps, torch.tensor([math.log(0.75)]))
+    assert counts.tolist() == [1]
+
+
+def test_matches_cross_entropy():
+    """Σ log π over the response tokens = −Σ cross_entropy over the same (shifted) tokens."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 9, 11)
+    labels = torch.randint(0, 11, (3, 9))
+    labels[:, :4] = IGNORE_INDEX  # prompt
+    labels[1, 7:] = IGNORE_INDEX  # padding
+    logps, counts = sequence_logps(logits, labels)
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+    torch.testing.assert_close(logps, -ce.sum(-1))
+    assert counts.tolist() == [5, 3, 5]
+
+
+def test_bf16_logits_are_summed_in_fp32():
+    logits = torch.randn(2, 5, 7).bfloat16()
+    labels = torch.randint(0, 7, (2, 5))
+    logps, _ = sequence_logps(logits, labels)
+    assert logps.dtype == torch.float32
+    torch.testing.assert_close(logps, sequence_logps(logits.float(), labels)[0])
+
+
+def _batch(vocab_size, batch=4, seq=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (batch, seq), generator=g)
+    labels = input_ids.clone()
+    labels[:, :seq // 3] = IGNORE_INDEX  # prompt
+    labels[1, seq - 7:] = IGNORE_INDEX  # padding at the end of one row
+    return input_ids, labels
+
+
+def _plain_and_chunked(model, input_ids, labels, chunk_size):
+    """(logps, grads) of both paths for the same model and batch; loss = Σ logps·w with distinct
+    weights per row so that a row mix-up would show in the gradients."""
+    weights = torch.arange(1.0, input_ids.shape[0] + 1)
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        out = model(input_ids, output_hidden_states=True)
+        if chunked:
+            logps, counts, _ = chunked_sequence_logps(
+                out.hidden_states[-1], model.get_output_embeddings(), labels,
+                chunk_size=chunk_size)
+        else:
+            logps, counts = sequence_logps(out.logits, labels)
+        (logps * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((logps.detach(), counts, grads))
+    return results
+
+
+@pytest.mark.parametrize("vocab_size, chunk_size", [(97, 7), (QWEN3_VOCAB, 50)])
+def test_chunked_matches_plain_values_and_gradients(vocab_size, chunk_size):
+    """Same log-probs and same gradient in every parameter, to 1e-5 relative, also at Qwen3's
+    vocabulary size. Chunk sizes do not divide the token count, so a partial last chunk runs."""
+    model = tiny_qwen3(vocab_size, hidden_size=32)
+    input_ids, labels = _batch(vocab_size)
+    (plain, n_plain, g_plain), (chunked, n_chunked, g_chunked) = _plain_and_chunked(
+        model, input_ids, labels, chunk_size)
+    assert torch.equal(n_plain, n_chunked)
+    assert (labels[:, 1:] != IGNORE_INDEX).sum() % chunk_size != 0
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=0)
+    for name, g in g_plain.items():
+        scale = g.abs().max().clamp(min=1e-12)
+        torch.testing.assert_close(g_chunked[name] / scale, g / scale, rtol=1e-5, atol=1e-5,
+                                   msg=f"gradient of {name}")
+
+
+def test_chunked_logits_sums_match_the_logits():
+    """The `logits/*` metrics need Σ logits over response tokens and vocabulary."""
+    model = tiny_qwen3(31)
+    input_ids, labels = _batch(31)
+    with torch.no_grad():
+        out = model(input_ids, output_hidden_states=True)
+        _, _, sums = chunked_sequence_logps(out.hidden_states[-1], model.lm_head, labels,
+                                            chunk_size=5)
+    mask = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)
+    torch.testing.assert_close(sums, (out.logits[:, :-1] * mask).sum((1, 2)))
+
+
+def test_chunked_with_no_response_tokens():
+    """A batch whose labels are all ignored yields zeros, not an error."""
+    model = tiny_qwen3(13)
+    hidden = torch.randn(2, 6, 64)
+    labels = torch.full((2, 6), IGNORE_INDEX)
+    logps, counts, sums = chunked_sequence_logps(hidden, model.lm_head, labels)
+    assert logps.tolist() == [0.0, 0.0] and counts.tolist() == [0, 0] and sums.tolist() == [0, 0]
