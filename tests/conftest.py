@@ -22,3 +22,72 @@ def qwen3_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(require_shared(QWEN3_TOKENIZER)))
+
+
+# --- A tiny tokenizer built on the spot, so the data tests also run without ../shared ---------
+
+TINY_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "\n\nHuman: What is the capital of France?\n\nAssistant: The capital of France is Paris.",
+    "Question: how do I sort a list in Python? Answer: use sorted(items) or items.sort().",
+    "<|user|>\nhello<|endoftext|>\n<|assistant|>\nhi there, how can I help you today?",
+]
+# A Llama-2-like template that writes the BOS itself, as many real templates do.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _tiny_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<s>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: any text round-trips
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TINY_CORPUS * 4, trainer)
+    # Like Llama, the tokenizer adds BOS by itself (add_special_tokens=True).
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A",
+        pair="<s> $A <s> $B",
+        special_tokens=[("<s>", tokenizer.token_to_id("<s>"))],
+    )
+    return tokenizer.to_str()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_json() -> str:
+    return _tiny_tokenizer_json()
+
+
+def _build_tiny_tokenizer(tokenizer_json: str, chat_template: str | None):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer_json),
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_tokenizer_json):
+    """Byte-level BPE that adds BOS itself; no chat template and no pad token (a fresh one per
+    test, since prepare_tokenizer sets the pad token)."""
+    return _build_tiny_tokenizer(tiny_tokenizer_json, chat_template=None)
+
+
+@pytest.fixture
+def tiny_chat_tokenizer(tiny_tokenizer_json):
+    """The tiny tokenizer with a chat template that writes BOS itself (the doubled-BOS trap)."""
+    return _build_tiny_tokenizer(tiny_tokenizer_json, chat_template=TINY_CHAT_TEMPLATE)

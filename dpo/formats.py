@@ -1,0 +1,301 @@
+"""Preference-data formats: detect them from the columns and normalise them to one schema.
+
+Every supported layout is turned into the same *normalised* rows, so that tokenization, validation
+and the trainer never look at the source format again:
+
+``prompt``
+    list of ``{"role", "content"}`` messages; empty when the data has no prompt.
+``chosen`` / ``rejected``
+    list of messages: the response(s) that follow the prompt, normally one assistant message.
+``row_index``
+    the row's index in the source split, so that a bad row can be found in the original file.
+``problem``
+    ``""`` for a well-formed row, else ``"<reason>: <detail>"`` for a defect found while
+    normalising (a missing value, a number where text belongs, ...). Such rows are kept here and
+    skipped, counted by reason, when tokenizing: a bad row must never crash training later.
+
+Supported formats (``DATA_FORMATS``):
+
+``stack_exchange``
+    ``question``, ``response_j`` (chosen), ``response_k`` (rejected): lvwerra/stack-exchange-paired.
+``standard``
+    ``prompt``, ``chosen``, ``rejected`` as strings.
+``conversational``
+    ``chosen``/``rejected`` as lists of ``{role, content}`` messages, with or without a ``prompt``
+    column (a list of messages). Without one, the prompt is the messages both share, up to their
+    last shared assistant turn.
+``implicit_prompt``
+    only ``chosen``/``rejected`` full ``\\n\\nHuman: ...\\n\\nAssistant: ...`` transcripts
+    (Anthropic HH-RLHF): they are parsed into messages and split like ``conversational``, which puts
+    the prompt at their common prefix up to the last ``\\n\\nAssistant:``.
+``sharegpt``
+    ``conversations`` (list of ``{from, value}``) with ``chosen``/``rejected`` ``{from, value}``
+    messages (LLaMA-Factory's DPO demo).
+
+All five go through one converter: only the column names differ, and a value may be a string
+(one message with the field's default role), one message dict or a list of them, with
+``role``/``content`` or ShareGPT's ``from``/``value`` keys.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from datasets import Dataset, Features, List, Value
+
+DATA_FORMATS = ("stack_exchange", "standard", "conversational", "implicit_prompt", "sharegpt")
+
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT and other dumps name the roles differently; anything else is a malformed row.
+ROLE_ALIASES = {
+    "human": "user",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+}
+
+# Why a row is skipped. Normalising can find the first three; tokenizing finds the rest.
+DROP_REASONS = (
+    "missing_field",  # a value (or a message's role/content) is missing
+    "not_a_string",  # text is a number, a dict, ...
+    "malformed",  # a message is not a dict, has an unknown role, or no prompt can be split off
+    "empty",  # a message's text is empty or only whitespace, or a response has no message
+    "identical",  # chosen == rejected: the pair carries no preference
+    "template_mismatch",  # the chat template renders the prompt differently once a response follows
+    "truncated_away",  # the prompt fills max_length: nothing of a response would remain
+)
+
+MESSAGE = {"role": Value("string"), "content": Value("string")}
+NORMALISED_FEATURES = Features(
+    {
+        "prompt": List(MESSAGE),
+        "chosen": List(MESSAGE),
+        "rejected": List(MESSAGE),
+        "row_index": Value("int64"),
+        "problem": Value("string"),
+    }
+)
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """Where a format keeps its prompt, chosen and rejected values (``prompt=None``: none)."""
+
+    name: str
+    prompt: str | None
+    chosen: str
+    rejected: str
+
+
+class RowProblem(Exception):
+    """A defect in one row; caught per row and recorded as ``"<reason>: <detail>"``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+
+
+def _is_text(feature) -> bool:
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+
+def resolve_format(features: Features, data_format: str | None = None) -> FormatSpec:
+    """Pick the format from the columns (``data_format=None``) or check the requested one fits.
+
+    Raises ``ValueError`` naming the columns found and the formats expected when no format fits.
+    """
+    columns = set(features)
+    candidates = {
+        "stack_exchange": FormatSpec("stack_exchange", "question", "response_j", "response_k"),
+        "sharegpt": FormatSpec("sharegpt", "conversations", "chosen", "rejected"),
+        "standard": FormatSpec("standard", "prompt", "chosen", "rejected"),
+        # Conversational data may carry its prompt inside chosen/rejected, and HH-RLHF always does.
+        "conversational": FormatSpec(
+            "conversational", "prompt" if "prompt" in columns else None, "chosen", "rejected"
+        ),
+        "implicit_prompt": FormatSpec("implicit_prompt", None, "chosen", "rejected"),
+    }
+    if data_format is None:
+        data_format = _detect(features)
+    if data_format not in candidates:
+        raise ValueError(f"unknown data format {data_format!r}; expected one of {DATA_FORMATS}")
+    spec = candidates[data_format]
+    needed = [c for c in (spec.prompt, spec.chosen, spec.rejected) if c is not None]
+    if not set(needed) <= columns:
+        raise ValueError(
+            f"data format {data_format!r} needs columns {needed}, found {sorted(columns)}"
+        )
+    return spec
+
+
+def _detect(features: Features) -> str:
+    columns = set(features)
+    if {"question", "response_j", "response_k"} <= columns:
+        return "stack_exchange"
+    if {"conversations", "chosen", "rejected"} <= columns:
+        return "sharegpt"
+    if {"chosen", "rejected"} <= columns:
+        texts = _is_text(features["chosen"]) and _is_text(features["rejected"])
+        if "prompt" in columns:
+            return "standard" if texts and _is_text(features["prompt"]) else "conversational"
+        return "implicit_prompt" if texts else "conversational"
+    raise ValueError(
+        f"cannot tell the preference format from the columns {sorted(columns)}; expected "
+        "question/response_j/response_k (stack_exchange), prompt/chosen/rejected (standard or "
+        "conversational), chosen/rejected (implicit_prompt or conversational) or "
+        "conversations/chosen/rejected (sharegpt)"
+    )
+
+
+def to_messages(value, field: str, default_role: str) -> list[dict]:
+    """Turn one field's value into a list of ``{role, content}`` messages.
+
+    A string becomes one message with ``default_role``; a dict is one message; a list is a list of
+    messages. Raises ``RowProblem`` naming ``field`` (and the message's position) when it cannot.
+    """
+    if value is None:
+        raise RowProblem("missing_field", f"{field} is missing")
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, dict):
+        return [_message(value, field)]
+    if isinstance(value, list):
+        return [_message(m, f"{field}[{i}]") for i, m in enumerate(value)]
+    raise RowProblem(
+        "not_a_string",
+        f"{field} is a {type(value).__name__}, expected a string or a list of messages",
+    )
+
+
+def _message(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise RowProblem("malformed", f"{where} is a {type(value).__name__}, not a message")
+    # ShareGPT dumps use from/value; Arrow fills the other pair of keys with None.
+    role = value.get("role") if value.get("role") is not None else value.get("from")
+    content = value.get("content") if value.get("content") is not None else value.get("value")
+    if role is None:
+        raise RowProblem("missing_field", f"{where} has no role")
+    if content is None:
+        raise RowProblem("missing_field", f"{where} has no content")
+    if not isinstance(content, str):
+        raise RowProblem("not_a_string", f"{where}.content is a {type(content).__name__}")
+    role = ROLE_ALIASES.get(role, role)
+    if role not in ROLES:
+        raise RowProblem("malformed", f"{where} has unknown role {role!r}")
+    return {"role": role, "content": content}
+
+
+def parse_transcript(text: str, field: str) -> list[dict]:
+    """Parse an HH-RLHF ``\\n\\nHuman: ...\\n\\nAssistant: ...`` transcript into messages."""
+    pieces = HH_TURN.split(text)
+    # pieces = [before the first turn, role, text, role, text, ...]
+    if len(pieces) < 3 or pieces[0].strip():
+        raise RowProblem("malformed", f"{field} is not a '\\n\\nHuman: ...' transcript")
+    return [
+        {"role": HH_ROLES[role], "content": content.strip()}
+        for role, content in zip(pieces[1::2], pieces[2::2])
+    ]
+
+
+def split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
+    """Split two full conversations into (prompt, chosen response, rejected response).
+
+    The prompt is the messages both conversations share, cut back to the last shared assistant
+    turn, so that each response starts with the assistant turn where they differ.
+    """
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    for cut in range(shared, -1, -1):
+        if _starts_assistant_turn(chosen, cut) and _starts_assistant_turn(rejected, cut):
+            return chosen[:cut], chosen[cut:], rejected[cut:]
+    raise RowProblem("malformed", "chosen and rejected share no prompt before an assistant turn")
+
+
+def _starts_assistant_turn(messages: list[dict], index: int) -> bool:
+    return index < len(messages) and messages[index]["role"] == "assistant"
+
+
+def normalise_row(row: dict, spec: FormatSpec) -> dict:
+    """Convert one source row to the normalised messages; defects go to ``problem``."""
+    try:
+        if spec.prompt is not None:
+            prompt = to_messages(row[spec.prompt], spec.prompt, "user")
+            chosen = to_messages(row[spec.chosen], spec.chosen, "assistant")
+            rejected = to_messages(row[spec.rejected], spec.rejected, "assistant")
+            # Some datasets (UltraFeedback) repeat the prompt at the start of both responses.
+            n = len(prompt)
+            if n and chosen[:n] == rejected[:n] == prompt and len(chosen) > n < len(rejected):
+                chosen, rejected = chosen[n:], rejected[n:]
+        else:
+            chosen, rejected = (
+                parse_transcript(value, field) if isinstance(value, str)
+                else to_messages(value, field, "assistant")
+                for field, value in ((spec.chosen, row[spec.chosen]),
+                                     (spec.rejected, row[spec.rejected]))
+            )
+            prompt, chosen, rejected = split_shared_prompt(chosen, rejected)
+    except RowProblem as problem:
+        return {"prompt": [], "chosen": [], "rejected": [], "problem": str(problem)}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "problem": ""}
+
+
+def normalise(
+    ds: Dataset,
+    *,
+    data_format: str | None = None,
+    row_indices: list[int] | None = None,
+    num_proc: int | None = None,
+) -> Dataset:
+    """Normalise a raw preference dataset (see the module docstring) with ``Dataset.map``.
+
+    ``row_indices`` are the rows' indices in the source split (default: their positions in
+    ``ds``); they end up in the ``row_index`` column for error messages.
+    """
+    spec = resolve_format(ds.features, data_format)
+    if row_indices is None:
+        row_indices = list(range(len(ds)))
+    if len(row_indices) != len(ds):
+        raise ValueError(f"row_indices has {len(row_indices)} entries for {len(ds)} rows")
+
+    if len(ds) == 0:  # map skips an empty dataset and would keep its columns
+        return Dataset.from_dict({name: [] for name in NORMALISED_FEATURES},
+                                 features=NORMALISED_FEATURES)
+
+    def convert(row: dict, position: int) -> dict:
+        return {**normalise_row(row, spec), "row_index": row_indices[position]}
+
+    return ds.map(
+        convert,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        features=NORMALISED_FEATURES,
+        num_proc=num_proc,
+        desc=f"normalising {spec.name} rows",
+    )
+
+
+def find_problem(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> RowProblem | None:
+    """Check a normalised row's content; return the first problem, or ``None`` for a good row.
+
+    Runs on every row before tokenizing, also on datasets that were built by hand in the
+    normalised schema, so it re-checks what the converter guarantees for loaded data.
+    """
+    for field, messages in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if field != "prompt" and not messages:
+            return RowProblem("empty", f"{field} has no message")
+        for i, message in enumerate(messages):
+            where = f"{field}[{i}]"
+            if message["role"] not in ROLES:
+                return RowProblem("malformed", f"{where} has unknown role {message['role']!r}")
+            if message["content"] is None:
+                return RowProblem("missing_field", f"{where} has no content")
+            if not message["content"].strip():
+                return RowProblem("empty", f"{where} is empty")
+    if chosen == rejected:
+        return RowProblem("identical", "chosen and rejected are the same")
+    return None
