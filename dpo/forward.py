@@ -2,8 +2,8 @@
 
 The collator stacks each batch as `[chosen; rejected]`: rows `0..B-1` hold the chosen responses and
 rows `B..2B-1` the rejected ones, row `i` and row `B+i` being the same pair. Running the model once
-on all `2B` rows instead of twice on `B` halves the number of forward calls, keeps the matmuls large,
-and — under DDP and ZeRO — means one forward per backward, which their hooks expect.
+on all `2B` rows instead of twice on `B` halves the number of forward calls, keeps the matmuls
+large, and — under DDP and ZeRO — means one forward per backward, which their hooks expect.
 """
 from __future__ import annotations
 

@@ -1,15 +1,15 @@
 """The DPO loss family: pure functions of per-sequence log-probs.
 
-Every loss here takes four `(B,)` tensors of *summed* log-probs — log π(y|x) = Σ_t log π(y_t|x, y_<t)
-over the response tokens — for the policy π and the frozen reference π_ref, on the chosen (y⁺) and
+Every loss here takes four `(B,)` tensors of *summed* log-probs, log π(y|x) = Σ_t log π(y_t|x, y_<t)
+over the response tokens, for the policy π and the frozen reference π_ref, on the chosen (y⁺) and
 rejected (y⁻) response of each pair, and returns per-pair losses `(B,)`; the caller takes the mean.
 
 The shared quantity is the difference of implicit rewards (DPO paper, §4, r(x, y) = β·log π/π_ref):
 
     Δ = (log π(y⁺|x) − log π_ref(y⁺|x)) − (log π(y⁻|x) − log π_ref(y⁻|x))
 
-Direct Preference Optimization needs no reward model and no RL rollouts: the Bradley–Terry likelihood
-of the human preference, written in terms of the policy's own implicit reward, is the loss.
+Direct Preference Optimization needs no reward model and no RL rollouts: the Bradley–Terry
+likelihood of the human preference, written with the policy's own implicit reward, is the loss.
 """
 from __future__ import annotations
 
@@ -115,22 +115,14 @@ def chosen_nll_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) ->
     return -chosen_logps.sum() / chosen_lengths.sum()
 
 
-def _check_args(
-    *logps: torch.Tensor | None,
-    beta: float,
-    loss_type: str,
-    label_smoothing: float,
-    chosen_lengths: torch.Tensor | None,
-    rejected_lengths: torch.Tensor | None,
-    simpo_gamma: float,
+def check_loss_options(
+    *, beta: float, loss_type: str, label_smoothing: float = 0.0, simpo_gamma: float = 0.0
 ) -> None:
-    """Raise ValueError naming the offending parameter. Checks shapes and scalars only: looking
-    at tensor values would force a device sync on every step."""
+    """Raise ValueError, naming the parameter, for a loss configuration `dpo_loss` rejects."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if not beta > 0 or beta == float("inf"):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-
     if loss_type == "sigmoid":
         eps_ok, allowed = 0 <= label_smoothing <= 0.5, "lie in [0, 0.5]"
     elif loss_type == "robust":
@@ -143,6 +135,21 @@ def _check_args(
     if simpo_gamma != 0 and loss_type != "simpo":
         raise ValueError(f"simpo_gamma is used by loss_type='simpo' only, got {simpo_gamma!r} "
                          f"with loss_type={loss_type!r}")
+
+
+def _check_args(
+    *logps: torch.Tensor | None,
+    beta: float,
+    loss_type: str,
+    label_smoothing: float,
+    chosen_lengths: torch.Tensor | None,
+    rejected_lengths: torch.Tensor | None,
+    simpo_gamma: float,
+) -> None:
+    """Raise ValueError naming the offending parameter. Checks shapes and scalars only: looking
+    at tensor values would force a device sync on every step."""
+    check_loss_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                       simpo_gamma=simpo_gamma)
 
     names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
              "ref_rejected_logps")

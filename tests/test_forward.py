@@ -1,4 +1,4 @@
-"""The concatenated forward: one model call over `[chosen; rejected]`, halves lined up pair by pair."""
+"""The concatenated forward: one model call over `[chosen; rejected]`, halves lined up by pair."""
 import pytest
 import torch
 

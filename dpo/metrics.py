@@ -1,0 +1,98 @@
+"""Training and eval metrics: per-pair statistics, summed on the device, reduced across processes.
+
+Nothing here calls `.item()` per micro-batch: statistics are added to a device tensor and read
+back once per log, so logging never stalls the GPU between steps.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from dpo.forward import PairLogps
+
+# Per-pair statistics, in the column order of `pair_stats`.
+PAIR_KEYS = (
+    "loss",                # the per-pair preference loss (without the RPO term)
+    "rewards/chosen",      # β·(log π(y⁺) − log π_ref(y⁺))
+    "rewards/rejected",    # β·(log π(y⁻) − log π_ref(y⁻))
+    "rewards/accuracies",  # 1 where the chosen reward is strictly larger
+    "rewards/margins",     # chosen − rejected reward
+    "logps/chosen",        # summed log π(y⁺)
+    "logps/rejected",
+    "logits/chosen",       # mean logit over response tokens and vocabulary
+    "logits/rejected",
+)
+
+
+def pair_stats(losses: torch.Tensor, chosen_rewards: torch.Tensor,
+               rejected_rewards: torch.Tensor, policy: PairLogps) -> torch.Tensor:
+    """`[B, len(PAIR_KEYS)]` float32 statistics of each pair, detached."""
+    columns = (losses, chosen_rewards, rejected_rewards, chosen_rewards > rejected_rewards,
+               chosen_rewards - rejected_rewards, policy.chosen_logps, policy.rejected_logps,
+               policy.chosen_logits_mean, policy.rejected_logits_mean)
+    return torch.stack([c.detach().float() for c in columns], dim=1)  # (B, K)
+
+
+class TrainMetrics:
+    """Running sums between two logs: per-pair statistics, pairs, real tokens, grad norms."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(len(PAIR_KEYS), device=device)
+        self.counts = torch.zeros(2, device=device)  # pairs, real (non-pad) tokens
+        self.grad_norms: list[torch.Tensor] = []
+
+    def add_batch(self, stats: torch.Tensor, num_tokens: torch.Tensor) -> None:
+        self.sums += stats.sum(0)
+        self.counts += torch.stack([torch.tensor(stats.shape[0], device=stats.device),
+                                    num_tokens]).float()
+
+    def add_grad_norm(self, grad_norm: torch.Tensor | float | None) -> None:
+        if grad_norm is not None:
+            self.grad_norms.append(torch.as_tensor(grad_norm, dtype=torch.float32))
+
+    def compute(self, accelerator: Accelerator, seconds: float) -> dict[str, float]:
+        """Reduce across processes (a sync point: once per log), return means, and reset."""
+        totals = accelerator.reduce(torch.cat([self.sums, self.counts]), reduction="sum")
+        sums, (pairs, tokens) = totals[:-2], totals[-2:].tolist()
+        metrics = dict(zip(PAIR_KEYS, (sums / max(pairs, 1)).tolist()))
+        if self.grad_norms:  # the norm is global already (clipping all-reduces it)
+            metrics["grad_norm"] = torch.stack(self.grad_norms).mean().item()
+        metrics["tokens_per_sec"] = tokens / max(seconds, 1e-9)
+        self.sums.zero_()
+        self.counts.zero_()
+        self.grad_norms.clear()
+        return metrics
+
+
+class MetricsLogger:
+    """Writes each log to `<output_dir>/metrics.jsonl`, the trackers, and the console (main)."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: Path, total_steps: int,
+                 initial_step: int = 0):
+        self.accelerator = accelerator
+        self.path = output_dir / "metrics.jsonl"
+        self.progress = tqdm(total=total_steps, initial=initial_step, desc="train",
+                             disable=not accelerator.is_main_process, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.accelerator.log(metrics, step=step)
+        if not self.accelerator.is_main_process:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        shown = {k: metrics[k] for k in ("loss", "eval/loss", "rewards/accuracies",
+                                         "eval/rewards/accuracies", "rewards/margins", "lr")
+                 if k in metrics}
+        self.progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop logs of steps after `step`: on resume they will be logged again."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))

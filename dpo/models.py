@@ -1,0 +1,90 @@
+"""Loading the policy and the frozen reference, and placing the reference beside the policy."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from dpo.config import TrainConfig
+from dpo.loss import REFERENCE_FREE
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(cfg: TrainConfig, path: str) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained` with every dropout set to zero.
+
+    Dropout is off in both models: the DPO loss compares the policy's log-probs with the
+    reference's, and random masks on either side would add noise to Δ (at init, π = π_ref must
+    give exactly ln 2). Config fields are zeroed before loading so that attention dropout, which
+    is a float on the attention module rather than an `nn.Dropout`, is off too.
+    """
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    for name, value in vars(config).items():
+        if "dropout" in name and isinstance(value, float):
+            setattr(config, name, 0.0)
+    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+        **kwargs)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    model.config.use_cache = False  # no KV cache in training; generation asks for it explicitly
+    return model
+
+
+def load_policy_and_reference(
+    cfg: TrainConfig, path: str
+) -> tuple[PreTrainedModel, PreTrainedModel | None]:
+    """The trainable policy and the frozen reference, both initialised from `path`; no
+    reference for a reference-free loss (SimPO), so it costs no memory.
+
+    The reference is loaded separately rather than deep-copied: under DeepSpeed ZeRO-3,
+    `from_pretrained` partitions parameters as it loads them, which a copy would bypass.
+    """
+    policy = load_causal_lm(cfg, path)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works with DDP's hooks and with inputs that need no grad.
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.loss_type in REFERENCE_FREE:
+        return policy, None
+    reference = load_causal_lm(cfg, path)
+    reference.eval()
+    reference.requires_grad_(False)
+    return policy, reference
+
+
+def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> nn.Module | None:
+    """Place the frozen reference the way the policy is distributed.
+
+    - DeepSpeed ZeRO-3: the policy's weights are sharded across processes; a full replica of the
+      reference would cost as much memory as the whole unsharded policy. So the reference becomes
+      a DeepSpeed inference engine with the same ZeRO-3 config (no optimizer): its shards are
+      gathered layer by layer during its forward, like the policy's.
+    - FSDP: sharded by accelerate in evaluation mode (no gradient hooks, no optimizer state).
+    - DDP, ZeRO-1/2 and one process: a plain replica on the device. It is never wrapped in DDP:
+      it has no gradients to synchronise.
+    Call after `accelerator.prepare(policy, ...)`, so DeepSpeed's "auto" values are resolved.
+    """
+    state = accelerator.state
+    if reference is None:
+        return None
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = state.deepspeed_plugin.deepspeed_config
+        if ds_config["zero_optimization"]["stage"] == 3:
+            import deepspeed
+
+            config = copy.deepcopy(ds_config)
+            for key in ("optimizer", "scheduler"):
+                config.pop(key, None)
+            engine, *_ = deepspeed.initialize(model=reference, config=config)
+            engine.eval()
+            return engine
+    elif state.distributed_type == DistributedType.FSDP:
+        return accelerator.prepare_model(reference, evaluation_mode=True)
+    return reference.to(accelerator.device)

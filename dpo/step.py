@@ -1,0 +1,34 @@
+"""One DPO step's arithmetic on a `[chosen; rejected]` batch, shared by training and eval:
+policy forward → reference forward (no grad) → per-pair losses and rewards."""
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from dpo.config import TrainConfig
+from dpo.forward import PairLogps, concatenated_forward
+from dpo.loss import dpo_loss
+
+
+def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batch
+             ) -> tuple[PairLogps, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(policy log-probs, losses, chosen rewards, rejected rewards)`, the last three `(B,)`.
+
+    Both forwards run under `accelerator.autocast()`: with `--mixed_precision bf16` the matmuls
+    run in bf16 while the log-probs are summed in fp32 (see `dpo.logprobs`).
+    """
+    with accelerator.autocast():
+        policy_out = concatenated_forward(policy, batch, chunked=cfg.chunked_logps,
+                                          chunk_size=cfg.logps_chunk_size)
+        ref_chosen = ref_rejected = None
+        if reference is not None:  # None for a reference-free loss (SimPO)
+            with torch.no_grad():
+                ref_out = concatenated_forward(reference, batch, chunked=cfg.chunked_logps,
+                                               chunk_size=cfg.logps_chunk_size)
+            ref_chosen, ref_rejected = ref_out.chosen_logps, ref_out.rejected_logps
+        losses, chosen_r, rejected_r = dpo_loss(
+            policy_out.chosen_logps, policy_out.rejected_logps, ref_chosen, ref_rejected,
+            beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+            chosen_lengths=policy_out.chosen_lengths, rejected_lengths=policy_out.rejected_lengths,
+            simpo_gamma=cfg.simpo_gamma)
+    return policy_out, losses, chosen_r, rejected_r

@@ -1,0 +1,95 @@
+"""TrainConfig: the seed's defaults, YAML + flags, and one clear error per bad value."""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from dpo.config import ConfigError, TrainConfig, load_config
+from tests.conftest import ROOT
+
+
+def test_seed_defaults():
+    """The TRL seed script's CLI defaults are kept."""
+    cfg = load_config([])
+    assert (cfg.model, cfg.num_samples, cfg.epochs, cfg.batch_size) == ("Qwen/Qwen3-0.6B", 1000,
+                                                                          1, 2)
+    assert (cfg.gradient_accumulation_steps, cfg.learning_rate, cfg.beta) == (4, 5e-6, 0.1)
+    assert cfg.output_dir == "outputs/dpo_qwen_trl" and cfg.logging_steps == 10
+    assert cfg.dataset == "lvwerra/stack-exchange-paired" and cfg.max_grad_norm == 1.0
+
+
+def test_flags_override_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("beta: 1\nlearning_rate: 1.0e-4\nmax_steps: 7\ngroup_by_length: false\n")
+    cfg = load_config(["--config", str(path), "--beta", "0.25", "--max-steps", "none"])
+    assert cfg.beta == 0.25 and cfg.learning_rate == 1e-4
+    assert cfg.max_steps is None and cfg.group_by_length is False
+
+
+def test_yaml_int_for_a_float_field_becomes_float(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("beta: 1\n")
+    assert isinstance(load_config(["--config", str(path)]).beta, float)
+
+
+def test_every_field_has_a_flag_and_the_yaml_round_trips(tmp_path):
+    cfg = load_config(["--gradient-checkpointing", "--loss-type", "ipo"])
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert load_config(["--config", str(tmp_path / "c.yaml")]) == cfg
+    help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in help_text
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("betta: 0.1\n", "unknown key 'betta'; did you mean 'beta'"),
+    ("beta: high\n", "beta must be a float"),
+    ("batch_size: 2.5\n", "batch_size must be a int"),
+    ("gradient_checkpointing: 1\n", "gradient_checkpointing must be a bool"),
+    ("model: null\n", "model must be set"),
+    ("- beta\n", "expected a mapping"),
+    ("beta: [\n", "not valid YAML"),
+])
+def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta", "0"], "beta must be a finite number > 0"),
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--loss-type", "kto"], "loss_type: 'kto' is not one of"),
+    (["--loss-type", "hinge", "--label-smoothing", "0.1"], "label_smoothing"),
+    (["--lr-scheduler", "wavy"], "lr_scheduler: 'wavy' is not one of"),
+    (["--warmup-ratio", "1"], "warmup_ratio must lie in"),
+    (["--max-length", "64", "--max-prompt-length", "64"], "max_prompt_length"),
+    (["--data-format", "csv"], "data_format: 'csv' is not one of"),
+    (["--learning-rate=-1e-5"], "learning_rate must be > 0"),
+    (["--config", "no/such.yaml"], "no such file"),
+])
+def test_bad_values_raise_config_error(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(flags)
+
+
+def test_bad_flag_is_one_line_and_nonzero_exit(tmp_path):
+    """Before any model loads: one line on stderr, no traceback, exit code != 0."""
+    for flags in (["--batch-size", "two"], ["--beta", "-1"], ["--no-such-flag"]):
+        out = subprocess.run([sys.executable, "train.py", *flags,
+                              "--output-dir", str(tmp_path / "o")],
+                             cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode != 0
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "error" in lines[0], out.stderr
+        assert not (tmp_path / "o").exists()
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+    with pytest.raises(ValueError):
+        TrainConfig(epochs=0)

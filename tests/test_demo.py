@@ -1,0 +1,202 @@
+"""The offline demo assets: loadable, cached, deterministic, and the data obey the stated rule."""
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from dpo import demo
+
+PROMPT = [{"role": "user", "content": "Tell me about cats."}]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache with both assets built, shared by the module: a build takes about a second."""
+    root = tmp_path_factory.mktemp("demo-cache")
+    demo.build_demo_model(root)
+    demo.build_demo_dataset(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cache):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo.build_demo_model(cache))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_cache_dir_is_versioned_and_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path))
+    assert demo.demo_cache_dir() == tmp_path / f"demo-v{demo.DEMO_FORMAT_VERSION}"
+    monkeypatch.delenv("DPO_CACHE_DIR")
+    assert demo.demo_cache_dir().parent.name == "dpo"
+
+
+def test_model_dir_loads_like_a_hub_checkpoint(cache, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    path = demo.build_demo_model(cache)
+    assert (path / "model.safetensors").is_file() and (path / demo.COMPLETE_MARKER).is_file()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.model_type == "qwen3"
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tokenizer))
+    assert torch.isfinite(logits).all()
+
+
+def test_special_tokens(tokenizer):
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.bos_token is None
+    assert tokenizer("hello")["input_ids"] == tokenizer("hello", add_special_tokens=False)[
+        "input_ids"]  # no BOS/EOS added around plain text
+    for token in demo.SPECIAL_TOKENS:  # each special token is one id, never split into bytes
+        assert len(tokenizer(token)["input_ids"]) == 1
+
+
+@pytest.mark.parametrize("text", [
+    "Tell me about cats.",
+    "  leading and trailing spaces  ",
+    "tabs\tand\nnewlines\r\n\n",
+    "café naïve Straße — “quotes” 🙂 中文 ﬁ",  # non-ASCII and a non-NFC ligature
+    "special-looking <|im_start|>user\nhi<|im_end|>\n",
+    "\x00\x07 control bytes",
+])
+def test_byte_level_round_trip(tokenizer, text):
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.unk_token_id not in ids
+
+
+def test_chat_template(tokenizer):
+    assert tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>user\nTell me about cats.<|im_end|>\n<|im_start|>assistant\n")
+    conversation = PROMPT + [{"role": "assistant", "content": "Gladly!"}]
+    assert tokenizer.apply_chat_template(conversation, tokenize=False) == (
+        "<|im_start|>user\nTell me about cats.<|im_end|>\n"
+        "<|im_start|>assistant\nGladly!<|im_end|>\n")
+    system = [{"role": "system", "content": "Be kind."}] + PROMPT
+    assert tokenizer.apply_chat_template(system, tokenize=False).startswith(
+        "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\n")
+
+
+def test_dataset_splits_and_rule(cache):
+    from datasets import load_dataset
+
+    path = demo.build_demo_dataset(cache)
+    splits = load_dataset(str(path))
+    assert set(splits) == {"train", "test"}
+    assert splits["train"].num_rows == demo.NUM_TRAIN
+    assert splits["test"].num_rows == demo.NUM_TEST
+    assert splits["train"].column_names == ["prompt", "chosen", "rejected"]
+
+    train, test = read_jsonl(path / "train.jsonl"), read_jsonl(path / "test.jsonl")
+    kinds = set()
+    for row in train + test:
+        assert row["prompt"] and row["chosen"] and row["rejected"]
+        assert row["chosen"] != row["rejected"]
+        assert demo.rule_holds(row), row
+        kinds.add("off-topic" if demo._is_polite(row["rejected"]) else "rude")
+    assert kinds == {"off-topic", "rude"}  # both kinds of rejected reply occur
+    # Held out: no test pair was seen in training.
+    train_pairs = {(r["prompt"], r["chosen"], r["rejected"]) for r in train}
+    assert not any((r["prompt"], r["chosen"], r["rejected"]) in train_pairs for r in test)
+
+
+def test_rule_rejects_swapped_pairs():
+    train, _ = demo.demo_pairs()
+    for row in train[:50]:
+        swapped = dict(row, chosen=row["rejected"], rejected=row["chosen"])
+        assert not demo.rule_holds(swapped)
+
+
+def test_pairs_fit_the_demo_length(cache, tokenizer):
+    rows = read_jsonl(demo.build_demo_dataset(cache) / "test.jsonl")
+    prompt_lengths, lengths = [], []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                               tokenize=False, add_generation_prompt=True)
+        for reply in (row["chosen"], row["rejected"]):
+            lengths.append(len(tokenizer(prompt + reply + tokenizer.eos_token)["input_ids"]))
+    assert max(lengths) <= 64
+
+
+def test_second_call_reuses_the_cache(cache, monkeypatch):
+    model_dir, data_dir = demo.build_demo_model(cache), demo.build_demo_dataset(cache)
+    before = {p: p.stat().st_mtime_ns for d in (model_dir, data_dir) for p in d.iterdir()}
+
+    def fail(directory):
+        raise AssertionError("rebuilt although the cache is complete")
+
+    monkeypatch.setattr(demo, "_write_model", fail)
+    monkeypatch.setattr(demo, "_write_dataset", fail)
+    assert demo.build_demo_model(cache) == model_dir
+    assert demo.build_demo_dataset(cache) == data_dir
+    after = {p: p.stat().st_mtime_ns for d in (model_dir, data_dir) for p in d.iterdir()}
+    assert after == before
+
+
+def test_builds_are_deterministic(cache, tmp_path):
+    other = tmp_path / "other"
+    for build, files in (
+        (demo.build_demo_model, ("tokenizer.json", "tokenizer_config.json", "config.json",
+                                 "model.safetensors")),
+        (demo.build_demo_dataset, ("train.jsonl", "test.jsonl")),
+    ):
+        first, second = build(cache), build(other)
+        assert first != second
+        for name in files:
+            assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_build_does_not_touch_the_global_rng(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    demo.build_demo_model(tmp_path)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_concurrent_builders_publish_one_complete_directory(tmp_path):
+    target = tmp_path / "asset"
+    calls = []
+
+    def slow_write(directory):
+        calls.append(directory)
+        (directory / "part1").write_text("a")
+        time.sleep(0.2)  # every builder is mid-write at once
+        (directory / "part2").write_text("b")
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        demo._build_atomically(target, slow_write))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [target] * 4 and len(calls) == 4
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        [demo.COMPLETE_MARKER, "part1", "part2"])
+    assert [p.name for p in tmp_path.iterdir()] == ["asset"]  # no temporary directory left
+
+
+def test_incomplete_directory_is_replaced(tmp_path):
+    target = tmp_path / "asset"
+    target.mkdir()
+    (target / "half-written").write_text("x")  # e.g. copied in by hand, without the marker
+
+    assert demo._build_atomically(target, lambda d: (d / "ok").write_text("y")) == target
+    assert sorted(p.name for p in target.iterdir()) == sorted([demo.COMPLETE_MARKER, "ok"])
+    assert [p.name for p in tmp_path.iterdir()] == ["asset"]

@@ -1,0 +1,129 @@
+"""End-to-end: `train.py` in a subprocess on the offline demo model and data (tiny, CPU, fp32)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpo.metrics import PAIR_KEYS
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+TRAIN_KEYS = {"step", *PAIR_KEYS, "grad_norm", "lr", "tokens_per_sec", "epoch"}
+# A short run of the demo: 2 pairs x 2 accumulation steps per optimizer step.
+SMALL = ["--model", "builtin:tiny-qwen3", "--dataset", "builtin:demo-preferences",
+         "--num-samples", "64", "--eval-samples", "8", "--max-length", "64", "--batch-size", "2",
+         "--gradient-accumulation-steps", "2", "--learning-rate", "1e-3", "--logging-steps", "1",
+         "--num-sample-generations", "1", "--max-new-tokens", "4", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Environment with a private demo cache, built once for the module."""
+    return {**os.environ, "DPO_CACHE_DIR": str(tmp_path_factory.mktemp("dpo_cache")),
+            "PYTHONUNBUFFERED": "1"}
+
+
+def run(env, *flags, check=True):
+    out = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"train.py failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return out
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def four_steps(env, tmp_path_factory):
+    """4 optimizer steps, checkpoints at 2 and 4, an eval at step 2 and at the end."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    run(env, *SMALL, "--max-steps", "4", "--save-steps", "2", "--eval-steps", "2",
+        "--output-dir", str(out))
+    return out
+
+
+def test_outputs(four_steps):
+    """Every metric key is logged each step; the model, tokenizer, config and eval results are
+    written where a user (and `from_pretrained`) expects them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logs = read_metrics(four_steps)
+    train_logs = [log for log in logs if "loss" in log]
+    assert [log["step"] for log in train_logs] == [1, 2, 3, 4]
+    for log in train_logs:
+        assert TRAIN_KEYS <= set(log), TRAIN_KEYS - set(log)
+    eval_logs = [log for log in logs if "eval/loss" in log]
+    assert [log["step"] for log in eval_logs] == [2, 4]
+    assert set(eval_logs[-1]) == {"step", *(f"eval/{k}" for k in PAIR_KEYS)}
+    # The first step starts from policy = reference: loss ln 2 before any update.
+    assert train_logs[0]["loss"] == pytest.approx(0.6931, abs=2e-3)
+
+    results = json.loads((four_steps / "eval_results.json").read_text())
+    assert results == {k: v for k, v in eval_logs[-1].items() if k != "step"}
+    assert (four_steps / "model.safetensors").is_file()
+    assert (four_steps / "training_config.yaml").is_file()
+    assert json.loads((four_steps / "config.json").read_text())["model_type"] == "qwen3"
+    model = AutoModelForCausalLM.from_pretrained(four_steps)
+    tokenizer = AutoTokenizer.from_pretrained(four_steps)
+    assert model.config.vocab_size == len(tokenizer)
+    samples = [json.loads(line) for line in (four_steps / "samples.jsonl").read_text().split("\n")
+               if line]
+    assert {"prompt", "policy", "reference"} <= set(samples[0])
+    assert sorted(p.name for p in four_steps.glob("checkpoint-*")) == ["checkpoint-2",
+                                                                       "checkpoint-4"]
+
+
+def test_resume_continues_exactly(env, four_steps, tmp_path):
+    """Drop everything after step 2, resume from `latest`: the run continues at step 3 and ends
+    with bit-identical weights and the same metrics, each step logged once."""
+    out = tmp_path / "out"
+    shutil.copytree(four_steps, out)
+    shutil.rmtree(out / "checkpoint-4")
+    (out / "model.safetensors").unlink()
+    result = run(env, *SMALL, "--max-steps", "4", "--save-steps", "2", "--eval-steps", "2",
+                 "--output-dir", str(out), "--resume-from-checkpoint", "latest")
+    assert "step 3" in result.stdout + result.stderr
+    expected, resumed = load_file(four_steps / "model.safetensors"), load_file(
+        out / "model.safetensors")
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), name
+    steps = [log["step"] for log in read_metrics(out) if "loss" in log]
+    assert steps == [1, 2, 3, 4]
+    for a, b in zip(read_metrics(four_steps), read_metrics(out)):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"tokens_per_sec"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+
+
+def test_non_empty_output_dir_is_refused(env, four_steps):
+    result = run(env, *SMALL, "--max-steps", "1", "--output-dir", str(four_steps), check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        line for line in result.stderr.strip().splitlines() if "not empty" in line]
+
+
+def test_latest_without_checkpoint_is_a_clear_error(env, tmp_path):
+    result = run(env, *SMALL, "--output-dir", str(tmp_path / "fresh"),
+                 "--resume-from-checkpoint", "latest", check=False)
+    assert result.returncode != 0
+    assert "no complete checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_save_total_limit_and_overwrite(env, four_steps, tmp_path):
+    """`--overwrite-output-dir` replaces an old run; only the newest checkpoint is kept."""
+    out = tmp_path / "out"
+    shutil.copytree(four_steps, out)
+    run(env, *SMALL, "--max-steps", "3", "--save-steps", "1", "--save-total-limit", "1",
+        "--output-dir", str(out), "--overwrite-output-dir", "--eval-samples", "0")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert not (out / "eval_results.json").exists() or json.loads(
+        (out / "eval_results.json").read_text()) == {}
+    assert [log["step"] for log in read_metrics(out)] == [1, 2, 3]
