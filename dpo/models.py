@@ -84,7 +84,10 @@ def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> 
                 config.pop(key, None)
             engine, *_ = deepspeed.initialize(model=reference, config=config)
             engine.eval()
+            accelerator.print("reference: sharded, a DeepSpeed ZeRO-3 inference engine")
             return engine
     elif state.distributed_type == DistributedType.FSDP:
+        accelerator.print("reference: sharded by FSDP (evaluation mode)")
         return accelerator.prepare_model(reference, evaluation_mode=True)
+    accelerator.print(f"reference: a frozen replica on {accelerator.device.type} in every process")
     return reference.to(accelerator.device)

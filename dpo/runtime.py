@@ -14,12 +14,17 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """An Accelerator for whatever launched us: `python`, `accelerate launch` or `torchrun`.
 
     Without CUDA the process group must use gloo. Plain DDP gets it from `cpu=True`; DeepSpeed
-    refuses `cpu=True` and needs the backend named instead — and that handler, given to a run
-    that no launcher started, breaks plain `python train.py`, hence the three cases.
+    would be silently switched off by `cpu=True`, so it gets the backend named instead — and that
+    handler, given to a run that no launcher started, breaks plain `python train.py`.
     """
     kwargs = {}
     if not torch.cuda.is_available():
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if _env_flag("ACCELERATE_USE_FSDP"):
+            # Accelerate sets up FSDP on accelerators only: on CPU it would fall back to plain
+            # DDP (with cpu=True) or to unconnected single processes (without).
+            raise ConfigError("FSDP needs GPUs (accelerate does not set it up on CPU); on CPU "
+                              "use DDP (--multi_gpu) or DeepSpeed (--use_deepspeed)")
+        if _env_flag("ACCELERATE_USE_DEEPSPEED"):
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
         else:
             kwargs["cpu"] = True
@@ -30,8 +35,18 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
                                             logging_dir=os.path.join(cfg.output_dir, "runs")),
         **kwargs,
     )
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise ConfigError(f"{accelerator.num_processes} processes were launched but accelerate "
+                          "connected none of them; check the launcher and its config")
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate would quietly run fp32 here (no autocast, no loss scaler): refuse instead.
+        raise ConfigError("mixed_precision fp16 needs a GPU, where gradients are loss-scaled; "
+                          "on CPU use --mixed_precision bf16 or no")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _configure_deepspeed(accelerator, cfg)
+    accelerator.print(f"distributed: {accelerator.distributed_type.value}, "
+                      f"{accelerator.num_processes} process(es), mixed precision "
+                      f"{accelerator.mixed_precision}, device {accelerator.device.type}")
     return accelerator
 
 
@@ -51,3 +66,13 @@ def _configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig) -> None:
     ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     ds_config["train_batch_size"] = (cfg.batch_size * cfg.gradient_accumulation_steps
                                      * accelerator.num_processes)
+    zero = ds_config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # The final `save_pretrained` needs the full weights gathered from the shards; DeepSpeed
+        # only allows that with this flag (off by default when set up by launch flags alone).
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def _env_flag(name: str) -> bool:
+    """A true/false variable that `accelerate launch` sets from its config (e.g. --use_deepspeed)."""
+    return os.environ.get(name, "false").lower() == "true"

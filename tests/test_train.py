@@ -1,16 +1,12 @@
 """End-to-end: `train.py` in a subprocess on the offline demo model and data (tiny, CPU, fp32)."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from dpo.metrics import PAIR_KEYS
-from tests.conftest import ROOT
+from tests.e2e import (assert_same_logs, demo_env, read_metrics, run_train, train_logs,
+                       weights_equal)
 
 pytestmark = pytest.mark.slow
 
@@ -25,20 +21,11 @@ SMALL = ["--model", "builtin:tiny-qwen3", "--dataset", "builtin:demo-preferences
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Environment with a private demo cache, built once for the module."""
-    return {**os.environ, "DPO_CACHE_DIR": str(tmp_path_factory.mktemp("dpo_cache")),
-            "PYTHONUNBUFFERED": "1"}
+    return demo_env(tmp_path_factory.mktemp("dpo_cache"))
 
 
 def run(env, *flags, check=True):
-    out = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    if check and out.returncode != 0:
-        raise AssertionError(f"train.py failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return out
-
-
-def read_metrics(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_train(env, *flags, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +43,15 @@ def test_outputs(four_steps):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logs = read_metrics(four_steps)
-    train_logs = [log for log in logs if "loss" in log]
-    assert [log["step"] for log in train_logs] == [1, 2, 3, 4]
-    for log in train_logs:
+    train = train_logs(four_steps)
+    assert [log["step"] for log in train] == [1, 2, 3, 4]
+    for log in train:
         assert TRAIN_KEYS <= set(log), TRAIN_KEYS - set(log)
     eval_logs = [log for log in logs if "eval/loss" in log]
     assert [log["step"] for log in eval_logs] == [2, 4]
     assert set(eval_logs[-1]) == {"step", *(f"eval/{k}" for k in PAIR_KEYS)}
     # The first step starts from policy = reference: loss ln 2 before any update.
-    assert train_logs[0]["loss"] == pytest.approx(0.6931, abs=2e-3)
+    assert train[0]["loss"] == pytest.approx(0.6931, abs=2e-3)
 
     results = json.loads((four_steps / "eval_results.json").read_text())
     assert results == {k: v for k, v in eval_logs[-1].items() if k != "step"}
@@ -91,16 +78,9 @@ def test_resume_continues_exactly(env, four_steps, tmp_path):
     result = run(env, *SMALL, "--max-steps", "4", "--save-steps", "2", "--eval-steps", "2",
                  "--output-dir", str(out), "--resume-from-checkpoint", "latest")
     assert "step 3" in result.stdout + result.stderr
-    expected, resumed = load_file(four_steps / "model.safetensors"), load_file(
-        out / "model.safetensors")
-    for name, tensor in expected.items():
-        assert torch.equal(resumed[name], tensor), name
-    steps = [log["step"] for log in read_metrics(out) if "loss" in log]
-    assert steps == [1, 2, 3, 4]
-    for a, b in zip(read_metrics(four_steps), read_metrics(out)):
-        assert a.keys() == b.keys()
-        for key in a.keys() - {"tokens_per_sec"}:
-            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+    assert weights_equal(out, four_steps)
+    assert [log["step"] for log in train_logs(out)] == [1, 2, 3, 4]
+    assert_same_logs(read_metrics(out), read_metrics(four_steps), rel=1e-6)
 
 
 def test_non_empty_output_dir_is_refused(env, four_steps):

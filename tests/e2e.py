@@ -1,0 +1,85 @@
+"""Running `train.py` end to end in subprocesses, under any launcher, and reading what it wrote."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT
+
+PYTHON = [sys.executable]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def demo_env(cache_dir: Path) -> dict:
+    """The environment for a run: a private demo cache, one thread per process (2 cores)."""
+    return {**os.environ, "DPO_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(env: dict, *flags: str, launcher: list[str] = PYTHON, check: bool = True,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    """`<launcher> train.py <flags>` from the repo root; on failure show the end of stderr."""
+    out = subprocess.run([*launcher, "train.py", *flags], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"train.py failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    return out
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_logs(output_dir: Path) -> list[dict]:
+    return [log for log in read_metrics(output_dir) if "loss" in log]
+
+
+def eval_logs(output_dir: Path) -> list[dict]:
+    return [log for log in read_metrics(output_dir) if "eval/loss" in log]
+
+
+def assert_same_logs(logs: list[dict], expected: list[dict], rel: float,
+                     skip: tuple[str, ...] = ("tokens_per_sec",)) -> None:
+    """Same steps, same keys, and every value within `rel` relative (|a−b| ≤ rel·max(|b|, 1))."""
+    assert [log["step"] for log in logs] == [log["step"] for log in expected]
+    for log, want in zip(logs, expected):
+        assert log.keys() == want.keys()
+        for key in want.keys() - set(skip):
+            tol = rel * max(abs(want[key]), 1.0)
+            assert abs(log[key] - want[key]) <= tol, (log["step"], key, log[key], want[key])
+
+
+def assert_same_weights(output_dir: Path, expected_dir: Path, rel: float) -> None:
+    """Every saved tensor within `rel` of the expected one: ‖a − b‖ / ‖b‖ ≤ rel.
+
+    A tensor-level (Frobenius) relative error, not an entry-wise one: Adam divides each gradient
+    entry by its own running RMS, so an entry whose gradient is ~0 (an LM-head row of a token that
+    never occurs) turns float rounding noise into a step of up to ±lr. Such entries differ by
+    ~1e-5 of the largest weight between two equally valid summation orders, while the tensor as
+    a whole agrees to ~1e-7.
+    """
+    got, want = (load_file(d / "model.safetensors") for d in (output_dir, expected_dir))
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        assert got[name].shape == w.shape, name
+        err = (got[name].float() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
+        assert err <= rel, f"{name}: relative difference {err.item():.2e} > {rel}"
+
+
+def weights_equal(output_dir: Path, expected_dir: Path) -> bool:
+    got, want = (load_file(d / "model.safetensors") for d in (output_dir, expected_dir))
+    return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

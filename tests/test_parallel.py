@@ -1,0 +1,180 @@
+"""Every parallel path against one process, on CPU: real processes over gloo, a tiny model.
+
+Each run trains the offline demo model for 4 optimizer steps on the same pairs with the same
+global batch of 4 pairs (processes × per-device batch × accumulation), logging every step and
+evaluating at steps 2 and 4. The length-grouped sampler defines the pairs of each optimizer step
+over the global batch, so every layout must see the same pairs in every step: per-step metrics
+and final weights must agree with the single-process run. Gradient clipping at 1.0 is active in
+these steps (the demo's gradient norm is ~3), so a layout where clipping did not reach the
+optimizer (DeepSpeed clips inside its engine) would drift.
+"""
+import subprocess
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.e2e import (ACCELERATE, PYTHON, TORCHRUN, assert_same_logs, assert_same_weights,
+                       demo_env, eval_logs, free_port, run_train, train_logs)
+
+pytestmark = [pytest.mark.slow, pytest.mark.parallel]
+
+COMMON = ["--model", "builtin:tiny-qwen3", "--dataset", "builtin:demo-preferences",
+          "--num-samples", "48", "--eval-samples", "10", "--max-length", "64", "--max-steps", "4",
+          "--logging-steps", "1", "--eval-steps", "2", "--learning-rate", "1e-3",
+          "--num-sample-generations", "1", "--max-new-tokens", "4", "--seed", "7"]
+GEOMETRY = {1: ["--batch-size", "4", "--gradient-accumulation-steps", "1"],
+            2: ["--batch-size", "2", "--gradient-accumulation-steps", "1"]}
+# (launcher + its flags, processes) per layout; None for layouts with their own recipe.
+LAYOUTS = {
+    "ddp": [*ACCELERATE, "--multi_gpu", "--num_processes", "2"],
+    "zero2_json": [*ACCELERATE, "--config_file", "configs/accelerate/zero2.yaml",
+                   "--num_processes", "2"],
+    "zero2_flags": [*ACCELERATE, "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2"],
+    "zero3_json": [*ACCELERATE, "--config_file", "configs/accelerate/zero3.yaml",
+                   "--num_processes", "2"],
+    "zero3_flags": [*ACCELERATE, "--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag",
+                    "true", "--num_processes", "2"],
+    "torchrun": [*TORCHRUN, "--nproc_per_node", "2"],
+}
+PORT_FLAG = {"torchrun": "--master_port"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return demo_env(tmp_path_factory.mktemp("dpo_cache"))
+
+
+@pytest.fixture(scope="module")
+def runs(env, tmp_path_factory):
+    """Run a layout once per module; `runs(name)` returns (output dir, stdout + stderr)."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            out = tmp_path_factory.mktemp(name) / "out"
+            if name == "single":
+                launcher, geometry = PYTHON, GEOMETRY[1]
+            elif name == "accumulation":  # 1 pair per micro-batch, 4 micro-batches per step
+                launcher, geometry = PYTHON, ["--batch-size", "1",
+                                              "--gradient-accumulation-steps", "4"]
+            else:
+                port = [PORT_FLAG.get(name, "--main_process_port"), str(free_port())]
+                launcher, geometry = [*LAYOUTS[name], *port], GEOMETRY[2]
+            result = run_train(env, *COMMON, *geometry, "--output-dir", str(out),
+                               launcher=launcher)
+            done[name] = out, result.stdout + result.stderr
+        return done[name]
+
+    return get
+
+
+def test_gradient_accumulation_matches_one_big_batch(runs):
+    """1 pair × 4 accumulation steps = 4 pairs × 1: the loss is normalised per optimizer step."""
+    single, _ = runs("single")
+    accumulated, _ = runs("accumulation")
+    assert_same_logs(train_logs(accumulated), train_logs(single), rel=1e-5)
+    assert_same_weights(accumulated, single, rel=1e-5)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_two_processes_match_one(runs, layout):
+    """Per-step train metrics (reduced across processes), eval metrics (gathered) and final
+    weights of 2 processes × 2 pairs equal those of 1 process × 4 pairs."""
+    single, _ = runs("single")
+    out, log = runs(layout)
+    assert "2 process(es)" in log
+    assert_same_logs(train_logs(out), train_logs(single), rel=1e-4)
+    assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-4)
+    assert_same_weights(out, single, rel=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["zero3_json", "zero3_flags"])
+def test_zero3_shards_the_reference_and_saves_the_full_model(runs, layout):
+    from transformers import AutoModelForCausalLM
+
+    out, log = runs(layout)
+    assert "reference: sharded, a DeepSpeed ZeRO-3 inference engine" in log
+    model = AutoModelForCausalLM.from_pretrained(out)
+    single = AutoModelForCausalLM.from_pretrained(runs("single")[0])
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in single.parameters())
+
+
+def test_reference_placement_is_reported(runs):
+    for layout in ("ddp", "zero2_json"):
+        assert "reference: a frozen replica on cpu in every process" in runs(layout)[1]
+
+
+FSDP = [*ACCELERATE, "--config_file", "configs/accelerate/fsdp.yaml", "--mixed_precision", "no"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fsdp_on_cpu_is_refused_not_faked(env, tmp_path):
+    """accelerate 1.15 sets FSDP up on accelerators only; on CPU it would quietly run plain DDP
+    (or two unconnected processes). The run must stop with one clear line instead."""
+    result = run_train(env, *COMMON, *GEOMETRY[2], "--output-dir", str(tmp_path / "out"),
+                       check=False, launcher=[*FSDP, "--num_processes", "2",
+                                              "--main_process_port", str(free_port())])
+    assert result.returncode != 0
+    assert "error: FSDP needs GPUs" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_fsdp_config_reaches_accelerate(env, tmp_path):
+    """As far as FSDP goes on CPU: the launcher turns configs/accelerate/fsdp.yaml into the FSDP
+    plugin train.py would get (version 2, one unit per Qwen3 decoder layer)."""
+    script = tmp_path / "show_plugin.py"
+    script.write_text(
+        "import os\n"
+        "from accelerate.utils import FullyShardedDataParallelPlugin as P\n"
+        "p = P()\n"
+        "print('FSDP', os.environ['ACCELERATE_USE_FSDP'], p.fsdp_version,\n"
+        "      os.environ['FSDP_TRANSFORMER_CLS_TO_WRAP'], p.reshard_after_forward)\n")
+    out = subprocess.run([*FSDP, "--num_processes", "1", str(script)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert "FSDP true 2 Qwen3DecoderLayer True" in out.stdout, out.stderr[-2000:]
+
+
+def test_torchrun_equals_accelerate_launch(runs):
+    assert_same_logs(train_logs(runs("torchrun")[0]), train_logs(runs("ddp")[0]), rel=1e-6)
+    assert_same_weights(runs("torchrun")[0], runs("ddp")[0], rel=1e-6)
+
+
+def test_two_local_nodes_on_loopback(env, runs, tmp_path):
+    """Multi-node as documented: the same command on each "machine" with its machine rank,
+    here two processes on 127.0.0.1 playing one machine each."""
+    out, port = tmp_path / "out", str(free_port())
+    commands = [[*ACCELERATE, "--config_file", "configs/accelerate/multinode.yaml",
+                 "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+                 "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                 "--mixed_precision", "no", "train.py", *COMMON, *GEOMETRY[2],
+                 "--output-dir", str(out)] for rank in (0, 1)]
+    nodes = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for c in commands]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert_same_logs(train_logs(out), train_logs(runs("single")[0]), rel=1e-4)
+    assert_same_weights(out, runs("single")[0], rel=1e-4)
+
+
+def test_bf16_autocast_runs_on_cpu(env, tmp_path):
+    """`--mixed_precision bf16` goes through `accelerator.autocast()`: matmuls in bf16, log-probs
+    summed in fp32; on tiny shapes the first step still starts at ln 2."""
+    out = tmp_path / "out"
+    run_train(env, *COMMON, *GEOMETRY[1], "--max-steps", "2", "--eval-steps", "100",
+              "--output-dir", str(out),
+              launcher=[*ACCELERATE, "--num_processes", "1", "--mixed_precision", "bf16"])
+    logs = train_logs(out)
+    assert logs[0]["loss"] == pytest.approx(0.6931, abs=1e-2)
+    assert all(abs(v) < 1e6 for log in logs for v in log.values())
+
+
+def test_fp16_on_cpu_is_refused(env, tmp_path):
+    """fp16 without a GPU would get neither autocast nor loss scaling: a clear error instead."""
+    result = run_train(env, *COMMON, "--output-dir", str(tmp_path / "out"), check=False,
+                       launcher=[*ACCELERATE, "--num_processes", "1", "--mixed_precision",
+                                 "fp16"])
+    assert result.returncode != 0
+    assert "fp16 needs a GPU" in result.stderr
+    assert not (tmp_path / "out").exists()
