@@ -17,16 +17,17 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, get_scheduler
+from transformers import get_scheduler
 
-from dpo import checkpoint, data, demo
+from dpo import checkpoint, demo
 from dpo.config import ConfigError, TrainConfig, load_config
-from dpo.evaluation import evaluate, sample_generations, summary
+from dpo.evaluation import run_eval, summary
+from dpo.loaders import build_dataloaders
 from dpo.loss import chosen_nll_loss
 from dpo.metrics import MetricsLogger, TrainMetrics, pair_stats
-from dpo.models import load_policy_and_reference, prepare_reference
+from dpo.models import load_policy_and_reference, load_tokenizer, prepare_reference
 from dpo.runtime import make_accelerator
+from dpo.safety import NonFiniteGuard, StopRequest
 from dpo.step import dpo_step
 
 
@@ -40,49 +41,25 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
 
 
-def build_data(cfg: TrainConfig, accelerator, tokenizer):
-    """Tokenized train/eval pairs, their loaders, and the length-grouped sampler."""
-    try:
-        with accelerator.main_process_first():  # the main process fills the datasets cache
-            train_rows, eval_rows = data.load_preference_splits(
-                demo.resolve_dataset(cfg.dataset), num_samples=cfg.num_samples,
-                eval_samples=cfg.eval_samples, seed=cfg.seed, data_format=cfg.data_format,
-                num_proc=cfg.num_proc)
-            tokenize = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                            use_chat_template=cfg.use_chat_template, strict=cfg.strict_data,
-                            num_proc=cfg.num_proc)
-            train_ds, report = data.tokenize_preferences(train_rows, tokenizer, **tokenize)
-            eval_ds = (data.tokenize_preferences(eval_rows, tokenizer, **tokenize)[0]
-                       if len(eval_rows) else None)
-    except ValueError as e:
-        raise ConfigError(f"dataset {cfg.dataset}: {e}") from None
-    if accelerator.is_main_process:
-        print(f"train pairs: {report}", flush=True)
-    collate = data.PreferenceCollator(tokenizer.pad_token_id)
-    sampler = data.LengthGroupedBatchSampler(
-        train_ds["length"], micro_batch_size=cfg.batch_size, seed=cfg.seed,
-        global_batch_size=cfg.batch_size * accelerator.num_processes
-        * cfg.gradient_accumulation_steps, group_by_length=cfg.group_by_length)
-    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
-    eval_loader = eval_ds and DataLoader(eval_ds, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                         collate_fn=collate)
-    return train_loader, eval_loader, eval_ds, sampler
-
-
 def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
     accelerator = make_accelerator(cfg)
+    if resume_dir is not None:
+        changed = checkpoint.check_resume(resume_dir, cfg, accelerator.num_processes)
+        if changed:
+            accelerator.print(f"warning: resuming with changed settings: {', '.join(changed)}")
+    set_seed(cfg.seed)
+    with accelerator.main_process_first():  # builds the offline demo model once
+        model_path = demo.resolve_model(cfg.model)
+    tokenizer = load_tokenizer(cfg, model_path)
+    train_loader, eval_loader, eval_ds, sampler = build_dataloaders(cfg, accelerator, tokenizer)
+    policy, reference = load_policy_and_reference(cfg, model_path)
+    # Only now, with data and models loaded, does the run touch its output directory: a bad
+    # input leaves no half-made run behind (nor a non-empty directory that blocks the rerun).
     if accelerator.is_main_process:
         if cfg.overwrite_output_dir and resume_dir is None:
             checkpoint.clear_output_dir(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(output_dir / "training_config.yaml")
-    set_seed(cfg.seed)
-    with accelerator.main_process_first():  # builds the offline demo model once
-        model_path = demo.resolve_model(cfg.model)
-    tokenizer = data.prepare_tokenizer(
-        AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code))
-    train_loader, eval_loader, eval_ds, sampler = build_data(cfg, accelerator, tokenizer)
-    policy, reference = load_policy_and_reference(cfg, model_path)
 
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
                                   lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -106,14 +83,18 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
     logger = MetricsLogger(accelerator, output_dir, total_steps, initial_step=step)
     logger.truncate_after(step)
     metrics = TrainMetrics(accelerator.device)
+    guard, stop = NonFiniteGuard(accelerator, cfg.skip_nonfinite_steps), StopRequest(accelerator)
     before = (run_eval(accelerator, cfg, logger, policy, reference, tokenizer, eval_loader,
                        eval_ds, step) if cfg.eval_on_start and resume_dir is None else {})
     policy.train()
     timer = time.perf_counter()
 
     while step < total_steps:
-        sampler.set_epoch(epoch)
         batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        # Accelerate re-seeds a sampler by its loader's own epoch count, which a resumed run's
+        # fresh loaders restart at 0, and does not reach ours behind its multi-process shard.
+        batches.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         for batch_index, batch in enumerate(batches, start=skip + 1):
             with accelerator.accumulate(policy):
                 policy_out, losses, chosen_r, rejected_r = dpo_step(
@@ -122,13 +103,19 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
                 if cfg.rpo_alpha:
                     loss = loss + cfg.rpo_alpha * chosen_nll_loss(policy_out.chosen_logps,
                                                                   policy_out.chosen_lengths)
+                guard.add_loss(loss)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    metrics.add_grad_norm(
-                        accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
-                optimizer.step()
-                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                    scheduler.step()
+                update = True
+                if accelerator.sync_gradients:  # clip (inf: only measure) and check the norm
+                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(),
+                                                            cfg.max_grad_norm or math.inf)
+                    metrics.add_grad_norm(grad_norm)
+                    update = guard.check(grad_norm, step=step + 1, epoch=epoch, batches=range(
+                        batch_index - cfg.gradient_accumulation_steps + 1, batch_index + 1))
+                if update:
+                    optimizer.step()
+                    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                        scheduler.step()
                 optimizer.zero_grad()
             metrics.add_batch(pair_stats(losses, chosen_r, rejected_r, policy_out),
                               batch["attention_mask"].sum())
@@ -140,15 +127,23 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
             end_of_epoch = batch_index == len(train_loader)
             if step % cfg.logging_steps == 0 or step == total_steps:
                 timer = log_train(accelerator, logger, metrics, scheduler, step, timer,
-                                  epoch + batch_index / len(train_loader))
+                                  epoch + batch_index / len(train_loader), guard.skipped)
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
                 run_eval(accelerator, cfg, logger, policy, reference, tokenizer, eval_loader,
                          eval_ds, step)
-            if cfg.save_steps and step % cfg.save_steps == 0:
-                position = {"epoch": epoch + end_of_epoch,
-                            "batches_in_epoch": 0 if end_of_epoch else batch_index}
-                checkpoint.save_checkpoint(accelerator, output_dir, step,
-                                           {"step": step, **position}, cfg.save_total_limit)
+            stopping = stop.requested()
+            if stopping or (cfg.save_steps and step % cfg.save_steps == 0):
+                state = checkpoint.trainer_state(
+                    cfg, accelerator.num_processes, step=step, epoch=epoch + end_of_epoch,
+                    batches_in_epoch=0 if end_of_epoch else batch_index)
+                checkpoint.save_checkpoint(accelerator, output_dir, step, state,
+                                           cfg.save_total_limit)
+            if stopping:
+                accelerator.print(f"{stop.signal_name}: saved checkpoint-{step} in "
+                                  f"{time.perf_counter() - stop.received_at:.1f}s; continue "
+                                  "with --resume-from-checkpoint latest")
+                accelerator.end_training()
+                return
             if step >= total_steps:
                 break
         epoch, skip = epoch + 1, 0
@@ -163,28 +158,12 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
     accelerator.end_training()
 
 
-def log_train(accelerator, logger, metrics, scheduler, step, timer, epoch) -> float:
+def log_train(accelerator, logger, metrics, scheduler, step, timer, epoch, skipped) -> float:
     """Reduce the metrics since the last log across processes and write them; restart the timer."""
-    now = time.perf_counter()
-    values = metrics.compute(accelerator, now - timer)
-    logger.log(step, {**values, "lr": scheduler.get_last_lr()[0], "epoch": round(epoch, 4)})
+    values = metrics.compute(accelerator, time.perf_counter() - timer)
+    values.update(lr=scheduler.get_last_lr()[0], epoch=round(epoch, 4))
+    logger.log(step, {**values, "skipped_steps": skipped} if skipped else values)
     return time.perf_counter()
-
-
-def run_eval(accelerator, cfg, logger, policy, reference, tokenizer, eval_loader, eval_ds,
-             step) -> dict:
-    """Eval metrics on the held-out pairs plus a few sample generations; {} without eval data."""
-    if eval_loader is None:
-        return {}
-    results = evaluate(accelerator, cfg, policy, reference, eval_loader)
-    samples = sample_generations(accelerator, cfg, policy, reference, tokenizer, eval_ds)
-    logger.log(step, results)
-    if accelerator.is_main_process:
-        with (Path(cfg.output_dir) / "samples.jsonl").open("a") as f:
-            for sample in samples:
-                f.write(json.dumps({"step": step, **sample}) + "\n")
-                logger.progress.write(f"[sample @ step {step}] {sample}")
-    return results
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ mid-save leaves the previous checkpoint as the latest.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -40,10 +41,43 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
                               "complete checkpoint-<step>; drop the flag to start afresh")
         return found[-1]
     path = Path(cfg.resume_from_checkpoint)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"resume_from_checkpoint: {path} is not a complete checkpoint "
-                          f"(no {STATE_FILE})")
+    if not CHECKPOINT_RE.match(path.name) or not (path / STATE_FILE).is_file():
+        raise ConfigError(f"resume_from_checkpoint: {path} is not a complete checkpoint-<step> "
+                          "directory (one is renamed to that only when fully written)")
     return path
+
+
+# Settings that decide which pairs each optimizer step sees and how they are tokenized: a resume
+# that changed any of them would not continue the same run.
+RUN_IDENTITY = ("model", "dataset", "data_format", "num_samples", "eval_samples", "max_length",
+                "max_prompt_length", "use_chat_template", "strict_data", "group_by_length",
+                "seed", "batch_size", "gradient_accumulation_steps", "num_processes")
+# Settings that may change between a run and its resume without a warning.
+RESUME_ONLY = ("resume_from_checkpoint", "overwrite_output_dir")
+
+
+def trainer_state(cfg: TrainConfig, num_processes: int, **position) -> dict:
+    """What `trainer_state.json` records: the position in the data and the run's settings."""
+    return {**position, "config": {**dataclasses.asdict(cfg), "num_processes": num_processes}}
+
+
+def check_resume(path: Path, cfg: TrainConfig, num_processes: int) -> list[str]:
+    """Refuse a resume that would not continue the same run; return the other changed settings.
+
+    Raises ConfigError naming every changed setting of `RUN_IDENTITY` (model, data,
+    tokenization, batch geometry): training on would silently be a different run.
+    """
+    try:
+        saved = json.loads((path / STATE_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"resume_from_checkpoint: {path / STATE_FILE} is unreadable ({e})")
+    now = {**dataclasses.asdict(cfg), "num_processes": num_processes}
+    changed = [k for k in now if k not in RESUME_ONLY and saved.get(k) != now[k]]
+    fatal = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed if k in RUN_IDENTITY]
+    if fatal:
+        raise ConfigError(f"cannot resume from {path}: {'; '.join(fatal)} changed since it was "
+                          "saved; restore them, or start a new run in another --output-dir")
+    return changed
 
 
 def prepare_output_dir(cfg: TrainConfig, resuming: bool) -> Path:

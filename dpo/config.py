@@ -72,6 +72,8 @@ class TrainConfig:
     warmup_ratio: float = _opt(0.0, "fraction of the steps spent warming up the learning rate")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (DeepSpeed: gradient_clipping); "
                                 "0 = no clipping")
+    skip_nonfinite_steps: bool = _opt(False, "skip (and count) an optimizer step whose loss or "
+                                      "gradient is NaN/Inf instead of stopping the run")
     chunked_logps: bool = _opt(True, "project only response tokens on the vocab, in chunks")
     logps_chunk_size: int = _opt(256, "tokens per LM-head chunk on the chunked path")
     seed: int = _opt(42, "seed for data order, sampling and initialisation")

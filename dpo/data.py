@@ -15,6 +15,8 @@ The pipeline, in the order the trainer calls it:
 Tokenized rows have the columns ``chosen_input_ids``/``rejected_input_ids`` (prompt + response),
 ``chosen_labels``/``rejected_labels`` (the same ids with -100 on the prompt), ``length`` (the
 longer of the two sequences, for length grouping) and ``row_index`` (the row in the source split).
+``dpo.reference_cache`` may add ``ref_chosen_logps``/``ref_rejected_logps``, the reference's
+precomputed summed log-probs.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ __all__ = [
     "FilterReport",
     "LengthGroupedBatchSampler",
     "PreferenceCollator",
+    "REF_LOGPS_COLUMNS",
     "default_eval_samples",
     "load_preference_splits",
     "padding_fraction",
@@ -54,6 +57,8 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100  # label of prompt and padding positions: no loss there
+# Float columns of precomputed reference log-probs (dpo.reference_cache), passed on by the collator.
+REF_LOGPS_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 # The builder datasets.load_dataset needs for a local file, by the file's suffix.
 LOCAL_BUILDERS = {
@@ -112,7 +117,8 @@ def _draw(num_rows: int, count: int | None, seed: int, what: str) -> list[int]:
     if count is None:
         count = num_rows
     if not 0 <= count <= num_rows:
-        raise ValueError(f"{what}={count} but the split has {num_rows} rows")
+        raise ValueError(f"{what}={count} but the split has {num_rows} rows; ask for at most "
+                         f"{num_rows} (--{what.split()[0].replace('_', '-')} none takes all)")
     return np.random.default_rng(seed).permutation(num_rows)[:count].tolist()
 
 
@@ -502,7 +508,9 @@ class PreferenceCollator:
     For B rows it returns ``torch.long`` tensors of shape (2B, T): rows ``0..B-1`` are the chosen
     sequences, rows ``B..2B-1`` the rejected ones, row ``i`` and row ``B + i`` the same pair.
     ``labels`` are -100 on prompt and padding; ``attention_mask`` is 1 on real tokens. T is the
-    longest sequence, rounded up to ``pad_to_multiple_of`` when given.
+    longest sequence, rounded up to ``pad_to_multiple_of`` when given. Rows with precomputed
+    reference log-probs (``REF_LOGPS_COLUMNS``) add them as ``(B,)`` float32 tensors of the same
+    names, in pair order.
     """
 
     def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None):
@@ -527,6 +535,9 @@ class PreferenceCollator:
             batch["input_ids"][i, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
             batch["attention_mask"][i, : len(sequence)] = 1
             batch["labels"][i, : len(label)] = torch.tensor(label, dtype=torch.long)
+        for name in REF_LOGPS_COLUMNS:
+            if name in rows[0]:
+                batch[name] = torch.tensor([row[name] for row in rows], dtype=torch.float32)
         return batch
 
 

@@ -1,6 +1,9 @@
 """Evaluation on the held-out pairs, and sample generations of policy vs reference."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
@@ -58,6 +61,22 @@ def sample_generations(accelerator: Accelerator, cfg: TrainConfig, policy, refer
             sample[name] = tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
         samples.append(sample)
     return samples
+
+
+def run_eval(accelerator: Accelerator, cfg: TrainConfig, logger, policy, reference, tokenizer,
+             eval_loader, eval_ds, step: int) -> dict:
+    """Eval metrics on the held-out pairs plus a few sample generations; {} without eval data."""
+    if eval_loader is None:
+        return {}
+    results = evaluate(accelerator, cfg, policy, reference, eval_loader)
+    samples = sample_generations(accelerator, cfg, policy, reference, tokenizer, eval_ds)
+    logger.log(step, results)
+    if accelerator.is_main_process:
+        with (Path(cfg.output_dir) / "samples.jsonl").open("a") as f:
+            for sample in samples:
+                f.write(json.dumps({"step": step, **sample}) + "\n")
+                logger.progress.write(f"[sample @ step {step}] {sample}")
+    return results
 
 
 def summary(before: dict, after: dict) -> str:

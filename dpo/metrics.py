@@ -6,6 +6,7 @@ back once per log, so logging never stalls the GPU between steps.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -90,9 +91,17 @@ class MetricsLogger:
         self.progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
 
     def truncate_after(self, step: int) -> None:
-        """Drop logs of steps after `step`: on resume they will be logged again."""
+        """Drop logs of steps after `step`, which a resume logs again, and a last line torn by
+        a kill mid-write; rewritten atomically so a second kill cannot lose the log."""
         if not self.accelerator.is_main_process or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # torn line
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)

@@ -2,17 +2,37 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
-from dpo.config import TrainConfig
+from dpo.config import ConfigError, TrainConfig
+from dpo.data import prepare_tokenizer
 from dpo.loss import REFERENCE_FREE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(cfg: TrainConfig, path: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, ready for DPO (a pad token); ConfigError if `path` has none."""
+    if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"model {path}: no such directory (give a local model directory "
+                          "or a hub name)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model {path}: cannot load its tokenizer: {_first_line(e)} (a local "
+                          "directory needs the tokenizer files; a hub name needs network "
+                          "access)") from None
+    try:
+        return prepare_tokenizer(tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"model {path}: {e}") from None
 
 
 def load_causal_lm(cfg: TrainConfig, path: str) -> PreTrainedModel:
@@ -23,7 +43,10 @@ def load_causal_lm(cfg: TrainConfig, path: str) -> PreTrainedModel:
     give exactly ln 2). Config fields are zeroed before loading so that attention dropout, which
     is a float on the attention module rather than an `nn.Dropout`, is off too.
     """
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model {path}: cannot load its config: {_first_line(e)}") from None
     for name, value in vars(config).items():
         if "dropout" in name and isinstance(value, float):
             setattr(config, name, 0.0)
@@ -91,3 +114,7 @@ def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> 
         return accelerator.prepare_model(reference, evaluation_mode=True)
     accelerator.print(f"reference: a frozen replica on {accelerator.device.type} in every process")
     return reference.to(accelerator.device)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

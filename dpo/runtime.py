@@ -58,6 +58,9 @@ def _configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig) -> None:
     or from `accelerate launch --use_deepspeed` flags.
     """
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if cfg.skip_nonfinite_steps:
+        raise ConfigError("skip_nonfinite_steps is not available under DeepSpeed, which steps "
+                          "inside backward; use its fp16 loss scaling, or stop on NaN (default)")
     if "optimizer" in ds_config or "scheduler" in ds_config:
         raise ConfigError("the DeepSpeed config has an optimizer/scheduler section; remove it: "
                           "AdamW and the schedule come from --learning-rate/--lr-scheduler")

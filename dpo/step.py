@@ -15,13 +15,17 @@ def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batc
     """`(policy log-probs, losses, chosen rewards, rejected rewards)`, the last three `(B,)`.
 
     Both forwards run under `accelerator.autocast()`: with `--mixed_precision bf16` the matmuls
-    run in bf16 while the log-probs are summed in fp32 (see `dpo.logprobs`).
+    run in bf16 while the log-probs are summed in fp32 (see `dpo.logprobs`). A batch that carries
+    precomputed reference log-probs (`ref_chosen_logps`, `ref_rejected_logps`; see
+    `dpo.reference_cache`) uses them and runs no reference forward; `reference` may then be None.
     """
     with accelerator.autocast():
         policy_out = concatenated_forward(policy, batch, chunked=cfg.chunked_logps,
                                           chunk_size=cfg.logps_chunk_size)
         ref_chosen = ref_rejected = None
-        if reference is not None:  # None for a reference-free loss (SimPO)
+        if "ref_chosen_logps" in batch:  # computed once before training: equal to a forward
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        elif reference is not None:  # None for a reference-free loss (SimPO)
             with torch.no_grad():
                 ref_out = concatenated_forward(reference, batch, chunked=cfg.chunked_logps,
                                                chunk_size=cfg.logps_chunk_size)

@@ -1,0 +1,122 @@
+"""From `--dataset` to data loaders, with every bad input reported as one line before training.
+
+`dpo.data` does the work (load, normalise, tokenize, validate, batch); this module wires it to a
+run's config and process layout, and turns whatever a broken file raises deep inside `datasets`
+or pyarrow into a `ConfigError` that names the file and what to do.
+"""
+from __future__ import annotations
+
+import codecs
+import contextlib
+import gzip
+import logging
+from pathlib import Path
+
+import datasets
+from accelerate import Accelerator
+from datasets.exceptions import DatasetGenerationError
+from torch.utils.data import DataLoader
+
+from dpo import data, demo
+from dpo.config import ConfigError, TrainConfig
+
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".gz")
+
+
+def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
+    """`(train_loader, eval_loader or None, eval rows or None, sampler)` for this run.
+
+    The sampler's global batch is per-device batch × processes × accumulation: the pairs of each
+    optimizer step are the same however the run is laid out (see `LengthGroupedBatchSampler`).
+    """
+    dataset = demo.resolve_dataset(cfg.dataset)
+    check_local_files(dataset)
+    tokenize = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                    use_chat_template=cfg.use_chat_template, strict=cfg.strict_data,
+                    num_proc=cfg.num_proc)
+    try:
+        with accelerator.main_process_first(), _quiet_datasets_logger():
+            train_rows, eval_rows = data.load_preference_splits(
+                dataset, num_samples=cfg.num_samples, eval_samples=cfg.eval_samples,
+                seed=cfg.seed, data_format=cfg.data_format, num_proc=cfg.num_proc)
+            train_ds, report = data.tokenize_preferences(train_rows, tokenizer, **tokenize)
+            eval_ds = (data.tokenize_preferences(eval_rows, tokenizer, **tokenize)[0]
+                       if len(eval_rows) else None)
+    except (DatasetGenerationError, FileNotFoundError) as e:
+        raise ConfigError(f"dataset {cfg.dataset}: {_root_message(e)}") from None
+    except ValueError as e:
+        raise ConfigError(f"dataset {cfg.dataset}: {e}") from None
+    accelerator.print(f"train pairs: {report}")
+    collate = data.PreferenceCollator(tokenizer.pad_token_id)
+    sampler = data.LengthGroupedBatchSampler(
+        train_ds["length"], micro_batch_size=cfg.batch_size, seed=cfg.seed,
+        global_batch_size=cfg.batch_size * accelerator.num_processes
+        * cfg.gradient_accumulation_steps, group_by_length=cfg.group_by_length)
+    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
+    eval_loader = eval_ds and DataLoader(eval_ds, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                                         collate_fn=collate)
+    return train_loader, eval_loader, eval_ds, sampler
+
+
+def check_local_files(dataset: str) -> None:
+    """Fail early, with the file's name, on a local data file that is missing, empty or not
+    UTF-8 — cases that `datasets` reports obscurely (StopIteration) or not at all."""
+    path = Path(dataset)
+    if not path.exists():
+        if dataset.startswith((".", "/", "~")) or path.suffix in (*TEXT_SUFFIXES, ".parquet"):
+            raise ConfigError(f"dataset {dataset}: no such file or directory")
+        return  # a hub name: datasets.load_dataset resolves it
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    data_suffixes = (*TEXT_SUFFIXES, ".parquet")
+    if not any(f.suffix in data_suffixes and not f.name.startswith(".") for f in files):
+        raise ConfigError(f"dataset {dataset}: no data file (.json, .jsonl, .jsonl.gz, .parquet, "
+                          ".csv) found there")
+    for file in files:
+        if file.name.startswith(".") or file.suffix not in TEXT_SUFFIXES:
+            continue
+        try:
+            _check_utf8(file)
+        except OSError as e:
+            raise ConfigError(f"dataset {file}: cannot read it ({e})") from None
+
+
+def _check_utf8(file: Path) -> None:
+    """Decode the file in 1 MiB chunks (it may be large) and require some non-blank text."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0
+    blank = True
+    with (gzip.open if file.suffix == ".gz" else open)(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                line = lines + chunk[:e.start].count(b"\n") + 1
+                raise ConfigError(f"dataset {file}: not UTF-8 text (line {line}, byte "
+                                  f"{offset + e.start}); re-encode the file as UTF-8") from None
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
+            blank = blank and not chunk.strip()
+    if blank:
+        raise ConfigError(f"dataset {file}: the file is empty")
+
+
+@contextlib.contextmanager
+def _quiet_datasets_logger():
+    """`datasets` logs a broken file's error before raising it; the ConfigError we raise says the
+    same in one line, so its own log lines are held back while loading."""
+    logger = datasets.utils.logging.get_logger()
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _root_message(error: BaseException) -> str:
+    """The most telling first line in the chain of causes: for a broken JSON line, pyarrow's
+    "JSON parse error ... in row N" rather than datasets' "An error occurred while generating"."""
+    messages = []
+    while error is not None:
+        messages.append((str(error).strip().splitlines() or [type(error).__name__])[0])
+        error = error.__cause__ or error.__context__
+    return next((m for m in messages if " row " in m), messages[-1])

@@ -1,0 +1,133 @@
+"""Crash safety: SIGKILL at seeded random points, mid-save kills, and resume's refusals.
+
+The reference is one uninterrupted run of 16 optimizer steps over two epochs (48 pairs, 4 per
+step, so 12 steps per epoch), saving a checkpoint after every step. A killed run resumed with
+`--resume-from-checkpoint latest` must end with bit-identical weights (CPU, fp32) and the same
+metrics, every step logged exactly once.
+"""
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from dpo.checkpoint import checkpoints
+from tests.conftest import ROOT
+from tests.e2e import (PYTHON, assert_same_logs, demo_env, read_metrics, run_train, train_logs,
+                       weights_equal)
+
+pytestmark = pytest.mark.slow
+
+RUN = ["--model", "builtin:tiny-qwen3", "--dataset", "builtin:demo-preferences",
+       "--num-samples", "48", "--eval-samples", "0", "--max-length", "64", "--batch-size", "2",
+       "--gradient-accumulation-steps", "2", "--max-steps", "16", "--logging-steps", "1",
+       "--save-steps", "1", "--learning-rate", "1e-3", "--seed", "11"]
+KILL_STEPS = sorted(random.Random(2026).sample(range(3, 16), 3))  # seeded "random" points
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return demo_env(tmp_path_factory.mktemp("dpo_cache"))
+
+
+@pytest.fixture(scope="module")
+def reference(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "out"
+    run_train(env, *RUN, "--output-dir", str(out))
+    assert [log["step"] for log in train_logs(out)] == list(range(1, 17))
+    return out
+
+
+def start(env, out, *extra):
+    proc = subprocess.Popen([*PYTHON, "train.py", *RUN, "--output-dir", str(out), *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, lines
+
+
+def wait_for(proc, condition, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the run ended before the kill point"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.001)
+
+
+def resume_and_compare(env, out, reference):
+    run_train(env, *RUN, "--output-dir", str(out), "--resume-from-checkpoint", "latest")
+    assert weights_equal(out, reference)
+    assert [log["step"] for log in train_logs(out)] == list(range(1, 17))
+    assert_same_logs(read_metrics(out), read_metrics(reference), rel=1e-6)
+
+
+@pytest.mark.parametrize("kill_step", KILL_STEPS)
+def test_sigkill_then_resume_is_exact(env, reference, tmp_path, kill_step):
+    """SIGKILL as soon as step `kill_step` is logged (its checkpoint may be half-written)."""
+    out = tmp_path / "out"
+    proc, lines = start(env, out)
+    wait_for(proc, lambda: any(line.startswith(f"step {kill_step}:") for line in lines))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoints(out), "at least one complete checkpoint before the kill"
+    resume_and_compare(env, out, reference)
+
+
+@pytest.mark.parametrize("save_step", KILL_STEPS)
+def test_kill_during_a_save_keeps_the_previous_checkpoint(env, reference, tmp_path, save_step):
+    """Kill while checkpoint `save_step` is being written: it never appears under its final
+    name, the previous one is `latest`, and resuming from it is still exact."""
+    out = tmp_path / "out"
+    proc, _ = start(env, out)
+    wait_for(proc, lambda: (out / f".tmp-checkpoint-{save_step}").exists())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    names = [p.name for p in checkpoints(out)]
+    assert names and names[-1] in (f"checkpoint-{save_step - 1}", f"checkpoint-{save_step}")
+    if names[-1] == f"checkpoint-{save_step}":  # the rename won the race: it is complete
+        assert (out / names[-1] / "trainer_state.json").is_file()
+    resume_and_compare(env, out, reference)
+
+
+def test_resume_refuses_changed_run_identity(env, reference, tmp_path):
+    """Model, data, tokenization and batch geometry must match the checkpoint's run."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    result = run_train(env, *RUN, "--output-dir", str(out), "--resume-from-checkpoint", "latest",
+                       "--batch-size", "4", "--gradient-accumulation-steps", "1", "--max-length",
+                       "48", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    for changed in ("batch_size 2 -> 4", "gradient_accumulation_steps 2 -> 1",
+                    "max_length 64 -> 48"):
+        assert changed in line
+
+
+def test_resume_warns_about_other_changed_settings(env, reference, tmp_path):
+    """Settings that do not change which pairs are seen (here the learning rate and the step
+    count) may change on resume; they are named in a warning."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    for name in ("model.safetensors", "eval_results.json"):
+        (out / name).unlink(missing_ok=True)
+    for ckpt in checkpoints(out)[8:]:
+        shutil.rmtree(ckpt)
+    result = run_train(env, *RUN[:-4], "--learning-rate", "5e-4", "--seed", "11",
+                       "--max-steps", "10", "--output-dir", str(out),
+                       "--resume-from-checkpoint", "latest")
+    assert "warning: resuming with changed settings: max_steps, learning_rate" in result.stdout
+    assert [log["step"] for log in train_logs(out)] == list(range(1, 11))
+
+
+def test_an_incomplete_checkpoint_is_refused(env, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    partial = out / ".tmp-checkpoint-17"
+    shutil.copytree(out / "checkpoint-16", partial)
+    result = run_train(env, *RUN, "--output-dir", str(out),
+                       "--resume-from-checkpoint", str(partial), check=False)
+    assert result.returncode != 0 and "not a complete checkpoint" in result.stderr
