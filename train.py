@@ -9,6 +9,7 @@ over `[chosen; rejected]` batches. `python train.py --help` lists every setting.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import sys
@@ -21,11 +22,12 @@ from transformers import get_scheduler
 
 from dpo import checkpoint, demo
 from dpo.config import ConfigError, TrainConfig, load_config
-from dpo.evaluation import run_eval, summary
-from dpo.loaders import build_dataloaders
+from dpo.evaluation import Evaluator, generate_answers, sample_prompts, summary
+from dpo.loaders import build_dataloaders, build_datasets
 from dpo.loss import chosen_nll_loss
 from dpo.metrics import MetricsLogger, TrainMetrics, pair_stats
 from dpo.models import load_policy_and_reference, load_tokenizer, prepare_reference
+from dpo.reference_cache import precompute_for_run
 from dpo.runtime import make_accelerator
 from dpo.safety import NonFiniteGuard, StopRequest
 from dpo.step import dpo_step
@@ -51,7 +53,7 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
     with accelerator.main_process_first():  # builds the offline demo model once
         model_path = demo.resolve_model(cfg.model)
     tokenizer = load_tokenizer(cfg, model_path)
-    train_loader, eval_loader, eval_ds, sampler = build_dataloaders(cfg, accelerator, tokenizer)
+    train_ds, eval_ds, collate = build_datasets(cfg, accelerator, tokenizer)
     policy, reference = load_policy_and_reference(cfg, model_path)
     # Only now, with data and models loaded, does the run touch its output directory: a bad
     # input leaves no half-made run behind (nor a non-empty directory that blocks the rerun).
@@ -63,9 +65,20 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
 
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
                                   lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
-    eval_loader = eval_loader and accelerator.prepare(eval_loader)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
     reference = prepare_reference(accelerator, reference)
+    # Frozen and greedy, the reference answers the sample prompts alike at every eval: once.
+    prompts = sample_prompts(cfg, eval_ds)
+    ref_answers = (None if reference is None  # reference-free loss
+                   else generate_answers(accelerator, cfg, reference, tokenizer, prompts))
+    if cfg.precompute_ref_logps:  # the batches then carry the reference's log-probs
+        train_ds, eval_ds = precompute_for_run(accelerator, cfg, reference, model_path,
+                                               train_ds, eval_ds, collate)
+        reference = release(accelerator, reference)
+    train_loader, eval_loader, sampler = build_dataloaders(cfg, accelerator, train_ds, eval_ds,
+                                                           collate)
+    train_loader = accelerator.prepare(train_loader)
+    eval_loader = eval_loader and accelerator.prepare(eval_loader)
 
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -84,8 +97,8 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
     logger.truncate_after(step)
     metrics = TrainMetrics(accelerator.device)
     guard, stop = NonFiniteGuard(accelerator, cfg.skip_nonfinite_steps), StopRequest(accelerator)
-    before = (run_eval(accelerator, cfg, logger, policy, reference, tokenizer, eval_loader,
-                       eval_ds, step) if cfg.eval_on_start and resume_dir is None else {})
+    evaluator = Evaluator(accelerator, cfg, logger, tokenizer, eval_loader, prompts, ref_answers)
+    before = evaluator.run(policy, reference, step) if cfg.eval_on_start and not resume_dir else {}
     policy.train()
     timer = time.perf_counter()
 
@@ -129,8 +142,7 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
                 timer = log_train(accelerator, logger, metrics, scheduler, step, timer,
                                   epoch + batch_index / len(train_loader), guard.skipped)
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
-                run_eval(accelerator, cfg, logger, policy, reference, tokenizer, eval_loader,
-                         eval_ds, step)
+                evaluator.run(policy, reference, step)
             stopping = stop.requested()
             if stopping or (cfg.save_steps and step % cfg.save_steps == 0):
                 state = checkpoint.trainer_state(
@@ -148,14 +160,22 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
                 break
         epoch, skip = epoch + 1, 0
 
-    final = run_eval(accelerator, cfg, logger, policy, reference, tokenizer, eval_loader,
-                     eval_ds, step)
+    final = evaluator.run(policy, reference, step)
     checkpoint.save_final(accelerator, policy, tokenizer, output_dir)
     if accelerator.is_main_process:
         (output_dir / "eval_results.json").write_text(json.dumps(final, indent=2))
         print(summary(before, final), flush=True)
     logger.progress.close()
     accelerator.end_training()
+
+
+def release(accelerator, reference) -> None:
+    """Free the reference (a module or a ZeRO-3 engine) once its log-probs are precomputed."""
+    del reference
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    accelerator.print("reference: freed; training on its precomputed log-probs")
 
 
 def log_train(accelerator, logger, metrics, scheduler, step, timer, epoch, skipped) -> float:

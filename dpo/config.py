@@ -59,6 +59,8 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "ε for cDPO (sigmoid) and robust DPO")
     simpo_gamma: float = _opt(0.0, "γ, the target margin of SimPO")
     rpo_alpha: float = _opt(0.0, "weight of the NLL-on-chosen term (RPO); 0 = off")
+    precompute_ref_logps: bool = _opt(False, "compute the reference's log-probs in one pass "
+                                      "before training (cached on disk), then free the reference")
     # Optimisation
     epochs: int = _opt(1, "passes over the training data (--max-steps overrides)")
     max_steps: int | None = _opt(None, "optimizer steps to run, across epochs if needed")
@@ -129,6 +131,9 @@ class TrainConfig:
         if self.rpo_alpha and self.loss_type == "simpo":
             raise ConfigError("rpo_alpha: the RPO term is defined for reference-based losses, "
                               "not loss_type simpo")
+        if self.precompute_ref_logps and self.loss_type == "simpo":
+            raise ConfigError("precompute_ref_logps: loss_type simpo is reference-free, there is "
+                              "nothing to precompute; drop the flag")
         try:
             check_loss_options(beta=self.beta, loss_type=self.loss_type,
                                label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma)

@@ -33,50 +33,68 @@ def evaluate(accelerator: Accelerator, cfg: TrainConfig, policy, reference, load
     return {f"eval/{key}": value for key, value in zip(PAIR_KEYS, means)}
 
 
-@torch.no_grad()
-def sample_generations(accelerator: Accelerator, cfg: TrainConfig, policy, reference,
-                       tokenizer, eval_rows) -> list[dict]:
-    """Greedy answers of the policy and the reference to the first eval prompts.
+def sample_prompts(cfg: TrainConfig, eval_rows) -> list[list[int]]:
+    """Token ids of the first `num_sample_generations` eval prompts (none without eval rows)."""
+    if eval_rows is None:
+        return []
+    rows = eval_rows.select(range(min(cfg.num_sample_generations, len(eval_rows))))
+    # The prompt is what precedes the first response label (labels are −100 on the prompt).
+    return [row["chosen_input_ids"][:next(i for i, t in enumerate(row["chosen_labels"])
+                                          if t != IGNORE_INDEX)] for row in rows]
 
-    Every process generates (under ZeRO-3 each forward needs all shards: `synced_gpus`); the
-    caller logs on the main process only.
+
+@torch.no_grad()
+def generate_answers(accelerator: Accelerator, cfg: TrainConfig, model, tokenizer,
+                     prompts: list[list[int]]) -> list[str]:
+    """Greedy answers of `model` to `prompts`, decoded.
+
+    Every process generates (under ZeRO-3 each forward needs all shards: `synced_gpus`).
     """
     synced = (accelerator.distributed_type == DistributedType.DEEPSPEED
               and accelerator.state.deepspeed_plugin.zero_stage == 3)
-    samples = []
-    for row in eval_rows.select(range(min(cfg.num_sample_generations, len(eval_rows)))):
-        # The prompt is what precedes the first response label (labels are −100 on the prompt).
-        prompt_len = next(i for i, t in enumerate(row["chosen_labels"]) if t != IGNORE_INDEX)
-        prompt = torch.tensor([row["chosen_input_ids"][:prompt_len]], device=accelerator.device)
-        sample = {"prompt": tokenizer.decode(prompt[0])}
-        for name, model in (("policy", policy), ("reference", reference)):
-            if model is None:
-                continue
-            model = accelerator.unwrap_model(model)
-            with accelerator.autocast():
-                out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                     max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, synced_gpus=synced,
-                                     use_cache=True)
-            sample[name] = tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
-        samples.append(sample)
-    return samples
+    model = accelerator.unwrap_model(model)
+    answers = []
+    for ids in prompts:
+        prompt = torch.tensor([ids], device=accelerator.device)
+        with accelerator.autocast():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                 max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=synced,
+                                 use_cache=True)
+        answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+    return answers
 
 
-def run_eval(accelerator: Accelerator, cfg: TrainConfig, logger, policy, reference, tokenizer,
-             eval_loader, eval_ds, step: int) -> dict:
-    """Eval metrics on the held-out pairs plus a few sample generations; {} without eval data."""
-    if eval_loader is None:
-        return {}
-    results = evaluate(accelerator, cfg, policy, reference, eval_loader)
-    samples = sample_generations(accelerator, cfg, policy, reference, tokenizer, eval_ds)
-    logger.log(step, results)
-    if accelerator.is_main_process:
-        with (Path(cfg.output_dir) / "samples.jsonl").open("a") as f:
-            for sample in samples:
-                f.write(json.dumps({"step": step, **sample}) + "\n")
-                logger.progress.write(f"[sample @ step {step}] {sample}")
-    return results
+class Evaluator:
+    """Held-out metrics and the policy's sample answers beside the reference's, at a step.
+
+    The reference is frozen and decodes greedily, so its answers are the same at every eval: the
+    caller generates them once (`generate_answers`) and passes them in; the reference model itself
+    may be gone by then (`--precompute-ref-logps`).
+    """
+
+    def __init__(self, accelerator: Accelerator, cfg: TrainConfig, logger, tokenizer, loader,
+                 prompts: list[list[int]], reference_answers: list[str] | None):
+        self.accelerator, self.cfg, self.logger, self.tokenizer = accelerator, cfg, logger, tokenizer
+        self.loader, self.prompts, self.reference_answers = loader, prompts, reference_answers
+
+    def run(self, policy, reference, step: int) -> dict:
+        """Eval metrics (logged) and sample answers (to samples.jsonl); {} without eval data."""
+        if self.loader is None:
+            return {}
+        results = evaluate(self.accelerator, self.cfg, policy, reference, self.loader)
+        answers = generate_answers(self.accelerator, self.cfg, policy, self.tokenizer,
+                                   self.prompts)
+        self.logger.log(step, results)
+        if self.accelerator.is_main_process:
+            with (Path(self.cfg.output_dir) / "samples.jsonl").open("a") as f:
+                for i, (ids, answer) in enumerate(zip(self.prompts, answers)):
+                    sample = {"prompt": self.tokenizer.decode(ids), "policy": answer}
+                    if self.reference_answers is not None:  # None for a reference-free loss
+                        sample["reference"] = self.reference_answers[i]
+                    f.write(json.dumps({"step": step, **sample}) + "\n")
+                    self.logger.progress.write(f"[sample @ step {step}] {sample}")
+        return results
 
 
 def summary(before: dict, after: dict) -> str:

@@ -23,12 +23,8 @@ from dpo.config import ConfigError, TrainConfig
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".gz")
 
 
-def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
-    """`(train_loader, eval_loader or None, eval rows or None, sampler)` for this run.
-
-    The sampler's global batch is per-device batch × processes × accumulation: the pairs of each
-    optimizer step are the same however the run is laid out (see `LengthGroupedBatchSampler`).
-    """
+def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
+    """`(train pairs, eval pairs or None, collator)`: loaded, tokenized and validated."""
     dataset = demo.resolve_dataset(cfg.dataset)
     check_local_files(dataset)
     tokenize = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
@@ -47,7 +43,15 @@ def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
     except ValueError as e:
         raise ConfigError(f"dataset {cfg.dataset}: {e}") from None
     accelerator.print(f"train pairs: {report}")
-    collate = data.PreferenceCollator(tokenizer.pad_token_id)
+    return train_ds, eval_ds, data.PreferenceCollator(tokenizer.pad_token_id)
+
+
+def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, train_ds, eval_ds, collate):
+    """`(train_loader, eval_loader or None, sampler)`, not yet prepared.
+
+    The sampler's global batch is per-device batch × processes × accumulation: the pairs of each
+    optimizer step are the same however the run is laid out (see `LengthGroupedBatchSampler`).
+    """
     sampler = data.LengthGroupedBatchSampler(
         train_ds["length"], micro_batch_size=cfg.batch_size, seed=cfg.seed,
         global_batch_size=cfg.batch_size * accelerator.num_processes
@@ -55,7 +59,7 @@ def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
     train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
     eval_loader = eval_ds and DataLoader(eval_ds, batch_size=cfg.eval_batch_size or cfg.batch_size,
                                          collate_fn=collate)
-    return train_loader, eval_loader, eval_ds, sampler
+    return train_loader, eval_loader, sampler
 
 
 def check_local_files(dataset: str) -> None:

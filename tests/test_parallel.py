@@ -52,16 +52,18 @@ def runs(env, tmp_path_factory):
 
     def get(name):
         if name not in done:
-            out = tmp_path_factory.mktemp(name) / "out"
-            if name == "single":
+            layout, _, extra = name.partition("+")  # "ddp+precompute": with precomputed ref
+            extra = ["--precompute-ref-logps"] if extra == "precompute" else []
+            out = tmp_path_factory.mktemp(name.replace("+", "_")) / "out"
+            if layout == "single":
                 launcher, geometry = PYTHON, GEOMETRY[1]
             elif name == "accumulation":  # 1 pair per micro-batch, 4 micro-batches per step
                 launcher, geometry = PYTHON, ["--batch-size", "1",
                                               "--gradient-accumulation-steps", "4"]
             else:
-                port = [PORT_FLAG.get(name, "--main_process_port"), str(free_port())]
-                launcher, geometry = [*LAYOUTS[name], *port], GEOMETRY[2]
-            result = run_train(env, *COMMON, *geometry, "--output-dir", str(out),
+                port = [PORT_FLAG.get(layout, "--main_process_port"), str(free_port())]
+                launcher, geometry = [*LAYOUTS[layout], *port], GEOMETRY[2]
+            result = run_train(env, *COMMON, *geometry, *extra, "--output-dir", str(out),
                                launcher=launcher)
             done[name] = out, result.stdout + result.stderr
         return done[name]
@@ -99,6 +101,20 @@ def test_zero3_shards_the_reference_and_saves_the_full_model(runs, layout):
     single = AutoModelForCausalLM.from_pretrained(runs("single")[0])
     assert sum(p.numel() for p in model.parameters()) == sum(
         p.numel() for p in single.parameters())
+
+
+@pytest.mark.parametrize("layout", ["single", "ddp", "zero3_flags"])
+def test_precomputed_reference_matches_the_live_one(runs, layout):
+    """`--precompute-ref-logps`: each process computes its share of the pairs (under ZeRO-3 with
+    the sharded reference engine), the values are combined, and the run trains like the live
+    reference: 1e-5 in one process, the parallel bound across two."""
+    single, _ = runs("single")
+    out, log = runs(f"{layout}+precompute")
+    assert "reference: freed; training on its precomputed log-probs" in log
+    rel = 1e-5 if layout == "single" else 1e-4
+    assert_same_logs(train_logs(out), train_logs(single), rel=rel)
+    assert_same_logs(eval_logs(out), eval_logs(single), rel=rel)
+    assert_same_weights(out, single, rel=rel)
 
 
 def test_reference_placement_is_reported(runs):

@@ -1,0 +1,248 @@
+"""Precomputed reference log-probs: equal to the on-the-fly reference, cached, never stale."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+from dpo.config import ConfigError, TrainConfig
+from dpo.data import IGNORE_INDEX, REF_LOGPS_COLUMNS, PreferenceCollator
+from dpo.forward import concatenated_forward
+from dpo.reference_cache import (
+    data_digest,
+    precompute_reference_logps,
+    reference_key_parts,
+)
+from dpo.step import dpo_step
+from dpo.tiny import tiny_qwen3
+from tests.e2e import demo_env, run_train, weights_equal
+
+VOCAB = 97
+PAD = 0
+
+
+def pairs_dataset(num_pairs: int = 10, seed: int = 0) -> Dataset:
+    """Tokenized pairs (the columns of data.tokenize_preferences) of varied lengths."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(num_pairs):
+        prompt = rng.integers(1, VOCAB, rng.integers(2, 9)).tolist()
+        chosen, rejected = (rng.integers(1, VOCAB, rng.integers(1, 12)).tolist() for _ in "cr")
+        rows.append({
+            "chosen_input_ids": prompt + chosen,
+            "chosen_labels": [IGNORE_INDEX] * len(prompt) + chosen,
+            "rejected_input_ids": prompt + rejected,
+            "rejected_labels": [IGNORE_INDEX] * len(prompt) + rejected,
+            "length": len(prompt) + max(len(chosen), len(rejected)),
+            "row_index": i,
+        })
+    return Dataset.from_list(rows)
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model = tiny_qwen3(VOCAB, seed=3).eval()
+    model.requires_grad_(False)
+    return model
+
+
+class ForwardCounter:
+    """Counts the model calls of `reference` (a cache hit must make none)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_hook(self.hook)
+
+    def hook(self, *args):
+        self.calls += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def precompute(accelerator, reference, ds, cache_dir, parts=None, chunked=True, batch_size=3):
+    return precompute_reference_logps(
+        accelerator, reference, ds, PreferenceCollator(PAD), batch_size=batch_size,
+        chunked=chunked, chunk_size=5, cache_dir=cache_dir,
+        cache_key_parts={"model": "tiny-seed-3"} if parts is None else parts)
+
+
+def ref_columns(ds: Dataset) -> torch.Tensor:
+    return torch.tensor([ds[name] for name in REF_LOGPS_COLUMNS])
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_equal_to_the_on_the_fly_reference(accelerator, reference, tmp_path, chunked):
+    """Per pair, to 1e-5 relative, although the pass batches the rows differently (longest
+    first, 3 pairs) from the training loader (2 pairs in row order): padding changes nothing."""
+    ds = precompute(accelerator, reference, pairs_dataset(), tmp_path, chunked=chunked)
+    assert ds.features["ref_chosen_logps"].dtype == "float32"
+    loader = DataLoader(ds, batch_size=2, collate_fn=PreferenceCollator(PAD))
+    for batch in loader:
+        with torch.no_grad():
+            out = concatenated_forward(reference, batch, chunked=chunked, chunk_size=5)
+        torch.testing.assert_close(batch["ref_chosen_logps"], out.chosen_logps,
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batch["ref_rejected_logps"], out.rejected_logps,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_collator_passes_the_values_through_in_pair_order():
+    ds = pairs_dataset(3).add_column("ref_chosen_logps", [-1.5, -2.5, -3.5])
+    ds = ds.add_column("ref_rejected_logps", [-4.0, -5.0, -6.0])
+    batch = PreferenceCollator(PAD)([ds[2], ds[0]])
+    assert batch["ref_chosen_logps"].dtype == torch.float32
+    assert batch["ref_chosen_logps"].tolist() == [-3.5, -1.5]
+    assert batch["ref_rejected_logps"].tolist() == [-6.0, -4.0]
+    assert batch["input_ids"].shape[0] == 4
+    assert not set(REF_LOGPS_COLUMNS) & set(PreferenceCollator(PAD)([pairs_dataset(1)[0]]))
+
+
+def test_dpo_step_uses_them_instead_of_a_reference_forward(accelerator, reference, tmp_path):
+    """Same losses and rewards as with the live reference; the reference is never called."""
+    cfg = TrainConfig(model="tiny", dataset="none", chunked_logps=True, logps_chunk_size=5,
+                      beta=0.1)
+    policy = tiny_qwen3(VOCAB, seed=4)  # differs from the reference: non-zero rewards
+    ds = precompute(accelerator, reference, pairs_dataset(), tmp_path)
+    batch = PreferenceCollator(PAD)([ds[i] for i in range(4)])
+    live = {k: v for k, v in batch.items() if k not in REF_LOGPS_COLUMNS}
+    _, losses, chosen_r, rejected_r = dpo_step(accelerator, cfg, policy, reference, live)
+    with ForwardCounter(reference) as counter:
+        _, losses_pre, chosen_pre, rejected_pre = dpo_step(accelerator, cfg, policy, None, batch)
+        dpo_step(accelerator, cfg, policy, reference, batch)
+    assert counter.calls == 0
+    assert chosen_r.abs().min() > 0
+    for got, want in ((losses_pre, losses), (chosen_pre, chosen_r), (rejected_pre, rejected_r)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    losses_pre.mean().backward()  # the policy still gets its gradient
+    assert policy.lm_head.weight.grad is not None
+
+
+def test_cache_hit_reuses_values_without_a_forward(accelerator, reference, tmp_path):
+    first = precompute(accelerator, reference, pairs_dataset(), tmp_path)
+    assert len(list(tmp_path.glob("ref-logps-*.safetensors"))) == 1
+    with ForwardCounter(reference) as counter:
+        again = precompute(accelerator, reference, pairs_dataset(), tmp_path)
+    assert counter.calls == 0
+    assert torch.equal(ref_columns(again), ref_columns(first))
+    # Existing ref columns are replaced, not duplicated.
+    assert again.column_names.count("ref_chosen_logps") == 1
+    with ForwardCounter(reference) as counter:
+        precompute(accelerator, reference, again, tmp_path)
+    assert counter.calls == 0
+
+
+@pytest.mark.parametrize("change", ["data", "row order", "model", "chunked"])
+def test_cache_misses_when_anything_the_values_depend_on_changes(accelerator, reference,
+                                                                  tmp_path, change):
+    precompute(accelerator, reference, pairs_dataset(), tmp_path)
+    ds, kwargs = pairs_dataset(), {}
+    if change == "data":  # one token of one response
+        ids = [list(row) for row in ds["chosen_input_ids"]]
+        ids[4][-1] = ids[4][-1] % (VOCAB - 1) + 1
+        ds = ds.remove_columns("chosen_input_ids").add_column("chosen_input_ids", ids)
+    elif change == "row order":
+        ds = ds.select(list(reversed(range(len(ds)))))
+    elif change == "model":
+        kwargs["parts"] = {"model": "another"}
+    else:
+        kwargs["chunked"] = False
+    with ForwardCounter(reference) as counter:
+        precompute(accelerator, reference, ds, tmp_path, **kwargs)
+    assert counter.calls > 0
+    assert len(list(tmp_path.glob("ref-logps-*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "tampered values"])
+def test_damaged_cache_file_is_recomputed_and_rewritten(accelerator, reference, tmp_path,
+                                                        damage, capsys):
+    want = ref_columns(precompute(accelerator, reference, pairs_dataset(), tmp_path))
+    (path,) = tmp_path.glob("ref-logps-*.safetensors")
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) - 8])
+    elif damage == "garbage":
+        path.write_bytes(b"not a safetensors file")
+    else:  # valid file, values changed behind the checksum's back
+        from safetensors.torch import load_file, save_file
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(path))
+        tensors["chosen"][0] += 1.0
+        save_file(tensors, str(path), metadata=metadata)
+    with ForwardCounter(reference) as counter:
+        got = ref_columns(precompute(accelerator, reference, pairs_dataset(), tmp_path))
+    assert counter.calls > 0 and "ignoring cache file" in capsys.readouterr().err
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    with ForwardCounter(reference) as counter:  # rewritten: a hit again
+        precompute(accelerator, reference, pairs_dataset(), tmp_path)
+    assert counter.calls == 0
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_no_cache_without_key_parts_or_dir(accelerator, reference, tmp_path):
+    for cache_dir, parts in ((tmp_path, None), (None, {"model": "x"})):
+        ds = precompute_reference_logps(
+            accelerator, reference, pairs_dataset(4), PreferenceCollator(PAD), batch_size=2,
+            chunked=True, chunk_size=5, cache_dir=cache_dir, cache_key_parts=parts)
+        assert ref_columns(ds).shape == (2, 4)
+    assert not list(tmp_path.iterdir())
+
+
+def test_reference_key_parts_follow_the_model_files(tmp_path):
+    reference = tiny_qwen3(VOCAB, seed=3)
+    reference.save_pretrained(tmp_path)
+    parts = reference_key_parts(str(tmp_path), dtype="float32")
+    assert parts["dtype"] == "float32"
+    assert {name for name, *_ in parts["model_files"]} >= {"config.json", "model.safetensors"}
+    assert reference_key_parts(str(tmp_path), dtype="float32") == parts
+    weights = tmp_path / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # rewritten weights
+    assert reference_key_parts(str(tmp_path), dtype="float32") != parts
+    assert reference_key_parts(str(tmp_path / "missing")) is None
+
+
+def test_data_digest_needs_tokenized_rows_and_sees_order():
+    ds = pairs_dataset()
+    assert data_digest(ds) == data_digest(pairs_dataset())
+    assert data_digest(ds) != data_digest(ds.select(range(1, len(ds))))
+    assert data_digest(ds) != data_digest(ds.shuffle(seed=0))
+    with pytest.raises(ValueError, match="tokenize_preferences"):
+        data_digest(ds.remove_columns("chosen_labels"))
+
+
+def test_config_flag_is_off_by_default_and_refused_without_a_reference():
+    assert TrainConfig().precompute_ref_logps is False
+    assert TrainConfig(precompute_ref_logps=True).precompute_ref_logps is True
+    with pytest.raises(ConfigError, match="precompute_ref_logps: loss_type simpo"):
+        TrainConfig(precompute_ref_logps=True, loss_type="simpo")
+
+
+@pytest.mark.slow
+def test_a_restart_reuses_the_cache_and_trains_the_same(tmp_path):
+    """The first run computes and caches; a second run (a restart, another output dir) reads
+    the cache, runs no reference pass, and trains to the same weights bit for bit."""
+    env = demo_env(tmp_path / "cache")
+    flags = ["--config", "configs/demo.yaml", "--num-samples", "40", "--eval-samples", "8",
+             "--max-steps", "3", "--precompute-ref-logps", "--num-sample-generations", "0"]
+    first = run_train(env, *flags, "--output-dir", str(tmp_path / "a"))
+    again = run_train(env, *flags, "--output-dir", str(tmp_path / "b"))
+    assert first.stdout.count("pairs computed in") == 2  # train and eval
+    assert "pairs computed in" not in again.stdout
+    assert again.stdout.count("pairs from cache") == 2
+    assert len(list((tmp_path / "cache" / "ref-logps").glob("ref-logps-*.safetensors"))) == 2
+    assert weights_equal(tmp_path / "b", tmp_path / "a")
