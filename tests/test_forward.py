@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dpo.forward import concatenated_forward
+from dpo.forward import causal_attention_mask, concatenated_forward
 from dpo.logprobs import IGNORE_INDEX, sequence_logps
 from dpo.tiny import tiny_qwen3
 
@@ -68,3 +68,38 @@ def test_odd_batch_is_rejected():
     batch = {k: v[:3] for k, v in _pair_batch().items()}
     with pytest.raises(ValueError, match="even number of rows"):
         concatenated_forward(tiny_qwen3(VOCAB), batch)
+
+
+def test_mask_is_dropped_only_for_right_padding():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    holey = torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1]])
+    assert causal_attention_mask(right) is None
+    assert causal_attention_mask(torch.ones(2, 4, dtype=torch.long)) is None
+    assert causal_attention_mask(left) is left and causal_attention_mask(holey) is holey
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_left_padded_batch_keeps_its_mask_and_its_values(chunked):
+    """A left-padded batch (not what our collator makes) must still be right: its mask reaches
+    the model, and log-probs and gradients equal those of the right-padded batch."""
+    model = tiny_qwen3(VOCAB)
+    right = _pair_batch()
+    left = {k: torch.stack([row.roll(int((1 - m).sum())) for row, m in
+                            zip(v, right["attention_mask"])]) for k, v in right.items()}
+    assert left["attention_mask"][:, 0].eq(0).any()
+    seen = []
+    model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True)
+    results = []
+    for batch in (right, left):
+        model.zero_grad()
+        out = concatenated_forward(model, batch, chunked=chunked, chunk_size=4)
+        (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()
+        results.append((out, model.lm_head.weight.grad.clone()))
+    assert seen[0] is None and seen[1] is left["attention_mask"]
+    (want, want_grad), (got, got_grad) = results
+    # RoPE sees relative positions only: shifting a row leaves its attention unchanged.
+    torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.rejected_logps, want.rejected_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-5)

@@ -117,3 +117,15 @@ def test_chunked_with_no_response_tokens():
     labels = torch.full((2, 6), IGNORE_INDEX)
     logps, counts, sums = chunked_sequence_logps(hidden, model.lm_head, labels)
     assert logps.tolist() == [0.0, 0.0] and counts.tolist() == [0, 0] and sums.tolist() == [0, 0]
+
+
+def test_token_logps_backward_is_exact():
+    """The hand-written backward of the chunk's log-softmax-and-gather against autograd's
+    numerical differentiation, in float64 (targets repeat within the chunk on purpose)."""
+    from dpo.logprobs import _TokenLogps
+
+    logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 6, 3, 3, 1])
+    assert torch.autograd.gradcheck(lambda x: _TokenLogps.apply(x, targets), (logits,))
+    want = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(_TokenLogps.apply(logits, targets), want)
