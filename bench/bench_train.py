@@ -349,7 +349,9 @@ def run(args, impl: str) -> dict:
     def epoch_steps():
         batches = iter(loader)
         for _ in range(args.steps):
-            yield [next(batches) for _ in range(args.grad_accum)]
+            # Drawn one by one as the step runs, as in train.py: accelerate ends the
+            # accumulation early if the loader's last batch is fetched before the others ran.
+            yield (next(batches) for _ in range(args.grad_accum))
 
     for step_batches, _ in zip(epoch_steps(), range(args.warmup)):
         optimizer_step(step_batches)

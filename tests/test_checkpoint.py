@@ -58,8 +58,8 @@ def wait_for(proc, condition, timeout=300):
         time.sleep(0.001)
 
 
-def resume_and_compare(env, out, reference):
-    run_train(env, *RUN, "--output-dir", str(out), "--resume-from-checkpoint", "latest")
+def resume_and_compare(env, out, reference, *extra):
+    run_train(env, *RUN, "--output-dir", str(out), "--resume-from-checkpoint", "latest", *extra)
     assert weights_equal(out, reference)
     assert [log["step"] for log in train_logs(out)] == list(range(1, 17))
     assert_same_logs(read_metrics(out), read_metrics(reference), rel=1e-6)
@@ -75,6 +75,20 @@ def test_sigkill_then_resume_is_exact(env, reference, tmp_path, kill_step):
     proc.wait()
     assert checkpoints(out), "at least one complete checkpoint before the kill"
     resume_and_compare(env, out, reference)
+
+
+def test_sigkill_then_resume_is_exact_with_precomputed_reference(env, tmp_path):
+    """With `--precompute-ref-logps` the resumed run reads the reference's log-probs back from
+    the cache the killed run wrote: still bit-identical to an uninterrupted run."""
+    precompute = "--precompute-ref-logps"
+    reference = tmp_path / "reference"
+    run_train(env, *RUN, "--output-dir", str(reference), precompute)
+    out = tmp_path / "out"
+    proc, lines = start(env, out, precompute)
+    wait_for(proc, lambda: any(line.startswith(f"step {KILL_STEPS[-1]}:") for line in lines))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resume_and_compare(env, out, reference, precompute)
 
 
 @pytest.mark.parametrize("save_step", KILL_STEPS)

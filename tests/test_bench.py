@@ -1,0 +1,38 @@
+"""The benchmark scripts stay runnable: each answers --help, and the training benchmark measures
+one tiny step of every implementation. (They print timings; nothing here asserts one.)"""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.e2e import demo_env
+
+SCRIPTS = sorted((ROOT / "bench").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_answers_help(script):
+    out = subprocess.run([sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage:")
+
+
+@pytest.mark.slow
+def test_bench_train_compares_the_three_implementations(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "bench/bench_train.py", "--compare", "--steps", "1", "--warmup", "1",
+         "--max-length", "48", "--matmul-size", "256"],
+        cwd=ROOT, env=demo_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    runs = {run["impl"]: run for run in summary["runs"]}
+    assert set(runs) == {"plain", "optimized", "precomputed"}
+    # The same pairs, so the same real tokens; only the reference's forward FLOPs differ.
+    assert runs["plain"]["model_gflop_per_step"] == runs["optimized"]["model_gflop_per_step"]
+    assert runs["precomputed"]["model_gflop_per_step"] < runs["optimized"]["model_gflop_per_step"]
+    assert runs["precomputed"]["precompute_s"] is not None
+    assert 0 < runs["optimized"]["flop_utilisation"] < 1
+    assert "speedup_tokens_per_s_vs_plain" in summary and "FLOP utilisation" in out.stdout
