@@ -79,8 +79,9 @@ def chunked_sequence_logps(
         h = hidden[start:start + chunk_size]
         t = targets[start:start + chunk_size]
         # Checkpointing drops the [chunk, V] logits after the forward and recomputes them in the
-        # backward, so at most one chunk's logits are alive at any time.
-        logp, logit_sum = checkpoint(_chunk_logps, lm_head, h, t, use_reentrant=False)
+        # backward, so at most one chunk's logits are alive at any time. `stats` carries the
+        # forward's normaliser and logit sums ([chunk] floats) over to the recomputation.
+        logp, logit_sum = checkpoint(_chunk_logps, lm_head, h, t, {}, use_reentrant=False)
         token_logps.append(logp)
         token_logit_sums.append(logit_sum)
 
@@ -93,15 +94,25 @@ def chunked_sequence_logps(
 
 
 def _chunk_logps(
-    lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+    lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, stats: dict
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(target) and Σ_v logit_v for each of a chunk of positions: `[n, H]` → `(n,), (n,)`."""
+    """log π(target) and Σ_v logit_v for each of a chunk of positions: `[n, H]` → `(n,), (n,)`.
+
+    Called twice per chunk under checkpointing: in the forward, and again in the backward to
+    rebuild the logits. The second call needs only the matmul: the logsumexp and the logit sums,
+    each a full pass over `[n, V]`, are taken from `stats`, filled by the first call.
+    """
     logits = lm_head(hidden).float()  # [n, V]; fp32 for the normaliser, as in sequence_logps
-    return _TokenLogps.apply(logits, targets), logits.detach().sum(-1)
+    if not stats:
+        stats["lse"] = torch.logsumexp(logits.detach(), dim=-1)  # [n]
+        stats["logit_sums"] = logits.detach().sum(-1)  # [n]
+    return _TokenLogps.apply(logits, targets, stats["lse"]), stats["logit_sums"]
 
 
 class _TokenLogps(torch.autograd.Function):
-    """`logits[i, targets[i]] − logsumexp(logits[i])`: `[n, V]` → `(n,)`, with a lean backward.
+    """`logits[i, targets[i]] − lse[i]`, lse = logsumexp(logits, −1): `[n, V]` → `(n,)`, with a
+    lean backward. `lse` is passed in (computed without gradient): it is a function of `logits`,
+    whose gradient the backward below includes.
 
     Autograd's version of the same expression materialises four more `[n, V]` tensors in the
     backward (the softmax, its product with the gradient, the gather's zero-filled scatter and
@@ -111,16 +122,16 @@ class _TokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        lse = torch.logsumexp(logits, dim=-1)  # [n]
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor
+                ) -> torch.Tensor:
         ctx.save_for_backward(logits, lse, targets)
         return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, lse, targets = ctx.saved_tensors
         # −g·softmax, computed in one buffer (not in place: `logits` may be saved elsewhere).
         grad_logits = (logits - lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))  # [n, V]
         rows = torch.arange(targets.shape[0], device=targets.device)
         grad_logits.index_put_((rows, targets), grad, accumulate=True)  # + g·onehot(target)
-        return grad_logits, None
+        return grad_logits, None, None
