@@ -91,19 +91,20 @@ def test_sigkill_then_resume_is_exact_with_precomputed_reference(env, tmp_path):
     resume_and_compare(env, out, reference, precompute)
 
 
-@pytest.mark.parametrize("save_step", KILL_STEPS)
-def test_kill_during_a_save_keeps_the_previous_checkpoint(env, reference, tmp_path, save_step):
-    """Kill while checkpoint `save_step` is being written: it never appears under its final
-    name, the previous one is `latest`, and resuming from it is still exact."""
+@pytest.mark.parametrize("save_step, point", zip(KILL_STEPS, ["mid-state", "before-rename",
+                                                                "mid-state"]))
+def test_kill_during_a_save_keeps_the_previous_checkpoint(env, reference, tmp_path, save_step,
+                                                          point):
+    """SIGKILL while checkpoint `save_step` is being written (`tests/kill_during_save.py`): it
+    never appears under its final name, the previous one is `latest`, and resuming from it is
+    still exact."""
     out = tmp_path / "out"
-    proc, _ = start(env, out)
-    wait_for(proc, lambda: (out / f".tmp-checkpoint-{save_step}").exists())
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    names = [p.name for p in checkpoints(out)]
-    assert names and names[-1] in (f"checkpoint-{save_step - 1}", f"checkpoint-{save_step}")
-    if names[-1] == f"checkpoint-{save_step}":  # the rename won the race: it is complete
-        assert (out / names[-1] / "trainer_state.json").is_file()
+    killed = subprocess.run([*PYTHON, "tests/kill_during_save.py", str(save_step), point, *RUN,
+                             "--output-dir", str(out)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (out / f".tmp-checkpoint-{save_step}").is_dir()  # the half-written save
+    assert [p.name for p in checkpoints(out)][-1] == f"checkpoint-{save_step - 1}"
     resume_and_compare(env, out, reference)
 
 
