@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import gc
 import json
 import os
 import resource
@@ -202,11 +201,12 @@ class FlopCounter:
                                                          // config.num_attention_heads)
         self.attention = 2 * config.num_hidden_layers * config.num_attention_heads * head_dim
 
-    def forward(self, batch) -> float:
+    def forward(self, batch):
+        """FLOPs of one forward over `batch`, a device scalar: no host sync inside the step."""
         lengths = batch["attention_mask"].sum(1).double()
-        responses = (batch["labels"][:, 1:] != -100).sum().item()
-        return (2 * self.matmul_params * lengths.sum().item() + 2 * self.head_params * responses
-                + self.attention * (lengths ** 2).sum().item())
+        responses = (batch["labels"][:, 1:] != -100).sum().double()
+        return (2 * self.matmul_params * lengths.sum() + 2 * self.head_params * responses
+                + self.attention * (lengths ** 2).sum())
 
 
 def matmul_flops(device, dtype, size: int, repeats: int = 5) -> float:
@@ -269,6 +269,7 @@ def run(args, impl: str) -> dict:
     """Warm-up steps, then one timed epoch of `args.steps` optimizer steps; the metrics."""
     import torch
     from accelerate.utils import set_seed
+    from accelerate.utils.memory import clear_device_cache
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM
 
@@ -302,9 +303,13 @@ def run(args, impl: str) -> dict:
     flops = FlopCounter(policy)
     collate = data.PreferenceCollator(pad_id)
 
+    # Set up in train.py's order. The textbook uses torch's default AdamW; train.py its fused one.
+    optimizer = (torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate) if impl == "plain"
+                 else make_optimizer(cfg, policy))
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    reference = prepare_reference(accelerator, reference)
     precompute_s = None
     if impl == "precomputed":
-        reference = prepare_reference(accelerator, reference)
         start = time.perf_counter()
         pairs = precompute_reference_logps(
             accelerator, reference, pairs, collate, batch_size=args.precompute_batch_size,
@@ -312,24 +317,17 @@ def run(args, impl: str) -> dict:
             cache_key_parts=None)  # timed as a fresh pass: no cache
         precompute_s = time.perf_counter() - start
         reference = None  # the point: no reference model during training
-        gc.collect()
+        clear_device_cache(garbage_collection=True)
 
     sampler = data.LengthGroupedBatchSampler(
         pairs["length"], micro_batch_size=args.batch_size, global_batch_size=global_batch,
         seed=args.seed, group_by_length=cfg.group_by_length)
-    loader = DataLoader(pairs, batch_sampler=sampler, collate_fn=collate)
-    # The textbook uses torch's default AdamW; train.py its fused kernel.
-    optimizer = (torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate) if impl == "plain"
-                 else make_optimizer(cfg, policy))
-    policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
-    if reference is not None:
-        reference = prepare_reference(accelerator, reference)
+    loader = accelerator.prepare(DataLoader(pairs, batch_sampler=sampler, collate_fn=collate))
     policy.train()
 
     def optimizer_step(batches) -> tuple[int, int, float, float]:
         """One optimizer step as train.py runs it: (real tokens, positions, FLOPs, loss)."""
-        tokens = positions = 0
-        model_flops = 0.0
+        tokens, positions, model_flops = 0, 0, 0.0  # tensors on the device after the first batch
         for batch in batches:
             with accelerator.accumulate(policy):
                 step = plain_dpo_step if impl == "plain" else dpo_step
@@ -340,11 +338,11 @@ def run(args, impl: str) -> dict:
                     accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            # Counted after the step, outside the timed model work's critical path on a GPU.
-            tokens += int(batch["attention_mask"].sum())
+            # Counted on the device: read back once, with the loss, when the step's work is done.
+            tokens = tokens + batch["attention_mask"].sum()
             positions += batch["attention_mask"].numel()
-            model_flops += flops.forward(batch) * (3 + (reference is not None))
-        return tokens, positions, model_flops, loss.item()
+            model_flops = model_flops + flops.forward(batch) * (3 + (reference is not None))
+        return int(tokens), positions, float(model_flops), loss.item()
 
     def epoch_steps():
         batches = iter(loader)

@@ -75,8 +75,9 @@ class Evaluator:
 
     def __init__(self, accelerator: Accelerator, cfg: TrainConfig, logger, tokenizer, loader,
                  prompts: list[list[int]], reference_answers: list[str] | None):
-        self.accelerator, self.cfg, self.logger, self.tokenizer = accelerator, cfg, logger, tokenizer
-        self.loader, self.prompts, self.reference_answers = loader, prompts, reference_answers
+        self.accelerator, self.cfg, self.logger = accelerator, cfg, logger
+        self.tokenizer, self.loader, self.prompts = tokenizer, loader, prompts
+        self.reference_answers = reference_answers
 
     def run(self, policy, reference, step: int) -> dict:
         """Eval metrics (logged) and sample answers (to samples.jsonl); {} without eval data."""

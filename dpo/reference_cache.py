@@ -39,8 +39,8 @@ import torch
 import transformers
 from accelerate import Accelerator
 from datasets import Dataset
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from dpo import forward, logprobs
@@ -211,8 +211,8 @@ def precompute_reference_logps(
 
     start = time.perf_counter()
     chosen, rejected = _compute(accelerator, reference, dataset, collator, batch_size=batch_size,
-                                longest_first=longest_first,
-                                chunked=chunked, chunk_size=chunk_size)
+                                longest_first=longest_first, chunked=chunked,
+                                chunk_size=chunk_size)
     accelerator.print(f"reference log-probs: {len(dataset)} pairs computed in "
                       f"{time.perf_counter() - start:.1f} s")
     if path is not None:
@@ -225,7 +225,8 @@ def precompute_reference_logps(
 
 
 def _compute(accelerator: Accelerator, reference, dataset: Dataset, collator, *, batch_size: int,
-             longest_first: bool, chunked: bool, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+             longest_first: bool, chunked: bool, chunk_size: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference forward over all rows, batches dealt round-robin to the processes."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -286,12 +287,9 @@ def _load(path: Path, key: str, rows: int) -> tuple[torch.Tensor, torch.Tensor] 
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one read: metadata and tensors
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-        chosen, rejected = tensors["chosen"], tensors["rejected"]
+            chosen, rejected = f.get_tensor("chosen"), f.get_tensor("rejected")
         problem = (
             "another key" if metadata.get("key") != key
             else "another format" if metadata.get("format") != str(CACHE_FORMAT_VERSION)

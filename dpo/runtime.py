@@ -87,5 +87,5 @@ def _configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig) -> None:
 
 
 def _env_flag(name: str) -> bool:
-    """A true/false variable that `accelerate launch` sets from its config (e.g. --use_deepspeed)."""
+    """A true/false variable `accelerate launch` sets from its config (e.g. --use_deepspeed)."""
     return os.environ.get(name, "false").lower() == "true"

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from dpo.config import ConfigError, TrainConfig, load_config
 from tests.conftest import ROOT

@@ -124,7 +124,7 @@ def test_rule_rejects_swapped_pairs():
 
 def test_pairs_fit_the_demo_length(cache, tokenizer):
     rows = read_jsonl(demo.build_demo_dataset(cache) / "test.jsonl")
-    prompt_lengths, lengths = [], []
+    lengths = []
     for row in rows:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
                                                tokenize=False, add_generation_prompt=True)
