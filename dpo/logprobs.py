@@ -11,7 +11,10 @@ Two paths compute the same numbers:
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -75,8 +78,9 @@ def chunked_sequence_logps(
     rows = mask.nonzero()[:, 0]  # [N] which sequence each token belongs to
 
     token_logps, token_logit_sums = [], []
-    for start in range(0, targets.shape[0], chunk_size):
-        h = hidden[start:start + chunk_size]
+    num_chunks = agreed_num_chunks(lm_head, math.ceil(targets.shape[0] / chunk_size))
+    for start in range(0, num_chunks * chunk_size, chunk_size):
+        h = hidden[start:start + chunk_size]  # empty on a rank past its own last token
         t = targets[start:start + chunk_size]
         # Checkpointing drops the [chunk, V] logits after the forward and recomputes them in the
         # backward, so at most one chunk's logits are alive at any time. `stats` carries the
@@ -91,6 +95,25 @@ def chunked_sequence_logps(
     logps = zeros.index_add(0, rows, torch.cat(token_logps))  # (B,)
     logits_sums = zeros.index_add(0, rows, torch.cat(token_logit_sums)).detach()  # (B,)
     return logps, mask.sum(-1), logits_sums
+
+
+def agreed_num_chunks(lm_head: nn.Module, num_chunks: int) -> int:
+    """The number of LM-head calls every process makes: its own, or, when the head's weight is
+    sharded by DeepSpeed ZeRO-3, the largest over the processes that share it.
+
+    Under ZeRO-3 each call of the head all-gathers its weight, a collective that every process
+    of its group must join. The number of response tokens, hence of chunks, differs between
+    processes, so a process with fewer chunks would leave the others waiting forever, in the
+    forward and again in the backward's recomputation. Processes short of chunks call the head
+    on empty chunks instead (which add nothing). One all-reduce of an int per forward.
+    """
+    weight = next(lm_head.parameters(), None)
+    group = getattr(weight, "ds_process_group", None)  # set on ZeRO-3 partitioned parameters
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return num_chunks
+    count = torch.tensor(num_chunks, device=weight.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    return int(count)
 
 
 def _chunk_logps(

@@ -8,6 +8,7 @@ and final weights must agree with the single-process run. Gradient clipping at 1
 these steps (the demo's gradient norm is ~3), so a layout where clipping did not reach the
 optimizer (DeepSpeed clips inside its engine) would drift.
 """
+import json
 import subprocess
 
 import pytest
@@ -194,3 +195,64 @@ def test_fp16_on_cpu_is_refused(env, tmp_path):
     assert result.returncode != 0
     assert "fp16 needs a GPU" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _uneven_pairs(tmp_path) -> str:
+    """A local dataset (train and test splits) whose responses are a few or ~70 tokens long,
+    half each. Rows are drawn shuffled, so at chunk size 8 the two processes' numbers of
+    response tokens, hence of LM-head calls, differ in most micro-batches."""
+    from dpo.demo import demo_pairs
+
+    def shorten(row):
+        return {key: text.split(".")[0] + "." for key, text in row.items()}
+
+    def lengthen(row):
+        return {**row, "chosen": " ".join([row["chosen"]] * 3),
+                "rejected": " ".join([row["rejected"]] * 3)}
+
+    rows, test = demo_pairs()
+    folder = tmp_path / "uneven"
+    folder.mkdir()
+    for name, source in (("train", rows[:32]), ("test", test[:16])):
+        pairs = [lengthen(r) if i % 2 else shorten(r) for i, r in enumerate(source)]
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def uneven_runs(env, tmp_path_factory):
+    """ZeRO-3 with the chunked head at chunk size 8 on responses of very different lengths per
+    process (so the processes make different numbers of LM-head calls), against 1 process."""
+    data = _uneven_pairs(tmp_path_factory.mktemp("uneven_data"))
+    common = [*COMMON, "--dataset", data, "--num-samples", "none", "--max-length", "160",
+              "--eval-samples", "16", "--logps-chunk-size", "8", "--no-group-by-length",
+              "--eval-on-start"]
+    done = {}
+
+    def get(name):
+        if name not in done:
+            out = tmp_path_factory.mktemp(name.replace("+", "_")) / "out"
+            extra = ["--precompute-ref-logps"] if name.endswith("+precompute") else []
+            if name.startswith("single"):
+                launcher, geometry = PYTHON, GEOMETRY[1]
+            else:
+                launcher = [*LAYOUTS["zero3_flags"], "--main_process_port", str(free_port())]
+                geometry = GEOMETRY[2]
+            # A hang (the bug this guards against) would stop here at the timeout, not forever.
+            run_train(env, *common, *geometry, *extra, "--output-dir", str(out),
+                      launcher=launcher, timeout=300)
+            done[name] = out
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["zero3", "zero3+precompute"])
+def test_zero3_chunked_head_with_uneven_lengths_matches_one_process(uneven_runs, name):
+    """Every process makes the same number of LM-head calls (each all-gathers the ZeRO-3
+    sharded head): training, eval and the precompute pass finish and equal 1 process."""
+    single = uneven_runs("single")
+    out = uneven_runs(name)
+    assert_same_logs(train_logs(out), train_logs(single), rel=1e-4)
+    assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-4)
+    assert_same_weights(out, single, rel=1e-4)
