@@ -29,7 +29,7 @@ from dpo.models import load_policy_and_reference, load_tokenizer, prepare_refere
 from dpo.reference_cache import precompute_for_run
 from dpo.runtime import make_accelerator, make_optimizer
 from dpo.safety import NonFiniteGuard, StopRequest
-from dpo.step import dpo_step
+from dpo.step import chosen_token_counts, dpo_step, rpo_num_tokens
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,6 +80,7 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
     train_loader, eval_loader, sampler = build_dataloaders(cfg, accelerator, train_ds, eval_ds,
                                                            collate)
     train_loader = accelerator.prepare(train_loader)
+    chosen_tokens = chosen_token_counts(train_ds) if cfg.rpo_alpha else None
     eval_loader = eval_loader and accelerator.prepare(eval_loader)
 
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
@@ -110,14 +111,18 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
         # fresh loaders restart at 0, and does not reach ours behind its multi-process shard.
         batches.set_epoch(epoch)
         sampler.set_epoch(epoch)
+        rpo_tokens = cfg.rpo_alpha and rpo_num_tokens(
+            sampler.global_batches(), chosen_tokens,
+            cfg.gradient_accumulation_steps * accelerator.num_processes)
         for batch_index, batch in enumerate(batches, start=skip + 1):
             with accelerator.accumulate(policy):
                 policy_out, losses, chosen_r, rejected_r = dpo_step(
                     accelerator, cfg, policy, reference, batch)
                 loss = losses.mean()
-                if cfg.rpo_alpha:
-                    loss = loss + cfg.rpo_alpha * chosen_nll_loss(policy_out.chosen_logps,
-                                                                  policy_out.chosen_lengths)
+                if cfg.rpo_alpha:  # a token mean over the optimizer step's chosen responses
+                    loss = loss + cfg.rpo_alpha * chosen_nll_loss(
+                        policy_out.chosen_logps, policy_out.chosen_lengths,
+                        rpo_tokens[(batch_index - 1) // cfg.gradient_accumulation_steps])
                 guard.add_loss(loss)
                 accelerator.backward(loss)
                 update = True

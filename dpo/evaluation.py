@@ -48,11 +48,15 @@ def generate_answers(accelerator: Accelerator, cfg: TrainConfig, model, tokenize
                      prompts: list[list[int]]) -> list[str]:
     """Greedy answers of `model` to `prompts`, decoded.
 
-    Every process generates (under ZeRO-3 each forward needs all shards: `synced_gpus`).
+    Every process generates (under ZeRO-3 each forward needs all shards: `synced_gpus`). The
+    model generates in eval mode: in train mode, with gradient checkpointing on, transformers
+    turns the KV cache off and every new token would recompute the whole sequence.
     """
     synced = (accelerator.distributed_type == DistributedType.DEEPSPEED
               and accelerator.state.deepspeed_plugin.zero_stage == 3)
     model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
     answers = []
     for ids in prompts:
         prompt = torch.tensor([ids], device=accelerator.device)
@@ -62,6 +66,7 @@ def generate_answers(accelerator: Accelerator, cfg: TrainConfig, model, tokenize
                                  pad_token_id=tokenizer.pad_token_id, synced_gpus=synced,
                                  use_cache=True)
         answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+    model.train(was_training)
     return answers
 
 

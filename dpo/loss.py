@@ -104,15 +104,23 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
-def chosen_nll_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+def chosen_nll_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor,
+                    num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """Negative log-likelihood of the chosen responses, per token: the RPO term.
 
     RPO (Pang et al. 2024, arXiv:2404.19733, Eq. 3) adds α·NLL(y⁺) to the DPO loss so that the
     chosen response's likelihood does not fall while the margin grows. The token-mean NLL over the
     batch needs only what the concatenated forward already returns — summed log-probs and token
     counts — because −Σ_i Σ_t log π(y⁺_it) / Σ_i |y⁺_i| = −Σ_i logps_i / Σ_i lengths_i.
+
+    `num_tokens` replaces this batch's Σ_i |y⁺_i| as the denominator. A training step averages the
+    losses of its micro-batches (accumulation, processes): for its RPO term to be the token mean
+    of the whole optimizer step, however the step is split, each micro-batch divides by the step's
+    chosen tokens per micro-batch (`rpo_num_tokens` in `dpo.step`), not by its own count.
     """
-    return -chosen_logps.sum() / chosen_lengths.sum()
+    if num_tokens is None:
+        num_tokens = chosen_lengths.sum()
+    return -chosen_logps.sum() / num_tokens
 
 
 def check_loss_options(

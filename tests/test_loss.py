@@ -144,6 +144,16 @@ def test_chosen_nll_loss_is_the_token_mean():
     torch.testing.assert_close(chosen_nll_loss(PI_C, LEN_C), torch.tensor(27 / 11))
 
 
+def test_chosen_nll_loss_divides_by_the_given_token_count():
+    """Split the batch above into micro-batches {0} and {1, 2} of one step (mean of the two):
+    each divides by the step's 11 tokens / 2 micro-batches, and the mean is the step's token
+    mean, 27/11 — where dividing each by its own count gives (10/2 + 17/9) / 2 = 3.4444."""
+    halves = [chosen_nll_loss(PI_C[i], LEN_C[i], num_tokens=11 / 2) for i in ([0], [1, 2])]
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, torch.tensor(27 / 11))
+    own = [chosen_nll_loss(PI_C[i], LEN_C[i]) for i in ([0], [1, 2])]
+    torch.testing.assert_close((own[0] + own[1]) / 2, torch.tensor(31 / 9))
+
+
 @pytest.mark.parametrize(
     "kwargs, names",
     [

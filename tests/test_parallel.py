@@ -16,7 +16,7 @@ import torch
 
 from tests.conftest import ROOT
 from tests.e2e import (ACCELERATE, PYTHON, TORCHRUN, assert_same_logs, assert_same_weights,
-                       demo_env, eval_logs, free_port, run_train, train_logs)
+                       demo_env, eval_logs, free_port, run_train, train_logs, weights_equal)
 
 pytestmark = [pytest.mark.slow, pytest.mark.parallel]
 
@@ -39,6 +39,8 @@ LAYOUTS = {
     "torchrun": [*TORCHRUN, "--nproc_per_node", "2"],
 }
 PORT_FLAG = {"torchrun": "--master_port"}
+# Run variants: "<layout>+<extra>".
+EXTRA_FLAGS = {"": [], "precompute": ["--precompute-ref-logps"], "rpo": ["--rpo-alpha", "0.5"]}
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +56,11 @@ def runs(env, tmp_path_factory):
     def get(name):
         if name not in done:
             layout, _, extra = name.partition("+")  # "ddp+precompute": with precomputed ref
-            extra = ["--precompute-ref-logps"] if extra == "precompute" else []
+            extra = EXTRA_FLAGS[extra]
             out = tmp_path_factory.mktemp(name.replace("+", "_")) / "out"
             if layout == "single":
                 launcher, geometry = PYTHON, GEOMETRY[1]
-            elif name == "accumulation":  # 1 pair per micro-batch, 4 micro-batches per step
+            elif layout == "accumulation":  # 1 pair per micro-batch, 4 micro-batches per step
                 launcher, geometry = PYTHON, ["--batch-size", "1",
                                               "--gradient-accumulation-steps", "4"]
             else:
@@ -78,6 +80,18 @@ def test_gradient_accumulation_matches_one_big_batch(runs):
     accumulated, _ = runs("accumulation")
     assert_same_logs(train_logs(accumulated), train_logs(single), rel=1e-5)
     assert_same_weights(accumulated, single, rel=1e-5)
+
+
+def test_rpo_term_is_a_token_mean_over_the_optimizer_step(runs):
+    """With the RPO term (a token mean), 1 pair × 4 accumulation steps = 4 pairs × 1 = 2
+    processes × 2 pairs: each micro-batch divides by the step's tokens, not by its own."""
+    single, _ = runs("single+rpo")
+    for layout in ("accumulation+rpo", "ddp+rpo"):
+        out, _ = runs(layout)
+        assert_same_logs(train_logs(out), train_logs(single), rel=1e-4)
+        assert_same_weights(out, single, rel=1e-5 if layout.startswith("acc") else 1e-4)
+    # The term is on: the weights differ from a run without it.
+    assert not weights_equal(single, runs("single")[0])
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
