@@ -11,10 +11,9 @@ Two paths compute the same numbers:
 """
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -57,16 +56,19 @@ def chunked_sequence_logps(
     Args:
         hidden_states: `[B, T, H]` output of the model's last layer (after its final norm), i.e.
             what the LM head is applied to.
-        lm_head: the model's output projection module. It is *called* (not its weight read) so
-            that DeepSpeed ZeRO-3's hooks gather its sharded weight, also when recomputed.
+        lm_head: the model's output projection, an `nn.Linear`. The chunks run inside one call
+            of this module (see `_call_as_forward`), so that hooks on it run once per forward.
         labels: `[B, T]` as for `sequence_logps`.
-        chunk_size: response tokens per LM-head call; peak extra memory is ~2·chunk_size·V floats.
+        chunk_size: response tokens per chunk; peak extra memory is ~2·chunk_size·V floats.
 
     Returns:
         `(logps, counts, logits_sums)`, each `(B,)`: summed log-probs (float32, with gradient),
         token counts, and the sum over tokens and vocabulary of the logits (detached; for the
         `logits/*` metrics).
     """
+    if not isinstance(lm_head, nn.Linear):
+        raise TypeError(f"the chunked head needs an nn.Linear LM head, got "
+                        f"{type(lm_head).__name__}")
     batch_size = labels.shape[0]
     labels = labels[:, 1:]  # causal shift, as in sequence_logps
     mask = labels != ignore_index  # [B, T-1]
@@ -77,47 +79,59 @@ def chunked_sequence_logps(
     targets = labels[mask]  # [N]
     rows = mask.nonzero()[:, 0]  # [N] which sequence each token belongs to
 
-    token_logps, token_logit_sums = [], []
-    num_chunks = agreed_num_chunks(lm_head, math.ceil(targets.shape[0] / chunk_size))
-    for start in range(0, num_chunks * chunk_size, chunk_size):
-        h = hidden[start:start + chunk_size]  # empty on a rank past its own last token
-        t = targets[start:start + chunk_size]
-        # Checkpointing drops the [chunk, V] logits after the forward and recomputes them in the
-        # backward, so at most one chunk's logits are alive at any time. `stats` carries the
-        # forward's normaliser and logit sums ([chunk] floats) over to the recomputation.
-        logp, logit_sum = checkpoint(_chunk_logps, lm_head, h, t, {}, use_reentrant=False)
-        token_logps.append(logp)
-        token_logit_sums.append(logit_sum)
-
+    token_logps, token_logit_sums = _call_as_forward(lm_head, _chunked_head, hidden, targets,
+                                                     chunk_size)  # (N,), (N,)
     zeros = hidden_states.new_zeros(batch_size, dtype=torch.float32)
-    if not token_logps:  # no response token at all (every label ignored)
-        return zeros, mask.sum(-1), zeros.detach()
-    logps = zeros.index_add(0, rows, torch.cat(token_logps))  # (B,)
-    logits_sums = zeros.index_add(0, rows, torch.cat(token_logit_sums)).detach()  # (B,)
+    logps = zeros.index_add(0, rows, token_logps)  # (B,)
+    logits_sums = zeros.index_add(0, rows, token_logit_sums).detach()  # (B,)
     return logps, mask.sum(-1), logits_sums
 
 
-def agreed_num_chunks(lm_head: nn.Module, num_chunks: int) -> int:
-    """The number of LM-head calls every process makes: its own, or, when the head's weight is
-    sharded by DeepSpeed ZeRO-3, the largest over the processes that share it.
+def _call_as_forward(module: nn.Module, function, *args):
+    """`function(module, *args)`, run as one call of `module` (its forward for this call).
 
-    Under ZeRO-3 each call of the head all-gathers its weight, a collective that every process
-    of its group must join. The number of response tokens, hence of chunks, differs between
-    processes, so a process with fewer chunks would leave the others waiting forever, in the
-    forward and again in the backward's recomputation. Processes short of chunks call the head
-    on empty chunks instead (which add nothing). One all-reduce of an int per forward.
+    Under DeepSpeed ZeRO-3 the LM head's weight is sharded, and hooks on the module all-gather
+    it when the module is called (and again before its backward). Calling the head once per
+    chunk would gather the whole vocabulary × hidden matrix once per chunk, forward and
+    backward's recomputation alike (311 MB in bf16 for Qwen3-0.6B, each time), and as many
+    times as the process has response tokens: processes with different lengths would make
+    different numbers of these collective calls and wait for each other forever. Run as the
+    module's forward, the whole chunk loop costs one gather for the forward and one for the
+    backward, on every process alike; the hooks release the weight after each.
     """
-    weight = next(lm_head.parameters(), None)
-    group = getattr(weight, "ds_process_group", None)  # set on ZeRO-3 partitioned parameters
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return num_chunks
-    count = torch.tensor(num_chunks, device=weight.device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
-    return int(count)
+    saved = module.__dict__.get("forward")
+    module.forward = functools.partial(function, module)
+    try:
+        return module(*args)
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
+def _chunked_head(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(target) and Σ_v logit_v of every response position, a chunk at a time:
+    `[N, H]` → `(N,), (N,)`."""
+    token_logps, token_logit_sums = [], []
+    # At least one chunk, empty if need be: the output then always depends on the head, so that
+    # its backward hooks run on every process (ZeRO-3 gathers there).
+    for start in range(0, max(targets.shape[0], 1), chunk_size):
+        # Checkpointing drops the [chunk, V] logits after the forward and recomputes them in the
+        # backward, so at most one chunk's logits are alive at any time. `stats` carries the
+        # forward's normaliser and logit sums ([chunk] floats) over to the recomputation.
+        logp, logit_sum = checkpoint(_chunk_logps, lm_head.weight, lm_head.bias,
+                                     hidden[start:start + chunk_size],
+                                     targets[start:start + chunk_size], {}, use_reentrant=False)
+        token_logps.append(logp)
+        token_logit_sums.append(logit_sum)
+    return torch.cat(token_logps), torch.cat(token_logit_sums).detach()
 
 
 def _chunk_logps(
-    lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, stats: dict
+    weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor,
+    targets: torch.Tensor, stats: dict
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(target) and Σ_v logit_v for each of a chunk of positions: `[n, H]` → `(n,), (n,)`.
 
@@ -125,7 +139,8 @@ def _chunk_logps(
     rebuild the logits. The second call needs only the matmul: the logsumexp and the logit sums,
     each a full pass over `[n, V]`, are taken from `stats`, filled by the first call.
     """
-    logits = lm_head(hidden).float()  # [n, V]; fp32 for the normaliser, as in sequence_logps
+    # fp32 for the normaliser, as in sequence_logps
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()  # [n, V]
     if not stats:
         stats["lse"] = torch.logsumexp(logits.detach(), dim=-1)  # [n]
         stats["logit_sums"] = logits.detach().sum(-1)  # [n]
