@@ -500,7 +500,8 @@ def tokenize_preferences(
     set, else as HH-style plain text (``\\n\\nHuman: ...\\n\\nAssistant: ...``). Every response ends
     with one terminator: the token the chat template ends an assistant turn with, else EOS (see
     ``_PairTokenizer``); the prompt gets the tokenizer's BOS when the tokenizer adds one itself,
-    never twice. A row the chat template refuses is skipped as ``template_error``. ``max_prompt_length`` defaults to ``max_length // 2``; see
+    never twice. A row the chat template refuses is skipped as ``template_error``.
+    ``max_prompt_length`` defaults to ``max_length // 2``; see
     ``_PairTokenizer.truncate_and_label`` for the truncation rules.
 
     Returns the tokenized rows (see the module docstring for the columns) and a ``FilterReport``.
