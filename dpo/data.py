@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets.fingerprint import Hasher
+from jinja2 import TemplateError
 
 from dpo import formats
 from dpo.formats import (
@@ -77,6 +78,11 @@ MAX_DEFAULT_EVAL_SAMPLES = 200
 PLAIN_LABELS = {"system": "System", "user": "Human", "assistant": "Assistant", "tool": "Tool"}
 # Stands in for a response's content to find where the chat template puts the content.
 CONTENT_SENTINEL = "\x00DPO-RESPONSE-CONTENT\x00"
+# The conversation that shows which token the chat template ends an assistant turn with.
+END_OF_TURN_PROBE = [{"role": "user", "content": "Hi"},
+                     {"role": "assistant", "content": CONTENT_SENTINEL}]
+# Reasons whose detail the report prints: the row indices alone do not say what went wrong.
+REPORTED_DETAILS = ("template_error",)
 # The columns of a row that is skipped: it is dropped after the report is made.
 UNUSABLE_PAIR = {
     "chosen_input_ids": [],
@@ -208,6 +214,8 @@ class FilterReport:
     truncated: int
     dropped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[int]] = field(default_factory=dict)  # first row indices per reason
+    # The first distinct details per reason (for template_error, the template's own message).
+    details: dict[str, list[str]] = field(default_factory=dict)
 
     MAX_EXAMPLES = 5
 
@@ -221,11 +229,14 @@ class FilterReport:
             if not problem:
                 report.kept += 1
                 continue
-            reason = problem.split(":", 1)[0]
+            reason, _, detail = problem.partition(":")
             report.dropped[reason] = report.dropped.get(reason, 0) + 1
             examples = report.examples.setdefault(reason, [])
             if len(examples) < cls.MAX_EXAMPLES:
                 examples.append(row)
+            details = report.details.setdefault(reason, [])
+            if len(details) < cls.MAX_EXAMPLES and detail.strip() not in details:
+                details.append(detail.strip())
         order = {reason: i for i, reason in enumerate(DROP_REASONS)}
         report.dropped = dict(sorted(report.dropped.items(), key=lambda kv: order[kv[0]]))
         return report
@@ -238,6 +249,8 @@ class FilterReport:
         for reason, count in self.dropped.items():
             rows = ", ".join(str(row) for row in self.examples[reason])
             more = ", ..." if count > len(self.examples[reason]) else ""
+            if reason in REPORTED_DETAILS:
+                more += "".join(f'; "{detail}"' for detail in self.details[reason])
             reasons.append(f"{reason} {count} (rows {rows}{more})")
         return f"{line}, dropped {self.total - self.kept}: " + "; ".join(reasons)
 
@@ -247,7 +260,14 @@ class _PairTokenizer:
 
     For each row it renders the prompt and both prompt+response conversations, finds the prompt
     text both conversations start with, tokenizes, truncates and labels. A row that cannot be used
-    gets a ``problem`` (``"<reason>: <detail>"``) and empty ids instead of an exception.
+    gets a ``problem`` (``"<reason>: <detail>"``) and empty ids instead of an exception; so does
+    a row whose conversation the chat template refuses (``template_error``: Gemma's raises unless
+    roles alternate user/assistant).
+
+    Each response ends with one terminator: the special token the chat template ends an
+    assistant turn with (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``), which need not be
+    the tokenizer's EOS (a base checkpoint's ``<eos>``/``<|end_of_text|>``). Without a chat
+    template, or with one that writes no special token right after the content, it is the EOS.
     """
 
     def __init__(self, tokenizer, *, max_length, max_prompt_length, use_chat_template):
@@ -255,11 +275,29 @@ class _PairTokenizer:
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
         self.use_chat_template = use_chat_template
-        self.eos_id = tokenizer.eos_token_id
+        self.end_text, self.end_id = tokenizer.eos_token, tokenizer.eos_token_id
+        if use_chat_template:
+            self.end_text, self.end_id = self.end_of_turn()
         # Only a tokenizer that adds BOS itself (Llama) wants one; we add it at most once below.
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
         self.bos_id = bos if adds_bos else None
+
+    def end_of_turn(self) -> tuple[str, int]:
+        """(text, id) of the special token the chat template writes right after an assistant's
+        content (whitespace aside); the EOS when it writes none there."""
+        try:
+            rendered = self.render(END_OF_TURN_PROBE)
+        except TemplateError as e:
+            raise ValueError(f"the chat template cannot render a user turn and an assistant "
+                             f"reply: {_one_line(e)}") from None
+        if CONTENT_SENTINEL in rendered:
+            tail = rendered.split(CONTENT_SENTINEL, 1)[1].lstrip()
+            ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
+            token = self.tokenizer.added_tokens_decoder.get(ids[0]) if ids else None
+            if token is not None and token.special and tail.startswith(token.content):
+                return token.content, ids[0]
+        return self.tokenizer.eos_token, self.tokenizer.eos_token_id
 
     # -- rendering ---------------------------------------------------------------------------
 
@@ -293,20 +331,23 @@ class _PairTokenizer:
             yield self.render(prompt, add_generation_prompt=True)
 
     def split_texts(self, row: dict) -> tuple[str, str, str]:
-        """(prompt text, chosen body, rejected body); the bodies end before the turn's EOS."""
-        chosen = self.render([*row["prompt"], *row["chosen"]])
-        rejected = self.render([*row["prompt"], *row["rejected"]])
-        for prompt in self.prompt_candidates(row["prompt"]):
+        """(prompt text, chosen body, rejected body); the bodies end before the turn's end."""
+        try:
+            chosen = self.render([*row["prompt"], *row["chosen"]])
+            rejected = self.render([*row["prompt"], *row["rejected"]])
+            candidates = list(self.prompt_candidates(row["prompt"]))
+        except TemplateError as e:  # raised by the template itself (raise_exception)
+            raise RowProblem("template_error", _one_line(e)) from None
+        for prompt in candidates:
             if chosen.startswith(prompt) and rejected.startswith(prompt):
                 return prompt, self._body(chosen[len(prompt):]), self._body(rejected[len(prompt):])
         raise RowProblem("template_mismatch", "no rendering of the prompt opens both conversations")
 
     def _body(self, response: str) -> str:
-        # What a template writes after the turn's EOS (Qwen3: "\n") is never generated, and the
-        # EOS is added back as one token id, so the body ends where the response's text ends.
+        # What a template writes after the turn's end token (Qwen3: "\n") is never generated,
+        # and the token is added back as one id, so the body ends where the response's text ends.
         response = response.rstrip()
-        eos = self.tokenizer.eos_token
-        return response[: -len(eos)] if response.endswith(eos) else response
+        return response.removesuffix(self.end_text)
 
     # -- tokenizing --------------------------------------------------------------------------
 
@@ -342,7 +383,7 @@ class _PairTokenizer:
         return "" if problem is None else str(problem)
 
     def encode_rows(self, texts: dict[int, tuple[str, str, str]]) -> dict[int, tuple]:
-        """Token ids of (prompt, chosen response + EOS, rejected response + EOS) per row."""
+        """Token ids of (prompt, chosen response + end, rejected response + end) per row."""
         if not texts:
             return {}
         strings = []
@@ -360,7 +401,7 @@ class _PairTokenizer:
         return encoded
 
     def response_ids(self, prompt_ids: list[int], full_ids: list[int], body: str) -> list[int]:
-        """The response's ids after ``prompt_ids``, ending with exactly one EOS.
+        """The response's ids after ``prompt_ids``, ending with the turn's end token, once.
 
         The whole conversation is tokenized as one text, so the response's ids are the ones the
         model sees at its boundary with the prompt. Where a BPE merge crosses that boundary the
@@ -371,7 +412,7 @@ class _PairTokenizer:
             ids = full_ids[len(prompt_ids):]
         else:
             ids = self.tokenizer(body, add_special_tokens=False)["input_ids"]
-        return [*ids, self.eos_id]
+        return [*ids, self.end_id]
 
     def with_bos(self, prompt_ids: list[int]) -> list[int]:
         # Templates that write BOS themselves (Llama 3) already have it: never a second one.
@@ -384,8 +425,8 @@ class _PairTokenizer:
 
         Only a pair that does not fit is truncated: the prompt keeps its end (the last turns, and
         a leading BOS) up to ``max_prompt_length`` tokens, then each response keeps its start up
-        to ``max_length`` minus the prompt's tokens, EOS included: a cut response loses its EOS,
-        since it must not teach the model to stop mid-sentence.
+        to ``max_length`` minus the prompt's tokens, end token included: a cut response loses
+        its end token, since it must not teach the model to stop mid-sentence.
         """
         truncated = len(prompt) + max(len(chosen), len(rejected)) > self.max_length
         if truncated:
@@ -412,6 +453,10 @@ class _PairTokenizer:
         }
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _fingerprint(ds: Dataset, pair_tokenizer: _PairTokenizer) -> str | None:
     """The cache key of a tokenization: what ``datasets`` would compute, but fast.
 
@@ -428,6 +473,7 @@ def _fingerprint(ds: Dataset, pair_tokenizer: _PairTokenizer) -> str | None:
         tokenizer.backend_tokenizer.to_str(),
         tokenizer.chat_template,
         tokenizer.eos_token,
+        pair_tokenizer.end_id,
         pair_tokenizer.bos_id,
         pair_tokenizer.max_length,
         pair_tokenizer.max_prompt_length,
@@ -452,8 +498,10 @@ def tokenize_preferences(
     hand-made dataset of ``prompt``/``chosen``/``rejected`` messages works too). Each pair is
     rendered with the tokenizer's chat template when it has one and ``use_chat_template`` is
     set, else as HH-style plain text (``\\n\\nHuman: ...\\n\\nAssistant: ...``). Every response ends
-    with one EOS; the prompt gets the tokenizer's BOS when the tokenizer adds one itself, never
-    twice. ``max_prompt_length`` defaults to ``max_length // 2``; see
+    with one terminator: the token the chat template ends an assistant turn with, else EOS (see
+    ``_PairTokenizer``); the prompt gets the tokenizer's BOS when the tokenizer adds one itself,
+    never twice. A row the chat template refuses is skipped as ``template_error``.
+    ``max_prompt_length`` defaults to ``max_length // 2``; see
     ``_PairTokenizer.truncate_and_label`` for the truncation rules.
 
     Returns the tokenized rows (see the module docstring for the columns) and a ``FilterReport``.

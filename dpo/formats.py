@@ -64,6 +64,7 @@ DROP_REASONS = (
     "empty",  # a message's text is empty or only whitespace, or a response has no message
     "identical",  # chosen == rejected: the pair carries no preference
     "template_mismatch",  # the chat template renders the prompt differently once a response follows
+    "template_error",  # the chat template raises on the conversation (Gemma: roles must alternate)
     "truncated_away",  # the prompt fills max_length: nothing of a response would remain
 )
 

@@ -1,12 +1,16 @@
-"""Shared fixtures: paths into ../shared (real data, the Qwen3 tokenizer) and a tiny model."""
+"""Shared fixtures: paths into ../shared (real data, real tokenizers) and a tiny model."""
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+# DPO_SHARED points a checkout that does not sit beside ../shared (a git worktree) at it.
+SHARED = Path(os.environ.get("DPO_SHARED") or ROOT.parent / "shared")
 SHARED_DATA = SHARED / "data"
 QWEN3_TOKENIZER = SHARED / "tokenizers" / "qwen3"
+GEMMA3_TOKENIZER = SHARED / "tokenizers" / "gemma3"
+LLAMA3_1_TOKENIZER = SHARED / "tokenizers" / "llama3_1"
 QWEN3_VOCAB = 151_669  # len(tokenizer) of the real Qwen3 tokenizer
 
 
@@ -17,11 +21,28 @@ def require_shared(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def qwen3_tokenizer():
+def load_shared_tokenizer(path: Path, **overrides):
+    """A fresh tokenizer from ../shared; ``overrides`` (e.g. ``eos_token``) as from_pretrained
+    takes them."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(require_shared(QWEN3_TOKENIZER)))
+    return AutoTokenizer.from_pretrained(str(require_shared(path)), **overrides)
+
+
+# Session-wide tokenizers as shipped: tests must not change them (load their own to do so).
+@pytest.fixture(scope="session")
+def qwen3_tokenizer():
+    return load_shared_tokenizer(QWEN3_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer():
+    return load_shared_tokenizer(GEMMA3_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def llama3_1_tokenizer():
+    return load_shared_tokenizer(LLAMA3_1_TOKENIZER)
 
 
 # --- A tiny tokenizer built on the spot, so the data tests also run without ../shared ---------

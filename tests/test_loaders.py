@@ -102,3 +102,32 @@ def test_output_dir_of_another_run_is_left_alone(env, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "is not empty" in result.stderr and "--resume-from-checkpoint" in result.stderr
     assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+
+
+@pytest.mark.shared
+def test_template_that_refuses_a_row_is_reported_or_one_strict_line(tmp_path, capsys):
+    """Gemma 3's template refuses two user turns in a row: the run reports the row with the
+    template's message and goes on; with --strict-data it stops with one ConfigError line."""
+    from accelerate import Accelerator
+
+    from dpo.config import ConfigError, TrainConfig
+    from dpo.loaders import build_datasets
+    from tests.conftest import GEMMA3_TOKENIZER, load_shared_tokenizer
+
+    tokenizer = load_shared_tokenizer(GEMMA3_TOKENIZER)
+    rows = [*ROWS[:3], {"prompt": [{"role": "user", "content": "Hi."},
+                                   {"role": "user", "content": "Hello?"}],
+                        "chosen": [{"role": "assistant", "content": "Hello."}],
+                        "rejected": [{"role": "assistant", "content": "What."}]}]
+    path = tmp_path / "d.jsonl"
+    path.write_text(jsonl(rows))
+    settings = dict(dataset=str(path), num_samples=None, eval_samples=0, max_length=64)
+    message = "Conversation roles must alternate user/assistant/user/assistant/..."
+    train_ds, _, _ = build_datasets(TrainConfig(**settings), Accelerator(cpu=True), tokenizer)
+    assert sorted(train_ds["row_index"]) == [0, 1, 2]
+    assert f'template_error 1 (rows 3; "{message}")' in capsys.readouterr().out
+    with pytest.raises(ConfigError) as raised:
+        build_datasets(TrainConfig(**settings, strict_data=True), Accelerator(cpu=True),
+                       tokenizer)
+    assert str(raised.value) == \
+        f"dataset {path}: row 3: template_error: {message} (strict mode)"
