@@ -8,8 +8,12 @@ Two paths compute the same numbers:
   chunk in the backward pass. A `[B, T, V]` fp32 logits tensor never exists: at Qwen3's vocab of
   151,669, batch 2×2 and 1024 tokens that tensor alone would be 2.5 GB, its gradient as much again.
   It also skips the LM head on prompt and padding positions, which the loss never reads.
+  Whatever a model does to `lm_head(h)` before returning its logits (Gemma-2's soft-capping,
+  Cohere's and Granite's scaling) it must redo: `LogitsTransform`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -48,6 +52,7 @@ def chunked_sequence_logps(
     labels: torch.Tensor,
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int = 256,
+    logits_transform: LogitsTransform | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sequence_logps` from the final hidden states, without materialising the logits.
 
@@ -58,6 +63,8 @@ def chunked_sequence_logps(
             that DeepSpeed ZeRO-3's hooks gather its sharded weight, also when recomputed.
         labels: `[B, T]` as for `sequence_logps`.
         chunk_size: response tokens per LM-head call; peak extra memory is ~2·chunk_size·V floats.
+        logits_transform: what the model applies to `lm_head`'s output to make its logits
+            (`LogitsTransform.from_config`); None when it returns `lm_head`'s output as it is.
 
     Returns:
         `(logps, counts, logits_sums)`, each `(B,)`: summed log-probs (float32, with gradient),
@@ -81,7 +88,8 @@ def chunked_sequence_logps(
         # Checkpointing drops the [chunk, V] logits after the forward and recomputes them in the
         # backward, so at most one chunk's logits are alive at any time. `stats` carries the
         # forward's normaliser and logit sums ([chunk] floats) over to the recomputation.
-        logp, logit_sum = checkpoint(_chunk_logps, lm_head, h, t, {}, use_reentrant=False)
+        logp, logit_sum = checkpoint(_chunk_logps, lm_head, h, t, {}, logits_transform,
+                                     use_reentrant=False)
         token_logps.append(logp)
         token_logit_sums.append(logit_sum)
 
@@ -94,7 +102,8 @@ def chunked_sequence_logps(
 
 
 def _chunk_logps(
-    lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, stats: dict
+    lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, stats: dict,
+    transform: LogitsTransform | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(target) and Σ_v logit_v for each of a chunk of positions: `[n, H]` → `(n,), (n,)`.
 
@@ -103,10 +112,49 @@ def _chunk_logps(
     each a full pass over `[n, V]`, are taken from `stats`, filled by the first call.
     """
     logits = lm_head(hidden).float()  # [n, V]; fp32 for the normaliser, as in sequence_logps
+    if transform is not None:  # autograd carries the gradient back through it to the head
+        logits = transform(logits)
     if not stats:
         stats["lse"] = torch.logsumexp(logits.detach(), dim=-1)  # [n]
         stats["logit_sums"] = logits.detach().sum(-1)  # [n]
     return _TokenLogps.apply(logits, targets, stats["lse"]), stats["logit_sums"]
+
+
+@dataclass(frozen=True)
+class LogitsTransform:
+    """What a model does to `lm_head(h)` to make the logits it returns, read off its config:
+    `softcap · tanh(z · multiply / divide / softcap)`. The model forward does this after its LM
+    head, so a path that calls the head itself must redo it, or its log-probs are another
+    model's (tens of nats off per sequence for Gemma-2).
+    """
+
+    multiply: float = 1.0  # Cohere: logits * config.logit_scale
+    divide: float = 1.0  # Granite: logits / config.logits_scaling
+    softcap: float | None = None  # Gemma-2/3: cap * tanh(logits / cap), final_logit_softcapping
+
+    @classmethod
+    def from_config(cls, config) -> LogitsTransform | None:
+        """The transform that `config`'s fields call for; None for the plain `lm_head(h)`.
+
+        Read by field name, so the model families that share these fields (Cohere-2, Granite
+        MoE, VaultGemma, ...) are covered too; a model that names a field but does something
+        else is caught by `dpo.forward.check_chunked_head`'s probe.
+        """
+        transform = cls(multiply=getattr(config, "logit_scale", None) or 1.0,
+                        divide=getattr(config, "logits_scaling", None) or 1.0,
+                        softcap=getattr(config, "final_logit_softcapping", None))
+        return None if transform == cls() else transform
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        # The same operations in the same order as the models' forwards, so that fp32 results
+        # agree to the last bits; the identity steps are skipped.
+        if self.multiply != 1.0:
+            logits = logits * self.multiply
+        if self.divide != 1.0:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 class _TokenLogps(torch.autograd.Function):
