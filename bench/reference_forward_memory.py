@@ -3,7 +3,9 @@ by a hook (`concatenated_forward` now) vs every layer's hidden states (`output_h
 
 Each variant runs in a fresh subprocess on a random model of SmolLM2-135M's shape (30 layers).
 The peak above the loaded model and inputs: on CUDA max allocated; on CPU the kernel's RSS
-high-water mark (VmHWM), reset just before the forward. Prints a table and one JSON line.
+high-water mark (VmHWM), reset just before the forward, with glibc told to map every large block
+on its own (`MALLOC_MMAP_THRESHOLD_`) so that RSS follows the live tensors instead of what the
+heap keeps after a free. Prints a table and one JSON line.
 
     python bench/reference_forward_memory.py                  # 2 pairs x 512 tokens
     python bench/reference_forward_memory.py --pairs 4 --seq-len 1024
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -100,7 +103,8 @@ def main() -> None:
     for variant in VARIANTS:
         child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant],
                                check=True, capture_output=True, text=True,
-                               cwd=Path(__file__).resolve().parents[1])
+                               cwd=Path(__file__).resolve().parents[1],
+                               env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)})
         results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
     print(f"SmolLM2-135M shape (30 layers), {2 * args.pairs} rows x {args.seq_len} tokens, "
           f"device {results['last_only']['device']}: no-grad chunked forward, peak above the "

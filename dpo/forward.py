@@ -152,7 +152,8 @@ def check_chunked_head(model: nn.Module, *, device: torch.device | str | None = 
                 if diff <= rtol:
                     return None
                 reason = (f"its summed log-probs differ from its own logits' by {diff:.1e} "
-                          f"relative (tolerance {rtol:.0e}): its head does more than lm_head")
+                          f"relative (tolerance {rtol:.0e}): its logits are not lm_head of its "
+                          "body's last hidden state, nor a known transform of that")
     finally:
         model.train(was_training)
     return (f"warning: chunked log-probs are not available for {arch}: {reason}; computing "

@@ -133,6 +133,14 @@ class ScaledHeadQwen3(Qwen3ForCausalLM):
         return out
 
 
+def _unknown_head(dtype=torch.float32) -> ScaledHeadQwen3:
+    torch.manual_seed(0)
+    model = ScaledHeadQwen3(tiny_qwen3_config(VOCAB))
+    with torch.no_grad():  # logits of a few units, as a trained model's (a random init's: ~0.2)
+        model.lm_head.weight.mul_(10)
+    return model.to(dtype)
+
+
 class NoBodyQwen3(Qwen3ForCausalLM):
     """`base_model` is the model itself: no body to take the last hidden state from."""
 
@@ -147,9 +155,7 @@ def test_probe_passes_a_known_head():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_probe_names_an_unknown_head(dtype):
-    torch.manual_seed(0)
-    model = ScaledHeadQwen3(tiny_qwen3_config(VOCAB)).to(dtype)
-    warning = check_chunked_head(model)
+    warning = check_chunked_head(_unknown_head(dtype))
     assert warning is not None and len(warning.splitlines()) == 1
     assert warning.startswith("warning: ") and "ScaledHeadQwen3 (qwen3)" in warning
     assert "computing the full logits instead" in warning
@@ -170,15 +176,13 @@ def test_settle_falls_back_to_full_logits_only_on_a_mismatch(capsys):
     accelerator = Accelerator(cpu=True)
     cfg = TrainConfig()
     assert cfg.chunked_logps
-    torch.manual_seed(0)
-    settled = settle_logps_path(accelerator, cfg, ScaledHeadQwen3(tiny_qwen3_config(VOCAB)))
+    settled = settle_logps_path(accelerator, cfg, _unknown_head())
     assert not settled.chunked_logps and cfg.chunked_logps  # a new config, the old one intact
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 1 and "ScaledHeadQwen3 (qwen3)" in printed[0]
     assert settle_logps_path(accelerator, cfg, tiny_qwen3(VOCAB)) is cfg
     no_chunks = TrainConfig(chunked_logps=False)
-    assert settle_logps_path(accelerator, no_chunks, ScaledHeadQwen3(tiny_qwen3_config(VOCAB))
-                             ) is no_chunks
+    assert settle_logps_path(accelerator, no_chunks, _unknown_head()) is no_chunks
     assert capsys.readouterr().out == ""
 
 
