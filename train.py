@@ -22,6 +22,7 @@ from transformers import get_scheduler
 from dpo import checkpoint, demo
 from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.evaluation import Evaluator, generate_answers, sample_prompts, summary
+from dpo.forward import settle_logps_path
 from dpo.loaders import build_dataloaders, build_datasets
 from dpo.loss import chosen_nll_loss
 from dpo.metrics import MetricsLogger, TrainMetrics, pair_stats
@@ -64,6 +65,9 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
 
     optimizer = make_optimizer(cfg, policy)
     policy, optimizer = accelerator.prepare(policy, optimizer)
+    # After prepare, not before: ZeRO-3 loads the weights already sharded, and only the engine
+    # gathers them for a forward.
+    cfg = settle_logps_path(accelerator, cfg, policy)
     reference = prepare_reference(accelerator, reference)
     # Frozen and greedy, the reference answers the sample prompts alike at every eval: once.
     prompts = sample_prompts(cfg, eval_ds)

@@ -7,13 +7,18 @@ large, and — under DDP and ZeRO — means one forward per backward, which thei
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
-from dpo.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
+from dpo.config import TrainConfig
+from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_sequence_logps, sequence_logps
 
 
 @dataclass
@@ -53,12 +58,20 @@ def concatenated_forward(
     attention_mask = causal_attention_mask(batch["attention_mask"])
     if chunked:
         # logits_to_keep=1 makes the model's own LM head cost one position; the last hidden state
-        # (after the final norm) goes to our chunked head instead.
-        out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
-                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        lm_head = extract_model_from_parallel(model).get_output_embeddings()
+        # (after the final norm) goes to our chunked head instead. It is taken from the model's
+        # body by a hook rather than with output_hidden_states, which would keep every layer's
+        # output alive until the call returns, also in a no-grad forward.
+        unwrapped = extract_model_from_parallel(model)
+        with _last_hidden_state(unwrapped) as captured:
+            model(input_ids=batch["input_ids"], attention_mask=attention_mask,
+                  logits_to_keep=1, use_cache=False)
+        lm_head = unwrapped.get_output_embeddings()
+        if not isinstance(lm_head, nn.Linear):
+            raise ChunkedHeadUnsupported(f"its LM head is a {type(lm_head).__name__}, not an "
+                                         "nn.Linear")
         logps, lengths, logits_sums = chunked_sequence_logps(
-            out.hidden_states[-1], lm_head, labels, IGNORE_INDEX, chunk_size)
+            captured.hidden, lm_head, labels, IGNORE_INDEX, chunk_size,
+            LogitsTransform.from_config(unwrapped.config))
         vocab_size = lm_head.out_features
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
@@ -89,3 +102,114 @@ def causal_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
     """
     right_padded = attention_mask.cumprod(-1).eq(attention_mask).all()
     return None if bool(right_padded) else attention_mask
+
+
+def check_chunked_head(model: nn.Module, *, device: torch.device | str | None = None,
+                       rtol: float | None = None, length: int = 64) -> str | None:
+    """Does the chunked path give `model`'s own log-probs? None if so, else one warning line.
+
+    One seeded probe pair of `length` random tokens (the rejected row right-padded, half of each
+    row response) goes through `concatenated_forward` twice, without gradient and in eval mode:
+    on the model's full logits, and on the chunked head. The chunked head redoes the logit
+    transforms it knows (`LogitsTransform`); a model that does something else after its LM head,
+    or whose body hides its last hidden state, is caught here instead of training on wrong
+    log-probs. Collective under ZeRO-3/FSDP: every process must call it.
+
+    Args:
+        model: the policy, possibly wrapped (DDP, DeepSpeed, FSDP).
+        device: where the probe's inputs go; default that of the model's first parameter.
+        rtol: largest relative difference of the summed log-probs that passes. Default: 1e-4
+            for fp32 weights; 1e-2 otherwise, above 16-bit rounding of the logits (on either
+            path), far below what any logit scaling or capping changes.
+    """
+    unwrapped = extract_model_from_parallel(model)
+    if rtol is None:
+        rtol = 1e-4 if unwrapped.dtype == torch.float32 else 1e-2
+    vocab_size = min(unwrapped.get_input_embeddings().num_embeddings,
+                     unwrapped.get_output_embeddings().out_features)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(vocab_size, (2, length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :length // 2] = IGNORE_INDEX
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -length // 4:] = 0
+    labels[1, -length // 4:] = IGNORE_INDEX
+    device = device if device is not None else next(unwrapped.parameters()).device
+    batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+             "labels": labels.to(device)}
+
+    arch = f"{type(unwrapped).__name__} ({unwrapped.config.model_type})"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = concatenated_forward(model, batch, chunked=False)
+            try:
+                chunked = concatenated_forward(model, batch, chunked=True, chunk_size=length // 4)
+            except ChunkedHeadUnsupported as e:
+                reason = str(e)
+            else:
+                want = torch.cat([full.chosen_logps, full.rejected_logps])
+                got = torch.cat([chunked.chosen_logps, chunked.rejected_logps])
+                diff = float(((got - want).abs() / want.abs().clamp(min=1e-6)).max())
+                if diff <= rtol:
+                    return None
+                reason = (f"its summed log-probs differ from its own logits' by {diff:.1e} "
+                          f"relative (tolerance {rtol:.0e}): its logits are not lm_head of its "
+                          "body's last hidden state, nor a known transform of that")
+    finally:
+        model.train(was_training)
+    return (f"warning: chunked log-probs are not available for {arch}: {reason}; computing "
+            "the full logits instead (chunked_logps off)")
+
+
+def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module
+                      ) -> TrainConfig:
+    """`cfg`, with `chunked_logps` off if `check_chunked_head` rejects the policy's head (the
+    warning printed once). Every process takes the same path: under ZeRO-3 a process on the
+    chunked path and one on the full path would call the sharded LM head unequally often."""
+    if not cfg.chunked_logps:
+        return cfg
+    # Under mixed precision the model's own head runs under autocast, the chunked one in fp32.
+    warning = check_chunked_head(policy, device=accelerator.device,
+                                 rtol=None if accelerator.mixed_precision == "no" else 1e-2)
+    flags = accelerator.gather(torch.tensor([warning is not None], device=accelerator.device))
+    if not flags.any():
+        return cfg
+    accelerator.print(warning or "warning: chunked log-probs disagree with the model's logits "
+                      "on another process; computing the full logits instead")
+    return dataclasses.replace(cfg, chunked_logps=False)
+
+
+class ChunkedHeadUnsupported(RuntimeError):
+    """The chunked path cannot find the model's last hidden state."""
+
+
+class _Captured:
+    hidden: torch.Tensor
+
+
+@contextmanager
+def _last_hidden_state(model: nn.Module) -> Iterator[_Captured]:
+    """Within the block, record the `last_hidden_state` that the model's body (`base_model`: the
+    decoder stack with its final norm, what the LM head is applied to) returns from its one call.
+
+    A forward hook rather than a direct call of the body: the model is still called through its
+    DDP/DeepSpeed wrapper, whose hooks must run.
+    """
+    body = getattr(model, "base_model", model)
+    if body is model:
+        raise ChunkedHeadUnsupported(f"{type(model).__name__} has no separate base model")
+    outputs = []
+    handle = body.register_forward_hook(lambda module, args, output: outputs.append(output))
+    captured = _Captured()
+    try:
+        yield captured
+    finally:
+        handle.remove()
+    hidden = [getattr(out, "last_hidden_state", None) for out in outputs]
+    if len(hidden) != 1 or not isinstance(hidden[0], torch.Tensor):
+        raise ChunkedHeadUnsupported(
+            f"{type(body).__name__} returned {len(outputs)} output(s), not one with a "
+            "last_hidden_state")
+    captured.hidden = hidden[0]

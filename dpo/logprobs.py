@@ -8,10 +8,13 @@ Two paths compute the same numbers:
   chunk in the backward pass. A `[B, T, V]` fp32 logits tensor never exists: at Qwen3's vocab of
   151,669, batch 2×2 and 1024 tokens that tensor alone would be 2.5 GB, its gradient as much again.
   It also skips the LM head on prompt and padding positions, which the loss never reads.
+  Whatever a model does to `lm_head(h)` before returning its logits (Gemma-2's soft-capping,
+  Cohere's and Granite's scaling) it must redo: `LogitsTransform`.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,6 +53,7 @@ def chunked_sequence_logps(
     labels: torch.Tensor,
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int = 256,
+    logits_transform: LogitsTransform | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sequence_logps` from the final hidden states, without materialising the logits.
 
@@ -60,6 +64,8 @@ def chunked_sequence_logps(
             of this module (see `_call_as_forward`), so that hooks on it run once per forward.
         labels: `[B, T]` as for `sequence_logps`.
         chunk_size: response tokens per chunk; peak extra memory is ~2·chunk_size·V floats.
+        logits_transform: what the model applies to `lm_head`'s output to make its logits
+            (`LogitsTransform.from_config`); None when it returns `lm_head`'s output as it is.
 
     Returns:
         `(logps, counts, logits_sums)`, each `(B,)`: summed log-probs (float32, with gradient),
@@ -79,8 +85,8 @@ def chunked_sequence_logps(
     targets = labels[mask]  # [N]
     rows = mask.nonzero()[:, 0]  # [N] which sequence each token belongs to
 
-    token_logps, token_logit_sums = _call_as_forward(lm_head, _chunked_head, hidden, targets,
-                                                     chunk_size)  # (N,), (N,)
+    token_logps, token_logit_sums = _call_as_forward(
+        lm_head, _chunked_head, hidden, targets, chunk_size, logits_transform)  # (N,), (N,)
     zeros = hidden_states.new_zeros(batch_size, dtype=torch.float32)
     logps = zeros.index_add(0, rows, token_logps)  # (B,)
     logits_sums = zeros.index_add(0, rows, token_logit_sums).detach()  # (B,)
@@ -111,7 +117,8 @@ def _call_as_forward(module: nn.Module, function, *args):
 
 
 def _chunked_head(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
-                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk_size: int, transform: LogitsTransform | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(target) and Σ_v logit_v of every response position, a chunk at a time:
     `[N, H]` → `(N,), (N,)`."""
     token_logps, token_logit_sums = [], []
@@ -123,7 +130,8 @@ def _chunked_head(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tenso
         # forward's normaliser and logit sums ([chunk] floats) over to the recomputation.
         logp, logit_sum = checkpoint(_chunk_logps, lm_head.weight, lm_head.bias,
                                      hidden[start:start + chunk_size],
-                                     targets[start:start + chunk_size], {}, use_reentrant=False)
+                                     targets[start:start + chunk_size], {}, transform,
+                                     use_reentrant=False)
         token_logps.append(logp)
         token_logit_sums.append(logit_sum)
     return torch.cat(token_logps), torch.cat(token_logit_sums).detach()
@@ -131,7 +139,7 @@ def _chunked_head(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tenso
 
 def _chunk_logps(
     weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor,
-    targets: torch.Tensor, stats: dict
+    targets: torch.Tensor, stats: dict, transform: LogitsTransform | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(target) and Σ_v logit_v for each of a chunk of positions: `[n, H]` → `(n,), (n,)`.
 
@@ -141,10 +149,49 @@ def _chunk_logps(
     """
     # fp32 for the normaliser, as in sequence_logps
     logits = torch.nn.functional.linear(hidden, weight, bias).float()  # [n, V]
+    if transform is not None:  # autograd carries the gradient back through it to the head
+        logits = transform(logits)
     if not stats:
         stats["lse"] = torch.logsumexp(logits.detach(), dim=-1)  # [n]
         stats["logit_sums"] = logits.detach().sum(-1)  # [n]
     return _TokenLogps.apply(logits, targets, stats["lse"]), stats["logit_sums"]
+
+
+@dataclass(frozen=True)
+class LogitsTransform:
+    """What a model does to `lm_head(h)` to make the logits it returns, read off its config:
+    `softcap · tanh(z · multiply / divide / softcap)`. The model forward does this after its LM
+    head, so a path that calls the head itself must redo it, or its log-probs are another
+    model's (tens of nats off per sequence for Gemma-2).
+    """
+
+    multiply: float = 1.0  # Cohere: logits * config.logit_scale
+    divide: float = 1.0  # Granite: logits / config.logits_scaling
+    softcap: float | None = None  # Gemma-2/3: cap * tanh(logits / cap), final_logit_softcapping
+
+    @classmethod
+    def from_config(cls, config) -> LogitsTransform | None:
+        """The transform that `config`'s fields call for; None for the plain `lm_head(h)`.
+
+        Read by field name, so the model families that share these fields (Cohere-2, Granite
+        MoE, VaultGemma, ...) are covered too; a model that names a field but does something
+        else is caught by `dpo.forward.check_chunked_head`'s probe.
+        """
+        transform = cls(multiply=getattr(config, "logit_scale", None) or 1.0,
+                        divide=getattr(config, "logits_scaling", None) or 1.0,
+                        softcap=getattr(config, "final_logit_softcapping", None))
+        return None if transform == cls() else transform
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        # The same operations in the same order as the models' forwards, so that fp32 results
+        # agree to the last bits; the identity steps are skipped.
+        if self.multiply != 1.0:
+            logits = logits * self.multiply
+        if self.divide != 1.0:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 class _TokenLogps(torch.autograd.Function):

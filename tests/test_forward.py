@@ -1,10 +1,18 @@
-"""The concatenated forward: one model call over `[chosen; rejected]`, halves lined up by pair."""
+"""The concatenated forward: one model call over `[chosen; rejected]`, halves lined up by pair;
+and the start-up probe that checks the chunked head against the model's own logits."""
+import json
+import shutil
+
 import pytest
 import torch
+from transformers import Qwen3ForCausalLM
 
-from dpo.forward import causal_attention_mask, concatenated_forward
+from dpo.config import TrainConfig
+from dpo.forward import (causal_attention_mask, check_chunked_head, concatenated_forward,
+                         settle_logps_path)
 from dpo.logprobs import IGNORE_INDEX, sequence_logps
-from dpo.tiny import tiny_qwen3
+from dpo.tiny import tiny_qwen3, tiny_qwen3_config
+from tests.e2e import demo_env, run_train, train_logs
 
 VOCAB = 50
 
@@ -103,3 +111,119 @@ def test_left_padded_batch_keeps_its_mask_and_its_values(chunked):
     torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.rejected_logps, want.rejected_logps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_forward_keeps_no_per_layer_hidden_states():
+    """The chunked path takes the last hidden state only: the model is not asked for every
+    layer's (which a no-grad reference forward would hold until it returns)."""
+    model = tiny_qwen3(VOCAB, num_layers=4)
+    outputs = []
+    model.register_forward_hook(lambda module, args, out: outputs.append(out))
+    with torch.no_grad():
+        concatenated_forward(model, _pair_batch(), chunked=True)
+    assert len(outputs) == 1 and outputs[0].hidden_states is None
+
+
+class ScaledHeadQwen3(Qwen3ForCausalLM):
+    """A head that does what the chunked path cannot know: its logits are lm_head(h) · 3."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 3.0
+        return out
+
+
+def _unknown_head(dtype=torch.float32) -> ScaledHeadQwen3:
+    torch.manual_seed(0)
+    model = ScaledHeadQwen3(tiny_qwen3_config(VOCAB))
+    with torch.no_grad():  # logits of a few units, as a trained model's (a random init's: ~0.2)
+        model.lm_head.weight.mul_(10)
+    return model.to(dtype)
+
+
+class NoBodyQwen3(Qwen3ForCausalLM):
+    """`base_model` is the model itself: no body to take the last hidden state from."""
+
+    base_model_prefix = "no_such_module"
+
+
+def test_probe_passes_a_known_head():
+    model = tiny_qwen3(VOCAB).train()
+    assert check_chunked_head(model) is None
+    assert model.training
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_probe_names_an_unknown_head(dtype):
+    warning = check_chunked_head(_unknown_head(dtype))
+    assert warning is not None and len(warning.splitlines()) == 1
+    assert warning.startswith("warning: ") and "ScaledHeadQwen3 (qwen3)" in warning
+    assert "computing the full logits instead" in warning
+
+
+def test_probe_names_a_model_without_a_body():
+    torch.manual_seed(0)
+    warning = check_chunked_head(NoBodyQwen3(tiny_qwen3_config(VOCAB)))
+    assert warning is not None and "NoBodyQwen3 (qwen3)" in warning
+    assert "no separate base model" in warning
+
+
+def test_settle_falls_back_to_full_logits_only_on_a_mismatch(capsys):
+    """What train.py calls after prepare: chunked_logps is switched off, with the warning printed
+    once, for an unknown head; a known head (or chunked_logps already off) keeps the config."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    cfg = TrainConfig()
+    assert cfg.chunked_logps
+    settled = settle_logps_path(accelerator, cfg, _unknown_head())
+    assert not settled.chunked_logps and cfg.chunked_logps  # a new config, the old one intact
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and "ScaledHeadQwen3 (qwen3)" in printed[0]
+    assert settle_logps_path(accelerator, cfg, tiny_qwen3(VOCAB)) is cfg
+    no_chunks = TrainConfig(chunked_logps=False)
+    assert settle_logps_path(accelerator, no_chunks, _unknown_head()) is no_chunks
+    assert capsys.readouterr().out == ""
+
+
+REMOTE_CODE = """from transformers import Qwen3ForCausalLM
+
+
+class ScaledHeadQwen3(Qwen3ForCausalLM):
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 3.0
+        return out
+"""
+SHORT_RUN = ["--dataset", "builtin:demo-preferences", "--num-samples", "16", "--eval-samples",
+             "4", "--max-length", "48", "--batch-size", "2", "--gradient-accumulation-steps", "1",
+             "--max-steps", "2", "--logging-steps", "1", "--num-sample-generations", "0",
+             "--seed", "3"]
+
+
+@pytest.mark.slow
+def test_train_falls_back_for_an_unknown_head(tmp_path):
+    """train.py on a model whose own code scales its logits (remote code, as a user's model
+    would bring it): the run warns, naming the architecture, and trains exactly as with
+    --no-chunked-logps, on the model's own logits."""
+    from dpo.demo import build_demo_model
+
+    env = demo_env(tmp_path / "cache")
+    model_dir = tmp_path / "scaled-head"
+    shutil.copytree(build_demo_model(tmp_path / "cache" / "demo"), model_dir)
+    (model_dir / "modeling_scaled.py").write_text(REMOTE_CODE)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_scaled.ScaledHeadQwen3"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    flags = [*SHORT_RUN, "--model", str(model_dir), "--trust-remote-code"]
+    warned = run_train(env, *flags, "--output-dir", str(tmp_path / "warned"))
+    lines = [line for line in warned.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(lines) == 1 and "ScaledHeadQwen3 (qwen3)" in lines[0], warned.stdout[-2000:]
+    full = run_train(env, *flags, "--no-chunked-logps", "--output-dir", str(tmp_path / "full"))
+    assert "warning: " not in full.stdout
+    want = train_logs(tmp_path / "full")
+    got = train_logs(tmp_path / "warned")
+    assert len(got) == 2
+    for log, expected in zip(got, want):
+        for key in ("loss", "logps/chosen", "logps/rejected", "logits/chosen"):
+            assert log[key] == pytest.approx(expected[key], rel=1e-6), key

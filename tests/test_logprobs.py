@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
+from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_sequence_logps, sequence_logps
 from dpo.tiny import tiny_qwen3
 from tests.conftest import QWEN3_VOCAB
 
@@ -133,3 +133,53 @@ def test_token_logps_backward_is_exact():
     assert torch.autograd.gradcheck(token_logps, (logits,))
     want = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
     torch.testing.assert_close(token_logps(logits), want)
+
+
+def test_logits_transform_is_read_off_the_config():
+    from transformers import (CohereConfig, Gemma2Config, Gemma3TextConfig, GraniteConfig,
+                              Qwen3Config)
+
+    assert LogitsTransform.from_config(Qwen3Config()) is None
+    assert LogitsTransform.from_config(Gemma3TextConfig()) is None  # no soft-capping by default
+    assert LogitsTransform.from_config(GraniteConfig()) is None  # scaling 1
+    assert LogitsTransform.from_config(Gemma2Config()) == LogitsTransform(softcap=30.0)
+    assert LogitsTransform.from_config(CohereConfig()) == LogitsTransform(multiply=0.0625)
+    assert LogitsTransform.from_config(GraniteConfig(logits_scaling=8)) == LogitsTransform(
+        divide=8.0)
+
+
+@pytest.mark.parametrize("transform", [LogitsTransform(softcap=5.0),
+                                       LogitsTransform(multiply=0.25),
+                                       LogitsTransform(divide=3.0, softcap=4.0)], ids=repr)
+def test_chunked_applies_the_logits_transform(transform):
+    """Chunked with a transform = plain on the transformed logits: log-probs, logit sums, and
+    every gradient (the transform's own backward ahead of the lean one of the log-softmax)."""
+    model = tiny_qwen3(97, hidden_size=32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # logits of several units, where the capping bites
+    input_ids, labels = _batch(97)
+    weights = torch.arange(1.0, input_ids.shape[0] + 1)
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        out = model(input_ids, output_hidden_states=True)
+        if chunked:
+            logps, _, sums = chunked_sequence_logps(out.hidden_states[-1], model.lm_head, labels,
+                                                    chunk_size=7, logits_transform=transform)
+        else:
+            logits = transform(out.logits)
+            logps, _ = sequence_logps(logits, labels)
+            mask = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)
+            sums = (logits[:, :-1].detach() * mask).sum((1, 2))
+        (logps * weights).sum().backward()
+        results.append((logps.detach(), sums, {n: p.grad.clone()
+                                               for n, p in model.named_parameters()}))
+    (plain, plain_sums, g_plain), (chunked, chunked_sums, g_chunked) = results
+    bare = sequence_logps(out.logits.detach(), labels)[0]
+    assert ((bare - plain).abs() / plain.abs()).min() > 1e-2  # the transform matters here
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=0)
+    torch.testing.assert_close(chunked_sums, plain_sums, rtol=1e-5, atol=1e-4)
+    for name, g in g_plain.items():
+        scale = g.abs().max().clamp(min=1e-12)
+        torch.testing.assert_close(g_chunked[name] / scale, g / scale, rtol=1e-5, atol=1e-5,
+                                   msg=f"gradient of {name}")

@@ -1,0 +1,134 @@
+"""The chunked head gives each architecture's own log-probs: a matrix of tiny random models of the
+families transformers ships, with logits of realistic size, chunked against full logits."""
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dpo.forward import check_chunked_head, concatenated_forward
+from dpo.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
+
+VOCAB = 1000
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Per-architecture config fields. The logit transforms are set to sizes that bite on logits of
+# std ~6 (Gemma-3 has no soft-capping by default, Granite's default scaling is 1).
+ARCHS = {
+    "llama": {}, "mistral": {}, "gemma": {},
+    "gemma2": {"final_logit_softcapping": 30.0},  # its default, pinned
+    "gemma3_text": {"final_logit_softcapping": 30.0},
+    "qwen2": {}, "qwen3": {}, "phi3": {}, "olmo2": {}, "gpt2": {}, "gpt_neox": {},
+    "cohere": {"logit_scale": 0.0625},  # its default
+    "granite": {"logits_scaling": 8.0},
+    "falcon": {"head_dim": None, "new_decoder_architecture": True, "num_kv_heads": 2},
+}
+TRANSFORMED = {"gemma2", "gemma3_text", "cohere", "granite"}
+LOGIT_STD = 6.0
+
+
+def tiny_model(arch: str, dtype: torch.dtype = torch.float32):
+    """A 2-layer random `arch` model whose logits have std ~LOGIT_STD, as a trained model's do
+    (a random init's are ~0.2, where no soft-capping or scaling would show)."""
+    fields = {**COMMON, **ARCHS[arch]}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    config = AutoConfig.for_model(arch, **fields)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    for module in model.modules():  # as dpo.models does: no random masks between two calls
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    ids = torch.randint(3, VOCAB, (2, 32))
+    with torch.no_grad():
+        # Scaling the head (and, where tied, the embedding: the final norm undoes that) scales
+        # the logits; Cohere's and Granite's own factors are part of what is measured.
+        model.get_output_embeddings().weight.mul_(LOGIT_STD / model(ids).logits.std())
+    return model.to(dtype)
+
+
+def pair_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two pairs `[chosen; rejected]`, right-padded to 40 tokens, rows of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [(6, 20), (9, 31), (6, 13), (9, 25)]  # (prompt, response) per row
+    input_ids = torch.zeros(4, 40, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, (p, r) in enumerate(lengths):
+        input_ids[row, :p + r] = torch.randint(3, VOCAB, (p + r,), generator=g)
+        attention_mask[row, :p + r] = 1
+        labels[row, p:p + r] = input_ids[row, p:p + r]
+    input_ids[2:, :9] = input_ids[:2, :9]  # a pair shares its prompt
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def logps_and_grads(model, batch, chunked: bool):
+    model.zero_grad()
+    out = concatenated_forward(model, batch, chunked=chunked, chunk_size=7)
+    # Distinct weights per row, so that a row mix-up shows in the gradients.
+    (out.chosen_logps @ torch.tensor([1.0, 2.0])
+     - out.rejected_logps @ torch.tensor([3.0, 4.0])).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_chunked_equals_full_logits(arch):
+    """Summed log-probs, the logit means and the gradient of every parameter (the LM head and
+    the body alike), chunked against the model's own logits, to 1e-5 relative."""
+    model = tiny_model(arch)
+    batch = pair_batch()
+    full, full_grads = logps_and_grads(model, batch, chunked=False)
+    chunked, chunked_grads = logps_and_grads(model, batch, chunked=True)
+    for field in ("chosen_logps", "rejected_logps", "chosen_logits_mean",
+                  "rejected_logits_mean"):
+        torch.testing.assert_close(getattr(chunked, field), getattr(full, field), rtol=1e-5,
+                                   atol=1e-6, msg=f"{arch}: {field}")
+    assert chunked_grads.keys() == full_grads.keys()
+    head = model.get_output_embeddings().weight
+    assert any(p is head for n, p in model.named_parameters() if n in full_grads)
+    assert len(full_grads) > 5  # the body's weights too
+    for name, g in full_grads.items():
+        scale = g.abs().max().clamp(min=1e-12)
+        torch.testing.assert_close(chunked_grads[name] / scale, g / scale, rtol=1e-5, atol=1e-5,
+                                   msg=f"{arch}: gradient of {name}")
+
+
+@pytest.mark.parametrize("arch", sorted(TRANSFORMED))
+def test_the_matrix_would_catch_a_missing_transform(arch):
+    """The configs above make each transform matter: `lm_head` alone, the chunked head without
+    the model's transform, is off by far more than the 1e-5 the matrix allows."""
+    model = tiny_model(arch).eval()
+    batch = pair_batch()
+    with torch.no_grad():
+        out = model(batch["input_ids"], output_hidden_states=True)
+        want, _ = sequence_logps(out.logits, batch["labels"])
+        bare, _, _ = chunked_sequence_logps(out.hidden_states[-1], model.get_output_embeddings(),
+                                            batch["labels"], chunk_size=7)
+    assert ((bare - want).abs() / want.abs()).min() > 1e-2
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_right_padded_rows_need_no_mask(arch):
+    """`causal_attention_mask` drops the mask of a right-padded batch: each row's log-probs
+    still equal those of the row run alone, unpadded, also for absolute-position models."""
+    model = tiny_model(arch).eval()
+    batch = pair_batch()
+    with torch.no_grad():
+        out = concatenated_forward(model, batch, chunked=True, chunk_size=7)
+        alone = []
+        for row in range(4):
+            n = int(batch["attention_mask"][row].sum())
+            logits = model(batch["input_ids"][row:row + 1, :n]).logits
+            alone.append(sequence_logps(logits, batch["labels"][row:row + 1, :n])[0])
+    alone = torch.cat(alone)
+    got = torch.cat([out.chosen_logps, out.rejected_logps])
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5, msg=arch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_architecture_passes_the_probe(arch, dtype):
+    """No false alarm, in fp32 at its 1e-4 tolerance and in bf16 (rounded logits) at 1e-2."""
+    model = tiny_model(arch, dtype).train()
+    assert check_chunked_head(model) is None
+    assert model.training  # restored after the probe's eval-mode forward
