@@ -25,7 +25,8 @@ from dpo.evaluation import Evaluator, generate_answers, sample_prompts, summary
 from dpo.loaders import build_dataloaders, build_datasets
 from dpo.loss import chosen_nll_loss
 from dpo.metrics import MetricsLogger, TrainMetrics, pair_stats
-from dpo.models import load_policy_and_reference, load_tokenizer, prepare_reference
+from dpo.models import (check_reference_layout, load_policy_and_reference, load_tokenizer,
+                        prepare_reference)
 from dpo.reference_cache import precompute_for_run
 from dpo.runtime import make_accelerator, make_optimizer
 from dpo.safety import NonFiniteGuard, StopRequest
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
     accelerator = make_accelerator(cfg)
+    check_reference_layout(accelerator, cfg)
     if resume_dir is not None:
         changed = checkpoint.check_resume(resume_dir, cfg, accelerator.num_processes)
         if changed:
@@ -72,8 +74,8 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
     if cfg.precompute_ref_logps:  # the batches then carry the reference's log-probs
         train_ds, eval_ds = precompute_for_run(accelerator, cfg, reference, model_path,
                                                train_ds, eval_ds, collate)
-        # Dropping our name frees a plain module at once (under FSDP accelerate keeps one more);
-        # gc collects what reference cycles still hold, then the device cache is returned.
+        # Nothing else holds the reference (it is not among accelerate's models): dropping our
+        # name frees it; gc collects what reference cycles still hold, then the device cache.
         reference = None
         clear_device_cache(garbage_collection=True)
         accelerator.print("reference: freed; training on its precomputed log-probs")
