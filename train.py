@@ -36,16 +36,18 @@ from dpo.step import dpo_step
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(argv)
-        resume_dir = checkpoint.resolve_resume(cfg)
-        output_dir = checkpoint.prepare_output_dir(cfg, resuming=resume_dir is not None)
-        train(cfg, output_dir, resume_dir)
+        output_dir = checkpoint.prepare_output_dir(
+            cfg, resuming=cfg.resume_from_checkpoint is not None)
+        train(cfg, output_dir)
     except ConfigError as e:
         sys.exit(f"error: {e}")
 
 
-def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
+def train(cfg: TrainConfig, output_dir: Path) -> None:
     accelerator = make_accelerator(cfg)
     check_reference_layout(accelerator, cfg)
+    # Resolved once the processes can compare: each node reads its own files.
+    resume_dir = checkpoint.agree_on_resume(accelerator, cfg)
     if resume_dir is not None:
         changed = checkpoint.check_resume(resume_dir, cfg, accelerator.num_processes)
         if changed:
@@ -58,7 +60,8 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
     policy, reference = load_policy_and_reference(cfg, model_path)
     # Only now, with data and models loaded, does the run touch its output directory: a bad
     # input leaves no half-made run behind (nor a non-empty directory that blocks the rerun).
-    if accelerator.is_main_process:
+    shared = checkpoint.detect_shared_output_dir(accelerator, output_dir)
+    if accelerator.is_main_process or (not shared and accelerator.is_local_main_process):
         if cfg.overwrite_output_dir and resume_dir is None:
             checkpoint.clear_output_dir(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
