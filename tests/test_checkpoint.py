@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from dpo.checkpoint import checkpoints
 from tests.conftest import ROOT
-from tests.e2e import (PYTHON, assert_same_logs, demo_env, free_port, read_metrics, run_train,
+from tests.e2e import (ACCELERATE, PYTHON, assert_same_logs, demo_env, free_port, read_metrics, run_train,
                        train_logs, weights_equal)
 
 pytestmark = pytest.mark.slow
@@ -218,3 +218,51 @@ def test_checkpoints_on_nodes_with_and_without_a_shared_filesystem(tmp_path, sha
     results = mp.Manager().dict()
     mp.spawn(_node_worker, args=(free_port(), str(tmp_path), shared, results), nprocs=2)
     assert dict(results) == {0: "ok", 1: "ok"}
+
+
+def _two_nodes(env, nodes, *flags):
+    """train.py on two "machines" of one process each on 127.0.0.1, each started in its own
+    directory with a relative --output-dir: two output directories, as on node-local disks."""
+    port = str(free_port())
+    procs = [subprocess.Popen(
+        [*ACCELERATE, "--config_file", str(ROOT / "configs/accelerate/multinode.yaml"),
+         "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+         "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision",
+         "no", str(ROOT / "train.py"), *RUN, "--batch-size", "1", "--max-steps", "2",
+         "--output-dir", "out", *flags],
+        cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank, node in enumerate(nodes)]
+    logs = [proc.communicate(timeout=600)[0] for proc in procs]
+    return [proc.returncode for proc in procs], logs
+
+
+@pytest.mark.parallel
+def test_two_nodes_without_a_shared_filesystem(env, tmp_path):
+    """Each node keeps complete checkpoints in its own output directory; `latest` on nodes that
+    disagree fails on both with one line naming what each rank sees; once they agree, each
+    resumes from its own files."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    codes, logs = _two_nodes(env, nodes)
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    for node in nodes:
+        assert [p.name for p in checkpoints(node / "out")] == ["checkpoint-1", "checkpoint-2"]
+        assert {"model.safetensors", "optimizer.bin", "trainer_state.json"} <= {
+            p.name for p in (node / "out" / "checkpoint-2").iterdir()}
+    assert "is not shared by all nodes; each node keeps complete checkpoints" in logs[0]
+
+    shutil.rmtree(nodes[1] / "out" / "checkpoint-2")
+    codes, logs = _two_nodes(env, nodes, "--resume-from-checkpoint", "latest")
+    assert 0 not in codes
+    for log in logs:
+        assert ("error: resume_from_checkpoint latest: the processes do not find the same "
+                "complete checkpoint in out (checkpoint-2 on rank 0; checkpoint-1 on rank 1); "
+                "every node must hold it") in log
+
+    shutil.rmtree(nodes[0] / "out" / "checkpoint-2")
+    codes, logs = _two_nodes(env, nodes, "--resume-from-checkpoint", "latest")
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    for node in nodes:
+        assert [p.name for p in checkpoints(node / "out")] == ["checkpoint-1", "checkpoint-2"]
+    assert [log["step"] for log in train_logs(nodes[0] / "out")] == [1, 2]
