@@ -20,8 +20,8 @@ import torch.multiprocessing as mp
 
 from dpo.checkpoint import checkpoints
 from tests.conftest import ROOT
-from tests.e2e import (ACCELERATE, PYTHON, assert_same_logs, demo_env, free_port, read_metrics, run_train,
-                       train_logs, weights_equal)
+from tests.e2e import (ACCELERATE, PYTHON, assert_same_logs, demo_env, free_port, read_metrics,
+                       run_train, train_logs, weights_equal)
 
 pytestmark = pytest.mark.slow
 
