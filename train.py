@@ -26,7 +26,8 @@ from dpo.forward import settle_logps_path
 from dpo.loaders import build_dataloaders, build_datasets
 from dpo.loss import chosen_nll_loss
 from dpo.metrics import MetricsLogger, TrainMetrics, pair_stats
-from dpo.models import load_policy_and_reference, load_tokenizer, prepare_reference
+from dpo.models import (check_reference_layout, load_policy_and_reference, load_tokenizer,
+                        prepare_reference)
 from dpo.reference_cache import precompute_for_run
 from dpo.runtime import make_accelerator, make_optimizer
 from dpo.safety import NonFiniteGuard, StopRequest
@@ -36,15 +37,18 @@ from dpo.step import chosen_token_counts, dpo_step, rpo_num_tokens
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(argv)
-        resume_dir = checkpoint.resolve_resume(cfg)
-        output_dir = checkpoint.prepare_output_dir(cfg, resuming=resume_dir is not None)
-        train(cfg, output_dir, resume_dir)
+        output_dir = checkpoint.prepare_output_dir(
+            cfg, resuming=cfg.resume_from_checkpoint is not None)
+        train(cfg, output_dir)
     except ConfigError as e:
         sys.exit(f"error: {e}")
 
 
-def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
+def train(cfg: TrainConfig, output_dir: Path) -> None:
     accelerator = make_accelerator(cfg)
+    check_reference_layout(accelerator, cfg)
+    # Resolved once the processes can compare: each node reads its own files.
+    resume_dir = checkpoint.agree_on_resume(accelerator, cfg)
     if resume_dir is not None:
         changed = checkpoint.check_resume(resume_dir, cfg, accelerator.num_processes)
         if changed:
@@ -57,7 +61,8 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
     policy, reference = load_policy_and_reference(cfg, model_path)
     # Only now, with data and models loaded, does the run touch its output directory: a bad
     # input leaves no half-made run behind (nor a non-empty directory that blocks the rerun).
-    if accelerator.is_main_process:
+    shared = checkpoint.detect_shared_output_dir(accelerator, output_dir)
+    if accelerator.is_main_process or (not shared and accelerator.is_local_main_process):
         if cfg.overwrite_output_dir and resume_dir is None:
             checkpoint.clear_output_dir(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -76,8 +81,8 @@ def train(cfg: TrainConfig, output_dir: Path, resume_dir: Path | None) -> None:
     if cfg.precompute_ref_logps:  # the batches then carry the reference's log-probs
         train_ds, eval_ds = precompute_for_run(accelerator, cfg, reference, model_path,
                                                train_ds, eval_ds, collate)
-        # Dropping our name frees a plain module at once (under FSDP accelerate keeps one more);
-        # gc collects what reference cycles still hold, then the device cache is returned.
+        # Nothing else holds the reference (it is not among accelerate's models): dropping our
+        # name frees it; gc collects what reference cycles still hold, then the device cache.
         reference = None
         clear_device_cache(garbage_collection=True)
         accelerator.print("reference: freed; training on its precomputed log-probs")

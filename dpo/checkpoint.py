@@ -3,6 +3,11 @@
 A checkpoint is written under a temporary name and renamed to `checkpoint-<step>` only once every
 process has finished writing, so a directory with that name is always complete: a run killed
 mid-save leaves the previous checkpoint as the latest.
+
+Several nodes either share the output directory (one filesystem: rank 0 finalises each
+checkpoint) or each has its own: then every node's local main process writes the replicated
+model and optimizer state into its own copy and finalises it (accelerate's `save_on_each_node`),
+so that each node can resume from its own files. `detect_shared_output_dir` decides at start.
 """
 from __future__ import annotations
 
@@ -10,10 +15,12 @@ import dataclasses
 import json
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from transformers import PreTrainedTokenizerBase
 
 from dpo.config import ConfigError, TrainConfig
@@ -45,6 +52,33 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
         raise ConfigError(f"resume_from_checkpoint: {path} is not a complete checkpoint-<step> "
                           "directory (one is renamed to that only when fully written)")
     return path
+
+
+def agree_on_resume(accelerator: Accelerator, cfg: TrainConfig) -> Path | None:
+    """`resolve_resume` in every process, which must all find the same checkpoint.
+
+    Each node reads its own files, so without a shared filesystem `latest` could name a different
+    step on each node, or one node could lack the checkpoint. Every process reports what it
+    found; if they differ, every process raises the same ConfigError naming the ranks and what
+    each sees (one process raising alone would leave the others waiting for it).
+    """
+    try:
+        found, error = resolve_resume(cfg), None
+    except ConfigError as e:
+        found, error = None, str(e)
+    views = gather_object([(found.name if found else None, error)])
+    if len(set(views)) == 1:
+        if error:
+            raise ConfigError(error)
+        return found
+    ranks: dict[str, list[int]] = {}
+    for rank, (name, _) in enumerate(views):
+        ranks.setdefault(name or "none", []).append(rank)
+    seen = "; ".join(f"{name} on rank{'s' * (len(r) > 1)} {', '.join(map(str, r))}"
+                     for name, r in ranks.items())
+    raise ConfigError(f"resume_from_checkpoint {cfg.resume_from_checkpoint}: the processes do not "
+                      f"find the same complete checkpoint in {cfg.output_dir} ({seen}); every "
+                      "node must hold it")
 
 
 # Settings that decide which pairs each optimizer step sees and how they are tokenized: a resume
@@ -102,17 +136,57 @@ def clear_output_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def detect_shared_output_dir(accelerator: Accelerator, output_dir: Path) -> bool:
+    """Whether every process sees rank 0's `output_dir` (one shared filesystem); if not, switch
+    checkpoints to one complete copy per node (`save_on_each_node`).
+
+    Rank 0 writes a marker with a fresh name and every process looks for it. ConfigError where a
+    node-local copy cannot be complete: FSDP and DeepSpeed write each process's shard of the
+    model and optimizer state, which the other nodes would never see.
+    """
+    if accelerator.is_local_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    marker = output_dir / broadcast_object_list([f".shared-{secrets.token_hex(8)}"])[0]
+    if accelerator.is_main_process:
+        marker.touch()
+    accelerator.wait_for_everyone()
+    seen = gather_object([marker.exists()])  # every process has looked once this returns
+    if accelerator.is_main_process:
+        marker.unlink()
+    blind = [rank for rank, saw in enumerate(seen) if not saw]
+    if not blind:
+        return True
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(f"output_dir: {output_dir} is not shared by all nodes (rank(s) "
+                          f"{', '.join(map(str, blind))} cannot see rank 0's files), but "
+                          f"{accelerator.distributed_type.value} checkpoints are sharded across "
+                          "the processes: use a directory on a filesystem all nodes share")
+    accelerator.project_configuration.save_on_each_node = True
+    accelerator.print(f"output_dir: {output_dir} is not shared by all nodes; each node keeps "
+                      "complete checkpoints of its own")
+    return False
+
+
+def _finalises(accelerator: Accelerator) -> bool:
+    """Whether this process renames and prunes its node's checkpoints (one process per copy)."""
+    if accelerator.project_configuration.save_on_each_node:
+        return accelerator.is_local_main_process
+    return accelerator.is_main_process
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: dict,
                     total_limit: int | None) -> Path:
-    """`save_state` into a temporary directory, then rename it to `checkpoint-<step>`."""
+    """`save_state` into a temporary directory, then rename it to `checkpoint-<step>`: on rank 0,
+    or on each node's local main process when the nodes do not share `output_dir`."""
     tmp = output_dir / f".tmp-checkpoint-{step}"
     final = output_dir / f"checkpoint-{step}"
-    if accelerator.is_main_process:
+    finalises = _finalises(accelerator)
+    if finalises:
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a run killed while saving
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # every process writes its shard and RNG state
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if finalises:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)  # same step saved by an earlier, resumed run
         os.replace(tmp, final)

@@ -89,7 +89,8 @@ def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> 
       reference would cost as much memory as the whole unsharded policy. So the reference becomes
       a DeepSpeed inference engine with the same ZeRO-3 config (no optimizer): its shards are
       gathered layer by layer during its forward, like the policy's.
-    - FSDP: sharded by accelerate in evaluation mode (no gradient hooks, no optimizer state).
+    - FSDP (version 2): sharded with `fully_shard` like the policy (`shard_reference_fsdp2`),
+      frozen, and kept out of the models accelerate checkpoints.
     - DDP, ZeRO-1/2 and one process: a plain replica on the device. It is never wrapped in DDP:
       it has no gradients to synchronise.
     Call after `accelerator.prepare(policy, ...)`, so DeepSpeed's "auto" values are resolved.
@@ -110,10 +111,53 @@ def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> 
             accelerator.print("reference: sharded, a DeepSpeed ZeRO-3 inference engine")
             return engine
     elif state.distributed_type == DistributedType.FSDP:
-        accelerator.print("reference: sharded by FSDP (evaluation mode)")
-        return accelerator.prepare_model(reference, evaluation_mode=True)
+        _refuse_fsdp1(accelerator)
+        return shard_reference_fsdp2(accelerator, reference)
     accelerator.print(f"reference: a frozen replica on {accelerator.device.type} in every process")
     return reference.to(accelerator.device)
+
+
+def check_reference_layout(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    """ConfigError, before anything is loaded, for a layout the reference cannot be placed in."""
+    if cfg.loss_type not in REFERENCE_FREE:
+        _refuse_fsdp1(accelerator)
+
+
+def _refuse_fsdp1(accelerator: Accelerator) -> None:
+    # FSDP version 1 cannot be set up without a GPU (not even its plugin): its sharding of the
+    # reference has never run here, so it is refused rather than shipped untested.
+    state = accelerator.state
+    if state.distributed_type == DistributedType.FSDP and state.fsdp_plugin.fsdp_version != 2:
+        raise ConfigError(f"FSDP version {state.fsdp_plugin.fsdp_version} cannot shard the "
+                          "reference model: set fsdp_version: 2 (as configs/accelerate/fsdp.yaml "
+                          "does), or use a reference-free loss")
+
+
+def shard_reference_fsdp2(accelerator: Accelerator, reference: nn.Module) -> nn.Module:
+    """The frozen reference sharded across the processes by FSDP2, as the policy is.
+
+    accelerate's own `fsdp2_prepare_model` with the run's plugin: `fully_shard` on each
+    transformer layer of the auto-wrap policy, on the input embedding and on the final norm +
+    LM head, then on the root; the plugin's mixed precision, `reshard_after_forward` and CPU
+    offload; with `cpu_ram_efficient_loading` (whose other processes loaded no weights) rank 0's
+    weights are broadcast into the shards. No activation checkpointing: nothing is backpropagated.
+
+    Not `accelerator.prepare_model(reference, evaluation_mode=True)`: that neither shards nor
+    places a model under FSDP, and it appends it to `accelerator._models`, which `save_state`
+    checkpoints and which would keep it alive after `--precompute-ref-logps` frees it.
+    """
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    plugin = accelerator.state.fsdp_plugin
+    reference = fsdp2_prepare_model(accelerator, reference)
+    reference.eval()
+    reference.requires_grad_(False)
+    where = ("in CPU memory (offloaded)" if isinstance(plugin.cpu_offload, CPUOffloadPolicy)
+             else f"on {accelerator.device.type}")
+    accelerator.print(f"reference: sharded by FSDP2 across {accelerator.num_processes} processes "
+                      f"{where}; frozen, not checkpointed")
+    return reference
 
 
 def _first_line(error: Exception) -> str:

@@ -5,6 +5,8 @@ step, so 12 steps per epoch), saving a checkpoint after every step. A killed run
 `--resume-from-checkpoint latest` must end with bit-identical weights (CPU, fp32) and the same
 metrics, every step logged exactly once.
 """
+import json
+import os
 import random
 import shutil
 import signal
@@ -13,11 +15,13 @@ import threading
 import time
 
 import pytest
+import torch
+import torch.multiprocessing as mp
 
 from dpo.checkpoint import checkpoints
 from tests.conftest import ROOT
-from tests.e2e import (PYTHON, assert_same_logs, demo_env, read_metrics, run_train, train_logs,
-                       weights_equal)
+from tests.e2e import (ACCELERATE, PYTHON, assert_same_logs, demo_env, free_port, read_metrics,
+                       run_train, train_logs, weights_equal)
 
 pytestmark = pytest.mark.slow
 
@@ -146,3 +150,119 @@ def test_an_incomplete_checkpoint_is_refused(env, reference, tmp_path):
     result = run_train(env, *RUN, "--output-dir", str(out),
                        "--resume-from-checkpoint", str(partial), check=False)
     assert result.returncode != 0 and "not a complete checkpoint" in result.stderr
+
+
+def _node_worker(rank: int, port: int, base: str, shared: bool, results: dict) -> None:
+    """One of two processes, each the local main process of its own "node" (LOCAL_RANK 0); the
+    nodes' output directories are one directory (`shared`) or one each, as on machines without
+    a shared filesystem."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    from accelerate import Accelerator
+
+    from dpo.checkpoint import (STATE_FILE, agree_on_resume, detect_shared_output_dir,
+                                load_checkpoint, save_checkpoint)
+    from dpo.config import ConfigError, TrainConfig
+
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.is_local_main_process
+    out = Path(base) / ("shared" if shared else f"node{rank}")
+    torch.manual_seed(0)
+    model = accelerator.prepare(torch.nn.Linear(4, 2))
+    optimizer = accelerator.prepare(torch.optim.AdamW(model.parameters(), lr=0.1))
+    assert detect_shared_output_dir(accelerator, out) is shared
+    for step in (1, 2, 3):
+        model(torch.ones(3, 4)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        save_checkpoint(accelerator, out, step, {"step": step}, total_limit=2)
+
+    # Every node's copy is complete (its own processes' RNG states) and pruned.
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    rng = [f"random_states_{r}.pkl" for r in ((0, 1) if shared else (rank,))]
+    assert sorted(p.name for p in (out / "checkpoint-3").iterdir()) == sorted(
+        ["model.safetensors", "optimizer.bin", STATE_FILE, *rng])
+    assert json.loads((out / "checkpoint-3" / STATE_FILE).read_text()) == {"step": 3}
+
+    # Each node resumes from its own files.
+    cfg = TrainConfig(output_dir=str(out), resume_from_checkpoint="latest")
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.module.weight.zero_()
+    assert load_checkpoint(accelerator, agree_on_resume(accelerator, cfg)) == {"step": 3}
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+    if not shared:  # rank 1's node loses its newest checkpoint, then all of them
+        for lost, rank1_sees in (("checkpoint-3", "checkpoint-2"), ("checkpoint-2", "none")):
+            accelerator.wait_for_everyone()
+            if rank == 1:
+                shutil.rmtree(out / lost)
+            accelerator.wait_for_everyone()
+            with pytest.raises(ConfigError) as refused:
+                agree_on_resume(accelerator, cfg)
+            assert (f"the processes do not find the same complete checkpoint in {out} "
+                    f"(checkpoint-3 on rank 0; {rank1_sees} on rank 1)") in str(refused.value)
+    results[rank] = "ok"
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("shared", [False, True], ids=["node-local", "shared"])
+def test_checkpoints_on_nodes_with_and_without_a_shared_filesystem(tmp_path, shared):
+    """Two nodes (one process each): on node-local disks each node's local main process writes
+    a complete `checkpoint-<step>` (model, optimizer, trainer_state.json, its RNG states), prunes
+    old ones and resumes from them; `latest` must be the same step on every node, else every
+    process fails naming what each rank sees. On a shared filesystem rank 0 alone finalises."""
+    results = mp.Manager().dict()
+    mp.spawn(_node_worker, args=(free_port(), str(tmp_path), shared, results), nprocs=2)
+    assert dict(results) == {0: "ok", 1: "ok"}
+
+
+def _two_nodes(env, nodes, *flags):
+    """train.py on two "machines" of one process each on 127.0.0.1, each started in its own
+    directory with a relative --output-dir: two output directories, as on node-local disks."""
+    port = str(free_port())
+    procs = [subprocess.Popen(
+        [*ACCELERATE, "--config_file", str(ROOT / "configs/accelerate/multinode.yaml"),
+         "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+         "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision",
+         "no", str(ROOT / "train.py"), *RUN, "--batch-size", "1", "--max-steps", "2",
+         "--output-dir", "out", *flags],
+        cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank, node in enumerate(nodes)]
+    logs = [proc.communicate(timeout=600)[0] for proc in procs]
+    return [proc.returncode for proc in procs], logs
+
+
+@pytest.mark.parallel
+def test_two_nodes_without_a_shared_filesystem(env, tmp_path):
+    """Each node keeps complete checkpoints in its own output directory; `latest` on nodes that
+    disagree fails on both with one line naming what each rank sees; once they agree, each
+    resumes from its own files."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    codes, logs = _two_nodes(env, nodes)
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    for node in nodes:
+        assert [p.name for p in checkpoints(node / "out")] == ["checkpoint-1", "checkpoint-2"]
+        assert {"model.safetensors", "optimizer.bin", "trainer_state.json"} <= {
+            p.name for p in (node / "out" / "checkpoint-2").iterdir()}
+    assert "is not shared by all nodes; each node keeps complete checkpoints" in logs[0]
+
+    shutil.rmtree(nodes[1] / "out" / "checkpoint-2")
+    codes, logs = _two_nodes(env, nodes, "--resume-from-checkpoint", "latest")
+    assert 0 not in codes
+    for log in logs:
+        assert ("error: resume_from_checkpoint latest: the processes do not find the same "
+                "complete checkpoint in out (checkpoint-2 on rank 0; checkpoint-1 on rank 1); "
+                "every node must hold it") in log
+
+    shutil.rmtree(nodes[0] / "out" / "checkpoint-2")
+    codes, logs = _two_nodes(env, nodes, "--resume-from-checkpoint", "latest")
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    for node in nodes:
+        assert [p.name for p in checkpoints(node / "out")] == ["checkpoint-1", "checkpoint-2"]
+    assert [log["step"] for log in train_logs(nodes[0] / "out")] == [1, 2]
