@@ -242,10 +242,9 @@ def test_deepspeed_nan_loss_stops_before_its_step(env, tmp_path):
                 "--main_process_port", str(free_port())]
     result = run_train(env, *RUN, "--learning-rate", "1e30", "--output-dir", str(out),
                        launcher=launcher, check=False)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0  # (the launcher adds its own traceback)
+    line = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
     assert line.startswith("error: non-finite loss at optimizer step 2 (epoch 0, micro-batches")
     assert "found before DeepSpeed's step" in line and "--skip-nonfinite-steps" not in line
-    for ckpt in checkpoints(out):
-        for tensor in load_file(ckpt / "model.safetensors").values():
-            assert torch.isfinite(tensor).all()
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-1"]
+    assert not (out / "model.safetensors").exists()
