@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -91,7 +92,8 @@ def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> 
       gathered layer by layer during its forward, like the policy's.
     - FSDP: sharded by accelerate in evaluation mode (no gradient hooks, no optimizer state).
     - DDP, ZeRO-1/2 and one process: a plain replica on the device. It is never wrapped in DDP:
-      it has no gradients to synchronise.
+      it has no gradients to synchronise. Under ZeRO-1/2 it takes the dtypes DeepSpeed gave the
+      policy's weights (bf16/fp16 mode).
     Call after `accelerator.prepare(policy, ...)`, so DeepSpeed's "auto" values are resolved.
     """
     state = accelerator.state
@@ -109,11 +111,24 @@ def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> 
             engine.eval()
             accelerator.print("reference: sharded, a DeepSpeed ZeRO-3 inference engine")
             return engine
+        # DeepSpeed casts the policy's parameters to its bf16/fp16 mode and runs no autocast: a
+        # reference left in fp32 would differ from the policy at step 0 (Δ ≠ 0, loss ≠ ln 2)
+        # and take twice the memory. (The ZeRO-3 engine above casts it by the same config.)
+        _cast_like(reference, accelerator.deepspeed_engine_wrapped.engine.module)
     elif state.distributed_type == DistributedType.FSDP:
         accelerator.print("reference: sharded by FSDP (evaluation mode)")
         return accelerator.prepare_model(reference, evaluation_mode=True)
     accelerator.print(f"reference: a frozen replica on {accelerator.device.type} in every process")
     return reference.to(accelerator.device)
+
+
+def _cast_like(reference: nn.Module, policy: nn.Module) -> None:
+    """Give each parameter and buffer of the reference the dtype of the policy's namesake: the
+    engine casts parameters only, and keeps some modules (and all buffers) in fp32."""
+    dtypes = {name: t.dtype for name, t in chain(policy.named_parameters(),
+                                                 policy.named_buffers())}
+    for name, t in chain(reference.named_parameters(), reference.named_buffers()):
+        t.data = t.data.to(dtypes[name])
 
 
 def _first_line(error: Exception) -> str:
