@@ -68,8 +68,8 @@ def check_precision(dtype: str, mixed_precision: str,
     bf16/fp16, which AdamW then updates in that precision.
     """
     if distributed_type == DistributedType.DEEPSPEED:
-        # Loading in DeepSpeed's own dtype changes nothing (it would cast to it anyway);
-        # any other dtype contradicts its mode.
+        # DeepSpeed casts the parameters to its mode's dtype anyway and builds its fp32 master
+        # weights from those: loading in that dtype only saves host memory. Another contradicts.
         if dtype not in ("float32", MODE_DTYPES.get(mixed_precision)):
             mode = {v: k for k, v in MODE_DTYPES.items()}[dtype]
             raise ConfigError(f"--dtype {dtype} under DeepSpeed needs its {mode} mode "

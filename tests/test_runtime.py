@@ -11,7 +11,7 @@ NO, MULTI_GPU, DEEPSPEED = DistributedType.NO, DistributedType.MULTI_GPU, Distri
 @pytest.mark.parametrize("dtype, mixed_precision, distributed", [
     ("float32", "no", NO), ("float32", "bf16", MULTI_GPU), ("float32", "fp16", MULTI_GPU),
     ("float32", "no", DEEPSPEED), ("float32", "bf16", DEEPSPEED), ("float32", "fp16", DEEPSPEED),
-    # DeepSpeed casts to its mode anyway and keeps fp32 master weights: loading so is the same.
+    # DeepSpeed casts the parameters to its mode anyway and keeps fp32 master weights.
     ("bfloat16", "bf16", DEEPSPEED), ("float16", "fp16", DEEPSPEED),
 ])
 def test_fp32_weights_or_deepspeeds_own_dtype_train_silently(dtype, mixed_precision,
