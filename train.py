@@ -133,14 +133,17 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
                         policy_out.chosen_logps, policy_out.chosen_lengths,
                         rpo_tokens[(batch_index - 1) // cfg.gradient_accumulation_steps])
                 guard.add_loss(loss)
+                at = dict(step=step + 1, epoch=epoch, batches=range(
+                    batch_index - cfg.gradient_accumulation_steps + 1, batch_index + 1))
+                if accelerator.sync_gradients:
+                    guard.check_loss(**at)  # DeepSpeed steps inside backward
                 accelerator.backward(loss)
                 update = True
                 if accelerator.sync_gradients:  # clip (inf: only measure) and check the norm
                     grad_norm = accelerator.clip_grad_norm_(policy.parameters(),
                                                             cfg.max_grad_norm or math.inf)
                     metrics.add_grad_norm(grad_norm)
-                    update = guard.check(grad_norm, step=step + 1, epoch=epoch, batches=range(
-                        batch_index - cfg.gradient_accumulation_steps + 1, batch_index + 1))
+                    update = guard.check(grad_norm, **at)
                 if update:
                     optimizer.step()
                     if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -92,7 +93,8 @@ def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> 
     - FSDP (version 2): sharded with `fully_shard` like the policy (`shard_reference_fsdp2`),
       frozen, and kept out of the models accelerate checkpoints.
     - DDP, ZeRO-1/2 and one process: a plain replica on the device. It is never wrapped in DDP:
-      it has no gradients to synchronise.
+      it has no gradients to synchronise. Under ZeRO-1/2 it takes the dtypes DeepSpeed gave the
+      policy's weights (bf16/fp16 mode).
     Call after `accelerator.prepare(policy, ...)`, so DeepSpeed's "auto" values are resolved.
     """
     state = accelerator.state
@@ -110,6 +112,10 @@ def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> 
             engine.eval()
             accelerator.print("reference: sharded, a DeepSpeed ZeRO-3 inference engine")
             return engine
+        # DeepSpeed casts the policy's parameters to its bf16/fp16 mode and runs no autocast: a
+        # reference left in fp32 would differ from the policy at step 0 (Δ ≠ 0, loss ≠ ln 2)
+        # and take twice the memory. (The ZeRO-3 engine above casts it by the same config.)
+        _cast_like(reference, accelerator.deepspeed_engine_wrapped.engine.module)
     elif state.distributed_type == DistributedType.FSDP:
         _refuse_fsdp1(accelerator)
         return shard_reference_fsdp2(accelerator, reference)
@@ -158,6 +164,15 @@ def shard_reference_fsdp2(accelerator: Accelerator, reference: nn.Module) -> nn.
     accelerator.print(f"reference: sharded by FSDP2 across {accelerator.num_processes} processes "
                       f"{where}; frozen, not checkpointed")
     return reference
+
+
+def _cast_like(reference: nn.Module, policy: nn.Module) -> None:
+    """Give each parameter and buffer of the reference the dtype of the policy's namesake: the
+    engine casts parameters only, and keeps some modules (and all buffers) in fp32."""
+    dtypes = {name: t.dtype for name, t in chain(policy.named_parameters(),
+                                                 policy.named_buffers())}
+    for name, t in chain(reference.named_parameters(), reference.named_buffers()):
+        t.data = t.data.to(dtypes[name])
 
 
 def _first_line(error: Exception) -> str:

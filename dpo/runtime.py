@@ -42,12 +42,53 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         # Accelerate would quietly run fp32 here (no autocast, no loss scaler): refuse instead.
         raise ConfigError("mixed_precision fp16 needs a GPU, where gradients are loss-scaled; "
                           "on CPU use --mixed_precision bf16 or no")
+    warning = check_precision(cfg.dtype, accelerator.mixed_precision,
+                              accelerator.distributed_type)
+    if warning:
+        accelerator.print(f"warning: {warning}")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _configure_deepspeed(accelerator, cfg)
     accelerator.print(f"distributed: {accelerator.distributed_type.value}, "
                       f"{accelerator.num_processes} process(es), mixed precision "
                       f"{accelerator.mixed_precision}, device {accelerator.device.type}")
     return accelerator
+
+
+MODE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # mixed precision → its weights' dtype
+
+
+def check_precision(dtype: str, mixed_precision: str,
+                    distributed_type: DistributedType) -> str | None:
+    """A warning for `--dtype` weights that train without an fp32 master copy; ConfigError for
+    combinations that cannot train.
+
+    Accelerate's mixed precision keeps fp32 weights and computes in bf16/fp16 under autocast;
+    DeepSpeed casts the weights to its bf16/fp16 mode itself and keeps fp32 master weights in its
+    optimizer. `--dtype` below float32 outside DeepSpeed makes the trained weights themselves
+    bf16/fp16, which AdamW then updates in that precision.
+    """
+    if distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed casts the parameters to its mode's dtype anyway and builds its fp32 master
+        # weights from those: loading in that dtype only saves host memory. Another contradicts.
+        if dtype not in ("float32", MODE_DTYPES.get(mixed_precision)):
+            mode = {v: k for k, v in MODE_DTYPES.items()}[dtype]
+            raise ConfigError(f"--dtype {dtype} under DeepSpeed needs its {mode} mode "
+                              f"(--mixed_precision {mode}), which keeps fp32 master weights; "
+                              "otherwise keep --dtype float32")
+        return None
+    if dtype == "float16" and mixed_precision == "fp16":
+        # GradScaler refuses to unscale fp16 gradients (a traceback at the first step).
+        raise ConfigError("--dtype float16 cannot train under --mixed_precision fp16: its loss "
+                          "scaler needs fp32 weights; keep --dtype float32 (the default)")
+    if dtype == "float16":
+        return ("--dtype float16 trains pure fp16 weights with no fp32 master copy and no loss "
+                "scaling: small gradients underflow to 0 and small updates vanish; for mixed "
+                "precision keep --dtype float32 and pass --mixed_precision fp16 (GPU) or bf16")
+    if dtype == "bfloat16":
+        return ("--dtype bfloat16 trains pure bf16 weights with no fp32 master copy: an update "
+                "smaller than ~1/256 of a weight is rounded away; for mixed precision keep "
+                "--dtype float32 and pass --mixed_precision bf16")
+    return None
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
@@ -69,8 +110,10 @@ def _configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig) -> None:
     """
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
     if cfg.skip_nonfinite_steps:
-        raise ConfigError("skip_nonfinite_steps is not available under DeepSpeed, which steps "
-                          "inside backward; use its fp16 loss scaling, or stop on NaN (default)")
+        # Its step inside backward applies what was accumulated: we could not drop it.
+        raise ConfigError("--skip-nonfinite-steps is not available under DeepSpeed, which "
+                          "steps inside backward: a non-finite loss stops the run before that "
+                          "step (the default), and DeepSpeed's fp16 loss scaler skips overflows")
     if "optimizer" in ds_config or "scheduler" in ds_config:
         raise ConfigError("the DeepSpeed config has an optimizer/scheduler section; remove it: "
                           "AdamW and the schedule come from --learning-rate/--lr-scheduler")
