@@ -61,7 +61,12 @@ class TrainMetrics:
         sums, (pairs, tokens) = totals[:-2], totals[-2:].tolist()
         metrics = dict(zip(PAIR_KEYS, (sums / max(pairs, 1)).tolist()))
         if self.grad_norms:  # the norm is global already (clipping all-reduces it)
-            metrics["grad_norm"] = torch.stack(self.grad_norms).mean().item()
+            norms = torch.stack(self.grad_norms)
+            # A step the fp16 loss scaler skipped has an infinite norm (counted in
+            # `skipped_steps`): the mean is over the steps that updated, and JSON has no inf.
+            finite = norms[torch.isfinite(norms)]
+            if finite.numel():
+                metrics["grad_norm"] = finite.mean().item()
         metrics["tokens_per_sec"] = tokens / max(seconds, 1e-9)
         self.sums.zero_()
         self.counts.zero_()
