@@ -48,12 +48,15 @@ def generate_answers(accelerator: Accelerator, cfg: TrainConfig, model, tokenize
                      prompts: list[list[int]]) -> list[str]:
     """Greedy answers of `model` to `prompts`, decoded.
 
-    Every process generates (under ZeRO-3 each forward needs all shards: `synced_gpus`). The
-    model generates in eval mode: in train mode, with gradient checkpointing on, transformers
-    turns the KV cache off and every new token would recompute the whole sequence.
+    Every process generates. Under ZeRO-3 and FSDP each forward gathers shards from every
+    process, so all of them must make the same number of forwards: `synced_gpus` keeps a process
+    whose answers ended early stepping until the last one is done. The model generates in eval
+    mode: in train mode, with gradient checkpointing on, transformers turns the KV cache off and
+    every new token would recompute the whole sequence.
     """
-    synced = (accelerator.distributed_type == DistributedType.DEEPSPEED
-              and accelerator.state.deepspeed_plugin.zero_stage == 3)
+    synced = (accelerator.distributed_type == DistributedType.FSDP
+              or (accelerator.distributed_type == DistributedType.DEEPSPEED
+                  and accelerator.state.deepspeed_plugin.zero_stage == 3))
     model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
