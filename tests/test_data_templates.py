@@ -19,16 +19,9 @@ from tests.conftest import (
     load_shared_tokenizer,
     require_shared,
 )
+from tests.test_data import assistant, user
 
 ROLES_MUST_ALTERNATE = "Conversation roles must alternate user/assistant/user/assistant/..."
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 def system(text):

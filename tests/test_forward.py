@@ -33,6 +33,17 @@ def _pair_batch():
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+@torch.no_grad()
+def logps_row_by_row(model, batch) -> torch.Tensor:
+    """`(2B,)` summed log-probs of each row of `batch` run alone, without its padding."""
+    alone = []
+    for row in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][row].sum())
+        logits = model(batch["input_ids"][row:row + 1, :n]).logits
+        alone.append(sequence_logps(logits, batch["labels"][row:row + 1, :n])[0])
+    return torch.cat(alone)
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_halves_line_up_with_separate_calls(chunked):
     """Pair i's chosen result equals a separate model call on row i, its rejected result a call
@@ -41,12 +52,7 @@ def test_halves_line_up_with_separate_calls(chunked):
     batch = _pair_batch()
     with torch.no_grad():
         out = concatenated_forward(model, batch, chunked=chunked, chunk_size=4)
-        alone = []
-        for row in range(4):
-            n = int(batch["attention_mask"][row].sum())
-            logits = model(batch["input_ids"][row:row + 1, :n]).logits
-            alone.append(sequence_logps(logits, batch["labels"][row:row + 1, :n])[0])
-    alone = torch.cat(alone)
+    alone = logps_row_by_row(model, batch)
     torch.testing.assert_close(out.chosen_logps, alone[:2], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.rejected_logps, alone[2:], rtol=1e-5, atol=1e-5)
     assert out.chosen_lengths.tolist() == [5, 6] and out.rejected_lengths.tolist() == [7, 3]

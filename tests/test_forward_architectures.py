@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo.forward import check_chunked_head, concatenated_forward
 from dpo.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
+from tests.test_forward import logps_row_by_row
 
 VOCAB = 1000
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -115,12 +116,7 @@ def test_right_padded_rows_need_no_mask(arch):
     batch = pair_batch()
     with torch.no_grad():
         out = concatenated_forward(model, batch, chunked=True, chunk_size=7)
-        alone = []
-        for row in range(4):
-            n = int(batch["attention_mask"][row].sum())
-            logits = model(batch["input_ids"][row:row + 1, :n]).logits
-            alone.append(sequence_logps(logits, batch["labels"][row:row + 1, :n])[0])
-    alone = torch.cat(alone)
+    alone = logps_row_by_row(model, batch)
     got = torch.cat([out.chosen_logps, out.rejected_logps])
     torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5, msg=arch)
 

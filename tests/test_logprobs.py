@@ -61,23 +61,27 @@ def _batch(vocab_size, batch=4, seq=48, seed=0):
     return input_ids, labels
 
 
-def _plain_and_chunked(model, input_ids, labels, chunk_size):
-    """(logps, grads) of both paths for the same model and batch; loss = Σ logps·w with distinct
-    weights per row so that a row mix-up would show in the gradients."""
+def _plain_and_chunked(model, input_ids, labels, chunk_size, transform=None):
+    """(logps, counts, logit sums, grads) of both paths for the same model and batch, the plain
+    one on the `transform`ed logits; loss = Σ logps·w with distinct weights per row so that a row
+    mix-up would show in the gradients."""
     weights = torch.arange(1.0, input_ids.shape[0] + 1)
     results = []
     for chunked in (False, True):
         model.zero_grad()
         out = model(input_ids, output_hidden_states=True)
         if chunked:
-            logps, counts, _ = chunked_sequence_logps(
+            logps, counts, sums = chunked_sequence_logps(
                 out.hidden_states[-1], model.get_output_embeddings(), labels,
-                chunk_size=chunk_size)
+                chunk_size=chunk_size, logits_transform=transform)
         else:
-            logps, counts = sequence_logps(out.logits, labels)
+            logits = out.logits if transform is None else transform(out.logits)
+            logps, counts = sequence_logps(logits, labels)
+            mask = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)
+            sums = (logits[:, :-1].detach() * mask).sum((1, 2))
         (logps * weights).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        results.append((logps.detach(), counts, grads))
+        results.append((logps.detach(), counts, sums, grads))
     return results
 
 
@@ -87,7 +91,7 @@ def test_chunked_matches_plain_values_and_gradients(vocab_size, chunk_size):
     vocabulary size. Chunk sizes do not divide the token count, so a partial last chunk runs."""
     model = tiny_qwen3(vocab_size, hidden_size=32)
     input_ids, labels = _batch(vocab_size)
-    (plain, n_plain, g_plain), (chunked, n_chunked, g_chunked) = _plain_and_chunked(
+    (plain, n_plain, _, g_plain), (chunked, n_chunked, _, g_chunked) = _plain_and_chunked(
         model, input_ids, labels, chunk_size)
     assert torch.equal(n_plain, n_chunked)
     assert (labels[:, 1:] != IGNORE_INDEX).sum() % chunk_size != 0
@@ -158,24 +162,10 @@ def test_chunked_applies_the_logits_transform(transform):
     with torch.no_grad():
         model.lm_head.weight.mul_(40)  # logits of several units, where the capping bites
     input_ids, labels = _batch(97)
-    weights = torch.arange(1.0, input_ids.shape[0] + 1)
-    results = []
-    for chunked in (False, True):
-        model.zero_grad()
-        out = model(input_ids, output_hidden_states=True)
-        if chunked:
-            logps, _, sums = chunked_sequence_logps(out.hidden_states[-1], model.lm_head, labels,
-                                                    chunk_size=7, logits_transform=transform)
-        else:
-            logits = transform(out.logits)
-            logps, _ = sequence_logps(logits, labels)
-            mask = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)
-            sums = (logits[:, :-1].detach() * mask).sum((1, 2))
-        (logps * weights).sum().backward()
-        results.append((logps.detach(), sums, {n: p.grad.clone()
-                                               for n, p in model.named_parameters()}))
-    (plain, plain_sums, g_plain), (chunked, chunked_sums, g_chunked) = results
-    bare = sequence_logps(out.logits.detach(), labels)[0]
+    (plain, _, plain_sums, g_plain), (chunked, _, chunked_sums, g_chunked) = _plain_and_chunked(
+        model, input_ids, labels, chunk_size=7, transform=transform)
+    with torch.no_grad():
+        bare = sequence_logps(model(input_ids).logits, labels)[0]
     assert ((bare - plain).abs() / plain.abs()).min() > 1e-2  # the transform matters here
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=0)
     torch.testing.assert_close(chunked_sums, plain_sums, rtol=1e-5, atol=1e-4)
