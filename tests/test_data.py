@@ -26,7 +26,7 @@ from dpo.data import (
     prepare_tokenizer,
     tokenize_preferences,
 )
-from dpo.formats import normalise, resolve_format
+from dpo.data.formats import normalise, resolve_format
 from tests.conftest import SHARED_DATA, require_shared
 
 QWEN3_SCAFFOLD = "<|im_start|>assistant\n<think>\n\n</think>\n\n"

@@ -219,7 +219,7 @@ def test_doc_symbol_links_point_to_definitions():
 def _definitions() -> dict[str, list[tuple[int, int]]]:
     """Line ranges (decorators included) of every function, class and module-level name."""
     found: dict[str, list[tuple[int, int]]] = {}
-    for path in [*sorted((ROOT / "dpo").glob("*.py")), ROOT / "train.py"]:
+    for path in [*sorted((ROOT / "dpo").rglob("*.py")), ROOT / "train.py"]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 start = min([node.lineno] + [d.lineno for d in node.decorator_list])

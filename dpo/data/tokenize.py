@@ -1,78 +1,20 @@
-"""Preference data for DPO: load, hold out, tokenize, validate, batch.
-
-The pipeline, in the order the trainer calls it:
-
-1. ``load_preference_splits`` loads a hub dataset or a local file/folder with
-   ``datasets.load_dataset``, draws ``num_samples`` rows with a seeded shuffle, holds out eval rows
-   (or takes them from the dataset's own test split) and normalises every row to messages
-   (``dpo.formats``: columns ``prompt``, ``chosen``, ``rejected``, ``row_index``, ``problem``).
-2. ``prepare_tokenizer`` gives a tokenizer without a pad token its EOS as pad token.
-3. ``tokenize_preferences`` renders each pair (chat template or plain text), tokenizes, truncates
-   and validates it with ``Dataset.map``, skips bad rows and counts them in a ``FilterReport``.
-4. ``LengthGroupedBatchSampler`` groups pairs of similar length into micro-batches, and
-   ``PreferenceCollator`` pads them into one ``[chosen; rejected]`` batch.
-
-Tokenized rows have the columns ``chosen_input_ids``/``rejected_input_ids`` (prompt + response),
-``chosen_labels``/``rejected_labels`` (the same ids with -100 on the prompt), ``length`` (the
-longer of the two sequences, for length grouping) and ``row_index`` (the row in the source split).
-``dpo.reference_cache`` may add ``ref_chosen_logps``/``ref_rejected_logps``, the reference's
-precomputed summed log-probs.
-"""
+"""Tokenizing normalised preference rows: rendering (chat template or plain text), exact token
+boundaries, truncation, labels, and validation with a report of the rows skipped."""
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset
 from datasets.fingerprint import Hasher
 from jinja2 import TemplateError
 
-from dpo import formats
-from dpo.formats import (
-    DATA_FORMATS,
-    DROP_REASONS,
-    RowProblem,
-    find_problem,
-    normalise,
-    resolve_format,
-)
-
-__all__ = [
-    "DATA_FORMATS",
-    "DROP_REASONS",
-    "IGNORE_INDEX",
-    "FilterReport",
-    "LengthGroupedBatchSampler",
-    "PreferenceCollator",
-    "REF_LOGPS_COLUMNS",
-    "default_eval_samples",
-    "load_preference_splits",
-    "padding_fraction",
-    "prepare_tokenizer",
-    "tokenize_preferences",
-]
+from dpo.data import formats
+from dpo.data.formats import DROP_REASONS, RowProblem, find_problem
 
 IGNORE_INDEX = -100  # label of prompt and padding positions: no loss there
-# Float columns of precomputed reference log-probs (dpo.reference_cache), passed on by the collator.
-REF_LOGPS_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-
-# The builder datasets.load_dataset needs for a local file, by the file's suffix.
-LOCAL_BUILDERS = {
-    ".json": "json",
-    ".jsonl": "json",
-    ".json.gz": "json",
-    ".jsonl.gz": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-}
-# Splits that serve as eval data when the dataset has them, in order of preference.
-EVAL_SPLITS = ("test", "validation")
-MAX_DEFAULT_EVAL_SAMPLES = 200
 
 # Plain-text rendering (no chat template): HH-RLHF's "\n\nHuman: ...\n\nAssistant: ..." layout.
 PLAIN_LABELS = {"system": "System", "user": "Human", "assistant": "Assistant", "tool": "Tool"}
@@ -92,104 +34,6 @@ UNUSABLE_PAIR = {
     "length": 0,
     "truncated": False,
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Loading and splitting
-# --------------------------------------------------------------------------------------------
-
-
-def default_eval_samples(num_train_rows: int) -> int:
-    """10% of the drawn rows, at least 1 when there are two or more, at most 200."""
-    return min(MAX_DEFAULT_EVAL_SAMPLES, max(1 if num_train_rows >= 2 else 0, num_train_rows // 10))
-
-
-def _load_splits(dataset: str, split: str) -> DatasetDict:
-    """Load every split of a hub dataset, or a local file (as ``split``) or folder."""
-    path = Path(dataset)
-    if path.is_file():
-        suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-        if suffix not in LOCAL_BUILDERS:
-            raise ValueError(
-                f"{path}: cannot load {suffix!r} files; expected one of {sorted(LOCAL_BUILDERS)}"
-            )
-        return load_dataset(LOCAL_BUILDERS[suffix], data_files={split: str(path)})
-    # A folder or a hub name: datasets infers the builder and the splits from the file names.
-    return load_dataset(dataset)
-
-
-def _draw(num_rows: int, count: int | None, seed: int, what: str) -> list[int]:
-    """``count`` row indices out of ``num_rows`` by a seeded shuffle (all of them for None)."""
-    if count is None:
-        count = num_rows
-    if not 0 <= count <= num_rows:
-        raise ValueError(f"{what}={count} but the split has {num_rows} rows; ask for at most "
-                         f"{num_rows} (--{what.split()[0].replace('_', '-')} none takes all)")
-    return np.random.default_rng(seed).permutation(num_rows)[:count].tolist()
-
-
-def load_preference_splits(
-    dataset: str,
-    *,
-    num_samples: int | None,
-    eval_samples: int | None,
-    seed: int,
-    data_format: str | None = None,
-    split: str = "train",
-    num_proc: int | None = None,
-) -> tuple[Dataset, Dataset]:
-    """Load preference data and return normalised (train, eval) datasets.
-
-    ``dataset`` is a hub name (e.g. ``lvwerra/stack-exchange-paired``) or a local
-    ``.json``/``.jsonl``/``.jsonl.gz``/``.parquet``/``.csv`` file or a folder of them.
-    ``num_samples`` rows of ``split`` are drawn with a seeded shuffle (``None``: all rows, still
-    shuffled). Eval rows come from the dataset's ``test`` (else ``validation``) split when it has
-    one; otherwise ``eval_samples`` of the drawn rows are held out and never train.
-    ``eval_samples=None`` means ``default_eval_samples(num_samples)``; 0 means no eval data.
-    ``data_format`` (one of ``DATA_FORMATS``) overrides the format detected from the columns.
-
-    The rows come out in the schema of ``dpo.formats`` (``prompt``/``chosen``/``rejected``
-    message lists, ``row_index`` in the source split, ``problem`` for rows to skip).
-    """
-    splits = _load_splits(dataset, split)
-    if split not in splits:
-        raise ValueError(f"{dataset} has no split {split!r}; it has {sorted(splits)}")
-    source = splits[split]
-    # Resolve once, so that the eval rows are read the same way as the train rows.
-    data_format = resolve_format(source.features, data_format).name
-    train_rows = _draw(len(source), num_samples, seed, "num_samples")
-    if not train_rows:
-        raise ValueError(f"num_samples={num_samples} leaves nothing to train on")
-
-    eval_split = next((name for name in EVAL_SPLITS if name in splits and name != split), None)
-    if eval_split is not None:
-        eval_source = splits[eval_split]
-        if eval_samples is None:
-            eval_samples = min(len(eval_source), default_eval_samples(len(train_rows)))
-        eval_rows = _draw(len(eval_source), eval_samples, seed, f"eval_samples ({eval_split})")
-    else:
-        eval_source = source
-        if eval_samples is None:
-            eval_samples = default_eval_samples(len(train_rows))
-        if not 0 <= eval_samples < len(train_rows):
-            raise ValueError(
-                f"eval_samples={eval_samples} must leave training rows out of the "
-                f"{len(train_rows)} drawn (the dataset has no test split to take eval rows from)"
-            )
-        # The drawn rows are already shuffled, so their first rows are a random hold-out.
-        eval_rows, train_rows = train_rows[:eval_samples], train_rows[eval_samples:]
-
-    def prepare(ds: Dataset, rows: list[int]) -> Dataset:
-        return normalise(
-            ds.select(rows), data_format=data_format, row_indices=rows, num_proc=num_proc
-        )
-
-    return prepare(source, train_rows), prepare(eval_source, eval_rows)
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenization, truncation and validation
-# --------------------------------------------------------------------------------------------
 
 
 def prepare_tokenizer(tokenizer):
@@ -494,7 +338,7 @@ def tokenize_preferences(
 ) -> tuple[Dataset, FilterReport]:
     """Tokenize normalised preference rows; skip (or, ``strict``, refuse) bad ones.
 
-    ``ds`` has the columns of ``dpo.formats`` (``row_index`` and ``problem`` are optional, so a
+    ``ds`` has the columns of ``dpo.data.formats`` (``row_index`` and ``problem`` are optional, so a
     hand-made dataset of ``prompt``/``chosen``/``rejected`` messages works too). Each pair is
     rendered with the tokenizer's chat template when it has one and ``use_chat_template`` is
     set, else as HH-style plain text (``\\n\\nHuman: ...\\n\\nAssistant: ...``). Every response ends
@@ -543,135 +387,3 @@ def tokenize_preferences(
         raise ValueError(f"no usable preference pairs are left: {report}")
     kept = [i for i, problem in enumerate(problems) if not problem]
     return tokenized.select(kept).remove_columns(["problem", "truncated"]), report
-
-
-# --------------------------------------------------------------------------------------------
-# Batching
-# --------------------------------------------------------------------------------------------
-
-
-class PreferenceCollator:
-    """Pad tokenized pairs into one right-padded ``[chosen; rejected]`` batch.
-
-    For B rows it returns ``torch.long`` tensors of shape (2B, T): rows ``0..B-1`` are the chosen
-    sequences, rows ``B..2B-1`` the rejected ones, row ``i`` and row ``B + i`` the same pair.
-    ``labels`` are -100 on prompt and padding; ``attention_mask`` is 1 on real tokens. T is the
-    longest sequence, rounded up to ``pad_to_multiple_of`` when given. Rows with precomputed
-    reference log-probs (``REF_LOGPS_COLUMNS``) add them as ``(B,)`` float32 tensors of the same
-    names, in pair order.
-    """
-
-    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None):
-        if pad_token_id is None:
-            raise ValueError("pad_token_id is None: call prepare_tokenizer(tokenizer) first")
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        # All chosen sequences first, then all rejected ones: row i and row B + i are one pair.
-        ids = [row[f"{side}_input_ids"] for side in ("chosen", "rejected") for row in rows]
-        labels = [row[f"{side}_labels"] for side in ("chosen", "rejected") for row in rows]
-        width = max(len(sequence) for sequence in ids)
-        if self.pad_to_multiple_of:
-            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {
-            "input_ids": torch.full((len(ids), width), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(ids), width), dtype=torch.long),
-            "labels": torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long),
-        }
-        for i, (sequence, label) in enumerate(zip(ids, labels)):
-            batch["input_ids"][i, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-            batch["attention_mask"][i, : len(sequence)] = 1
-            batch["labels"][i, : len(label)] = torch.tensor(label, dtype=torch.long)
-        for name in REF_LOGPS_COLUMNS:
-            if name in rows[0]:
-                batch[name] = torch.tensor([row[name] for row in rows], dtype=torch.float32)
-        return batch
-
-
-def padding_fraction(batch: Mapping[str, torch.Tensor]) -> float:
-    """Share of the batch's positions that are padding (from its attention mask)."""
-    mask = batch["attention_mask"]
-    return 1.0 - mask.sum().item() / mask.numel() if mask.numel() else 0.0
-
-
-class LengthGroupedBatchSampler:
-    """Batch sampler yielding micro-batches of pairs of similar length, global batch by global.
-
-    Each epoch the pairs are shuffled with a generator seeded by ``(seed, epoch)``. With
-    ``group_by_length`` the shuffled order is cut into mega-batches of ``mega_batch_mult`` global
-    batches, each mega-batch is sorted by length (longest first) and cut into global batches, and
-    the global batches are shuffled, so that each one holds pairs of similar length and padding
-    shrinks while the data stays random at the scale of a few global batches.
-
-    Which pairs form each global batch (and in which order) depends only on the seed, the epoch,
-    ``global_batch_size`` and the lengths, never on ``micro_batch_size`` or the number of
-    processes: an optimizer step sees the same pairs however the run is laid out, and resuming at
-    micro-batch k of an epoch replays it exactly. Each global batch is emitted as consecutive
-    micro-batches (accelerate deals micro-batch k to process k % num_processes).
-
-    Tail: when the pairs do not fill the last global batch, it is topped up with the first pairs
-    of the epoch's shuffled order. Every pair is seen each epoch, every optimizer step has
-    ``global_batch_size`` pairs and every process the same number of micro-batches; the price
-    is that up to ``global_batch_size - 1`` pairs are seen twice in that epoch.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        *,
-        micro_batch_size: int,
-        global_batch_size: int,
-        seed: int,
-        group_by_length: bool = True,
-        mega_batch_mult: int = 8,
-    ):
-        if len(lengths) == 0:
-            raise ValueError("lengths is empty: there are no pairs to sample")
-        if micro_batch_size < 1 or global_batch_size % micro_batch_size:
-            raise ValueError(
-                f"global_batch_size {global_batch_size} must be a positive multiple of "
-                f"micro_batch_size {micro_batch_size}"
-            )
-        if mega_batch_mult < 1:
-            raise ValueError(f"mega_batch_mult must be >= 1, got {mega_batch_mult}")
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        self.micro_batch_size = micro_batch_size
-        self.global_batch_size = global_batch_size
-        self.seed = seed
-        self.group_by_length = group_by_length
-        self.mega_batch_mult = mega_batch_mult
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order ``__iter__`` yields."""
-        self.epoch = epoch
-
-    @property
-    def num_global_batches(self) -> int:
-        return math.ceil(len(self.lengths) / self.global_batch_size)
-
-    def __len__(self) -> int:
-        """Micro-batches per epoch."""
-        return self.num_global_batches * (self.global_batch_size // self.micro_batch_size)
-
-    def global_batches(self) -> list[list[int]]:
-        """This epoch's global batches, each a list of ``global_batch_size`` pair indices."""
-        rng = np.random.default_rng([self.seed, self.epoch])
-        size = self.global_batch_size
-        # np.resize repeats the order from its start: that tops up the last global batch.
-        order = np.resize(rng.permutation(len(self.lengths)), self.num_global_batches * size)
-        if self.group_by_length:
-            mega = size * self.mega_batch_mult
-            order = np.concatenate([
-                chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-                for chunk in np.split(order, range(mega, len(order), mega))
-            ])
-        batches = order.reshape(-1, size)
-        # Without this, the longest batch would open every mega-batch.
-        return batches[rng.permutation(len(batches))].tolist()
-
-    def __iter__(self):
-        for batch in self.global_batches():
-            for start in range(0, self.global_batch_size, self.micro_batch_size):
-                yield batch[start: start + self.micro_batch_size]

@@ -1,0 +1,40 @@
+"""Preference data for DPO: load, hold out, tokenize, validate, batch — one module per stage.
+
+The pipeline, in the order the trainer calls it:
+
+1. ``load_preference_splits`` (``sources``) loads a hub dataset or a local file/folder with
+   ``datasets.load_dataset``, draws ``num_samples`` rows with a seeded shuffle, holds out eval rows
+   (or takes them from the dataset's own test split) and normalises every row to messages
+   (``formats``: columns ``prompt``, ``chosen``, ``rejected``, ``row_index``, ``problem``).
+2. ``prepare_tokenizer`` (``tokenize``) gives a tokenizer without a pad token its EOS as pad token.
+3. ``tokenize_preferences`` renders each pair (chat template or plain text), tokenizes, truncates
+   and validates it with ``Dataset.map``, skips bad rows and counts them in a ``FilterReport``.
+4. ``LengthGroupedBatchSampler`` (``batching``) groups pairs of similar length into
+   micro-batches, and ``PreferenceCollator`` pads them into one ``[chosen; rejected]`` batch.
+
+Tokenized rows have the columns ``chosen_input_ids``/``rejected_input_ids`` (prompt + response),
+``chosen_labels``/``rejected_labels`` (the same ids with -100 on the prompt), ``length`` (the
+longer of the two sequences, for length grouping) and ``row_index`` (the row in the source split).
+``dpo.reference_cache`` may add ``ref_chosen_logps``/``ref_rejected_logps``, the reference's
+precomputed summed log-probs.
+"""
+from dpo.data.batching import (REF_LOGPS_COLUMNS, LengthGroupedBatchSampler,
+                                PreferenceCollator, padding_fraction)
+from dpo.data.formats import DATA_FORMATS, DROP_REASONS
+from dpo.data.sources import default_eval_samples, load_preference_splits
+from dpo.data.tokenize import IGNORE_INDEX, FilterReport, prepare_tokenizer, tokenize_preferences
+
+__all__ = [
+    "DATA_FORMATS",
+    "DROP_REASONS",
+    "IGNORE_INDEX",
+    "FilterReport",
+    "LengthGroupedBatchSampler",
+    "PreferenceCollator",
+    "REF_LOGPS_COLUMNS",
+    "default_eval_samples",
+    "load_preference_splits",
+    "padding_fraction",
+    "prepare_tokenizer",
+    "tokenize_preferences",
+]

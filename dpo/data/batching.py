@@ -1,0 +1,141 @@
+"""Batching tokenized pairs: length-grouped global batches, and the `[chosen; rejected]`
+collator."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from dpo.data.tokenize import IGNORE_INDEX
+
+# Float columns of precomputed reference log-probs (dpo.reference_cache), passed on by the collator.
+REF_LOGPS_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+class PreferenceCollator:
+    """Pad tokenized pairs into one right-padded ``[chosen; rejected]`` batch.
+
+    For B rows it returns ``torch.long`` tensors of shape (2B, T): rows ``0..B-1`` are the chosen
+    sequences, rows ``B..2B-1`` the rejected ones, row ``i`` and row ``B + i`` the same pair.
+    ``labels`` are -100 on prompt and padding; ``attention_mask`` is 1 on real tokens. T is the
+    longest sequence, rounded up to ``pad_to_multiple_of`` when given. Rows with precomputed
+    reference log-probs (``REF_LOGPS_COLUMNS``) add them as ``(B,)`` float32 tensors of the same
+    names, in pair order.
+    """
+
+    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None):
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None: call prepare_tokenizer(tokenizer) first")
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        # All chosen sequences first, then all rejected ones: row i and row B + i are one pair.
+        ids = [row[f"{side}_input_ids"] for side in ("chosen", "rejected") for row in rows]
+        labels = [row[f"{side}_labels"] for side in ("chosen", "rejected") for row in rows]
+        width = max(len(sequence) for sequence in ids)
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(ids), width), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(ids), width), dtype=torch.long),
+            "labels": torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long),
+        }
+        for i, (sequence, label) in enumerate(zip(ids, labels)):
+            batch["input_ids"][i, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            batch["attention_mask"][i, : len(sequence)] = 1
+            batch["labels"][i, : len(label)] = torch.tensor(label, dtype=torch.long)
+        for name in REF_LOGPS_COLUMNS:
+            if name in rows[0]:
+                batch[name] = torch.tensor([row[name] for row in rows], dtype=torch.float32)
+        return batch
+
+
+def padding_fraction(batch: Mapping[str, torch.Tensor]) -> float:
+    """Share of the batch's positions that are padding (from its attention mask)."""
+    mask = batch["attention_mask"]
+    return 1.0 - mask.sum().item() / mask.numel() if mask.numel() else 0.0
+
+
+class LengthGroupedBatchSampler:
+    """Batch sampler yielding micro-batches of pairs of similar length, global batch by global.
+
+    Each epoch the pairs are shuffled with a generator seeded by ``(seed, epoch)``. With
+    ``group_by_length`` the shuffled order is cut into mega-batches of ``mega_batch_mult`` global
+    batches, each mega-batch is sorted by length (longest first) and cut into global batches, and
+    the global batches are shuffled, so that each one holds pairs of similar length and padding
+    shrinks while the data stays random at the scale of a few global batches.
+
+    Which pairs form each global batch (and in which order) depends only on the seed, the epoch,
+    ``global_batch_size`` and the lengths, never on ``micro_batch_size`` or the number of
+    processes: an optimizer step sees the same pairs however the run is laid out, and resuming at
+    micro-batch k of an epoch replays it exactly. Each global batch is emitted as consecutive
+    micro-batches (accelerate deals micro-batch k to process k % num_processes).
+
+    Tail: when the pairs do not fill the last global batch, it is topped up with the first pairs
+    of the epoch's shuffled order. Every pair is seen each epoch, every optimizer step has
+    ``global_batch_size`` pairs and every process the same number of micro-batches; the price
+    is that up to ``global_batch_size - 1`` pairs are seen twice in that epoch.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        *,
+        micro_batch_size: int,
+        global_batch_size: int,
+        seed: int,
+        group_by_length: bool = True,
+        mega_batch_mult: int = 8,
+    ):
+        if len(lengths) == 0:
+            raise ValueError("lengths is empty: there are no pairs to sample")
+        if micro_batch_size < 1 or global_batch_size % micro_batch_size:
+            raise ValueError(
+                f"global_batch_size {global_batch_size} must be a positive multiple of "
+                f"micro_batch_size {micro_batch_size}"
+            )
+        if mega_batch_mult < 1:
+            raise ValueError(f"mega_batch_mult must be >= 1, got {mega_batch_mult}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.micro_batch_size = micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.mega_batch_mult = mega_batch_mult
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order ``__iter__`` yields."""
+        self.epoch = epoch
+
+    @property
+    def num_global_batches(self) -> int:
+        return math.ceil(len(self.lengths) / self.global_batch_size)
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch."""
+        return self.num_global_batches * (self.global_batch_size // self.micro_batch_size)
+
+    def global_batches(self) -> list[list[int]]:
+        """This epoch's global batches, each a list of ``global_batch_size`` pair indices."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        size = self.global_batch_size
+        # np.resize repeats the order from its start: that tops up the last global batch.
+        order = np.resize(rng.permutation(len(self.lengths)), self.num_global_batches * size)
+        if self.group_by_length:
+            mega = size * self.mega_batch_mult
+            order = np.concatenate([
+                chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+                for chunk in np.split(order, range(mega, len(order), mega))
+            ])
+        batches = order.reshape(-1, size)
+        # Without this, the longest batch would open every mega-batch.
+        return batches[rng.permutation(len(batches))].tolist()
+
+    def __iter__(self):
+        for batch in self.global_batches():
+            for start in range(0, self.global_batch_size, self.micro_batch_size):
+                yield batch[start: start + self.micro_batch_size]
