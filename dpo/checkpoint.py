@@ -84,8 +84,9 @@ def agree_on_resume(accelerator: Accelerator, cfg: TrainConfig) -> Path | None:
 # Settings that decide which pairs each optimizer step sees and how they are tokenized: a resume
 # that changed any of them would not continue the same run.
 RUN_IDENTITY = ("model", "dataset", "data_format", "num_samples", "eval_samples", "max_length",
-                "max_prompt_length", "use_chat_template", "strict_data", "group_by_length",
-                "seed", "batch_size", "gradient_accumulation_steps", "num_processes")
+                "max_prompt_length", "chat_template", "prompt_template", "strict_data",
+                "group_by_length", "seed", "batch_size", "gradient_accumulation_steps",
+                "num_processes")
 # Settings that may change between a run and its resume without a warning.
 RESUME_ONLY = ("resume_from_checkpoint", "overwrite_output_dir")
 

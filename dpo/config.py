@@ -49,7 +49,16 @@ class TrainConfig:
                                     "(default 10%% of num_samples, 1..200)")
     max_length: int = _opt(512, "tokens per prompt+response sequence")
     max_prompt_length: int | None = _opt(None, "prompt tokens kept (its end); max_length // 2")
-    use_chat_template: bool = _opt(True, "render with the tokenizer's chat template if it has one")
+    chat_template: str = _opt("auto", "how a pair becomes text: auto = the tokenizer's chat "
+                              "template (plain without one); plain = '\\n\\nHuman: ..."
+                              "\\n\\nAssistant: ...'; none = prompt and response strings as "
+                              "they are, EOS appended (base models). --use-chat-template / "
+                              "--no-use-chat-template mean auto / plain",
+                              choices=("auto", "none", "plain"))
+    prompt_template: str | None = _opt(None, "with chat_template none: the prompt's text, {prompt} "
+                                       "standing for the prompt field, e.g. 'Question: {prompt}"
+                                       "\\n\\nAnswer: ' (a \\n or \\t written as two "
+                                       "characters, as a shell passes it, means newline or tab)")
     strict_data: bool = _opt(False, "fail on the first invalid row instead of skipping it")
     group_by_length: bool = _opt(True, "batch pairs of similar length to cut padding")
     num_proc: int | None = _opt(None, "processes for tokenisation (datasets.map)")
@@ -97,6 +106,8 @@ class TrainConfig:
             value = getattr(self, name)
             if _base_type(tp) is float and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, name, float(value))
+        if isinstance(self.prompt_template, str):  # a shell passes "\n" as two characters
+            self.prompt_template = self.prompt_template.replace("\\n", "\n").replace("\\t", "\t")
         self.validate()
 
     def validate(self) -> None:
@@ -145,6 +156,12 @@ class TrainConfig:
             if self.data_format not in DATA_FORMATS:
                 raise ConfigError(f"data_format: {self.data_format!r} is not one of "
                                   f"{', '.join(DATA_FORMATS)}")
+        from dpo.data.tokenize import check_text_settings
+
+        try:
+            check_text_settings(self.chat_template, self.prompt_template)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
             raise ConfigError(f"report_to: {self.report_to} is not installed; "
                               f"pip install {self.report_to}, or use --report-to none")
@@ -157,11 +174,34 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     """TrainConfig from `--config file.yaml` (optional) overridden by command-line flags."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    values = _read_yaml(Path(args.config)) if args.config else {}
+    values = _resolve_aliases(_read_yaml(Path(args.config)), f"--config {args.config}: ") \
+        if args.config else {}
+    flags = {}
     for key, value in vars(args).items():
         if key != "config" and value is not None:  # None: flag absent; _NONE: given as `none`
-            values[key] = None if value is _NONE else value
+            flags[key] = None if value is _NONE else value
+    values.update(_resolve_aliases(flags, ""))
     return TrainConfig(**values)
+
+
+# Older names kept working: alias -> (field, {alias value: field value}).
+ALIASES = {"use_chat_template": ("chat_template", {True: "auto", False: "plain"})}
+
+
+def _resolve_aliases(values: dict, where: str) -> dict:
+    """Replace alias keys by their fields, within one source (the YAML file, or the flags), so
+    that flags still override the file; an alias that contradicts its field there is an error."""
+    for alias, (name, meaning) in ALIASES.items():
+        if alias not in values:
+            continue
+        value = values.pop(alias)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}{alias} must be true or false, got {value!r}")
+        if name in values and values[name] != meaning[value]:
+            raise ConfigError(f"{where}{alias} {str(value).lower()} means {name} "
+                              f"{meaning[value]}, but {name} is {values[name]}; give one of them")
+        values[name] = meaning[value]
+    return values
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -187,6 +227,10 @@ def _build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, type=_cli_parser(name, base, _is_optional(tp)),
                                 metavar=base.__name__.upper(), help=help_text)
+    for alias, (name, meaning) in ALIASES.items():
+        parser.add_argument("--" + alias.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                            help=f"alias: --{name.replace('_', '-')} {meaning[True]} / "
+                                 f"{meaning[False]}")
     return parser
 
 
@@ -224,7 +268,7 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"--config {path}: expected a mapping of field: value")
     fields = _field_types()
     for key in values:
-        if key not in fields:
+        if key not in fields and key not in ALIASES:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"--config {path}: unknown key {key!r}{hint}")

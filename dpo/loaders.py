@@ -28,8 +28,8 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
     dataset = demo.resolve_dataset(cfg.dataset)
     check_local_files(dataset)
     tokenize = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                    use_chat_template=cfg.use_chat_template, strict=cfg.strict_data,
-                    num_proc=cfg.num_proc)
+                    chat_template=cfg.chat_template, prompt_template=cfg.prompt_template,
+                    strict=cfg.strict_data, num_proc=cfg.num_proc)
     try:
         with accelerator.main_process_first(), _quiet_datasets_logger():
             train_rows, eval_rows = data.load_preference_splits(

@@ -303,11 +303,11 @@ def test_template_that_writes_bos_gets_no_second_one(tiny_chat_tokenizer):
                    "hi there<|endoftext|>")
 
 
-def test_use_chat_template_false_renders_plain_text(tiny_chat_tokenizer):
-    """use_chat_template=False ignores the tokenizer's template."""
+def test_chat_template_plain_renders_plain_text(tiny_chat_tokenizer):
+    """chat_template="plain" ignores the tokenizer's template."""
     ds = messages_dataset([pair("hello", "hi there", "go away")])
     row = tokenize_preferences(ds, tiny_chat_tokenizer, max_length=128,
-                               use_chat_template=False)[0][0]
+                               chat_template="plain")[0][0]
     text = tiny_chat_tokenizer.decode(row["chosen_input_ids"])
     assert text == "<s>\n\nHuman: hello\n\nAssistant: hi there<|endoftext|>"
 

@@ -82,7 +82,7 @@ def test_plain_text_still_ends_with_eos(end_of_turn_tokenizer):
     """Without the chat template there is no turn token: the response ends with the EOS."""
     tokenizer = end_of_turn_tokenizer
     ds = messages_dataset([([user("hello")], [assistant("hi there")], [assistant("go away")])])
-    row = tokenize_preferences(ds, tokenizer, max_length=128, use_chat_template=False)[0][0]
+    row = tokenize_preferences(ds, tokenizer, max_length=128, chat_template="plain")[0][0]
     response = response_of(row["chosen_input_ids"], row["chosen_labels"])
     assert tokenizer.decode(response) == " hi there<|end|>"
 

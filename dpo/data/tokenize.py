@@ -1,5 +1,5 @@
-"""Tokenizing normalised preference rows: rendering (chat template or plain text), exact token
-boundaries, truncation, labels, and validation with a report of the rows skipped."""
+"""Tokenizing normalised preference rows: rendering (chat template, plain text or raw text), exact
+token boundaries, truncation, labels, and validation with a report of the rows skipped."""
 from __future__ import annotations
 
 import sys
@@ -16,6 +16,10 @@ from dpo.data.formats import DROP_REASONS, RowProblem, find_problem
 
 IGNORE_INDEX = -100  # label of prompt and padding positions: no loss there
 
+# How a pair becomes text (``--chat-template``): the tokenizer's chat template ("auto", plain
+# text for a tokenizer without one), HH-style plain text, or the fields' strings as they are.
+CHAT_TEMPLATE_MODES = ("auto", "none", "plain")
+
 # Plain-text rendering (no chat template): HH-RLHF's "\n\nHuman: ...\n\nAssistant: ..." layout.
 PLAIN_LABELS = {"system": "System", "user": "Human", "assistant": "Assistant", "tool": "Tool"}
 # Stands in for a response's content to find where the chat template puts the content.
@@ -24,7 +28,7 @@ CONTENT_SENTINEL = "\x00DPO-RESPONSE-CONTENT\x00"
 END_OF_TURN_PROBE = [{"role": "user", "content": "Hi"},
                      {"role": "assistant", "content": CONTENT_SENTINEL}]
 # Reasons whose detail the report prints: the row indices alone do not say what went wrong.
-REPORTED_DETAILS = ("template_error",)
+REPORTED_DETAILS = ("template_error", "not_raw_text")
 # The columns of a row that is skipped: it is dropped after the report is made.
 UNUSABLE_PAIR = {
     "chosen_input_ids": [],
@@ -112,15 +116,20 @@ class _PairTokenizer:
     assistant turn with (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``), which need not be
     the tokenizer's EOS (a base checkpoint's ``<eos>``/``<|end_of_text|>``). Without a chat
     template, or with one that writes no special token right after the content, it is the EOS.
+
+    ``mode`` is ``"auto"`` (the chat template; the caller passes ``"plain"`` for a tokenizer
+    without one), ``"plain"`` or ``"none"``: raw text, see ``raw_texts``.
     """
 
-    def __init__(self, tokenizer, *, max_length, max_prompt_length, use_chat_template):
+    def __init__(self, tokenizer, *, max_length, max_prompt_length, mode, prompt_template=None):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
-        self.use_chat_template = use_chat_template
+        self.mode = mode
+        self.prompt_template = prompt_template
+        self.use_chat_template = mode == "auto"
         self.end_text, self.end_id = tokenizer.eos_token, tokenizer.eos_token_id
-        if use_chat_template:
+        if self.use_chat_template:
             self.end_text, self.end_id = self.end_of_turn()
         # Only a tokenizer that adds BOS itself (Llama) wants one; we add it at most once below.
         bos = tokenizer.bos_token_id
@@ -176,16 +185,36 @@ class _PairTokenizer:
 
     def split_texts(self, row: dict) -> tuple[str, str, str]:
         """(prompt text, chosen body, rejected body); the bodies end before the turn's end."""
+        if self.mode == "none":
+            return self.raw_texts(row)
+        prompt = unwrap_transcript(row["prompt"])
         try:
-            chosen = self.render([*row["prompt"], *row["chosen"]])
-            rejected = self.render([*row["prompt"], *row["rejected"]])
-            candidates = list(self.prompt_candidates(row["prompt"]))
+            chosen = self.render([*prompt, *row["chosen"]])
+            rejected = self.render([*prompt, *row["rejected"]])
+            candidates = list(self.prompt_candidates(prompt))
         except TemplateError as e:  # raised by the template itself (raise_exception)
             raise RowProblem("template_error", _one_line(e)) from None
         for prompt in candidates:
             if chosen.startswith(prompt) and rejected.startswith(prompt):
                 return prompt, self._body(chosen[len(prompt):]), self._body(rejected[len(prompt):])
         raise RowProblem("template_mismatch", "no rendering of the prompt opens both conversations")
+
+    def raw_texts(self, row: dict) -> tuple[str, str, str]:
+        """``--chat-template none``: the prompt's text (through ``prompt_template``) and each
+        response's text, as they are; the EOS follows as one id (TRL's standard format, and what a
+        base model saw in pretraining). A string field is one message whose content is the string
+        itself, so the texts are the source's strings. Messages cannot be joined without choosing
+        a layout, which is what ``auto``/``plain`` are for: a row with more than one message in
+        its prompt or a response is ``not_raw_text``.
+        """
+        for field in ("prompt", "chosen", "rejected"):
+            if len(row[field]) > 1:
+                raise RowProblem("not_raw_text", "--chat-template none takes one text per field, "
+                                 "not a conversation; use auto or plain for multi-turn rows")
+        prompt = row["prompt"][0]["content"] if row["prompt"] else ""
+        if self.prompt_template is not None:
+            prompt = self.prompt_template.format(prompt=prompt)
+        return prompt, row["chosen"][0]["content"], row["rejected"][0]["content"]
 
     def _body(self, response: str) -> str:
         # What a template writes after the turn's end token (Qwen3: "\n") is never generated,
@@ -297,6 +326,25 @@ class _PairTokenizer:
         }
 
 
+def unwrap_transcript(prompt: list[dict]) -> list[dict]:
+    """A prompt that is one user message holding a whole HH transcript (``\\n\\nHuman: ...
+    \\n\\nAssistant:``, as a standard-format dataset cut from HH-RLHF stores it) as its turns;
+    any other prompt as it is. Rendered as one user message, the transcript would be wrapped in
+    a second ``Human:``/``Assistant:`` layer (or a chat template's user turn)."""
+    if len(prompt) != 1 or prompt[0]["role"] != "user":
+        return prompt
+    text = prompt[0]["content"]
+    text = text if text.startswith("\n\n") else "\n\n" + text
+    if not text.rstrip().endswith("\n\nAssistant:"):
+        return prompt
+    try:
+        turns = formats.parse_transcript(text.rstrip(), "prompt")
+    except RowProblem:
+        return prompt
+    # The trailing "Assistant:" is the generation prompt, which rendering adds back.
+    return turns[:-1]
+
+
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
@@ -321,7 +369,8 @@ def _fingerprint(ds: Dataset, pair_tokenizer: _PairTokenizer) -> str | None:
         pair_tokenizer.bos_id,
         pair_tokenizer.max_length,
         pair_tokenizer.max_prompt_length,
-        pair_tokenizer.use_chat_template,
+        pair_tokenizer.mode,
+        pair_tokenizer.prompt_template,
         *(Path(module.__file__).read_text() for module in (sys.modules[__name__], formats)),
     ])
 
@@ -332,19 +381,25 @@ def tokenize_preferences(
     *,
     max_length: int,
     max_prompt_length: int | None = None,
-    use_chat_template: bool = True,
+    chat_template: str = "auto",
+    prompt_template: str | None = None,
     strict: bool = False,
     num_proc: int | None = None,
 ) -> tuple[Dataset, FilterReport]:
     """Tokenize normalised preference rows; skip (or, ``strict``, refuse) bad ones.
 
     ``ds`` has the columns of ``dpo.data.formats`` (``row_index`` and ``problem`` are optional, so a
-    hand-made dataset of ``prompt``/``chosen``/``rejected`` messages works too). Each pair is
-    rendered with the tokenizer's chat template when it has one and ``use_chat_template`` is
-    set, else as HH-style plain text (``\\n\\nHuman: ...\\n\\nAssistant: ...``). Every response ends
-    with one terminator: the token the chat template ends an assistant turn with, else EOS (see
-    ``_PairTokenizer``); the prompt gets the tokenizer's BOS when the tokenizer adds one itself,
-    never twice. A row the chat template refuses is skipped as ``template_error``.
+    hand-made dataset of ``prompt``/``chosen``/``rejected`` messages works too). ``chat_template``
+    (``CHAT_TEMPLATE_MODES``) says how each pair becomes text: ``"auto"`` renders it with the
+    tokenizer's chat template when it has one, ``"plain"`` (and ``"auto"`` without a template) as
+    HH-style plain text (``\\n\\nHuman: ...\\n\\nAssistant: ...``); in both, a prompt that is
+    already an HH transcript is split into its turns first (``unwrap_transcript``). ``"none"``
+    takes the prompt and response texts as they are, the prompt through ``prompt_template``
+    (``"...{prompt}..."``, only with ``"none"``) if given; rows that are conversations are
+    skipped as ``not_raw_text``. Every response ends with one terminator: the token the chat
+    template ends an assistant turn with, else EOS (see ``_PairTokenizer``); the prompt gets the
+    tokenizer's BOS when the tokenizer adds one itself, never twice. A row the chat template
+    refuses is skipped as ``template_error``.
     ``max_prompt_length`` defaults to ``max_length // 2``; see
     ``_PairTokenizer.truncate_and_label`` for the truncation rules.
 
@@ -359,6 +414,7 @@ def tokenize_preferences(
         )
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; DPO needs one to end each response")
+    check_text_settings(chat_template, prompt_template)
     if "row_index" not in ds.column_names:
         ds = ds.add_column("row_index", list(range(len(ds))))
 
@@ -366,7 +422,9 @@ def tokenize_preferences(
         tokenizer,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
-        use_chat_template=use_chat_template and tokenizer.chat_template is not None,
+        mode="plain" if chat_template == "auto" and tokenizer.chat_template is None
+        else chat_template,
+        prompt_template=prompt_template,
     )
     tokenized = ds.map(
         pair_tokenizer,
@@ -387,3 +445,26 @@ def tokenize_preferences(
         raise ValueError(f"no usable preference pairs are left: {report}")
     kept = [i for i, problem in enumerate(problems) if not problem]
     return tokenized.select(kept).remove_columns(["problem", "truncated"]), report
+
+
+def check_text_settings(chat_template: str, prompt_template: str | None) -> None:
+    """Raise ``ValueError`` (one line) for an unknown mode or an unusable prompt template."""
+    if chat_template not in CHAT_TEMPLATE_MODES:
+        raise ValueError(f"chat_template {chat_template!r} is not one of "
+                         f"{', '.join(CHAT_TEMPLATE_MODES)}")
+    if prompt_template is None:
+        return
+    if chat_template != "none":
+        # A chat template or the plain layout already frames the prompt; a second frame inside
+        # the user turn is rarely meant, and which turn of a conversation would it wrap?
+        raise ValueError(f"prompt_template applies to chat_template none (raw text for base "
+                         f"models), not {chat_template}")
+    try:
+        filled = prompt_template.format(prompt="\x00")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"prompt_template {prompt_template!r} is not a template with only "
+                         f"{{prompt}} in it ({type(e).__name__}: {e}); write a brace as {{{{ or }}}}"
+                         ) from None
+    if "\x00" not in filled:
+        raise ValueError(f"prompt_template {prompt_template!r} has no {{prompt}}, so the "
+                         f"prompt would be dropped")
