@@ -155,14 +155,16 @@ class _PairTokenizer:
     # -- rendering ---------------------------------------------------------------------------
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-        """The conversation as text: the chat template's, or HH-style plain text."""
+        """The conversation as text: the chat template's, or HH-style plain text, where a
+        content that starts with its own space (HH-derived strings: ``" Sure, ..."``) gets no
+        second one after the label."""
         if self.use_chat_template:
             if not messages:  # templates refuse an empty conversation; it renders as nothing
                 return ""
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt
             )
-        text = "".join(f"\n\n{PLAIN_LABELS[m['role']]}: {m['content']}" for m in messages)
+        text = "".join(f"\n\n{PLAIN_LABELS[m['role']]}:{_spaced(m['content'])}" for m in messages)
         return text + "\n\nAssistant:" if add_generation_prompt else text
 
     def prompt_candidates(self, prompt: list[dict]):
@@ -343,6 +345,10 @@ def unwrap_transcript(prompt: list[dict]) -> list[dict]:
         return prompt
     # The trailing "Assistant:" is the generation prompt, which rendering adds back.
     return turns[:-1]
+
+
+def _spaced(content: str) -> str:
+    return content if content.startswith(" ") else " " + content
 
 
 def _one_line(error: Exception) -> str:
