@@ -68,6 +68,14 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
     (["--warmup-ratio", "1"], "warmup_ratio must lie in"),
     (["--max-length", "64", "--max-prompt-length", "64"], "max_prompt_length"),
     (["--data-format", "csv"], "data_format: 'csv' is not one of"),
+    (["--chat-template", "chatml"], "chat_template: 'chatml' is not one of auto, none, plain"),
+    (["--prompt-template", "Q: {prompt}"], "prompt_template applies to chat_template none"),
+    (["--chat-template", "none", "--prompt-template", "Q: "], "has no {prompt}"),
+    (["--chat-template", "none", "--prompt-template", "Q: {q}"], "only {prompt}"),
+    (["--chat-template", "none", "--use-chat-template"],
+     "use_chat_template true means chat_template auto, but chat_template is none"),
+    (["--chat-template", "auto", "--no-use-chat-template"],
+     "use_chat_template false means chat_template plain, but chat_template is auto"),
     (["--learning-rate=-1e-5"], "learning_rate must be > 0"),
     (["--config", "no/such.yaml"], "no such file"),
 ])
@@ -92,3 +100,45 @@ def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
     with pytest.raises(ValueError):
         TrainConfig(epochs=0)
+
+
+@pytest.mark.parametrize("flags, yaml_text, expected", [
+    (["--use-chat-template"], "", "auto"),
+    (["--no-use-chat-template"], "", "plain"),
+    (["--no-use-chat-template", "--chat-template", "plain"], "", "plain"),
+    ([], "use_chat_template: false\n", "plain"),
+    ([], "use_chat_template: true\nchat_template: auto\n", "auto"),
+    (["--chat-template", "none"], "use_chat_template: false\n", "none"),  # flags override
+    (["--use-chat-template"], "chat_template: none\n", "auto"),
+    ([], "", "auto"),
+])
+def test_use_chat_template_is_an_alias(tmp_path, flags, yaml_text, expected):
+    """The old flag and YAML key still work: true/false mean chat_template auto/plain."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text)
+    assert load_config(["--config", str(path), *flags]).chat_template == expected
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("use_chat_template: true\nchat_template: plain\n", "but chat_template is plain"),
+    ("use_chat_template: maybe\n", "use_chat_template must be true or false"),
+])
+def test_contradicting_alias_in_yaml_is_one_error(tmp_path, yaml_text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=f"--config {path}: .*{message}"):
+        load_config(["--config", str(path)])
+
+
+def test_prompt_template_reads_backslash_escapes_as_a_shell_passes_them(tmp_path):
+    """`--prompt-template "Question: {prompt}\\n\\nAnswer: "` in bash arrives with a
+    backslash and an n; a YAML double-quoted string arrives with real newlines: both mean the
+    same template, which survives the saved YAML."""
+    cfg = load_config(["--chat-template", "none",
+                       "--prompt-template", "Question: {prompt}\\n\\nAnswer: "])
+    assert cfg.prompt_template == "Question: {prompt}\n\nAnswer: "
+    path = tmp_path / "run.yaml"
+    path.write_text('chat_template: none\nprompt_template: "Question: {prompt}\\n\\nAnswer: "\n')
+    assert load_config(["--config", str(path)]) == cfg
+    cfg.to_yaml(tmp_path / "saved.yaml")
+    assert load_config(["--config", str(tmp_path / "saved.yaml")]) == cfg
