@@ -163,12 +163,14 @@ def test_fingerprint_changes_with_the_text_settings(tiny_chat_tokenizer):
     assert len(prints) == len(settings)
 
 
-@pytest.mark.parametrize("change", [dict(chat_template="none"),
-                                    dict(chat_template="none", prompt_template=QA_TEMPLATE)])
-def test_resume_refuses_changed_text_settings(tmp_path, change):
-    saved = TrainConfig()
+@pytest.mark.parametrize("saved, change, message", [
+    ({}, dict(chat_template="none"), "chat_template 'auto' -> 'none'"),
+    (dict(chat_template="none"), dict(prompt_template=QA_TEMPLATE), "prompt_template None -> "),
+])
+def test_resume_refuses_changed_text_settings(tmp_path, saved, change, message):
+    saved = TrainConfig(**saved)
     (tmp_path / STATE_FILE).write_text(json.dumps(trainer_state(saved, 1, global_step=1)))
-    with pytest.raises(ConfigError, match="chat_template 'auto' -> 'none'"):
+    with pytest.raises(ConfigError, match=message):
         check_resume(tmp_path, dataclasses.replace(saved, **change), 1)
 
 
