@@ -71,7 +71,7 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
     (["--chat-template", "chatml"], "chat_template: 'chatml' is not one of auto, none, plain"),
     (["--prompt-template", "Q: {prompt}"], "prompt_template applies to chat_template none"),
     (["--chat-template", "none", "--prompt-template", "Q: "], "has no {prompt}"),
-    (["--chat-template", "none", "--prompt-template", "Q: {q}"], "only {prompt}"),
+    (["--chat-template", "none", "--prompt-template", "Q: {q}"], "only {prompt}, found {q}"),
     (["--chat-template", "none", "--use-chat-template"],
      "use_chat_template true means chat_template auto, but chat_template is none"),
     (["--chat-template", "auto", "--no-use-chat-template"],

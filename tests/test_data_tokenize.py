@@ -4,6 +4,7 @@ one end token. Local tests use the tiny tokenizer from conftest; the ``shared`` 
 Qwen3, Gemma3 and Llama 3.1 tokenizers and the seed's question/answer data from ../shared."""
 import dataclasses
 import json
+import re
 
 import pytest
 from datasets import Dataset
@@ -81,13 +82,15 @@ def test_none_skips_conversations_as_not_raw_text(tiny_tokenizer):
 
 
 @pytest.mark.parametrize("template, message", [
-    ("Question: {question}", "only {prompt}"),
-    ("Question: {prompt} {", "only {prompt}"),
+    ("Question: {question}", "may hold only {prompt}, found {question}"),
+    ("Question: {prompt} {", "found Single '{' encountered"),
+    ("Question: {prompt!r}", "found {prompt!r}"),
+    ("Question: {prompt[0]}", "found {prompt[0]}"),
     ("Question: ", "has no {prompt}"),
 ])
 def test_bad_prompt_template_is_one_line(tiny_tokenizer, template, message):
     ds = standard_rows(("q", "a", "b"))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         tokenize_preferences(ds, tiny_tokenizer, max_length=64, chat_template="none",
                              prompt_template=template)
 

@@ -2,6 +2,7 @@
 token boundaries, truncation, labels, and validation with a report of the rows skipped."""
 from __future__ import annotations
 
+import string
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -343,6 +344,8 @@ def unwrap_transcript(prompt: list[dict]) -> list[dict]:
         turns = formats.parse_transcript(text.rstrip(), "prompt")
     except RowProblem:
         return prompt
+    if turns[0]["role"] != "user":
+        return prompt
     # The trailing "Assistant:" is the generation prompt, which rendering adds back.
     return turns[:-1]
 
@@ -466,11 +469,15 @@ def check_text_settings(chat_template: str, prompt_template: str | None) -> None
         raise ValueError(f"prompt_template applies to chat_template none (raw text for base "
                          f"models), not {chat_template}")
     try:
-        filled = prompt_template.format(prompt="\x00")
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"prompt_template {prompt_template!r} is not a template with only "
-                         f"{{prompt}} in it ({type(e).__name__}: {e}); write a brace as {{{{ or }}}}"
-                         ) from None
-    if "\x00" not in filled:
+        fields = [f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+                  for _, name, spec, conversion in string.Formatter().parse(prompt_template)
+                  if name is not None]
+    except ValueError as e:  # a lone brace
+        fields = [str(e)]
+    odd = [written for written in fields if written != "{prompt}"]
+    if odd:
+        raise ValueError(f"prompt_template {prompt_template!r} may hold only {{prompt}}, found "
+                         f"{odd[0]}; write a literal brace as {{{{ or }}}}")
+    if not fields:
         raise ValueError(f"prompt_template {prompt_template!r} has no {{prompt}}, so the "
                          f"prompt would be dropped")
