@@ -12,7 +12,7 @@ import pytest
 from accelerate import Accelerator
 from datasets import Dataset
 
-from dpo import loaders
+from dpo import data, loaders
 from dpo.config import TrainConfig
 from dpo.data import cache, prepare_tokenizer
 from dpo.data import tokenize as tokenize_module
@@ -42,7 +42,7 @@ def rows():
 
 @pytest.fixture
 def calls(monkeypatch):
-    """The calls that reached tokenize_preferences (the cache calls it through the module)."""
+    """The calls that reached tokenize_preferences, by either of its names."""
     seen = []
     original = tokenize_module.tokenize_preferences
 
@@ -51,6 +51,7 @@ def calls(monkeypatch):
         return original(ds, tokenizer, **settings)
 
     monkeypatch.setattr(tokenize_module, "tokenize_preferences", counting)
+    monkeypatch.setattr(data, "tokenize_preferences", counting)
     return seen
 
 
@@ -231,7 +232,7 @@ def test_build_datasets_uses_the_cache_unless_turned_off(enabled, tiny_chat_toke
 
 SCRIPT = textwrap.dedent("""
     import json, sys
-    from dpo import demo, loaders
+    from dpo import data, demo, loaders
     from dpo.config import TrainConfig
     from dpo.data import tokenize
     from dpo.models import load_tokenizer
@@ -242,7 +243,7 @@ SCRIPT = textwrap.dedent("""
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
-    tokenize.tokenize_preferences = counting
+    tokenize.tokenize_preferences = data.tokenize_preferences = counting
     cfg = TrainConfig(model="builtin:tiny-qwen3", dataset="builtin:demo-preferences",
                       num_samples=64, max_length=64, output_dir=sys.argv[1])
     accelerator = make_accelerator(cfg)
