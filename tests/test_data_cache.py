@@ -4,7 +4,6 @@ the first loads the first's result."""
 import contextlib
 import json
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import tokenizers
 import transformers
 from datasets import Dataset, load_from_disk
+from datasets.fingerprint import Hasher
 
 from dpo.data import formats
 from dpo.data import tokenize as tokenize_module
@@ -92,7 +93,7 @@ def tokenizer_digest(tokenizer) -> str:
     if tokenizer.is_fast:
         serialised = tokenizer.backend_tokenizer.to_str()
     else:  # a slow tokenizer has no serialised form; datasets' pickling hash covers its state
-        serialised = datasets.fingerprint.Hasher.hash(tokenizer)
+        serialised = Hasher.hash(tokenizer)
     parts = [
         type(tokenizer).__qualname__,
         serialised,
@@ -197,7 +198,7 @@ def _load(path: Path, key: str) -> tuple[Dataset, FilterReport] | None:
             report = FilterReport(**meta["report"])
             if not len(tokenized) == meta["rows"] == report.kept:
                 problem = "a different row count"
-    except (OSError, ValueError, TypeError, KeyError, FileNotFoundError) as e:
+    except (OSError, ValueError, TypeError, KeyError) as e:
         problem = f"an unreadable entry ({type(e).__name__}: {e})"
     if problem is not None:
         warnings.warn(f"ignoring tokenized-data cache {path}: {problem}; tokenizing again",
