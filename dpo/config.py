@@ -62,6 +62,8 @@ class TrainConfig:
     strict_data: bool = _opt(False, "fail on the first invalid row instead of skipping it")
     group_by_length: bool = _opt(True, "batch pairs of similar length to cut padding")
     num_proc: int | None = _opt(None, "processes for tokenisation (datasets.map)")
+    tokenize_cache: bool = _opt(True, "keep the tokenized pairs under $DPO_CACHE_DIR/tokenized "
+                                "and load them when the rows, tokenizer and settings recur")
     # Objective
     beta: float = _opt(0.1, "β: strength of the implicit KL penalty to the reference")
     loss_type: str = _opt("sigmoid", "DPO loss variant", choices=LOSS_TYPES)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from dpo import data, demo
 from dpo.config import ConfigError, TrainConfig
+from dpo.data.cache import default_cache_dir, tokenize_cached
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".gz")
 
@@ -30,13 +31,16 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
     tokenize = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                     chat_template=cfg.chat_template, prompt_template=cfg.prompt_template,
                     strict=cfg.strict_data, num_proc=cfg.num_proc)
+    # Under main_process_first the main process tokenizes and saves; the others load its result.
+    cache = dict(cache_dir=default_cache_dir() if cfg.tokenize_cache else None,
+                 log=accelerator.print)
     try:
         with accelerator.main_process_first(), _quiet_datasets_logger():
             train_rows, eval_rows = data.load_preference_splits(
                 dataset, num_samples=cfg.num_samples, eval_samples=cfg.eval_samples,
                 seed=cfg.seed, data_format=cfg.data_format, num_proc=cfg.num_proc)
-            train_ds, report = data.tokenize_preferences(train_rows, tokenizer, **tokenize)
-            eval_ds = (data.tokenize_preferences(eval_rows, tokenizer, **tokenize)[0]
+            train_ds, report = tokenize_cached(train_rows, tokenizer, **cache, **tokenize)
+            eval_ds = (tokenize_cached(eval_rows, tokenizer, **cache, **tokenize)[0]
                        if len(eval_rows) else None)
     except (DatasetGenerationError, FileNotFoundError) as e:
         raise ConfigError(f"dataset {cfg.dataset}: {_root_message(e)}") from None
