@@ -106,6 +106,7 @@ def check_resume(path: Path, cfg: TrainConfig, num_processes: int) -> list[str]:
         saved = json.loads((path / STATE_FILE).read_text())["config"]
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"resume_from_checkpoint: {path / STATE_FILE} is unreadable ({e})")
+    saved = _with_later_fields(saved)
     now = {**dataclasses.asdict(cfg), "num_processes": num_processes}
     changed = [k for k in now if k not in RESUME_ONLY and saved.get(k) != now[k]]
     fatal = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed if k in RUN_IDENTITY]
@@ -113,6 +114,17 @@ def check_resume(path: Path, cfg: TrainConfig, num_processes: int) -> list[str]:
         raise ConfigError(f"cannot resume from {path}: {'; '.join(fatal)} changed since it was "
                           "saved; restore them, or start a new run in another --output-dir")
     return changed
+
+
+def _with_later_fields(saved: dict) -> dict:
+    """A checkpoint's settings as this version names them: a field added since it was saved
+    has its default (the behaviour that run had), and `use_chat_template` is `chat_template`."""
+    saved = dict(saved)
+    if "use_chat_template" in saved and "chat_template" not in saved:
+        saved["chat_template"] = "auto" if saved.pop("use_chat_template") else "plain"
+    for f in dataclasses.fields(TrainConfig):
+        saved.setdefault(f.name, f.default)
+    return saved
 
 
 def prepare_output_dir(cfg: TrainConfig, resuming: bool) -> Path:

@@ -142,6 +142,25 @@ def test_resume_warns_about_other_changed_settings(env, reference, tmp_path):
     assert [log["step"] for log in train_logs(out)] == list(range(1, 11))
 
 
+def test_a_checkpoint_saved_before_later_settings_resumes(tmp_path):
+    """A checkpoint whose settings predate fields added since (saved with `use_chat_template`,
+    without `chat_template`, `tokenize_cache`, ...) resumes: a missing field had its default,
+    and `use_chat_template: true` is `chat_template: auto`. A real change is still refused."""
+    import dataclasses
+
+    from dpo.checkpoint import STATE_FILE, check_resume
+    from dpo.config import ConfigError, TrainConfig
+
+    cfg = TrainConfig()
+    old = {k: v for k, v in dataclasses.asdict(cfg).items()
+           if k not in ("chat_template", "prompt_template", "tokenize_cache")}
+    old.update(use_chat_template=True, num_processes=1)
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 1, "config": old}))
+    assert check_resume(tmp_path, cfg, num_processes=1) == []
+    with pytest.raises(ConfigError, match="chat_template 'auto' -> 'plain'"):
+        check_resume(tmp_path, dataclasses.replace(cfg, chat_template="plain"), num_processes=1)
+
+
 def test_an_incomplete_checkpoint_is_refused(env, reference, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
