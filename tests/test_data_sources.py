@@ -1,6 +1,7 @@
 """Which rows are read (dpo.data.sources): configs, data_dir, splits and slices, eval sources,
 the streamed seeded draw, and one clear line for each bad input — all on local files."""
 import json
+import os
 
 import datasets
 import pandas as pd
@@ -190,3 +191,82 @@ def test_flags_reach_the_config():
             cfg.eval_data_dir, cfg.eval_split, cfg.streaming, cfg.shuffle_buffer_size) == (
         "c", "data/rl", "train[:5%]", "e", "ec", "data/evaluation", "train", False, 100)
     assert json.dumps(cfg.streaming) == "false"
+
+
+def test_resume_that_changes_the_draw_is_refused(tmp_path):
+    from dpo.checkpoint import STATE_FILE, check_resume, trainer_state
+
+    saved = TrainConfig(data_dir="data/rl", output_dir=str(tmp_path))
+    (tmp_path / STATE_FILE).write_text(json.dumps(trainer_state(saved, 1, global_step=3)))
+    assert check_resume(tmp_path, saved, 1) == []
+    changed = TrainConfig(data_dir="data/finetune", streaming=False, output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"data_dir 'data/rl' -> 'data/finetune'.*streaming"):
+        check_resume(tmp_path, changed, 1)
+
+
+CHILD_DRAW = """
+import json, sys
+from dpo.data.sources import load_preference_splits
+train, eval_ = load_preference_splits(sys.argv[1], data_dir="data/rl", num_samples=12,
+                                      eval_samples=2, seed=0, streaming=True,
+                                      shuffle_buffer_size=8)
+print(json.dumps([r["prompt"][-1]["content"] for r in train]))
+"""
+
+
+def test_another_process_draws_the_same_streamed_rows(seed_layout):
+    """What each process of a launch does: draw the rows itself, and get the same ones."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    here = questions(load(seed_layout, data_dir="data/rl", streaming=True, shuffle_buffer_size=8,
+                          num_samples=12, eval_samples=2)[0])
+    env = {**os.environ, "PYTHONHASHSEED": "123", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", CHILD_DRAW, str(seed_layout)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == here
+
+
+class _Accelerator:
+    """The two things `build_datasets` asks of an Accelerator, on one process."""
+
+    def __init__(self):
+        self.printed = []
+
+    def main_process_first(self):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def print(self, *args):
+        self.printed.append(" ".join(map(str, args)))
+
+
+def test_build_datasets_warns_on_the_seed_layout_and_reads_data_dir(seed_layout, tiny_tokenizer):
+    from dpo.data import prepare_tokenizer
+    from dpo.loaders import build_datasets
+
+    tiny_tokenizer = prepare_tokenizer(tiny_tokenizer)
+    accelerator = _Accelerator()
+    with pytest.raises(ConfigError, match=r"has no split 'train'; it has \['test'\]"):
+        build_datasets(TrainConfig(dataset=str(seed_layout), num_samples=10), accelerator,
+                       tiny_tokenizer)
+    assert any("--data-dir" in line for line in accelerator.printed)
+    accelerator = _Accelerator()
+    cfg = TrainConfig(dataset=str(seed_layout), data_dir="data/rl", eval_data_dir="data/evaluation",
+                      eval_split="train", num_samples=10, eval_samples=3, max_length=64)
+    train, eval_, _ = build_datasets(cfg, accelerator, tiny_tokenizer)
+    assert (len(train), len(eval_)) == (10, 3)
+    assert not any("warning" in line for line in accelerator.printed)
+
+
+def test_build_datasets_turns_an_unreachable_hub_dataset_into_one_line(monkeypatch,
+                                                                        tiny_tokenizer):
+    from dpo.loaders import build_datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match=r"HF_HUB_OFFLINE.*--dataset DIR") as e:
+        build_datasets(TrainConfig(dataset="nobody-h5/made-up"), _Accelerator(), tiny_tokenizer)
+    assert "\n" not in str(e.value)
