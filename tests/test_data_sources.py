@@ -50,7 +50,10 @@ def test_data_dir_reads_one_folder_and_eval_data_dir_another(seed_layout):
 
 
 def test_the_stack_exchange_config_reads_data_rl_and_data_evaluation():
-    cfg = TrainConfig(**__import__("yaml").safe_load(open("configs/qwen3_0.6b_stack_exchange.yaml")))
+    from dpo.config import load_config
+    from tests.conftest import ROOT
+
+    cfg = load_config(["--config", str(ROOT / "configs" / "qwen3_0.6b_stack_exchange.yaml")])
     assert (cfg.data_dir, cfg.eval_data_dir, cfg.eval_split) == ("data/rl", "data/evaluation",
                                                                  "train")
 

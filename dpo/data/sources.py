@@ -128,7 +128,8 @@ def layout_warning(dataset: str, data_dir: str | None) -> str | None:
     if not left_out:
         return None
     folders = sorted({str(f.parent.relative_to(root.resolve())) for f in left_out})
-    return (f"warning: dataset {dataset}: datasets takes its splits ({', '.join(map(str, patterns))}) from "
+    splits = ", ".join(map(str, patterns))
+    return (f"warning: dataset {dataset}: datasets takes its splits ({splits}) from "
             f"file paths and leaves out {len(left_out)} of its {len(files)} data files (in "
             f"{', '.join(folders)}); pick one folder with --data-dir (e.g. --data-dir "
             f"{folders[0]})")
