@@ -86,7 +86,10 @@ def agree_on_resume(accelerator: Accelerator, cfg: TrainConfig) -> Path | None:
 RUN_IDENTITY = ("model", "dataset", "data_format", "num_samples", "eval_samples", "max_length",
                 "max_prompt_length", "chat_template", "prompt_template", "strict_data",
                 "group_by_length", "seed", "batch_size", "gradient_accumulation_steps",
-                "num_processes")
+                "num_processes",
+                # Which rows are drawn (and so which rows a resume skips past).
+                "dataset_config", "data_dir", "split", "eval_dataset", "eval_dataset_config",
+                "eval_data_dir", "eval_split", "streaming", "shuffle_buffer_size")
 # Settings that may change between a run and its resume without a warning.
 RESUME_ONLY = ("resume_from_checkpoint", "overwrite_output_dir")
 

@@ -47,6 +47,23 @@ class TrainConfig:
     num_samples: int | None = _opt(1000, "rows drawn (seeded) from the train split; null = all")
     eval_samples: int | None = _opt(None, "rows held out for eval when there is no test split "
                                     "(default 10%% of num_samples, 1..200)")
+    # Which rows: subsets, splits, streaming (dpo.data.sources.load_preference_splits)
+    dataset_config: str | None = _opt(None, "hub config (subset) name, as load_dataset(name=...)")
+    data_dir: str | None = _opt(None, "subfolder of the dataset to read, as load_dataset(data_dir="
+                                "...), e.g. data/rl")
+    split: str = _opt("train", "split to draw from; a slice such as train[:5%%] works when not "
+                      "streaming")
+    eval_dataset: str | None = _opt(None, "dataset for eval rows (default: --dataset)")
+    eval_dataset_config: str | None = _opt(None, "its config (default: --dataset-config when "
+                                           "eval_dataset is the same)")
+    eval_data_dir: str | None = _opt(None, "its subfolder (default: --data-dir when eval_dataset "
+                                     "is the same)")
+    eval_split: str | None = _opt(None, "eval split (default: a test/validation split if any, "
+                                  "else rows held out of the draw)")
+    streaming: bool | None = _opt(None, "stream the data and read only the rows drawn (default: "
+                                  "on for a hub dataset when num_samples is set)")
+    shuffle_buffer_size: int = _opt(10_000, "rows in the streamed shuffle's buffer: a draw reads "
+                                    "about num_samples + this many rows, over shuffled shards")
     max_length: int = _opt(512, "tokens per prompt+response sequence")
     max_prompt_length: int | None = _opt(None, "prompt tokens kept (its end); max_length // 2")
     chat_template: str = _opt("auto", "how a pair becomes text: auto = the tokenizer's chat "
@@ -164,6 +181,16 @@ class TrainConfig:
             check_text_settings(self.chat_template, self.prompt_template)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.shuffle_buffer_size < 1:
+            raise ConfigError(f"shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
+        if self.streaming:
+            if self.num_samples is None:
+                raise ConfigError("streaming draws num_samples rows, and num_samples is none; "
+                                  "set --num-samples, or --no-streaming to load every row")
+            for name in ("split", "eval_split"):
+                if "[" in (getattr(self, name) or ""):
+                    raise ConfigError(f"{name} {getattr(self, name)!r}: a slice cannot be "
+                                      "streamed; drop the slice or pass --no-streaming")
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
             raise ConfigError(f"report_to: {self.report_to} is not installed; "
                               f"pip install {self.report_to}, or use --report-to none")

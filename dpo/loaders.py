@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from dpo import data, demo
 from dpo.config import ConfigError, TrainConfig
 from dpo.data.cache import default_cache_dir, tokenize_cached
+from dpo.data.sources import layout_warning
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".gz")
 
@@ -28,17 +29,28 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
     """`(train pairs, eval pairs or None, collator)`: loaded, tokenized and validated."""
     dataset = demo.resolve_dataset(cfg.dataset)
     check_local_files(dataset)
+    if cfg.eval_dataset:
+        check_local_files(demo.resolve_dataset(cfg.eval_dataset))
     tokenize = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                     chat_template=cfg.chat_template, prompt_template=cfg.prompt_template,
                     strict=cfg.strict_data, num_proc=cfg.num_proc)
     # Under main_process_first the main process tokenizes and saves; the others load its result.
     cache = dict(cache_dir=default_cache_dir() if cfg.tokenize_cache else None,
                  log=accelerator.print)
+    warning = layout_warning(dataset, cfg.data_dir)
+    if warning:
+        accelerator.print(warning)
     try:
         with accelerator.main_process_first(), _quiet_datasets_logger():
+            # Every process draws the rows itself: the draw depends only on the seed and the data.
             train_rows, eval_rows = data.load_preference_splits(
                 dataset, num_samples=cfg.num_samples, eval_samples=cfg.eval_samples,
-                seed=cfg.seed, data_format=cfg.data_format, num_proc=cfg.num_proc)
+                seed=cfg.seed, data_format=cfg.data_format, num_proc=cfg.num_proc,
+                split=cfg.split, dataset_config=cfg.dataset_config, data_dir=cfg.data_dir,
+                eval_dataset=cfg.eval_dataset and demo.resolve_dataset(cfg.eval_dataset),
+                eval_dataset_config=cfg.eval_dataset_config, eval_data_dir=cfg.eval_data_dir,
+                eval_split=cfg.eval_split, streaming=cfg.streaming,
+                shuffle_buffer_size=cfg.shuffle_buffer_size)
             train_ds, report = tokenize_cached(train_rows, tokenizer, **cache, **tokenize)
             eval_ds = (tokenize_cached(eval_rows, tokenizer, **cache, **tokenize)[0]
                        if len(eval_rows) else None)

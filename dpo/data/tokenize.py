@@ -210,8 +210,8 @@ class _PairTokenizer:
         a layout, which is what ``auto``/``plain`` are for: a row with more than one message in
         its prompt or a response is ``not_raw_text``.
         """
-        for field in ("prompt", "chosen", "rejected"):
-            if len(row[field]) > 1:
+        for name in ("prompt", "chosen", "rejected"):
+            if len(row[name]) > 1:
                 raise RowProblem("not_raw_text", "--chat-template none takes one text per field, "
                                  "not a conversation; use auto or plain for multi-turn rows")
         prompt = row["prompt"][0]["content"] if row["prompt"] else ""
