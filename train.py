@@ -133,9 +133,9 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
                         policy_out.chosen_logps, policy_out.chosen_lengths,
                         rpo_tokens[(batch_index - 1) // cfg.gradient_accumulation_steps])
                 guard.add_loss(loss)
-                at = dict(step=step + 1, epoch=epoch, batches=range(
-                    batch_index - cfg.gradient_accumulation_steps + 1, batch_index + 1))
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients:  # where a NaN is reported: step and micro-batches
+                    at = dict(step=step + 1, epoch=epoch, batches=range(
+                        batch_index - cfg.gradient_accumulation_steps + 1, batch_index + 1))
                     guard.check_loss(**at)  # DeepSpeed steps inside backward
                 accelerator.backward(loss)
                 update = True

@@ -1,10 +1,11 @@
-"""The chunked LM head under DeepSpeed ZeRO-3: LM-head weight gathers and time per step.
+"""The chunked LM head under DeepSpeed ZeRO-3: LM-head module calls and time per step.
 
 Under ZeRO-3 the LM head's weight is sharded, and every call of the head all-gathers it (a
 vocabulary × hidden matrix: 311 MB in bf16 for Qwen3-0.6B). This script runs the policy's
 forward and backward over `[chosen; rejected]` batches as `dpo_step` does, with responses of
-different lengths on each process, and prints per process the LM-head calls per step (forward
-and backward's recomputation; each one a gather) and the median seconds per step.
+different lengths on each process, and prints per process the LM-head module calls per step
+(counted by a forward pre-hook; under ZeRO-3 each call all-gathers the head's weight) and the
+median seconds per step.
 
 Launch it with 2 processes (CPU: gloo; `--use_deepspeed` selects the gloo handler in
 `dpo.runtime`):

@@ -175,22 +175,16 @@ class TrainConfig:
             if self.data_format not in DATA_FORMATS:
                 raise ConfigError(f"data_format: {self.data_format!r} is not one of "
                                   f"{', '.join(DATA_FORMATS)}")
+        from dpo.data.sources import check_streaming
         from dpo.data.tokenize import check_text_settings
 
-        try:
-            check_text_settings(self.chat_template, self.prompt_template)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
         if self.shuffle_buffer_size < 1:
             raise ConfigError(f"shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
-        if self.streaming:
-            if self.num_samples is None:
-                raise ConfigError("streaming draws num_samples rows, and num_samples is none; "
-                                  "set --num-samples, or --no-streaming to load every row")
-            for name in ("split", "eval_split"):
-                if "[" in (getattr(self, name) or ""):
-                    raise ConfigError(f"{name} {getattr(self, name)!r}: a slice cannot be "
-                                      "streamed; drop the slice or pass --no-streaming")
+        try:  # the checks the data code makes again, here before anything loads
+            check_text_settings(self.chat_template, self.prompt_template)
+            check_streaming(self.streaming, self.num_samples, self.split, self.eval_split)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
             raise ConfigError(f"report_to: {self.report_to} is not installed; "
                               f"pip install {self.report_to}, or use --report-to none")

@@ -37,6 +37,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from dpo import cache_root
+
 BUILTIN_MODEL = "builtin:tiny-qwen3"
 BUILTIN_DATASET = "builtin:demo-preferences"
 
@@ -145,8 +147,7 @@ RUDE_CLOSERS = ("Now leave me alone.", "Do not ask again.", "Figure out the rest
 def demo_cache_dir() -> Path:
     """Where the demo assets live: ``$DPO_CACHE_DIR`` or ``~/.cache/dpo``, in a folder per format
     version (``demo-v1``), so a format change never reuses stale assets."""
-    root = os.environ.get("DPO_CACHE_DIR") or Path.home() / ".cache" / "dpo"
-    return Path(root) / f"demo-v{DEMO_FORMAT_VERSION}"
+    return cache_root() / f"demo-v{DEMO_FORMAT_VERSION}"
 
 
 def build_demo_model(cache_dir: Path | None = None) -> Path:

@@ -182,7 +182,8 @@ def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Mod
 
 
 class ChunkedHeadUnsupported(RuntimeError):
-    """The chunked path cannot find the model's last hidden state."""
+    """The chunked path cannot serve this model: no separate body to take the last hidden state
+    from, or an LM head that is not an `nn.Linear`."""
 
 
 class _Captured:

@@ -29,8 +29,9 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
     """`(train pairs, eval pairs or None, collator)`: loaded, tokenized and validated."""
     dataset = demo.resolve_dataset(cfg.dataset)
     check_local_files(dataset)
-    if cfg.eval_dataset:
-        check_local_files(demo.resolve_dataset(cfg.eval_dataset))
+    eval_dataset = cfg.eval_dataset and demo.resolve_dataset(cfg.eval_dataset)
+    if eval_dataset:
+        check_local_files(eval_dataset)
     tokenize = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                     chat_template=cfg.chat_template, prompt_template=cfg.prompt_template,
                     strict=cfg.strict_data, num_proc=cfg.num_proc)
@@ -47,7 +48,7 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
                 dataset, num_samples=cfg.num_samples, eval_samples=cfg.eval_samples,
                 seed=cfg.seed, data_format=cfg.data_format, num_proc=cfg.num_proc,
                 split=cfg.split, dataset_config=cfg.dataset_config, data_dir=cfg.data_dir,
-                eval_dataset=cfg.eval_dataset and demo.resolve_dataset(cfg.eval_dataset),
+                eval_dataset=eval_dataset,
                 eval_dataset_config=cfg.eval_dataset_config, eval_data_dir=cfg.eval_data_dir,
                 eval_split=cfg.eval_split, streaming=cfg.streaming,
                 shuffle_buffer_size=cfg.shuffle_buffer_size)

@@ -43,7 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from dpo import forward, logprobs
+from dpo import cache_root, forward, logprobs
 from dpo.config import TrainConfig
 from dpo.data import REF_LOGPS_COLUMNS
 from dpo.forward import concatenated_forward
@@ -67,8 +67,7 @@ MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".py", ".model", 
 
 def default_cache_dir() -> Path:
     """``$DPO_CACHE_DIR/ref-logps``, else ``~/.cache/dpo/ref-logps`` (as the demo assets)."""
-    root = os.environ.get("DPO_CACHE_DIR") or Path.home() / ".cache" / "dpo"
-    return Path(root) / "ref-logps"
+    return cache_root() / "ref-logps"
 
 
 def reference_key_parts(model_path: str, **settings) -> dict | None:

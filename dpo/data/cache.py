@@ -33,6 +33,7 @@ import transformers
 from datasets import Dataset, load_from_disk
 from datasets.fingerprint import Hasher
 
+from dpo import cache_root
 from dpo.data import formats
 from dpo.data import tokenize as tokenize_module
 from dpo.data.tokenize import FilterReport
@@ -49,8 +50,7 @@ HASH_BLOCK_ROWS = 8192
 
 def default_cache_dir() -> Path:
     """``$DPO_CACHE_DIR/tokenized``, else ``~/.cache/dpo/tokenized`` (as the reference cache)."""
-    root = os.environ.get("DPO_CACHE_DIR") or Path.home() / ".cache" / "dpo"
-    return Path(root) / "tokenized"
+    return cache_root() / "tokenized"
 
 
 def rows_digest(ds: Dataset) -> str:

@@ -51,6 +51,20 @@ def uses_streaming(dataset: str, streaming: bool | None, num_samples: int | None
     return num_samples is not None and not Path(dataset).exists()
 
 
+def check_streaming(streaming: bool | None, num_samples: int | None, split: str | None,
+                    eval_split: str | None) -> None:
+    """ValueError for what a streamed draw cannot do: draw every row, or read a slice."""
+    if not streaming:
+        return
+    if num_samples is None:
+        raise ValueError("streaming draws num_samples rows, and num_samples is none; set "
+                         "--num-samples, or --no-streaming to load every row")
+    for name, value in (("split", split), ("eval_split", eval_split)):
+        if value is not None and "[" in value:
+            raise ValueError(f"{name} {value!r}: a slice cannot be streamed; drop the slice "
+                             "(num_samples draws from the whole split) or pass --no-streaming")
+
+
 def _load_splits(source: Source | str, split: str = "train", streaming: bool = False):
     """Every split of a hub dataset, a local file (as ``split``) or folder: a ``DatasetDict``, or
     an ``IterableDatasetDict`` when streaming (which reads nothing but the file list)."""
@@ -226,13 +240,7 @@ def load_preference_splits(
         eval_data_dir if eval_data_dir is not None or not inherit else data_dir,
     )
     streamed = uses_streaming(dataset, streaming, num_samples)
-    if streamed and num_samples is None:
-        raise ValueError("streaming draws num_samples rows, and num_samples is none; set "
-                         "--num-samples, or --no-streaming to load every row")
-    for name, value in (("split", split), ("eval_split", eval_split)):
-        if streamed and value is not None and "[" in value:
-            raise ValueError(f"{name} {value!r}: a slice cannot be streamed; drop the slice "
-                             "(num_samples draws from the whole split) or pass --no-streaming")
+    check_streaming(streamed, num_samples, split, eval_split)
 
     splits = _load_splits(train_source, split, streamed)
     base = _split_name(split)
