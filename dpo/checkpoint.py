@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from transformers import PreTrainedTokenizerBase
 
-from dpo.config import ConfigError, TrainConfig
+from dpo.config import ConfigError, TrainConfig, as_field_value, default_of, field_types
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -89,7 +89,8 @@ RUN_IDENTITY = ("model", "dataset", "data_format", "num_samples", "eval_samples"
                 "num_processes",
                 # Which rows are drawn (and so which rows a resume skips past).
                 "dataset_config", "data_dir", "split", "eval_dataset", "eval_dataset_config",
-                "eval_data_dir", "eval_split", "streaming", "shuffle_buffer_size")
+                "eval_data_dir", "eval_split", "streaming", "shuffle_buffer_size",
+                "dataset_weights", "dataset_num_samples")
 # Settings that may change between a run and its resume without a warning.
 RESUME_ONLY = ("resume_from_checkpoint", "overwrite_output_dir")
 
@@ -121,12 +122,13 @@ def check_resume(path: Path, cfg: TrainConfig, num_processes: int) -> list[str]:
 
 def _with_later_fields(saved: dict) -> dict:
     """A checkpoint's settings as this version names them: a field added since it was saved
-    has its default (the behaviour that run had), and `use_chat_template` is `chat_template`."""
+    has its default (the behaviour that run had), `use_chat_template` is `chat_template`, and a
+    field that has become a list (`dataset`, `split`, ...) holds the one value saved."""
     saved = dict(saved)
     if "use_chat_template" in saved and "chat_template" not in saved:
         saved["chat_template"] = "auto" if saved.pop("use_chat_template") else "plain"
-    for f in dataclasses.fields(TrainConfig):
-        saved.setdefault(f.name, f.default)
+    for name, tp in field_types().items():
+        saved[name] = as_field_value(tp, saved.get(name, default_of(name)))
     return saved
 
 

@@ -28,7 +28,16 @@ class ConfigError(ValueError):
 
 
 def _opt(default, help: str, **metadata):
-    return field(default=default, metadata={"help": help, **metadata})
+    metadata = {"help": help, "default": default, **metadata}
+    if isinstance(default, list):  # a dataclass default must not be shared between instances
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def default_of(name: str):
+    """A field's default value (a fresh copy for a list)."""
+    default = TrainConfig.__dataclass_fields__[name].metadata["default"]
+    return list(default) if isinstance(default, list) else default
 
 
 @dataclass
@@ -42,24 +51,34 @@ class TrainConfig:
     trust_remote_code: bool = _opt(False, "run modelling code shipped with the model (trust it!)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass")
     # Data
-    dataset: str = _opt("lvwerra/stack-exchange-paired", "hub name, or a local file or folder")
-    data_format: str | None = _opt(None, "override the format detected from the columns")
-    num_samples: int | None = _opt(1000, "rows drawn (seeded) from the train split; null = all")
-    eval_samples: int | None = _opt(None, "rows held out for eval when there is no test split "
-                                    "(default 10%% of num_samples, 1..200)")
+    dataset: list[str] = _opt(["lvwerra/stack-exchange-paired"], "hub name, or a local file or "
+                              "folder; several make a mixture (see dataset_weights)")
+    data_format: list[str | None] | None = _opt(None, "override the format detected from the "
+                                                "columns (one for all datasets, or one each)")
+    num_samples: int | None = _opt(1000, "rows drawn (seeded) from the train split(s); null = all")
+    eval_samples: int | None = _opt(None, "eval rows (a mixture's total, split like num_samples); "
+                                    "default 10%% of num_samples, 1..200 per dataset")
+    # Mixtures (dpo.data.mixture): how num_samples is shared out among the datasets
+    dataset_weights: list[float] | None = _opt(None, "each dataset's share of num_samples (and "
+                                               "of eval_samples), normalised; default equal")
+    dataset_num_samples: list[int] | None = _opt(None, "rows drawn from each dataset, instead of "
+                                                 "weights; num_samples is then their sum")
     # Which rows: subsets, splits, streaming (dpo.data.sources.load_preference_splits)
-    dataset_config: str | None = _opt(None, "hub config (subset) name, as load_dataset(name=...)")
-    data_dir: str | None = _opt(None, "subfolder of the dataset to read, as load_dataset(data_dir="
-                                "...), e.g. data/rl")
-    split: str = _opt("train", "split to draw from; a slice such as train[:5%%] works when not "
-                      "streaming")
-    eval_dataset: str | None = _opt(None, "dataset for eval rows (default: --dataset)")
+    dataset_config: list[str | None] | None = _opt(None, "hub config (subset) name, as "
+                                                   "load_dataset(name=...); one for all or each")
+    data_dir: list[str | None] | None = _opt(None, "subfolder of the dataset to read, as "
+                                             "load_dataset(data_dir=...), e.g. data/rl; one for "
+                                             "all or one each (none: the whole dataset)")
+    split: list[str] = _opt(["train"], "split to draw from (one for all or one each); a slice "
+                            "such as train[:5%%] works when not streaming")
+    eval_dataset: str | None = _opt(None, "dataset for eval rows (default: --dataset; not with "
+                                    "a mixture, whose datasets each give their own)")
     eval_dataset_config: str | None = _opt(None, "its config (default: --dataset-config when "
                                            "eval_dataset is the same)")
     eval_data_dir: str | None = _opt(None, "its subfolder (default: --data-dir when eval_dataset "
                                      "is the same)")
-    eval_split: str | None = _opt(None, "eval split (default: a test/validation split if any, "
-                                  "else rows held out of the draw)")
+    eval_split: str | None = _opt(None, "eval split, of every dataset (default: a "
+                                  "test/validation split if any, else rows held out of the draw)")
     streaming: bool | None = _opt(None, "stream the data and read only the rows drawn (default: "
                                   "on for a hub dataset when num_samples is set)")
     shuffle_buffer_size: int = _opt(10_000, "rows in the streamed shuffle's buffer: a draw reads "
@@ -121,10 +140,8 @@ class TrainConfig:
     overwrite_output_dir: bool = _opt(False, "delete a non-empty output_dir first")
 
     def __post_init__(self) -> None:
-        for name, tp in _field_types().items():  # YAML's `beta: 1` is an int; the field a float
-            value = getattr(self, name)
-            if _base_type(tp) is float and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, name, float(value))
+        for name, tp in field_types().items():
+            setattr(self, name, as_field_value(tp, getattr(self, name)))
         if isinstance(self.prompt_template, str):  # a shell passes "\n" as two characters
             self.prompt_template = self.prompt_template.replace("\\n", "\n").replace("\\t", "\t")
         self.validate()
@@ -133,7 +150,7 @@ class TrainConfig:
         """Check every field's type and range; raise ConfigError with one line."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            _check_type(f.name, value, _field_types()[f.name])
+            _check_type(f.name, value, field_types()[f.name])
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
@@ -169,25 +186,36 @@ class TrainConfig:
                                label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.data_format is not None:
-            from dpo.data import DATA_FORMATS
-
-            if self.data_format not in DATA_FORMATS:
-                raise ConfigError(f"data_format: {self.data_format!r} is not one of "
-                                  f"{', '.join(DATA_FORMATS)}")
+        from dpo.data import DATA_FORMATS
+        from dpo.data.mixture import PER_DATASET, check_mixture
         from dpo.data.sources import check_streaming
         from dpo.data.tokenize import check_text_settings
 
+        for data_format in self.data_format or []:
+            if data_format is not None and data_format not in DATA_FORMATS:
+                raise ConfigError(f"data_format: {data_format!r} is not one of "
+                                  f"{', '.join(DATA_FORMATS)}")
         if self.shuffle_buffer_size < 1:
             raise ConfigError(f"shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
         try:  # the checks the data code makes again, here before anything loads
             check_text_settings(self.chat_template, self.prompt_template)
-            check_streaming(self.streaming, self.num_samples, self.split, self.eval_split)
+            for split in self.split:
+                check_streaming(self.streaming, self.num_samples, split, self.eval_split)
+            check_mixture(self.dataset, weights=self.dataset_weights,
+                          counts=self.dataset_num_samples, num_samples=self.num_samples,
+                          per_dataset={name: getattr(self, name) for name in PER_DATASET},
+                          eval_dataset=self.eval_dataset)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
             raise ConfigError(f"report_to: {self.report_to} is not installed; "
                               f"pip install {self.report_to}, or use --report-to none")
+
+    def per_dataset(self, name: str) -> list:
+        """A per-dataset field's value for each dataset: one value given stands for all."""
+        value = getattr(self, name)
+        values = [None] if value is None else value
+        return values * len(self.dataset) if len(values) == 1 else list(values)
 
     def to_yaml(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
@@ -202,7 +230,16 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     flags = {}
     for key, value in vars(args).items():
         if key != "config" and value is not None:  # None: flag absent; _NONE: given as `none`
+            if isinstance(value, list):  # a list flag: `none` for all, or for one dataset
+                value = _NONE if value == [_NONE] else [None if v is _NONE else v for v in value]
             flags[key] = None if value is _NONE else value
+    # Counts per dataset say how many rows in all, unless num_samples is given beside them
+    # (in the flags, or in the file the counts come from): then the two must agree.
+    counts = flags.get("dataset_num_samples", values.get("dataset_num_samples"))
+    beside = flags if "dataset_num_samples" in flags else {**values, **flags}
+    if isinstance(counts, list) and "num_samples" not in beside and all(
+            isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        values["num_samples"] = sum(counts)
     values.update(_resolve_aliases(flags, ""))
     return TrainConfig(**values)
 
@@ -241,12 +278,20 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file with any of the fields below (snake_case)")
     defaults = TrainConfig.__dataclass_fields__
-    for name, tp in _field_types().items():
+    for name, tp in field_types().items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"{defaults[name].metadata['help']} (default: {defaults[name].default})"
+        default = defaults[name].metadata["default"]
+        if isinstance(default, list):
+            default = " ".join(map(str, default))
+        help_text = f"{defaults[name].metadata['help']} (default: {default})"
         base = _base_type(tp)
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif typing.get_origin(base) is list:
+            item = typing.get_args(base)[0]
+            parser.add_argument(flag, nargs="+", help=help_text,
+                                type=_cli_parser(name, _base_type(item), _is_optional(item)),
+                                metavar=_base_type(item).__name__.upper())
         else:
             parser.add_argument(flag, type=_cli_parser(name, base, _is_optional(tp)),
                                 metavar=base.__name__.upper(), help=help_text)
@@ -289,7 +334,7 @@ def _read_yaml(path: Path) -> dict:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of field: value")
-    fields = _field_types()
+    fields = field_types()
     for key in values:
         if key not in fields and key not in ALIASES:
             close = difflib.get_close_matches(str(key), fields, n=1)
@@ -298,7 +343,7 @@ def _read_yaml(path: Path) -> dict:
     return values
 
 
-def _field_types() -> dict[str, object]:
+def field_types() -> dict[str, object]:
     return typing.get_type_hints(TrainConfig)
 
 
@@ -310,12 +355,33 @@ def _base_type(tp) -> type:
     return next(a for a in typing.get_args(tp) if a is not type(None)) if _is_optional(tp) else tp
 
 
+def as_field_value(tp, value):
+    """``value`` as the field of type ``tp`` holds it: a single value given for a list field
+    (YAML's `dataset: x`, a checkpoint saved before the field was a list) becomes a one-item
+    list, and an int given for a float (YAML's `beta: 1`) a float."""
+    base = _base_type(tp)
+    if typing.get_origin(base) is list:
+        if value is None or isinstance(value, (list, tuple)):
+            item = typing.get_args(base)[0]
+            return value if value is None else [as_field_value(item, v) for v in value]
+        return [value]
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def _check_type(name: str, value, tp) -> None:
     if value is None:
         if _is_optional(tp):
             return
         raise ConfigError(f"{name} must be set (it cannot be null)")
     base = _base_type(tp)
+    if typing.get_origin(base) is list:
+        if not value:
+            raise ConfigError(f"{name}: the list is empty; give at least one value")
+        for item in value:
+            _check_type(name, item, typing.get_args(base)[0])
+        return
     ok = (isinstance(value, bool) if base is bool
           else isinstance(value, (int, float)) and not isinstance(value, bool) if base is float
           else isinstance(value, base) and not isinstance(value, bool))

@@ -10,27 +10,43 @@ from accelerate.utils import DistributedType
 
 from dpo.config import TrainConfig
 from dpo.data import IGNORE_INDEX
+from dpo.loaders import dataset_names
 from dpo.metrics import PAIR_KEYS, pair_stats
 from dpo.step import dpo_step
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, cfg: TrainConfig, policy, reference, loader) -> dict:
-    """Mean per-pair metrics over the whole eval set, named `eval/<key>`.
+def evaluate(accelerator: Accelerator, cfg: TrainConfig, policy, reference, loader,
+             names: list[str] | None = None) -> dict:
+    """Mean per-pair metrics over the whole eval set, named `eval/<key>`; with the `names` of a
+    mixture's datasets, also over each dataset's pairs (the batches' `source`), named
+    `eval/<name>/<key>`.
 
     `gather_for_metrics` drops the pairs that the last batch repeats to even out the processes,
     so every pair counts exactly once however many processes run.
     """
     policy.eval()
-    rows = []
+    rows, sources = [], []
     for batch in loader:
         policy_out, losses, chosen_r, rejected_r = dpo_step(accelerator, cfg, policy, reference,
                                                             batch)
         rows.append(accelerator.gather_for_metrics(
             pair_stats(losses, chosen_r, rejected_r, policy_out)))
+        if names:
+            sources.append(accelerator.gather_for_metrics(batch["source"]))
     policy.train()
-    means = torch.cat(rows).mean(0).tolist()
-    return {f"eval/{key}": value for key, value in zip(PAIR_KEYS, means)}
+    stats = torch.cat(rows)  # (pairs, len(PAIR_KEYS))
+    results = _means("eval", stats)
+    if names:
+        source = torch.cat(sources)
+        for i, name in enumerate(names):
+            if (source == i).any():  # a dataset may have no eval share (eval_samples < datasets)
+                results.update(_means(f"eval/{name}", stats[source == i]))
+    return results
+
+
+def _means(prefix: str, stats: torch.Tensor) -> dict:
+    return {f"{prefix}/{key}": value for key, value in zip(PAIR_KEYS, stats.mean(0).tolist())}
 
 
 def sample_prompts(cfg: TrainConfig, eval_rows) -> list[list[int]]:
@@ -86,12 +102,14 @@ class Evaluator:
         self.accelerator, self.cfg, self.logger = accelerator, cfg, logger
         self.tokenizer, self.loader, self.prompts = tokenizer, loader, prompts
         self.reference_answers = reference_answers
+        self.names = dataset_names(cfg) if len(cfg.dataset) > 1 else None
 
     def run(self, policy, reference, step: int) -> dict:
         """Eval metrics (logged) and sample answers (to samples.jsonl); {} without eval data."""
         if self.loader is None:
             return {}
-        results = evaluate(self.accelerator, self.cfg, policy, reference, self.loader)
+        results = evaluate(self.accelerator, self.cfg, policy, reference, self.loader,
+                           self.names)
         answers = generate_answers(self.accelerator, self.cfg, policy, self.tokenizer,
                                    self.prompts)
         self.logger.log(step, results)

@@ -20,47 +20,83 @@ from torch.utils.data import DataLoader
 from dpo import data, demo
 from dpo.config import ConfigError, TrainConfig
 from dpo.data.cache import default_cache_dir, tokenize_cached
+from dpo.data import mixture
+from dpo.data.mixture import PER_DATASET
 from dpo.data.sources import layout_warning
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".gz")
 
 
 def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
-    """`(train pairs, eval pairs or None, collator)`: loaded, tokenized and validated."""
-    dataset = demo.resolve_dataset(cfg.dataset)
-    check_local_files(dataset)
+    """`(train pairs, eval pairs or None, collator)`: loaded, tokenized and validated.
+
+    A mixture (several `--dataset`s, see `dpo.data.mixture`) is drawn and tokenized dataset by
+    dataset, each with its own filter report, then concatenated; its eval rows carry their
+    dataset's index in `source` (the order of `dataset_names(cfg)`).
+    """
+    datasets_ = [demo.resolve_dataset(d) for d in cfg.dataset]
     eval_dataset = cfg.eval_dataset and demo.resolve_dataset(cfg.eval_dataset)
-    if eval_dataset:
-        check_local_files(eval_dataset)
+    for dataset in (*datasets_, *([eval_dataset] if eval_dataset else [])):
+        check_local_files(dataset)
+    for dataset, data_dir in zip(datasets_, cfg.per_dataset("data_dir")):
+        warning = layout_warning(dataset, data_dir)
+        if warning:
+            accelerator.print(warning)
+    names = dataset_names(cfg)
+    shares = mixture.plan(cfg.num_samples, cfg.eval_samples,
+                          cfg.dataset_weights or cfg.dataset_num_samples, len(datasets_))
+    settings = [dict(zip(PER_DATASET, values))
+                for values in zip(*map(cfg.per_dataset, PER_DATASET))]
+    train_parts, eval_parts = [], []
+    # Under main_process_first the main process tokenizes and saves; the others load its result.
+    with accelerator.main_process_first(), _quiet_datasets_logger():
+        for i, name in enumerate(names):
+            num_samples, eval_samples = shares[i]
+            train, evals, report = _load_one(
+                cfg, accelerator, tokenizer, datasets_[i], cfg.dataset[i], seed=cfg.seed + i,
+                num_samples=num_samples, eval_samples=eval_samples, eval_dataset=eval_dataset,
+                **settings[i])
+            accelerator.print(f"train pairs{f' ({name})' if len(names) > 1 else ''}: {report}")
+            train_parts.append(train)
+            if evals is not None:
+                eval_parts.append(evals.add_column("source", [i] * len(evals))
+                                  if len(names) > 1 else evals)
+    if len(train_parts) > 1:
+        accelerator.print(f"train pairs: {sum(map(len, train_parts))} from {len(names)} datasets "
+                          f"({', '.join(f'{n} {len(p)}' for n, p in zip(names, train_parts))})")
+    train_ds = datasets.concatenate_datasets(train_parts) if len(train_parts) > 1 \
+        else train_parts[0]
+    eval_ds = datasets.concatenate_datasets(eval_parts) if eval_parts else None
+    return train_ds, eval_ds, data.PreferenceCollator(tokenizer.pad_token_id)
+
+
+def dataset_names(cfg: TrainConfig) -> list[str]:
+    """The name of each dataset of the run, as its eval metrics are logged (`eval/<name>/...`)."""
+    return mixture.dataset_names(cfg.dataset, cfg.per_dataset("dataset_config"),
+                                 cfg.per_dataset("data_dir"), cfg.per_dataset("split"))
+
+
+def _load_one(cfg: TrainConfig, accelerator: Accelerator, tokenizer, dataset: str, given: str,
+              **settings):
+    """One dataset's `(train pairs, eval pairs or None, filter report)`; errors name it."""
     tokenize = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                     chat_template=cfg.chat_template, prompt_template=cfg.prompt_template,
-                    strict=cfg.strict_data, num_proc=cfg.num_proc)
-    # Under main_process_first the main process tokenizes and saves; the others load its result.
-    cache = dict(cache_dir=default_cache_dir() if cfg.tokenize_cache else None,
-                 log=accelerator.print)
-    warning = layout_warning(dataset, cfg.data_dir)
-    if warning:
-        accelerator.print(warning)
+                    strict=cfg.strict_data, num_proc=cfg.num_proc,
+                    cache_dir=default_cache_dir() if cfg.tokenize_cache else None,
+                    log=accelerator.print)
     try:
-        with accelerator.main_process_first(), _quiet_datasets_logger():
-            # Every process draws the rows itself: the draw depends only on the seed and the data.
-            train_rows, eval_rows = data.load_preference_splits(
-                dataset, num_samples=cfg.num_samples, eval_samples=cfg.eval_samples,
-                seed=cfg.seed, data_format=cfg.data_format, num_proc=cfg.num_proc,
-                split=cfg.split, dataset_config=cfg.dataset_config, data_dir=cfg.data_dir,
-                eval_dataset=eval_dataset,
-                eval_dataset_config=cfg.eval_dataset_config, eval_data_dir=cfg.eval_data_dir,
-                eval_split=cfg.eval_split, streaming=cfg.streaming,
-                shuffle_buffer_size=cfg.shuffle_buffer_size)
-            train_ds, report = tokenize_cached(train_rows, tokenizer, **cache, **tokenize)
-            eval_ds = (tokenize_cached(eval_rows, tokenizer, **cache, **tokenize)[0]
-                       if len(eval_rows) else None)
+        # Every process draws the rows itself: the draw depends only on the seed and the data.
+        train_rows, eval_rows = data.load_preference_splits(
+            dataset, num_proc=cfg.num_proc, eval_dataset_config=cfg.eval_dataset_config,
+            eval_data_dir=cfg.eval_data_dir, eval_split=cfg.eval_split,
+            streaming=cfg.streaming, shuffle_buffer_size=cfg.shuffle_buffer_size, **settings)
+        train, report = tokenize_cached(train_rows, tokenizer, **tokenize)
+        evals = tokenize_cached(eval_rows, tokenizer, **tokenize)[0] if len(eval_rows) else None
     except (DatasetGenerationError, FileNotFoundError) as e:
-        raise ConfigError(f"dataset {cfg.dataset}: {_root_message(e)}") from None
+        raise ConfigError(f"dataset {given}: {_root_message(e)}") from None
     except ValueError as e:
-        raise ConfigError(f"dataset {cfg.dataset}: {e}") from None
-    accelerator.print(f"train pairs: {report}")
-    return train_ds, eval_ds, data.PreferenceCollator(tokenizer.pad_token_id)
+        raise ConfigError(f"dataset {given}: {e}") from None
+    return train, evals, report
 
 
 def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, train_ds, eval_ds, collate):

@@ -16,7 +16,7 @@ def test_seed_defaults():
                                                                           1, 2)
     assert (cfg.gradient_accumulation_steps, cfg.learning_rate, cfg.beta) == (4, 5e-6, 0.1)
     assert cfg.output_dir == "outputs/dpo_qwen_trl" and cfg.logging_steps == 10
-    assert cfg.dataset == "lvwerra/stack-exchange-paired" and cfg.max_grad_norm == 1.0
+    assert cfg.dataset == ["lvwerra/stack-exchange-paired"] and cfg.max_grad_norm == 1.0
 
 
 def test_flags_override_yaml(tmp_path):

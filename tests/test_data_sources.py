@@ -54,7 +54,7 @@ def test_the_stack_exchange_config_reads_data_rl_and_data_evaluation():
     from tests.conftest import ROOT
 
     cfg = load_config(["--config", str(ROOT / "configs" / "qwen3_0.6b_stack_exchange.yaml")])
-    assert (cfg.data_dir, cfg.eval_data_dir, cfg.eval_split) == ("data/rl", "data/evaluation",
+    assert (cfg.data_dir, cfg.eval_data_dir, cfg.eval_split) == (["data/rl"], "data/evaluation",
                                                                  "train")
 
 
@@ -175,12 +175,13 @@ def test_streaming_refuses_slices_and_drawing_everything(seed_layout):
         TrainConfig(streaming=True, num_samples=None)
     with pytest.raises(ConfigError, match="shuffle_buffer_size must be >= 1"):
         TrainConfig(shuffle_buffer_size=0)
-    assert TrainConfig(split="train[:5%]").split == "train[:5%]"
+    assert TrainConfig(split="train[:5%]").split == ["train[:5%]"]
 
 
 def test_resume_identity_covers_which_rows_are_drawn():
     for name in ("dataset_config", "data_dir", "split", "eval_dataset", "eval_dataset_config",
-                 "eval_data_dir", "eval_split", "streaming", "shuffle_buffer_size"):
+                 "eval_data_dir", "eval_split", "streaming", "shuffle_buffer_size",
+                 "dataset_weights", "dataset_num_samples"):
         assert name in RUN_IDENTITY
 
 
@@ -192,7 +193,7 @@ def test_flags_reach_the_config():
                        "--shuffle-buffer-size", "100"])
     assert (cfg.dataset_config, cfg.data_dir, cfg.split, cfg.eval_dataset, cfg.eval_dataset_config,
             cfg.eval_data_dir, cfg.eval_split, cfg.streaming, cfg.shuffle_buffer_size) == (
-        "c", "data/rl", "train[:5%]", "e", "ec", "data/evaluation", "train", False, 100)
+        ["c"], ["data/rl"], ["train[:5%]"], "e", "ec", "data/evaluation", "train", False, 100)
     assert json.dumps(cfg.streaming) == "false"
 
 
@@ -203,7 +204,7 @@ def test_resume_that_changes_the_draw_is_refused(tmp_path):
     (tmp_path / STATE_FILE).write_text(json.dumps(trainer_state(saved, 1, global_step=3)))
     assert check_resume(tmp_path, saved, 1) == []
     changed = TrainConfig(data_dir="data/finetune", streaming=False, output_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match=r"data_dir 'data/rl' -> 'data/finetune'.*streaming"):
+    with pytest.raises(ConfigError, match=r"data_dir \['data/rl'\] -> \['data/finetune'\].*streaming"):
         check_resume(tmp_path, changed, 1)
 
 

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SHARED_DATA, require_shared
 from tests.e2e import (ACCELERATE, PYTHON, TORCHRUN, assert_same_logs, assert_same_weights,
                        demo_env, eval_logs, free_port, run_train, train_logs, weights_equal)
 
@@ -40,7 +40,11 @@ LAYOUTS = {
 }
 PORT_FLAG = {"torchrun": "--master_port"}
 # Run variants: "<layout>+<extra>".
-EXTRA_FLAGS = {"": [], "precompute": ["--precompute-ref-logps"], "rpo": ["--rpo-alpha", "0.5"]}
+HH_HARMLESS = SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl.gz"
+EXTRA_FLAGS = {"": [], "precompute": ["--precompute-ref-logps"], "rpo": ["--rpo-alpha", "0.5"],
+               # 36 + 12 rows drawn; 11 eval rows: 8 of the demo's test split, 3 held-out HH pairs
+               "mixture": ["--dataset", "builtin:demo-preferences", str(HH_HARMLESS),
+                           "--dataset-weights", "3", "1", "--eval-samples", "11"]}
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +108,25 @@ def test_two_processes_match_one(runs, layout):
     assert_same_logs(train_logs(out), train_logs(single), rel=1e-4)
     assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-4)
     assert_same_weights(out, single, rel=1e-4)
+
+
+def test_a_mixture_is_evaluated_per_dataset_alike_on_two_processes(runs):
+    """A mixture's eval logs each dataset (`eval/<name>/...`) beside the whole, which is their
+    pair-weighted mean; on 2 processes, whose last eval batch repeats a pair to even them out,
+    every number equals 1 process's. Each dataset's filter report is printed."""
+    require_shared(HH_HARMLESS)
+    single, log = runs("single+mixture")
+    assert "train pairs (hh_rlhf_harmless_base_test): kept" in log
+    logs = eval_logs(single)
+    assert len(logs) == 2
+    for entry in logs:
+        demo, hh = (entry[f"eval/{name}/loss"]
+                    for name in ("demo-preferences", "hh_rlhf_harmless_base_test"))
+        assert entry["eval/loss"] == pytest.approx((8 * demo + 3 * hh) / 11, rel=1e-6)
+        assert demo != pytest.approx(hh, rel=1e-6)
+    out, _ = runs("ddp+mixture")
+    assert_same_logs(eval_logs(out), logs, rel=1e-4)
+    assert_same_logs(train_logs(out), train_logs(single), rel=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["zero3_json", "zero3_flags"])

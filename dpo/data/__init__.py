@@ -6,6 +6,7 @@ The pipeline, in the order the trainer calls it:
    ``datasets.load_dataset``, draws ``num_samples`` rows with a seeded shuffle, holds out eval rows
    (or takes them from the dataset's own test split) and normalises every row to messages
    (``formats``: columns ``prompt``, ``chosen``, ``rejected``, ``row_index``, ``problem``).
+   A mixture of datasets (``mixture``) shares ``num_samples`` out among them and loads each so.
 2. ``prepare_tokenizer`` (``tokenize``) gives a tokenizer without a pad token its EOS as pad token.
 3. ``tokenize_preferences`` renders each pair (chat template or plain text), tokenizes, truncates
    and validates it with ``Dataset.map``, skips bad rows and counts them in a ``FilterReport``.

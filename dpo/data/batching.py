@@ -22,7 +22,8 @@ class PreferenceCollator:
     ``labels`` are -100 on prompt and padding; ``attention_mask`` is 1 on real tokens. T is the
     longest sequence, rounded up to ``pad_to_multiple_of`` when given. Rows with precomputed
     reference log-probs (``REF_LOGPS_COLUMNS``) add them as ``(B,)`` float32 tensors of the same
-    names, in pair order.
+    names, in pair order, and rows with a ``source`` (a mixture's eval rows, see
+    ``dpo.data.mixture``) add it as a ``(B,)`` long tensor.
     """
 
     def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None):
@@ -50,6 +51,8 @@ class PreferenceCollator:
         for name in REF_LOGPS_COLUMNS:
             if name in rows[0]:
                 batch[name] = torch.tensor([row[name] for row in rows], dtype=torch.float32)
+        if "source" in rows[0]:  # a mixture's eval pairs: the dataset each one comes from
+            batch["source"] = torch.tensor([row["source"] for row in rows], dtype=torch.long)
         return batch
 
 
