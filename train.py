@@ -24,14 +24,13 @@ from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.evaluation import Evaluator, generate_answers, sample_prompts, summary
 from dpo.forward import settle_logps_path
 from dpo.loaders import build_dataloaders, build_datasets
-from dpo.loss import chosen_nll_loss
-from dpo.metrics import MetricsLogger, TrainMetrics, pair_stats
+from dpo.metrics import MetricsLogger, TrainMetrics, pair_keys, pair_stats
 from dpo.models import (check_reference_layout, load_policy_and_reference, load_tokenizer,
                         prepare_reference)
 from dpo.reference_cache import precompute_for_run
 from dpo.runtime import make_accelerator, make_optimizer
 from dpo.safety import NonFiniteGuard, StopRequest
-from dpo.step import chosen_token_counts, dpo_step, rpo_num_tokens
+from dpo.step import Objective
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +88,7 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     train_loader, eval_loader, sampler = build_dataloaders(cfg, accelerator, train_ds, eval_ds,
                                                            collate)
     train_loader = accelerator.prepare(train_loader)
-    chosen_tokens = chosen_token_counts(train_ds) if cfg.rpo_alpha else None
+    objective = Objective(accelerator, cfg, train_ds)  # before resuming: BCO's δ is saved
     eval_loader = eval_loader and accelerator.prepare(eval_loader)
 
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
@@ -107,9 +106,10 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     accelerator.init_trackers("dpo", config={k: str(v) for k, v in vars(cfg).items()})
     logger = MetricsLogger(accelerator, output_dir, total_steps, initial_step=step)
     logger.truncate_after(step)
-    metrics = TrainMetrics(accelerator.device)
+    metrics = TrainMetrics(accelerator.device, pair_keys(cfg.loss_type))
     guard, stop = NonFiniteGuard(accelerator, cfg.skip_nonfinite_steps), StopRequest(accelerator)
-    evaluator = Evaluator(accelerator, cfg, logger, tokenizer, eval_loader, prompts, ref_answers)
+    evaluator = Evaluator(accelerator, cfg, logger, tokenizer, eval_loader, prompts, ref_answers,
+                          objective)
     before = evaluator.run(policy, reference, step) if cfg.eval_on_start and not resume_dir else {}
     policy.train()
     timer = time.perf_counter()
@@ -120,18 +120,11 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
         # fresh loaders restart at 0, and does not reach ours behind its multi-process shard.
         batches.set_epoch(epoch)
         sampler.set_epoch(epoch)
-        rpo_tokens = cfg.rpo_alpha and rpo_num_tokens(
-            sampler.global_batches(), chosen_tokens,
-            cfg.gradient_accumulation_steps * accelerator.num_processes)
+        objective.start_epoch(sampler)
         for batch_index, batch in enumerate(batches, start=skip + 1):
             with accelerator.accumulate(policy):
-                policy_out, losses, chosen_r, rejected_r = dpo_step(
-                    accelerator, cfg, policy, reference, batch)
-                loss = losses.mean()
-                if cfg.rpo_alpha:  # a token mean over the optimizer step's chosen responses
-                    loss = loss + cfg.rpo_alpha * chosen_nll_loss(
-                        policy_out.chosen_logps, policy_out.chosen_lengths,
-                        rpo_tokens[(batch_index - 1) // cfg.gradient_accumulation_steps])
+                out = objective.train_step(policy, reference, batch, batch_index)
+                loss = out.losses.mean()
                 guard.add_loss(loss)
                 if accelerator.sync_gradients:  # where a NaN is reported: step and micro-batches
                     at = dict(step=step + 1, epoch=epoch, batches=range(
@@ -149,11 +142,11 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
                     if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                         scheduler.step()
                 optimizer.zero_grad()
-            metrics.add_batch(pair_stats(losses, chosen_r, rejected_r, policy_out),
-                              batch["attention_mask"].sum())
+            metrics.add_batch(pair_stats(out), batch["attention_mask"].sum())
             if not accelerator.sync_gradients:
                 continue
             # One optimizer step is done: count, log, evaluate and save here, and only here.
+            objective.end_step()
             step += 1
             logger.progress.update(1)
             end_of_epoch = batch_index == len(train_loader)

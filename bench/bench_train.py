@@ -331,8 +331,7 @@ def run(args, impl: str) -> dict:
         for batch in batches:
             with accelerator.accumulate(policy):
                 step = plain_dpo_step if impl == "plain" else dpo_step
-                _, losses, _, _ = step(accelerator, cfg, policy, reference, batch)
-                loss = losses.mean()
+                loss = step(accelerator, cfg, policy, reference, batch).losses.mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -394,11 +393,13 @@ def run(args, impl: str) -> dict:
 
 
 def plain_dpo_step(accelerator, cfg, policy, reference, batch):
-    """The DPO step as a textbook writes it, for comparison; same return as `dpo_step`."""
+    """The DPO step as a textbook writes it, for comparison; returns what `dpo_step` does (its
+    `losses` are all the benchmark reads)."""
     import torch
 
     from dpo.logprobs import sequence_logps
     from dpo.loss import dpo_loss
+    from dpo.step import StepOutput
 
     def logps(model):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -412,7 +413,7 @@ def plain_dpo_step(accelerator, cfg, policy, reference, batch):
             ref_logps = logps(reference)
         losses, chosen, rejected = dpo_loss(policy_logps[:half], policy_logps[half:],
                                             ref_logps[:half], ref_logps[half:], beta=cfg.beta)
-    return policy_logps, losses, chosen, rejected
+    return StepOutput(policy_logps, losses, chosen, rejected, {"sigmoid": losses})
 
 
 def compute_dtype(args, device):

@@ -23,7 +23,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from transformers import PreTrainedTokenizerBase
 
-from dpo.config import ConfigError, TrainConfig, as_field_value, default_of, field_types
+from dpo.config import (ConfigError, TrainConfig, as_field_value, default_of, field_types,
+                        fold_rpo)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -122,13 +123,17 @@ def check_resume(path: Path, cfg: TrainConfig, num_processes: int) -> list[str]:
 
 def _with_later_fields(saved: dict) -> dict:
     """A checkpoint's settings as this version names them: a field added since it was saved
-    has its default (the behaviour that run had), `use_chat_template` is `chat_template`, and a
-    field that has become a list (`dataset`, `split`, ...) holds the one value saved."""
+    has its default (the behaviour that run had), `use_chat_template` is `chat_template`, a
+    field that has become a list (`dataset`, `split`, ...) holds the one value saved, and
+    `rpo_alpha` is the mixture with `sft` it stands for."""
     saved = dict(saved)
     if "use_chat_template" in saved and "chat_template" not in saved:
         saved["chat_template"] = "auto" if saved.pop("use_chat_template") else "plain"
     for name, tp in field_types().items():
         saved[name] = as_field_value(tp, saved.get(name, default_of(name)))
+    if saved["rpo_alpha"]:
+        saved["loss_type"], saved["loss_weights"], saved["rpo_alpha"] = fold_rpo(
+            saved["loss_type"], saved["loss_weights"], saved["rpo_alpha"])
     return saved
 
 

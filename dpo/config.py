@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from transformers import SchedulerType
 
-from dpo.loss import LOSS_TYPES, check_loss_options
+from dpo.loss import LOSS_TYPES, check_loss_options, needs_reference
 
 
 class ConfigError(ValueError):
@@ -102,10 +102,19 @@ class TrainConfig:
                                 "and load them when the rows, tokenizer and settings recur")
     # Objective
     beta: float = _opt(0.1, "β: strength of the implicit KL penalty to the reference")
-    loss_type: str = _opt("sigmoid", "DPO loss variant", choices=LOSS_TYPES)
-    label_smoothing: float = _opt(0.0, "ε for cDPO (sigmoid) and robust DPO")
+    loss_type: list[str] = _opt(["sigmoid"], "preference loss (see dpo/loss and docs/dpo.md); "
+                                "several make a mixture (MPO), summed with loss_weights",
+                                choices=LOSS_TYPES)
+    loss_weights: list[float] | None = _opt(None, "weight of each loss_type (default 1 each)")
+    label_smoothing: float | None = _opt(None, "ε of the losses that take it: sigmoid (cDPO), "
+                                         "robust, exo_pair, aot, aot_unpaired (default 0; "
+                                         "exo_pair 1e-3)")
     simpo_gamma: float = _opt(0.0, "γ, the target margin of SimPO")
-    rpo_alpha: float = _opt(0.0, "weight of the NLL-on-chosen term (RPO); 0 = off")
+    discopop_tau: float = _opt(0.05, "τ, the temperature of DiscoPOP's modulation")
+    bco_baseline: str = _opt("running_mean", "δ of bco_pair: the running mean of the rewards, or "
+                             "none (δ = 0)", choices=("running_mean", "none"))
+    rpo_alpha: float = _opt(0.0, "RPO: adds sft to loss_type with this weight (an alias of "
+                            "--loss-type ... sft --loss-weights ... α); 0 = off")
     precompute_ref_logps: bool = _opt(False, "compute the reference's log-probs in one pass "
                                       "before training (cached on disk), then free the reference")
     # Optimisation
@@ -142,6 +151,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, tp in field_types().items():
             setattr(self, name, as_field_value(tp, getattr(self, name)))
+        if isinstance(self.rpo_alpha, (int, float)) and self.rpo_alpha > 0:
+            self.loss_type, self.loss_weights, self.rpo_alpha = fold_rpo(
+                self.loss_type, self.loss_weights, self.rpo_alpha)
         if isinstance(self.prompt_template, str):  # a shell passes "\n" as two characters
             self.prompt_template = self.prompt_template.replace("\\n", "\n").replace("\\t", "\t")
         self.validate()
@@ -152,8 +164,9 @@ class TrainConfig:
             value = getattr(self, f.name)
             _check_type(f.name, value, field_types()[f.name])
             choices = f.metadata.get("choices")
-            if choices and value not in choices:
-                raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+            for item in value if isinstance(value, list) else [value]:
+                if choices and item not in choices:
+                    raise ConfigError(f"{f.name}: {item!r} is not one of {', '.join(choices)}")
         positive = ("batch_size", "gradient_accumulation_steps", "epochs", "logging_steps",
                     "max_length", "logps_chunk_size", "max_new_tokens", "num_samples",
                     "eval_batch_size", "max_steps", "eval_steps", "save_steps",
@@ -175,17 +188,23 @@ class TrainConfig:
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be below "
                               f"max_length ({self.max_length}) to leave room for the response")
-        if self.rpo_alpha and self.loss_type == "simpo":
-            raise ConfigError("rpo_alpha: the RPO term is defined for reference-based losses, "
-                              "not loss_type simpo")
-        if self.precompute_ref_logps and self.loss_type == "simpo":
-            raise ConfigError("precompute_ref_logps: loss_type simpo is reference-free, there is "
-                              "nothing to precompute; drop the flag")
+        types = ", ".join(self.loss_type)
+        if self.precompute_ref_logps and not needs_reference(self.loss_type):
+            raise ConfigError(f"precompute_ref_logps: loss_type {types} is reference-free, there "
+                              "is nothing to precompute; drop the flag")
+        if self.bco_baseline != "running_mean" and "bco_pair" not in self.loss_type:
+            raise ConfigError(f"bco_baseline is the baseline of loss_type bco_pair, not of "
+                              f"{types}; drop it")
         try:
             check_loss_options(beta=self.beta, loss_type=self.loss_type,
-                               label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma)
+                               loss_weights=self.loss_weights,
+                               label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma,
+                               discopop_tau=self.discopop_tau)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.discopop_tau != default_of("discopop_tau") and "discopop" not in self.loss_type:
+            raise ConfigError(f"discopop_tau is the temperature of loss_type discopop, not of "
+                              f"{types}; drop it")
         from dpo.data import DATA_FORMATS
         from dpo.data.mixture import PER_DATASET, check_mixture
         from dpo.data.sources import check_streaming
@@ -353,6 +372,17 @@ def _is_optional(tp) -> bool:
 
 def _base_type(tp) -> type:
     return next(a for a in typing.get_args(tp) if a is not type(None)) if _is_optional(tp) else tp
+
+
+def fold_rpo(loss_type: list[str], loss_weights: list[float] | None, rpo_alpha: float
+             ) -> tuple[list[str], list[float] | None, float]:
+    """`rpo_alpha` α as what it means: RPO is the mixture of the loss types with `sft` at weight
+    α. Returns the mixture's types and weights, and the alias spent (0)."""
+    if "sft" in loss_type:
+        raise ConfigError("rpo_alpha adds sft to loss_type, which has it already; give its "
+                          "weight in loss_weights instead")
+    weights = loss_weights if loss_weights is not None else [1.0] * len(loss_type)
+    return [*loss_type, "sft"], [*weights, float(rpo_alpha)], 0.0
 
 
 def as_field_value(tp, value):

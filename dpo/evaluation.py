@@ -11,42 +11,46 @@ from accelerate.utils import DistributedType
 from dpo.config import TrainConfig
 from dpo.data import IGNORE_INDEX
 from dpo.loaders import dataset_names
-from dpo.metrics import PAIR_KEYS, pair_stats
-from dpo.step import dpo_step
+from dpo.metrics import pair_keys, pair_stats
+from dpo.step import Objective, chosen_token_counts, dpo_step
 
 
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, cfg: TrainConfig, policy, reference, loader,
-             names: list[str] | None = None) -> dict:
+             names: list[str] | None = None, bco_delta: float = 0.0) -> dict:
     """Mean per-pair metrics over the whole eval set, named `eval/<key>`; with the `names` of a
     mixture's datasets, also over each dataset's pairs (the batches' `source`), named
-    `eval/<name>/<key>`.
+    `eval/<name>/<key>`. `bco_delta` is BCO's baseline as training left it (`Objective`).
 
     `gather_for_metrics` drops the pairs that the last batch repeats to even out the processes,
     so every pair counts exactly once however many processes run.
     """
     policy.eval()
+    # sft is a token mean: over the whole eval set, whatever its batches (see `sft`'s docstring).
+    tokens_per_pair = (chosen_token_counts(loader.dataset).mean() if "sft" in cfg.loss_type
+                       else None)
     rows, sources = [], []
     for batch in loader:
-        policy_out, losses, chosen_r, rejected_r = dpo_step(accelerator, cfg, policy, reference,
-                                                            batch)
-        rows.append(accelerator.gather_for_metrics(
-            pair_stats(losses, chosen_r, rejected_r, policy_out)))
+        pairs = batch["input_ids"].shape[0] // 2
+        out = dpo_step(accelerator, cfg, policy, reference, batch, bco_delta=bco_delta,
+                       num_tokens=tokens_per_pair and pairs * float(tokens_per_pair))
+        rows.append(accelerator.gather_for_metrics(pair_stats(out)))
         if names:
             sources.append(accelerator.gather_for_metrics(batch["source"]))
     policy.train()
-    stats = torch.cat(rows)  # (pairs, len(PAIR_KEYS))
-    results = _means("eval", stats)
+    stats = torch.cat(rows)  # (pairs, len(pair_keys(cfg.loss_type)))
+    keys = pair_keys(cfg.loss_type)
+    results = _means("eval", stats, keys)
     if names:
         source = torch.cat(sources)
         for i, name in enumerate(names):
             if (source == i).any():  # a dataset may have no eval share (eval_samples < datasets)
-                results.update(_means(f"eval/{name}", stats[source == i]))
+                results.update(_means(f"eval/{name}", stats[source == i], keys))
     return results
 
 
-def _means(prefix: str, stats: torch.Tensor) -> dict:
-    return {f"{prefix}/{key}": value for key, value in zip(PAIR_KEYS, stats.mean(0).tolist())}
+def _means(prefix: str, stats: torch.Tensor, keys: tuple[str, ...]) -> dict:
+    return {f"{prefix}/{key}": value for key, value in zip(keys, stats.mean(0).tolist())}
 
 
 def sample_prompts(cfg: TrainConfig, eval_rows) -> list[list[int]]:
@@ -98,10 +102,11 @@ class Evaluator:
     """
 
     def __init__(self, accelerator: Accelerator, cfg: TrainConfig, logger, tokenizer, loader,
-                 prompts: list[list[int]], reference_answers: list[str] | None):
+                 prompts: list[list[int]], reference_answers: list[str] | None,
+                 objective: Objective | None = None):
         self.accelerator, self.cfg, self.logger = accelerator, cfg, logger
         self.tokenizer, self.loader, self.prompts = tokenizer, loader, prompts
-        self.reference_answers = reference_answers
+        self.reference_answers, self.objective = reference_answers, objective
         self.names = dataset_names(cfg) if len(cfg.dataset) > 1 else None
 
     def run(self, policy, reference, step: int) -> dict:
@@ -109,7 +114,7 @@ class Evaluator:
         if self.loader is None:
             return {}
         results = evaluate(self.accelerator, self.cfg, policy, reference, self.loader,
-                           self.names)
+                           self.names, self.objective.bco_delta if self.objective else 0.0)
         answers = generate_answers(self.accelerator, self.cfg, policy, self.tokenizer,
                                    self.prompts)
         self.logger.log(step, results)

@@ -13,11 +13,11 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from dpo.forward import PairLogps
+from dpo.step import StepOutput
 
 # Per-pair statistics, in the column order of `pair_stats`.
 PAIR_KEYS = (
-    "loss",                # the per-pair preference loss (without the RPO term)
+    "loss",                # the per-pair loss: a mixture's weighted sum of its terms
     "rewards/chosen",      # β·(log π(y⁺) − log π_ref(y⁺))
     "rewards/rejected",    # β·(log π(y⁻) − log π_ref(y⁻))
     "rewards/accuracies",  # 1 where the chosen reward is strictly larger
@@ -29,20 +29,28 @@ PAIR_KEYS = (
 )
 
 
-def pair_stats(losses: torch.Tensor, chosen_rewards: torch.Tensor,
-               rejected_rewards: torch.Tensor, policy: PairLogps) -> torch.Tensor:
-    """`[B, len(PAIR_KEYS)]` float32 statistics of each pair, detached."""
-    columns = (losses, chosen_rewards, rejected_rewards, chosen_rewards > rejected_rewards,
-               chosen_rewards - rejected_rewards, policy.chosen_logps, policy.rejected_logps,
-               policy.chosen_logits_mean, policy.rejected_logits_mean)
+def pair_keys(loss_types: list[str]) -> tuple[str, ...]:
+    """`PAIR_KEYS`, and for a mixture of losses each term, unweighted, as `loss/<type>`."""
+    return PAIR_KEYS + (tuple(f"loss/{t}" for t in loss_types) if len(loss_types) > 1 else ())
+
+
+def pair_stats(out: StepOutput) -> torch.Tensor:
+    """`[B, len(pair_keys(types))]` float32 statistics of each pair, detached."""
+    chosen, rejected, policy = out.chosen_rewards, out.rejected_rewards, out.policy
+    columns = [out.losses, chosen, rejected, chosen > rejected, chosen - rejected,
+               policy.chosen_logps, policy.rejected_logps, policy.chosen_logits_mean,
+               policy.rejected_logits_mean]
+    if len(out.terms) > 1:
+        columns += list(out.terms.values())
     return torch.stack([c.detach().float() for c in columns], dim=1)  # (B, K)
 
 
 class TrainMetrics:
     """Running sums between two logs: per-pair statistics, pairs, real tokens, grad norms."""
 
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(len(PAIR_KEYS), device=device)
+    def __init__(self, device: torch.device, keys: tuple[str, ...] = PAIR_KEYS):
+        self.keys = keys
+        self.sums = torch.zeros(len(keys), device=device)
         self.counts = torch.zeros(2, device=device)  # pairs, real (non-pad) tokens
         self.grad_norms: list[torch.Tensor] = []
 
@@ -59,7 +67,7 @@ class TrainMetrics:
         """Reduce across processes (a sync point: once per log), return means, and reset."""
         totals = accelerator.reduce(torch.cat([self.sums, self.counts]), reduction="sum")
         sums, (pairs, tokens) = totals[:-2], totals[-2:].tolist()
-        metrics = dict(zip(PAIR_KEYS, (sums / max(pairs, 1)).tolist()))
+        metrics = dict(zip(self.keys, (sums / max(pairs, 1)).tolist()))
         if self.grad_norms:  # the norm is global already (clipping all-reduces it)
             norms = torch.stack(self.grad_norms)
             # A step the fp16 loss scaler skipped has an infinite norm (counted in

@@ -14,7 +14,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTr
 
 from dpo.config import ConfigError, TrainConfig
 from dpo.data import prepare_tokenizer
-from dpo.loss import REFERENCE_FREE
+from dpo.loss import needs_reference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,7 +75,7 @@ def load_policy_and_reference(
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP's hooks and with inputs that need no grad.
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.loss_type in REFERENCE_FREE:
+    if not needs_reference(cfg.loss_type):
         return policy, None
     reference = load_causal_lm(cfg, path)
     reference.eval()
@@ -125,7 +125,7 @@ def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> 
 
 def check_reference_layout(accelerator: Accelerator, cfg: TrainConfig) -> None:
     """ConfigError, before anything is loaded, for a layout the reference cannot be placed in."""
-    if cfg.loss_type not in REFERENCE_FREE:
+    if needs_reference(cfg.loss_type):
         _refuse_fsdp1(accelerator)
 
 

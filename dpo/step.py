@@ -1,6 +1,9 @@
 """One DPO step's arithmetic on a `[chosen; rejected]` batch, shared by training and eval:
-policy forward → reference forward (no grad) → per-pair losses and rewards."""
+policy forward → reference forward (no grad) → per-pair losses and rewards; and `Objective`, the
+loss's state across steps (token-mean denominators, BCO's baseline)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -9,17 +12,28 @@ from accelerate import Accelerator
 from dpo.config import TrainConfig
 from dpo.forward import PairLogps, concatenated_forward
 from dpo.logprobs import IGNORE_INDEX
-from dpo.loss import dpo_loss
+from dpo.loss import BCOBaseline, dpo_loss
 
 
-def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batch
-             ) -> tuple[PairLogps, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(policy log-probs, losses, chosen rewards, rejected rewards)`, the last three `(B,)`.
+@dataclass
+class StepOutput:
+    policy: PairLogps  # the policy's summed log-probs, token counts and mean logits
+    losses: torch.Tensor  # (B,) per-pair loss: the weighted sum of the terms
+    chosen_rewards: torch.Tensor  # (B,) detached
+    rejected_rewards: torch.Tensor
+    terms: dict[str, torch.Tensor]  # loss type -> (B,) unweighted per-pair loss
+
+
+def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batch, *,
+             bco_delta: torch.Tensor | float = 0.0,
+             num_tokens: torch.Tensor | float | None = None) -> StepOutput:
+    """The policy's log-probs, the per-pair losses and the implicit rewards of one batch.
 
     Both forwards run under `accelerator.autocast()`: with `--mixed_precision bf16` the matmuls
     run in bf16 while the log-probs are summed in fp32 (see `dpo.logprobs`). A batch that carries
     precomputed reference log-probs (`ref_chosen_logps`, `ref_rejected_logps`; see
     `dpo.reference_cache`) uses them and runs no reference forward; `reference` may then be None.
+    `bco_delta` and `num_tokens` are the loss state that outlives a batch (`Objective`).
     """
     with accelerator.autocast():
         policy_out = concatenated_forward(policy, batch, chunked=cfg.chunked_logps,
@@ -32,12 +46,59 @@ def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batc
                 ref_out = concatenated_forward(reference, batch, chunked=cfg.chunked_logps,
                                                chunk_size=cfg.logps_chunk_size)
             ref_chosen, ref_rejected = ref_out.chosen_logps, ref_out.rejected_logps
-        losses, chosen_r, rejected_r = dpo_loss(
+        losses, chosen_r, rejected_r, terms = dpo_loss(
             policy_out.chosen_logps, policy_out.rejected_logps, ref_chosen, ref_rejected,
-            beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+            beta=cfg.beta, loss_type=cfg.loss_type, loss_weights=cfg.loss_weights,
+            label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+            discopop_tau=cfg.discopop_tau, bco_delta=bco_delta, num_tokens=num_tokens,
             chosen_lengths=policy_out.chosen_lengths, rejected_lengths=policy_out.rejected_lengths,
-            simpo_gamma=cfg.simpo_gamma)
-    return policy_out, losses, chosen_r, rejected_r
+            return_terms=True)
+    return StepOutput(policy_out, losses, chosen_r, rejected_r, terms)
+
+
+class Objective:
+    """What the loss needs beyond a batch, across the steps of a run.
+
+    - ``sft`` (and RPO) is a token mean over the optimizer step: each micro-batch divides its
+      summed NLL by the step's chosen tokens per micro-batch (`sft_num_tokens`), fixed per epoch
+      by the sampler's global batches;
+    - ``bco_pair``'s baseline δ (`BCOBaseline`) moves once per optimizer step and is saved in
+      checkpoints.
+    """
+
+    def __init__(self, accelerator: Accelerator, cfg: TrainConfig, train_ds):
+        self.accelerator, self.cfg = accelerator, cfg
+        self.bco = (BCOBaseline() if "bco_pair" in cfg.loss_type
+                    and cfg.bco_baseline == "running_mean" else None)
+        if self.bco is not None:
+            accelerator.register_for_checkpointing(self.bco)
+        self.token_counts = chosen_token_counts(train_ds) if "sft" in cfg.loss_type else None
+        self.step_tokens: list[float] = []
+
+    @property
+    def bco_delta(self) -> float:
+        return 0.0 if self.bco is None else self.bco.mean
+
+    def start_epoch(self, sampler) -> None:
+        if self.token_counts is not None:
+            self.step_tokens = sft_num_tokens(
+                sampler.global_batches(), self.token_counts,
+                self.cfg.gradient_accumulation_steps * self.accelerator.num_processes)
+
+    def train_step(self, policy, reference, batch, batch_index: int) -> StepOutput:
+        """`dpo_step` on the `batch_index`-th (from 1) micro-batch of the epoch."""
+        step = (batch_index - 1) // self.cfg.gradient_accumulation_steps
+        out = dpo_step(self.accelerator, self.cfg, policy, reference, batch,
+                       bco_delta=self.bco_delta,
+                       num_tokens=self.step_tokens[step] if self.step_tokens else None)
+        if self.bco is not None:
+            self.bco.add(out.chosen_rewards, out.rejected_rewards)
+        return out
+
+    def end_step(self) -> None:
+        """At an optimizer-step boundary: fold the step's rewards into δ (an all-reduce)."""
+        if self.bco is not None:
+            self.bco.update(self.accelerator)
 
 
 def chosen_token_counts(dataset) -> np.ndarray:
@@ -52,10 +113,11 @@ def chosen_token_counts(dataset) -> np.ndarray:
     return running[offsets[1:]] - running[offsets[:-1]]
 
 
-def rpo_num_tokens(global_batches: list[list[int]], token_counts: np.ndarray, micro_batches: int
+def sft_num_tokens(global_batches: list[list[int]], token_counts: np.ndarray, micro_batches: int
                    ) -> list[float]:
-    """The denominator of the RPO term (`chosen_nll_loss`) for each optimizer step of an epoch:
-    the step's chosen tokens over all its micro-batches and processes, divided by their number.
+    """The denominator of the ``sft`` loss (`dpo.loss.reference_free.sft`) for each optimizer
+    step of an epoch: the step's chosen tokens over all its micro-batches and processes, divided
+    by their number.
 
     Accelerate divides each micro-batch's loss by the accumulation steps and data parallelism
     averages the processes' gradients, so the step's gradient is the mean over its

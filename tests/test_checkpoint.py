@@ -95,6 +95,22 @@ def test_sigkill_then_resume_is_exact_with_precomputed_reference(env, tmp_path):
     resume_and_compare(env, out, reference, precompute)
 
 
+def test_sigkill_then_resume_is_exact_with_bco_baseline(env, tmp_path):
+    """BCO's baseline δ (the running mean of the rewards) is in every checkpoint: a killed run
+    resumes with the δ it had, not 0, and ends bit-identical to an uninterrupted run."""
+    mpo = ["--loss-type", "bco_pair", "sft", "--loss-weights", "1", "0.1"]
+    reference = tmp_path / "reference"
+    run_train(env, *RUN, "--output-dir", str(reference), *mpo)
+    out = tmp_path / "out"
+    proc, lines = start(env, out, *mpo)
+    wait_for(proc, lambda: any(line.startswith(f"step {KILL_STEPS[1]}:") for line in lines))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(checkpoints(out)[-1] / "custom_checkpoint_0.pkl", weights_only=False)
+    assert saved["count"] > 0 and saved["mean"] != 0
+    resume_and_compare(env, out, reference, *mpo)
+
+
 @pytest.mark.parametrize("save_step, point", zip(KILL_STEPS, ["mid-state", "before-rename",
                                                                 "mid-state"]))
 def test_kill_during_a_save_keeps_the_previous_checkpoint(env, reference, tmp_path, save_step,

@@ -78,6 +78,19 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
      "use_chat_template false means chat_template plain, but chat_template is auto"),
     (["--learning-rate=-1e-5"], "learning_rate must be > 0"),
     (["--config", "no/such.yaml"], "no such file"),
+    # Loss combinations that make no sense (dpo.loss)
+    (["--loss-type", "simpo", "--precompute-ref-logps"], "simpo is reference-free"),
+    (["--loss-type", "sft", "--precompute-ref-logps"], "sft is reference-free"),
+    (["--loss-type", "sigmoid", "sft", "--loss-weights", "1"], "loss_weights: 1 weights for 2"),
+    (["--loss-weights", "1", "2"], "loss_weights: 2 weights for 1"),
+    (["--loss-type", "sigmoid", "sigmoid"], "lists a type twice"),
+    (["--loss-type", "exo_pair", "--label-smoothing", "0"], r"exo_pair.*must lie in \(0.0"),
+    (["--loss-type", "nca_pair", "--label-smoothing", "0.1"], "nca_pair has none"),
+    (["--bco-baseline", "none"], "bco_baseline is the baseline of loss_type bco_pair"),
+    (["--discopop-tau", "0.1"], "discopop_tau is the temperature of loss_type discopop"),
+    (["--loss-type", "discopop", "--discopop-tau", "0"], "discopop_tau must be a finite"),
+    (["--loss-type", "sigmoid", "sft", "--rpo-alpha", "0.5"], "has it already"),
+    (["--rpo-alpha=-1"], "rpo_alpha must be >= 0"),
 ])
 def test_bad_values_raise_config_error(flags, message):
     with pytest.raises(ConfigError, match=message):
@@ -142,3 +155,28 @@ def test_prompt_template_reads_backslash_escapes_as_a_shell_passes_them(tmp_path
     assert load_config(["--config", str(path)]) == cfg
     cfg.to_yaml(tmp_path / "saved.yaml")
     assert load_config(["--config", str(tmp_path / "saved.yaml")]) == cfg
+
+
+def test_loss_mixtures_and_the_rpo_alias():
+    """`--loss-type a b --loss-weights x y` is a mixture; `--rpo-alpha α` means `sft` at weight α
+    beside the given types (and is spent, so the saved config reloads to the same run)."""
+    cfg = load_config(["--loss-type", "sigmoid", "bco_pair", "sft", "--loss-weights", "0.8",
+                       "0.2", "1"])
+    assert cfg.loss_type == ["sigmoid", "bco_pair", "sft"] and cfg.loss_weights == [0.8, 0.2, 1.0]
+    cfg = load_config(["--loss-type", "ipo", "--rpo-alpha", "0.5"])
+    assert (cfg.loss_type, cfg.loss_weights, cfg.rpo_alpha) == (["ipo", "sft"], [1.0, 0.5], 0.0)
+    assert TrainConfig(**{**vars(cfg)}).loss_type == ["ipo", "sft"]
+    assert load_config(["--loss-type", "sft"]).loss_type == ["sft"]  # SFT alone, no reference
+    assert load_config(["--loss-type", "exo_pair"]).label_smoothing is None  # its 1e-3
+
+
+def test_an_old_checkpoint_with_rpo_alpha_resumes_as_the_mixture(tmp_path):
+    import json
+
+    from dpo.checkpoint import STATE_FILE, check_resume, trainer_state
+
+    cfg = TrainConfig(rpo_alpha=0.5, output_dir=str(tmp_path))
+    state = trainer_state(cfg, 1, step=2)
+    state["config"].update(loss_type="sigmoid", loss_weights=None, rpo_alpha=0.5)
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    assert check_resume(tmp_path, cfg, 1) == []

@@ -18,6 +18,7 @@ import torch
 from dpo.forward import PairLogps
 from dpo.loss import dpo_loss
 from dpo.metrics import PAIR_KEYS, pair_stats
+from dpo.step import StepOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "dpo.md"
@@ -78,7 +79,7 @@ def test_accuracy_counts_ties_as_wrong():
     one tied: accuracy (1 + 0)/2 = 0.5."""
     logps = torch.tensor([-42.0, -57.5])
     losses, chosen_r, rejected_r = dpo_loss(logps, logps - 2, logps, logps - 2, beta=0.1)
-    stats = dict(zip(PAIR_KEYS, pair_stats(losses, chosen_r, rejected_r, _pair_logps(2)).T))
+    stats = dict(zip(PAIR_KEYS, pair_stats(StepOutput(_pair_logps(2), losses, chosen_r, rejected_r, {})).T))
     torch.testing.assert_close(stats["loss"], torch.full((2,), math.log(2)))
     assert stats["rewards/margins"].tolist() == [0.0, 0.0]
     assert stats["rewards/accuracies"].tolist() == [0.0, 0.0]
@@ -86,7 +87,7 @@ def test_accuracy_counts_ties_as_wrong():
     pi_c, pi_r = torch.tensor([-42.0, -5.0]), torch.tensor([-57.5, -5.0])
     ref_c, ref_r = torch.tensor([-45.0, -5.0]), torch.tensor([-55.5, -5.0])
     losses, chosen_r, rejected_r = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1)
-    stats = dict(zip(PAIR_KEYS, pair_stats(losses, chosen_r, rejected_r, _pair_logps(2)).T))
+    stats = dict(zip(PAIR_KEYS, pair_stats(StepOutput(_pair_logps(2), losses, chosen_r, rejected_r, {})).T))
     assert stats["rewards/accuracies"].mean().item() == 0.5
 
 
@@ -200,7 +201,7 @@ def test_doc_links_only_to_existing_tests():
 
 def test_doc_links_only_to_existing_files():
     paths = set(FILE_LINK.findall(_doc()))
-    assert "dpo/loss.py" in paths
+    assert "dpo/loss/__init__.py" in paths
     missing = sorted(path for path in paths if not (ROOT / path).is_file())
     assert not missing, f"docs/dpo.md names files that do not exist: {missing}"
 

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from dpo.loss import LOSS_TYPES, chosen_nll_loss, dpo_loss
+from dpo.loss import LOSS_TYPES, LOSSES, dpo_loss
 
 BETA = 0.5
 PI_C = torch.tensor([-10.0, -5.0, -12.0])
@@ -27,7 +27,7 @@ LEN_R = torch.tensor([4.0, 5.0, 2.0])
 
 
 def loss_of(loss_type, *, pi_c=PI_C, pi_r=PI_R, ref_c=REF_C, ref_r=REF_R, beta=BETA, **kw):
-    if loss_type in ("ipo", "simpo"):
+    if any(LOSSES[t].lengths for t in ([loss_type] if isinstance(loss_type, str) else loss_type)):
         kw = {"chosen_lengths": LEN_C, "rejected_lengths": LEN_R, **kw}
     return dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=beta, loss_type=loss_type, **kw)
 
@@ -105,16 +105,28 @@ def test_swapping_chosen_and_rejected_flips_delta():
     torch.testing.assert_close(swapped, losses + (chosen_r - rejected_r))
 
 
+# Where a loss does not raise log π(y⁺) and lower log π(y⁻) on all three pairs, and why.
+GRADIENT_EXCEPTIONS = {
+    "hinge": ([1, 2], [1, 2]),  # pair 1's margin βΔ = 1 is past the hinge: no gradient
+    "sppo_hard": ([1, 2], [1, 2]),  # pair 1's log-ratios sit at their targets ±1/(2β) already
+    "discopop": ([0, 2], [0, 2]),  # at Δ = 0 its gradient points the other way (delta.py)
+    "apo_down": (None, [0, 1, 2]),  # lowers the chosen likelihood too, on purpose
+    "sft": ([0, 1, 2], None),  # reads the chosen responses only
+}
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_gradient_raises_chosen_and_lowers_rejected(loss_type):
-    """A gradient-descent step moves log π(y⁺) up and log π(y⁻) down, for every loss type
-    (hinge only where its margin is below 1, so on pairs 2 and 3)."""
+    """A gradient-descent step moves log π(y⁺) up and log π(y⁻) down, for every loss type, on
+    the pairs where it pushes at all (`GRADIENT_EXCEPTIONS`)."""
     pi_c, pi_r = PI_C.clone().requires_grad_(), PI_R.clone().requires_grad_()
     losses, _, _ = loss_of(loss_type, pi_c=pi_c, pi_r=pi_r)
     losses.sum().backward()
-    active = slice(1, 3) if loss_type == "hinge" else slice(0, 3)
-    assert (pi_c.grad[active] < 0).all(), pi_c.grad
-    assert (pi_r.grad[active] > 0).all(), pi_r.grad
+    up, down = GRADIENT_EXCEPTIONS.get(loss_type, ([0, 1, 2], [0, 1, 2]))
+    if up is not None:
+        assert (pi_c.grad[up] < 0).all(), pi_c.grad
+    if down is not None:
+        assert (pi_r.grad[down] > 0).all(), pi_r.grad
 
 
 def test_sigmoid_gradient_is_weighted_by_sigma_of_minus_beta_delta():
@@ -139,19 +151,51 @@ def test_rewards_are_detached():
         assert not chosen_r.requires_grad and not rejected_r.requires_grad
 
 
-def test_chosen_nll_loss_is_the_token_mean():
-    """RPO term: −(−10 − 5 − 12) / (2 + 5 + 4) = 27 / 11 = 2.4545455."""
-    torch.testing.assert_close(chosen_nll_loss(PI_C, LEN_C), torch.tensor(27 / 11))
+def test_sft_is_the_token_mean():
+    """sft: −(−10 − 5 − 12) / (2 + 5 + 4) = 27 / 11 = 2.4545455, the mean of the per-pair values
+    −log π(y⁺_i)·B/N = 30/11, 15/11, 36/11."""
+    losses, _, _ = loss_of("sft")
+    torch.testing.assert_close(losses, torch.tensor([30 / 11, 15 / 11, 36 / 11]))
+    torch.testing.assert_close(losses.mean(), torch.tensor(27 / 11))
 
 
-def test_chosen_nll_loss_divides_by_the_given_token_count():
+def test_sft_divides_by_the_given_token_count():
     """Split the batch above into micro-batches {0} and {1, 2} of one step (mean of the two):
     each divides by the step's 11 tokens / 2 micro-batches, and the mean is the step's token
     mean, 27/11 — where dividing each by its own count gives (10/2 + 17/9) / 2 = 3.4444."""
-    halves = [chosen_nll_loss(PI_C[i], LEN_C[i], num_tokens=11 / 2) for i in ([0], [1, 2])]
+    def half(rows, **kw):
+        return dpo_loss(PI_C[rows], PI_R[rows], None, None, beta=BETA, loss_type="sft",
+                        chosen_lengths=LEN_C[rows], rejected_lengths=LEN_R[rows], **kw)[0].mean()
+
+    halves = [half(rows, num_tokens=11 / 2) for rows in ([0], [1, 2])]
     torch.testing.assert_close((halves[0] + halves[1]) / 2, torch.tensor(27 / 11))
-    own = [chosen_nll_loss(PI_C[i], LEN_C[i]) for i in ([0], [1, 2])]
+    own = [half(rows) for rows in ([0], [1, 2])]
     torch.testing.assert_close((own[0] + own[1]) / 2, torch.tensor(31 / 9))
+
+
+def test_a_mixture_is_the_weighted_sum_of_its_parts():
+    """MPO: loss_type sigmoid + bco_pair + sft with weights 0.8, 0.2, 1.0 gives per pair
+    0.8·L_sigmoid + 0.2·L_bco + 1.0·L_sft, each term returned unweighted; the rewards are the
+    reference-based ones, β·log π/π_ref."""
+    types, weights = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]
+    losses, chosen_r, rejected_r, terms = loss_of(types, loss_weights=weights, return_terms=True)
+    parts = [loss_of(t)[0] for t in types]
+    assert list(terms) == types
+    for name, part in zip(types, parts):
+        torch.testing.assert_close(terms[name], part)
+    torch.testing.assert_close(losses, sum(w * p for w, p in zip(weights, parts)))
+    torch.testing.assert_close(chosen_r, BETA * (PI_C - REF_C))
+    torch.testing.assert_close(rejected_r, BETA * (PI_R - REF_R))
+    # One type with weight 1 is that type.
+    torch.testing.assert_close(loss_of(["ipo"], loss_weights=[1.0])[0], loss_of("ipo")[0])
+
+
+def test_rpo_is_dpo_plus_alpha_sft():
+    """RPO (DPO + α·NLL on y⁺) is the mixture [sigmoid, sft] with weights [1, α]."""
+    alpha = 0.5
+    losses, _, _ = loss_of(["sigmoid", "sft"], loss_weights=[1.0, alpha])
+    want = loss_of("sigmoid")[0] + alpha * loss_of("sft")[0]
+    torch.testing.assert_close(losses, want)
 
 
 @pytest.mark.parametrize(
@@ -165,6 +209,12 @@ def test_chosen_nll_loss_divides_by_the_given_token_count():
         ({"label_smoothing": -0.1}, "label_smoothing"),
         ({"loss_type": "robust", "label_smoothing": 0.5}, "label_smoothing"),
         ({"loss_type": "hinge", "label_smoothing": 0.1}, "label_smoothing"),
+        ({"loss_type": "exo_pair", "label_smoothing": 0.0}, r"label_smoothing.*\(0.0, 0.5\)"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "loss_weights: 1 weights"),
+        ({"loss_type": ["sigmoid", "sigmoid"]}, "lists a type twice"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, -1.0]}, "loss_weights"),
+        ({"loss_type": "discopop", "discopop_tau": 0.0}, "discopop_tau"),
+        ({"loss_type": "sigmoid_norm"}, "chosen_lengths"),
         ({"loss_type": "sigmoid", "simpo_gamma": 0.5}, "simpo_gamma"),
         ({"loss_type": "ipo"}, "chosen_lengths"),
         ({"loss_type": "simpo", "chosen_lengths": LEN_C}, "rejected_lengths"),

@@ -117,9 +117,11 @@ def test_dpo_step_uses_them_instead_of_a_reference_forward(accelerator, referenc
     ds = precompute(accelerator, reference, pairs_dataset(), tmp_path)
     batch = PreferenceCollator(PAD)([ds[i] for i in range(4)])
     live = {k: v for k, v in batch.items() if k not in REF_LOGPS_COLUMNS}
-    _, losses, chosen_r, rejected_r = dpo_step(accelerator, cfg, policy, reference, live)
+    out = dpo_step(accelerator, cfg, policy, reference, live)
+    losses, chosen_r, rejected_r = out.losses, out.chosen_rewards, out.rejected_rewards
     with ForwardCounter(reference) as counter:
-        _, losses_pre, chosen_pre, rejected_pre = dpo_step(accelerator, cfg, policy, None, batch)
+        pre = dpo_step(accelerator, cfg, policy, None, batch)
+        losses_pre, chosen_pre, rejected_pre = pre.losses, pre.chosen_rewards, pre.rejected_rewards
         dpo_step(accelerator, cfg, policy, reference, batch)
     assert counter.calls == 0
     assert chosen_r.abs().min() > 0

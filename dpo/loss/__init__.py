@@ -1,0 +1,218 @@
+"""The preference-loss family: pure functions of per-sequence log-probs, one entry point.
+
+Every loss takes `(B,)` tensors of *summed* log-probs, log π(y|x) = Σ_t log π(y_t|x, y_<t) over
+the response tokens, for the policy π and the frozen reference π_ref, on the chosen (y⁺) and
+rejected (y⁻) response of each pair (`Scores`), and returns per-pair losses `(B,)`; the caller
+takes the mean. Most are written in the difference of implicit rewards (DPO paper, §4,
+r(x, y) = β·log π/π_ref):
+
+    Δ = (log π(y⁺|x) − log π_ref(y⁺|x)) − (log π(y⁻|x) − log π_ref(y⁻|x))
+
+Direct Preference Optimization needs no reward model and no RL rollouts: the Bradley–Terry
+likelihood of the human preference, written with the policy's own implicit reward, is the loss.
+
+The family, one module each, and `LOSSES`, the table of names that `dpo_loss` reads:
+
+- `dpo.loss.delta`: functions of Δ — sigmoid (DPO, cDPO), robust, exo_pair, discopop,
+  sigmoid_norm, ipo, hinge, aot, aot_unpaired;
+- `dpo.loss.anchored`: a term on each response's own log-ratio — nca_pair, bco_pair, sppo_hard,
+  apo_zero, apo_down;
+- `dpo.loss.reference_free`: no reference model — simpo, sft.
+
+Several types with weights make a mixture (MPO): the weighted sum of their losses.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from dpo.loss import anchored, delta, reference_free
+from dpo.loss.anchored import BCOBaseline
+from dpo.loss.scores import LossOptions, Scores
+
+__all__ = ["BCOBaseline", "LOSSES", "LOSS_TYPES", "LossOptions", "Scores", "check_loss_options",
+           "dpo_loss", "needs_reference"]
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One entry of the table: the function, what it reads, and the label smoothing it takes."""
+
+    fn: Callable[[Scores, LossOptions], torch.Tensor]
+    reference: bool = True  # reads π_ref's log-probs
+    lengths: bool = False  # reads the token counts
+    # Label smoothing ε: (low, high, closed at high) it may take, and its value when unset;
+    # None: the loss has none.
+    smoothing: tuple[float, float, bool] | None = None
+    default_smoothing: float = 0.0
+
+
+LOSSES = {
+    "sigmoid": Loss(delta.sigmoid, smoothing=(0.0, 0.5, True)),
+    "robust": Loss(delta.robust, smoothing=(0.0, 0.5, False)),
+    "exo_pair": Loss(delta.exo_pair, smoothing=(0.0, 0.5, False), default_smoothing=1e-3),
+    "discopop": Loss(delta.discopop),
+    "sigmoid_norm": Loss(delta.sigmoid_norm, lengths=True),
+    "ipo": Loss(delta.ipo, lengths=True),
+    "hinge": Loss(delta.hinge),
+    "aot": Loss(delta.aot, smoothing=(0.0, 0.5, True)),
+    "aot_unpaired": Loss(delta.aot_unpaired, smoothing=(0.0, 0.5, True)),
+    "nca_pair": Loss(anchored.nca_pair),
+    "bco_pair": Loss(anchored.bco_pair),
+    "sppo_hard": Loss(anchored.sppo_hard),
+    "apo_zero": Loss(anchored.apo_zero),
+    "apo_down": Loss(anchored.apo_down),
+    "simpo": Loss(reference_free.simpo, reference=False, lengths=True),
+    "sft": Loss(reference_free.sft, reference=False, lengths=True),
+}
+LOSS_TYPES = tuple(LOSSES)
+
+
+def needs_reference(loss_types: str | Sequence[str]) -> bool:
+    """Whether a loss (or any loss of a mixture) reads the reference model's log-probs."""
+    return any(LOSSES[t].reference for t in _as_list(loss_types))
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    *,
+    beta: float,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float | None = None,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    simpo_gamma: float = 0.0,
+    discopop_tau: float = 0.05,
+    bco_delta: torch.Tensor | float = 0.0,
+    num_tokens: torch.Tensor | float | None = None,
+    return_terms: bool = False,
+):
+    """Per-pair preference losses and the (detached) implicit rewards.
+
+    `loss_type` names one loss of `LOSSES` (formula and paper in each function's docstring), or
+    several, whose losses are summed with `loss_weights` (default 1 each): a mixture (MPO).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: `(B,)` summed log-probs under the policy.
+        ref_chosen_logps, ref_rejected_logps: `(B,)` the same under the reference (None when
+            every loss is reference-free).
+        beta: β > 0, the strength of the KL penalty that keeps π near π_ref (inverse temperature).
+        label_smoothing: ε, for the losses that take it; None for each loss's default (0; EXO:
+            1e-3).
+        chosen_lengths, rejected_lengths: `(B,)` response token counts (the losses marked
+            `lengths`); positive, which the data pipeline guarantees.
+        simpo_gamma: γ for ``simpo``. discopop_tau: τ for ``discopop``.
+        bco_delta: δ for ``bco_pair`` (see `BCOBaseline`).
+        num_tokens: the token-mean denominator of ``sft`` (see `reference_free.sft`).
+        return_terms: also return `{type: (B,) unweighted losses}`.
+
+    Returns:
+        `(losses, chosen_rewards, rejected_rewards)`, each `(B,)` (and the terms if asked).
+        Rewards are β·(log π − log π_ref) — when no loss reads the reference, SimPO's
+        β·log π/|y| — and detached: they are metrics, not loss terms.
+    """
+    types = _as_list(loss_type)
+    weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
+    check_loss_options(beta=beta, loss_type=types, loss_weights=weights,
+                       label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
+                       discopop_tau=discopop_tau)
+    scores = Scores(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                    ref_rejected_logps, chosen_lengths, rejected_lengths)
+    _check_tensors(scores, types)
+    terms = {}
+    for name in types:
+        options = LossOptions(beta, _smoothing(name, label_smoothing), simpo_gamma, discopop_tau,
+                              bco_delta, num_tokens)
+        terms[name] = LOSSES[name].fn(scores, options)  # (B,)
+    losses = sum(w * terms[name] for name, w in zip(types, weights))  # (B,)
+    if needs_reference(types):
+        chosen_rewards, rejected_rewards = scores.chosen_logratios, scores.rejected_logratios
+    else:
+        chosen_rewards = scores.policy_chosen / scores.chosen_lengths
+        rejected_rewards = scores.policy_rejected / scores.rejected_lengths
+    rewards = ((beta * chosen_rewards).detach(), (beta * rejected_rewards).detach())
+    return (losses, *rewards, terms) if return_terms else (losses, *rewards)
+
+
+def check_loss_options(
+    *, beta: float, loss_type: str | Sequence[str], loss_weights: Sequence[float] | None = None,
+    label_smoothing: float | None = None, simpo_gamma: float = 0.0, discopop_tau: float = 0.05,
+) -> None:
+    """Raise ValueError, naming the parameter, for a loss configuration `dpo_loss` rejects."""
+    types = _as_list(loss_type)
+    for name in types:
+        if name not in LOSSES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {name!r}")
+    if len(set(types)) < len(types):
+        raise ValueError(f"loss_type lists a type twice: {types}; give each once, with its "
+                         "weight in loss_weights")
+    if loss_weights is not None:
+        if len(loss_weights) != len(types):
+            raise ValueError(f"loss_weights: {len(loss_weights)} weights for {len(types)} loss "
+                             f"types ({', '.join(types)}); give one for each")
+        if not all(w > 0 and w != float("inf") for w in loss_weights):
+            raise ValueError(f"loss_weights must be finite and > 0, got {list(loss_weights)}")
+    if not beta > 0 or beta == float("inf"):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if label_smoothing is not None:
+        takes = [t for t in types if LOSSES[t].smoothing is not None]
+        if not takes and label_smoothing != 0:
+            raise ValueError(f"label_smoothing: loss_type {', '.join(types)} has none (it is "
+                             f"taken by {', '.join(t for t in LOSSES if LOSSES[t].smoothing)})")
+        for name in takes:
+            low, high, closed = LOSSES[name].smoothing
+            ok = (low <= label_smoothing <= high if closed else low <= label_smoothing < high)
+            if name == "exo_pair":  # ε = 0 makes EXO's log ε infinite
+                ok = ok and label_smoothing > 0
+            if not ok:
+                bounds = f"{'(' if name == 'exo_pair' else '['}{low}, {high}{']' if closed else ')'}"
+                raise ValueError(f"label_smoothing for loss_type={name!r} must lie in {bounds}, "
+                                 f"got {label_smoothing!r}")
+    if simpo_gamma != 0 and "simpo" not in types:
+        raise ValueError(f"simpo_gamma is used by loss_type='simpo' only, got {simpo_gamma!r} "
+                         f"with loss_type={', '.join(types)}")
+    if not discopop_tau > 0 or discopop_tau == float("inf"):
+        raise ValueError(f"discopop_tau must be a finite number > 0, got {discopop_tau!r}")
+
+
+def _as_list(loss_type: str | Sequence[str]) -> list[str]:
+    return [loss_type] if isinstance(loss_type, str) else list(loss_type)
+
+
+def _smoothing(name: str, label_smoothing: float | None) -> float:
+    spec = LOSSES[name]
+    if spec.smoothing is None:
+        return 0.0
+    return spec.default_smoothing if label_smoothing is None else label_smoothing
+
+
+def _check_tensors(scores: Scores, types: list[str]) -> None:
+    """Raise ValueError naming the missing or misshapen tensor. Checks shapes only: looking at
+    tensor values would force a device sync on every step."""
+    names = ["policy_chosen", "policy_rejected"]
+    if needs_reference(types):
+        names += ["ref_chosen", "ref_rejected"]
+    if any(LOSSES[t].lengths for t in types):
+        names += ["chosen_lengths", "rejected_lengths"]
+    for name in names:
+        if getattr(scores, name) is None:
+            arg = name if name.endswith("lengths") else f"{name}_logps"
+            why = ("loss_type " + ", ".join(t for t in types if LOSSES[t].lengths)
+                   + " normalises by response length" if name.endswith("lengths")
+                   else "the reference log-probs are needed")
+            raise ValueError(f"{arg} is required: {why}")
+    shape = scores.policy_chosen.shape
+    if len(shape) != 1:
+        raise ValueError(f"policy_chosen_logps must have shape (B,), got {tuple(shape)}")
+    for name in names:
+        if getattr(scores, name).shape != shape:
+            arg = name if name.endswith("lengths") else f"{name}_logps"
+            raise ValueError(f"{arg} has shape {tuple(getattr(scores, name).shape)}, expected "
+                             f"{tuple(shape)} like policy_chosen_logps")
