@@ -8,6 +8,7 @@ pair with β = 0.1 (summed log-probs):
     Δ = 3.0 − (−2.0) = 5.0,   βΔ = 0.5
 """
 import ast
+import json
 import math
 import re
 from pathlib import Path
@@ -243,3 +244,20 @@ def test_code_tour_line_numbers_point_at_their_definitions():
     wrong = [f"{name} ({a}–{b}): defined at {definitions.get(name)}" for name, a, b in refs
              if (int(a), int(b)) not in definitions.get(name, [])]
     assert not wrong, wrong
+
+
+def test_the_real_pair_of_section_1_is_in_the_hh_test_split():
+    """docs/dpo.md §1 quotes one real HH-RLHF pair as chosen / rejected: it is there, that way."""
+    import gzip
+
+    from tests.conftest import SHARED_DATA, require_shared
+
+    path = require_shared(SHARED_DATA / "hh_rlhf_helpful_base_test.jsonl.gz")
+    prompt = "\n\nHuman: Do you know the singer Adele?\n\nAssistant: "
+    want = {"chosen": prompt + "Sure. She’s a very popular singer.",
+            "rejected": prompt + "No, I’m sorry, I’m afraid I don’t."}
+    with gzip.open(path, "rt") as f:
+        assert any(json.loads(line) == want for line in f)
+    for text in ("Do you know the singer Adele?", "Sure. She’s a very popular singer.",
+                 "No, I’m sorry, I’m afraid I don’t."):
+        assert text in _doc()
