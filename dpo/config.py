@@ -111,6 +111,12 @@ class TrainConfig:
                                          "exo_pair 1e-3)")
     simpo_gamma: float = _opt(0.0, "γ, the target margin of SimPO")
     discopop_tau: float = _opt(0.05, "τ, the temperature of DiscoPOP's modulation")
+    f_divergence_type: str = _opt("reverse_kl", "divergence from the reference whose score "
+                                  "difference sigmoid, robust, exo_pair, discopop and hinge push "
+                                  "(f-DPO); reverse_kl is DPO's",
+                                  choices=("reverse_kl", "forward_kl", "js_divergence",
+                                           "alpha_divergence"))
+    f_alpha_divergence_coef: float = _opt(0.5, "α of alpha_divergence")
     bco_baseline: str = _opt("running_mean", "δ of bco_pair: the running mean of the rewards, or "
                              "none (δ = 0)", choices=("running_mean", "none"))
     rpo_alpha: float = _opt(0.0, "RPO: adds sft to loss_type with this weight (an alias of "
@@ -199,12 +205,18 @@ class TrainConfig:
             check_loss_options(beta=self.beta, loss_type=self.loss_type,
                                loss_weights=self.loss_weights,
                                label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma,
-                               discopop_tau=self.discopop_tau)
+                               discopop_tau=self.discopop_tau,
+                               f_divergence_type=self.f_divergence_type,
+                               f_alpha_divergence_coef=self.f_alpha_divergence_coef)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.discopop_tau != default_of("discopop_tau") and "discopop" not in self.loss_type:
             raise ConfigError(f"discopop_tau is the temperature of loss_type discopop, not of "
                               f"{types}; drop it")
+        if (self.f_alpha_divergence_coef != default_of("f_alpha_divergence_coef")
+                and self.f_divergence_type != "alpha_divergence"):
+            raise ConfigError("f_alpha_divergence_coef is the α of f_divergence_type "
+                              f"alpha_divergence, not of {self.f_divergence_type}; drop it")
         from dpo.data import DATA_FORMATS
         from dpo.data.mixture import PER_DATASET, check_mixture
         from dpo.data.sources import check_streaming

@@ -50,7 +50,9 @@ def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batc
             policy_out.chosen_logps, policy_out.rejected_logps, ref_chosen, ref_rejected,
             beta=cfg.beta, loss_type=cfg.loss_type, loss_weights=cfg.loss_weights,
             label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-            discopop_tau=cfg.discopop_tau, bco_delta=bco_delta, num_tokens=num_tokens,
+            discopop_tau=cfg.discopop_tau, f_divergence_type=cfg.f_divergence_type,
+            f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
+            bco_delta=bco_delta, num_tokens=num_tokens,
             chosen_lengths=policy_out.chosen_lengths, rejected_lengths=policy_out.rejected_lengths,
             return_terms=True)
     return StepOutput(policy_out, losses, chosen_r, rejected_r, terms)

@@ -91,6 +91,14 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
     (["--loss-type", "discopop", "--discopop-tau", "0"], "discopop_tau must be a finite"),
     (["--loss-type", "sigmoid", "sft", "--rpo-alpha", "0.5"], "has it already"),
     (["--rpo-alpha=-1"], "rpo_alpha must be >= 0"),
+    (["--loss-type", "ipo", "--f-divergence-type", "js_divergence"],
+     "loss_type ipo is not written in the score difference"),
+    (["--loss-type", "sigmoid", "sft", "--f-divergence-type", "forward_kl"],
+     "loss_type sft is not written"),
+    (["--f-alpha-divergence-coef", "0.3"], "f_alpha_divergence_coef is the α of"),
+    (["--f-divergence-type", "alpha_divergence", "--f-alpha-divergence-coef", "0"],
+     "f_alpha_divergence_coef must be a finite number > 0"),
+    (["--f-divergence-type", "kl"], "f_divergence_type: 'kl' is not one of"),
 ])
 def test_bad_values_raise_config_error(flags, message):
     with pytest.raises(ConfigError, match=message):

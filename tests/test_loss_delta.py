@@ -75,3 +75,36 @@ def test_the_length_normalised_losses_use_the_counts():
     close(halved, [-torch.nn.functional.logsigmoid(torch.tensor(0.1875)).item(), 0.69314718,
                    -torch.nn.functional.logsigmoid(torch.tensor(-0.1875)).item()])
     assert not torch.equal(halved, loss_of("sigmoid_norm")[0])
+
+
+def test_f_divergence_score_differences_by_hand():
+    """The score difference of each f-divergence on pair 1 (log-ratios l⁺ = 1, l⁻ = −1), and the
+    sigmoid loss on it (β = 0.5):
+
+    - reverse_kl: Δ = 2, L = sp(1) = 0.31326169 (DPO);
+    - forward_kl: Δ = e − e⁻¹ = 2.35040239, L = sp(1.17520119) = 0.26907772;
+    - js_divergence: Δ = 2 − (softplus(1) − softplus(−1)) = 2 − 1 = 1, L = sp(0.5) = 0.47407698;
+    - alpha_divergence, α = 0.5: Δ = (e^0.5 − e^−0.5)/0.5 = 2.08438122, L = sp(1.04219061) =
+      0.30208873.
+
+    Pair 2 (π = π_ref) has Δ = 0 under every divergence: L = ln 2. Pair 3 mirrors pair 1."""
+    want = {"reverse_kl": 0.31326169, "forward_kl": 0.26907772, "js_divergence": 0.47407698,
+            "alpha_divergence": 0.30208873}
+    for kind, first in want.items():
+        losses = loss_of("sigmoid", f_divergence_type=kind)[0]
+        torch.testing.assert_close(losses[:2], torch.tensor([first, math.log(2)]))
+        assert losses[2] > losses[1] > losses[0]
+
+
+def test_alpha_divergence_coefficient_one_is_forward_kl():
+    torch.testing.assert_close(
+        loss_of("hinge", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)[0],
+        loss_of("hinge", f_divergence_type="forward_kl")[0])
+
+
+def test_f_divergence_exponentials_do_not_overflow():
+    """A log-ratio of −1000 would make e^(−l) overflow float32: it is capped, the loss finite."""
+    pi_c = torch.tensor([-1010.0])
+    losses = loss_of("sigmoid", pi_c=pi_c, pi_r=torch.tensor([-5.0]), ref_c=torch.tensor([-10.0]),
+                     ref_r=torch.tensor([-5.0]), f_divergence_type="forward_kl")[0]
+    assert torch.isfinite(losses).all()

@@ -48,16 +48,18 @@ class Loss:
     # None: the loss has none.
     smoothing: tuple[float, float, bool] | None = None
     default_smoothing: float = 0.0
+    f_divergence: bool = False  # written in the score difference, so any f-divergence's
 
 
 LOSSES = {
-    "sigmoid": Loss(delta.sigmoid, smoothing=(0.0, 0.5, True)),
-    "robust": Loss(delta.robust, smoothing=(0.0, 0.5, False)),
-    "exo_pair": Loss(delta.exo_pair, smoothing=(0.0, 0.5, False), default_smoothing=1e-3),
-    "discopop": Loss(delta.discopop),
+    "sigmoid": Loss(delta.sigmoid, smoothing=(0.0, 0.5, True), f_divergence=True),
+    "robust": Loss(delta.robust, smoothing=(0.0, 0.5, False), f_divergence=True),
+    "exo_pair": Loss(delta.exo_pair, smoothing=(0.0, 0.5, False), default_smoothing=1e-3,
+                     f_divergence=True),
+    "discopop": Loss(delta.discopop, f_divergence=True),
     "sigmoid_norm": Loss(delta.sigmoid_norm, lengths=True),
     "ipo": Loss(delta.ipo, lengths=True),
-    "hinge": Loss(delta.hinge),
+    "hinge": Loss(delta.hinge, f_divergence=True),
     "aot": Loss(delta.aot, smoothing=(0.0, 0.5, True)),
     "aot_unpaired": Loss(delta.aot_unpaired, smoothing=(0.0, 0.5, True)),
     "nca_pair": Loss(anchored.nca_pair),
@@ -92,6 +94,8 @@ def dpo_loss(
     discopop_tau: float = 0.05,
     bco_delta: torch.Tensor | float = 0.0,
     num_tokens: torch.Tensor | float | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
     return_terms: bool = False,
 ):
     """Per-pair preference losses and the (detached) implicit rewards.
@@ -111,6 +115,8 @@ def dpo_loss(
         simpo_gamma: γ for ``simpo``. discopop_tau: τ for ``discopop``.
         bco_delta: δ for ``bco_pair`` (see `BCOBaseline`).
         num_tokens: the token-mean denominator of ``sft`` (see `reference_free.sft`).
+        f_divergence_type, f_alpha_divergence_coef: the divergence whose score difference the
+            losses marked `f_divergence` push up (`delta.score_difference`); reverse_kl is DPO's.
         return_terms: also return `{type: (B,) unweighted losses}`.
 
     Returns:
@@ -122,14 +128,15 @@ def dpo_loss(
     weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
     check_loss_options(beta=beta, loss_type=types, loss_weights=weights,
                        label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
-                       discopop_tau=discopop_tau)
+                       discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
+                       f_alpha_divergence_coef=f_alpha_divergence_coef)
     scores = Scores(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                     ref_rejected_logps, chosen_lengths, rejected_lengths)
     _check_tensors(scores, types)
     terms = {}
     for name in types:
         options = LossOptions(beta, _smoothing(name, label_smoothing), simpo_gamma, discopop_tau,
-                              bco_delta, num_tokens)
+                              bco_delta, num_tokens, f_divergence_type, f_alpha_divergence_coef)
         terms[name] = LOSSES[name].fn(scores, options)  # (B,)
     losses = sum(w * terms[name] for name, w in zip(types, weights))  # (B,)
     if needs_reference(types):
@@ -144,6 +151,7 @@ def dpo_loss(
 def check_loss_options(
     *, beta: float, loss_type: str | Sequence[str], loss_weights: Sequence[float] | None = None,
     label_smoothing: float | None = None, simpo_gamma: float = 0.0, discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
 ) -> None:
     """Raise ValueError, naming the parameter, for a loss configuration `dpo_loss` rejects."""
     types = _as_list(loss_type)
@@ -180,6 +188,17 @@ def check_loss_options(
                          f"with loss_type={', '.join(types)}")
     if not discopop_tau > 0 or discopop_tau == float("inf"):
         raise ValueError(f"discopop_tau must be a finite number > 0, got {discopop_tau!r}")
+    if f_divergence_type not in delta.F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {delta.F_DIVERGENCES}, got "
+                         f"{f_divergence_type!r}")
+    without = [t for t in types if not LOSSES[t].f_divergence]
+    if f_divergence_type != "reverse_kl" and without:
+        raise ValueError(f"f_divergence_type {f_divergence_type}: loss_type {', '.join(without)} "
+                         "is not written in the score difference; it is taken by "
+                         f"{', '.join(t for t in LOSSES if LOSSES[t].f_divergence)}")
+    if not f_alpha_divergence_coef > 0 or f_alpha_divergence_coef == float("inf"):
+        raise ValueError("f_alpha_divergence_coef must be a finite number > 0, got "
+                         f"{f_alpha_divergence_coef!r}")
 
 
 def _as_list(loss_type: str | Sequence[str]) -> list[str]:

@@ -2,6 +2,8 @@
 
 Each is a function of Δ = (log π(y⁺) − log π_ref(y⁺)) − (log π(y⁻) − log π_ref(y⁻)) alone (or of
 its per-token form Δ̄), pushing the chosen response's implicit reward above the rejected one's.
+Δ is the score difference of the reverse KL that DPO regularises with; sigmoid, robust, exo_pair,
+discopop and hinge also take that of another f-divergence (`score_difference`).
 They differ in how hard they push a pair that is already ranked right: the logistic loss ever
 more gently, IPO's square not past a target margin, the hinge not at all past a margin of 1/β.
 """
@@ -15,6 +17,40 @@ import torch.nn.functional as F
 from dpo.loss.scores import LossOptions, Scores
 
 
+# f'(u) of each divergence, u = π/π_ref, written in the log-ratio l = log u (f-DPO, Wang et al.
+# 2024, arXiv:2309.16240, Table 1); `score_difference` is f'(u⁺) − f'(u⁻).
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def score_difference(s: Scores, o: LossOptions) -> torch.Tensor:
+    """The score difference the losses of this module push up: Δ for the reverse KL that DPO is
+    built on (`--f-divergence-type reverse_kl`, the default); for another f-divergence f between
+    π and π_ref (f-DPO, Wang et al. 2024, arXiv:2309.16240, Thm. 1), f'(u⁺) − f'(u⁻) with
+    u = π/π_ref, up to the constant factor β and terms that cancel:
+
+        reverse_kl         f'(u) = log u + 1            Δ = l⁺ − l⁻
+        forward_kl         f'(u) = −1/u                 Δ = e^(−l⁻) − e^(−l⁺)
+        js_divergence      f'(u) = log(2u/(1+u))        Δ = l⁺ − l⁻ − (softplus(l⁺) − softplus(l⁻))
+        alpha_divergence   f'(u) = (1 − u^(−α))/α       Δ = (e^(−α·l⁻) − e^(−α·l⁺))/α,  α = coef
+
+    l⁺, l⁻ are the log-ratios log π/π_ref of y⁺, y⁻. All four are 0 at π = π_ref and increase
+    with l⁺ and decrease with l⁻; the exponentials are capped below overflow.
+    """
+    chosen, rejected = s.chosen_logratios, s.rejected_logratios
+    kind = o.f_divergence_type
+    if kind == "reverse_kl":
+        return chosen - rejected
+    if kind == "js_divergence":
+        return chosen - rejected - (F.softplus(chosen) - F.softplus(rejected))
+    alpha = 1.0 if kind == "forward_kl" else o.f_alpha_divergence_coef
+    return (_capped_exp(-alpha * rejected) - _capped_exp(-alpha * chosen)) / alpha
+
+
+def _capped_exp(x: torch.Tensor) -> torch.Tensor:
+    # One below the largest exponent, so that rounding cannot reach inf either.
+    return torch.exp(x.clamp(max=math.log(torch.finfo(x.dtype).max) - 1))
+
+
 def _smoothed_logistic(z: torch.Tensor, eps: float) -> torch.Tensor:
     """−(1−ε)·log σ(z) − ε·log σ(−z): the logistic loss with labels flipped with probability ε."""
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
@@ -26,7 +62,7 @@ def sigmoid(s: Scores, o: LossOptions) -> torch.Tensor:
 
         L = −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ)              ε ∈ [0, 0.5]
     """
-    return _smoothed_logistic(o.beta * s.delta, o.label_smoothing)
+    return _smoothed_logistic(o.beta * score_difference(s, o), o.label_smoothing)
 
 
 def robust(s: Scores, o: LossOptions) -> torch.Tensor:
@@ -35,7 +71,7 @@ def robust(s: Scores, o: LossOptions) -> torch.Tensor:
 
         L = [−(1−ε)·log σ(βΔ) + ε·log σ(−βΔ)] / (1 − 2ε)   ε ∈ [0, 0.5)
     """
-    eps, z = o.label_smoothing, o.beta * s.delta
+    eps, z = o.label_smoothing, o.beta * score_difference(s, o)
     return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
 
 
@@ -45,7 +81,7 @@ def exo_pair(s: Scores, o: LossOptions) -> torch.Tensor:
 
         L = σ(βΔ)·(log σ(βΔ) − log(1−ε)) + σ(−βΔ)·(log σ(−βΔ) − log ε)   ε ∈ (0, 0.5)
     """
-    eps, z = o.label_smoothing, o.beta * s.delta
+    eps, z = o.label_smoothing, o.beta * score_difference(s, o)
     return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - eps))
             + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
 
@@ -56,7 +92,7 @@ def discopop(s: Scores, o: LossOptions) -> torch.Tensor:
 
         L = (1 − σ(βΔ/τ))·(−log σ(βΔ)) + σ(βΔ/τ)·exp(−βΔ)          τ = `discopop_tau`
     """
-    z = o.beta * s.delta
+    z = o.beta * score_difference(s, o)
     modulation = torch.sigmoid(z / o.discopop_tau)
     return -F.logsigmoid(z) * (1 - modulation) + torch.exp(-z) * modulation
 
@@ -85,7 +121,7 @@ def hinge(s: Scores, o: LossOptions) -> torch.Tensor:
 
         L = max(0, 1 − βΔ)
     """
-    return torch.relu(1 - o.beta * s.delta)
+    return torch.relu(1 - o.beta * score_difference(s, o))
 
 
 def aot(s: Scores, o: LossOptions) -> torch.Tensor:

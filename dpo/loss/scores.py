@@ -51,3 +51,5 @@ class LossOptions:
     # The denominator of a token mean (`sft`): the optimizer step's chosen tokens per micro-batch,
     # None for this batch's own.
     num_tokens: torch.Tensor | float | None = None
+    f_divergence_type: str = "reverse_kl"  # the divergence behind the score difference
+    f_alpha_divergence_coef: float = 0.5
