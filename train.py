@@ -88,7 +88,8 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     train_loader, eval_loader, sampler = build_dataloaders(cfg, accelerator, train_ds, eval_ds,
                                                            collate)
     train_loader = accelerator.prepare(train_loader)
-    objective = Objective(accelerator, cfg, train_ds)  # before resuming: BCO's δ is saved
+    # Before resuming: it registers what checkpoints hold of it (BCO's δ, a synced reference).
+    objective = Objective(accelerator, cfg, train_ds, policy, reference)
     eval_loader = eval_loader and accelerator.prepare(eval_loader)
 
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
@@ -146,8 +147,8 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
             if not accelerator.sync_gradients:
                 continue
             # One optimizer step is done: count, log, evaluate and save here, and only here.
-            objective.end_step()
             step += 1
+            objective.end_step(step)
             logger.progress.update(1)
             end_of_epoch = batch_index == len(train_loader)
             if step % cfg.logging_steps == 0 or step == total_steps:

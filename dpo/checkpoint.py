@@ -91,7 +91,9 @@ RUN_IDENTITY = ("model", "dataset", "data_format", "num_samples", "eval_samples"
                 # Which rows are drawn (and so which rows a resume skips past).
                 "dataset_config", "data_dir", "split", "eval_dataset", "eval_dataset_config",
                 "eval_data_dir", "eval_split", "streaming", "shuffle_buffer_size",
-                "dataset_weights", "dataset_num_samples")
+                "dataset_weights", "dataset_num_samples",
+                # What checkpoints hold beside the model (BCO's baseline, a synced reference).
+                "loss_type", "bco_baseline", "sync_ref_model")
 # Settings that may change between a run and its resume without a warning.
 RESUME_ONLY = ("resume_from_checkpoint", "overwrite_output_dir")
 

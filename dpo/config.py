@@ -121,6 +121,11 @@ class TrainConfig:
                              "none (δ = 0)", choices=("running_mean", "none"))
     rpo_alpha: float = _opt(0.0, "RPO: adds sft to loss_type with this weight (an alias of "
                             "--loss-type ... sft --loss-weights ... α); 0 = off")
+    sync_ref_model: bool = _opt(False, "TR-DPO: move the reference towards the policy every "
+                                "ref_model_sync_steps optimizer steps")
+    ref_model_mixup_alpha: float = _opt(0.6, "TR-DPO's α: θ_ref ← α·θ + (1 − α)·θ_ref (1 = a "
+                                        "hard copy)")
+    ref_model_sync_steps: int = _opt(512, "TR-DPO: optimizer steps between reference updates")
     precompute_ref_logps: bool = _opt(False, "compute the reference's log-probs in one pass "
                                       "before training (cached on disk), then free the reference")
     # Optimisation
@@ -213,6 +218,7 @@ class TrainConfig:
         if self.discopop_tau != default_of("discopop_tau") and "discopop" not in self.loss_type:
             raise ConfigError(f"discopop_tau is the temperature of loss_type discopop, not of "
                               f"{types}; drop it")
+        self._check_reference_sync(types)
         if (self.f_alpha_divergence_coef != default_of("f_alpha_divergence_coef")
                 and self.f_divergence_type != "alpha_divergence"):
             raise ConfigError("f_alpha_divergence_coef is the α of f_divergence_type "
@@ -241,6 +247,24 @@ class TrainConfig:
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
             raise ConfigError(f"report_to: {self.report_to} is not installed; "
                               f"pip install {self.report_to}, or use --report-to none")
+
+    def _check_reference_sync(self, types: str) -> None:
+        if not self.sync_ref_model:
+            for name in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
+                if getattr(self, name) != default_of(name):
+                    raise ConfigError(f"{name} sets TR-DPO's reference updates: add "
+                                      "--sync-ref-model, or drop it")
+            return
+        if not needs_reference(self.loss_type):
+            raise ConfigError(f"sync_ref_model: loss_type {types} uses no reference to update")
+        if self.precompute_ref_logps:
+            raise ConfigError("sync_ref_model: precomputed reference log-probs would go stale "
+                              "at the first update; drop --precompute-ref-logps")
+        if not 0 < self.ref_model_mixup_alpha <= 1:
+            raise ConfigError("ref_model_mixup_alpha must lie in (0, 1], got "
+                              f"{self.ref_model_mixup_alpha}")
+        if self.ref_model_sync_steps < 1:
+            raise ConfigError(f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
 
     def per_dataset(self, name: str) -> list:
         """A per-dataset field's value for each dataset: one value given stands for all."""

@@ -127,6 +127,9 @@ def check_reference_layout(accelerator: Accelerator, cfg: TrainConfig) -> None:
     """ConfigError, before anything is loaded, for a layout the reference cannot be placed in."""
     if needs_reference(cfg.loss_type):
         _refuse_fsdp1(accelerator)
+    if cfg.sync_ref_model and accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError("sync_ref_model is not supported under FSDP yet (DDP and DeepSpeed "
+                          "ZeRO-1/2/3 are); drop it or use DeepSpeed")
 
 
 def _refuse_fsdp1(accelerator: Accelerator) -> None:

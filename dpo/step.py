@@ -13,6 +13,7 @@ from dpo.config import TrainConfig
 from dpo.forward import PairLogps, concatenated_forward
 from dpo.logprobs import IGNORE_INDEX
 from dpo.loss import BCOBaseline, dpo_loss
+from dpo.ref_sync import ReferenceSync
 
 
 @dataclass
@@ -65,15 +66,22 @@ class Objective:
       summed NLL by the step's chosen tokens per micro-batch (`sft_num_tokens`), fixed per epoch
       by the sampler's global batches;
     - ``bco_pair``'s baseline δ (`BCOBaseline`) moves once per optimizer step and is saved in
-      checkpoints.
+      checkpoints;
+    - with `--sync-ref-model` (TR-DPO, `dpo.ref_sync`) the reference follows the policy every few
+      steps, and is saved in checkpoints too.
+    Create it before a resume loads its checkpoint, which restores what it registers.
     """
 
-    def __init__(self, accelerator: Accelerator, cfg: TrainConfig, train_ds):
+    def __init__(self, accelerator: Accelerator, cfg: TrainConfig, train_ds, policy=None,
+                 reference=None):
         self.accelerator, self.cfg = accelerator, cfg
         self.bco = (BCOBaseline() if "bco_pair" in cfg.loss_type
                     and cfg.bco_baseline == "running_mean" else None)
-        if self.bco is not None:
-            accelerator.register_for_checkpointing(self.bco)
+        self.sync = (ReferenceSync(accelerator, cfg, policy, reference) if cfg.sync_ref_model
+                     else None)
+        for state in (self.bco, self.sync):
+            if state is not None:
+                accelerator.register_for_checkpointing(state)
         self.token_counts = chosen_token_counts(train_ds) if "sft" in cfg.loss_type else None
         self.step_tokens: list[float] = []
 
@@ -97,10 +105,13 @@ class Objective:
             self.bco.add(out.chosen_rewards, out.rejected_rewards)
         return out
 
-    def end_step(self) -> None:
-        """At an optimizer-step boundary: fold the step's rewards into δ (an all-reduce)."""
+    def end_step(self, step: int) -> None:
+        """After optimizer step `step` (from 1): fold the step's rewards into δ (an all-reduce),
+        and sync the reference when it is due."""
         if self.bco is not None:
             self.bco.update(self.accelerator)
+        if self.sync is not None:
+            self.sync.end_step(step)
 
 
 def chosen_token_counts(dataset) -> np.ndarray:

@@ -111,6 +111,21 @@ def test_sigkill_then_resume_is_exact_with_bco_baseline(env, tmp_path):
     resume_and_compare(env, out, reference, *mpo)
 
 
+def test_sigkill_then_resume_is_exact_with_a_synced_reference(env, tmp_path):
+    """TR-DPO's reference, updated every 3 steps, is in every checkpoint: a killed run resumes
+    with the reference it had (not the starting one) and ends bit-identical."""
+    sync = ["--sync-ref-model", "--ref-model-sync-steps", "3", "--ref-model-mixup-alpha", "0.5"]
+    reference = tmp_path / "reference"
+    run_train(env, *RUN, "--output-dir", str(reference), *sync)
+    out = tmp_path / "out"
+    proc, lines = start(env, out, *sync)
+    wait_for(proc, lambda: any(line.startswith(f"step {KILL_STEPS[2]}:") for line in lines))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert int(checkpoints(out)[-1].name.split("-")[1]) > 3, "a sync before the last checkpoint"
+    resume_and_compare(env, out, reference, *sync)
+
+
 @pytest.mark.parametrize("save_step, point", zip(KILL_STEPS, ["mid-state", "before-rename",
                                                                 "mid-state"]))
 def test_kill_during_a_save_keeps_the_previous_checkpoint(env, reference, tmp_path, save_step,

@@ -99,6 +99,10 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
     (["--f-divergence-type", "alpha_divergence", "--f-alpha-divergence-coef", "0"],
      "f_alpha_divergence_coef must be a finite number > 0"),
     (["--f-divergence-type", "kl"], "f_divergence_type: 'kl' is not one of"),
+    (["--ref-model-sync-steps", "8"], "ref_model_sync_steps sets TR-DPO's reference updates"),
+    (["--sync-ref-model", "--loss-type", "simpo"], "uses no reference to update"),
+    (["--sync-ref-model", "--precompute-ref-logps"], "would go stale"),
+    (["--sync-ref-model", "--ref-model-mixup-alpha", "1.5"], r"must lie in \(0, 1\]"),
 ])
 def test_bad_values_raise_config_error(flags, message):
     with pytest.raises(ConfigError, match=message):

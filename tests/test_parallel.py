@@ -43,6 +43,8 @@ PORT_FLAG = {"torchrun": "--master_port"}
 HH_HARMLESS = SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl.gz"
 EXTRA_FLAGS = {"": [], "precompute": ["--precompute-ref-logps"], "rpo": ["--rpo-alpha", "0.5"],
                # 36 + 12 rows drawn; 11 eval rows: 8 of the demo's test split, 3 held-out HH pairs
+               "trdpo": ["--sync-ref-model", "--ref-model-sync-steps", "2",
+                         "--ref-model-mixup-alpha", "0.5"],
                "mpo": ["--loss-type", "sigmoid", "bco_pair", "sft", "--loss-weights", "0.8",
                        "0.2", "1"],
                "mixture": ["--dataset", "builtin:demo-preferences", str(HH_HARMLESS),
@@ -115,6 +117,22 @@ def test_a_loss_mixture_is_the_same_however_the_step_is_split(runs):
         assert_same_logs(train_logs(out), logs, rel=1e-4)
         assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-4)
         assert_same_weights(out, single, rel=1e-5 if layout.startswith("acc") else 1e-4)
+
+
+def test_a_synced_reference_is_the_same_on_two_processes_and_under_zero3(runs):
+    """TR-DPO (reference ← ½·policy + ½·reference every 2 steps): DDP (a replica each) and
+    ZeRO-3 (both models sharded, gathered pair by pair) equal one process; the sync shows in the
+    numbers from step 3 on, not before."""
+    single, _ = runs("single+trdpo")
+    frozen = train_logs(runs("single")[0])
+    synced = train_logs(single)
+    assert_same_logs(synced[:2], frozen[:2], rel=1e-6)
+    assert synced[2]["rewards/chosen"] != pytest.approx(frozen[2]["rewards/chosen"], rel=1e-3)
+    for layout in ("ddp+trdpo", "zero3_flags+trdpo"):
+        out, _ = runs(layout)
+        assert_same_logs(train_logs(out), synced, rel=1e-4)
+        assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-4)
+        assert_same_weights(out, single, rel=1e-4)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
