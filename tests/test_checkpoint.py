@@ -95,35 +95,25 @@ def test_sigkill_then_resume_is_exact_with_precomputed_reference(env, tmp_path):
     resume_and_compare(env, out, reference, precompute)
 
 
-def test_sigkill_then_resume_is_exact_with_bco_baseline(env, tmp_path):
-    """BCO's baseline δ (the running mean of the rewards) is in every checkpoint: a killed run
-    resumes with the δ it had, not 0, and ends bit-identical to an uninterrupted run."""
-    mpo = ["--loss-type", "bco_pair", "sft", "--loss-weights", "1", "0.1"]
+def test_sigkill_then_resume_is_exact_with_bco_baseline_and_a_synced_reference(env, tmp_path):
+    """What checkpoints hold beside the model: BCO's baseline δ (the running mean of the rewards)
+    and TR-DPO's reference, updated every 3 steps. A killed run resumes with the δ and the
+    reference it had — not 0 and the starting model — and ends bit-identical."""
+    extra = ["--loss-type", "bco_pair", "sft", "--loss-weights", "1", "0.1", "--sync-ref-model",
+             "--ref-model-sync-steps", "3", "--ref-model-mixup-alpha", "0.5"]
     reference = tmp_path / "reference"
-    run_train(env, *RUN, "--output-dir", str(reference), *mpo)
+    run_train(env, *RUN, "--output-dir", str(reference), *extra)
     out = tmp_path / "out"
-    proc, lines = start(env, out, *mpo)
-    wait_for(proc, lambda: any(line.startswith(f"step {KILL_STEPS[1]}:") for line in lines))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = torch.load(checkpoints(out)[-1] / "custom_checkpoint_0.pkl", weights_only=False)
-    assert saved["count"] > 0 and saved["mean"] != 0
-    resume_and_compare(env, out, reference, *mpo)
-
-
-def test_sigkill_then_resume_is_exact_with_a_synced_reference(env, tmp_path):
-    """TR-DPO's reference, updated every 3 steps, is in every checkpoint: a killed run resumes
-    with the reference it had (not the starting one) and ends bit-identical."""
-    sync = ["--sync-ref-model", "--ref-model-sync-steps", "3", "--ref-model-mixup-alpha", "0.5"]
-    reference = tmp_path / "reference"
-    run_train(env, *RUN, "--output-dir", str(reference), *sync)
-    out = tmp_path / "out"
-    proc, lines = start(env, out, *sync)
+    proc, lines = start(env, out, *extra)
     wait_for(proc, lambda: any(line.startswith(f"step {KILL_STEPS[2]}:") for line in lines))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert int(checkpoints(out)[-1].name.split("-")[1]) > 3, "a sync before the last checkpoint"
-    resume_and_compare(env, out, reference, *sync)
+    last = checkpoints(out)[-1]
+    assert int(last.name.split("-")[1]) > 3, "a reference sync before the last checkpoint"
+    bco = torch.load(last / "custom_checkpoint_0.pkl", weights_only=False)
+    assert bco["count"] > 0 and bco["mean"] != 0
+    assert (last / "custom_checkpoint_1.pkl").is_file()  # the synced reference
+    resume_and_compare(env, out, reference, *extra)
 
 
 @pytest.mark.parametrize("save_step, point", zip(KILL_STEPS, ["mid-state", "before-rename",
