@@ -107,7 +107,7 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     accelerator.init_trackers("dpo", config={k: str(v) for k, v in vars(cfg).items()})
     logger = MetricsLogger(accelerator, output_dir, total_steps, initial_step=step)
     logger.truncate_after(step)
-    metrics = TrainMetrics(accelerator.device, pair_keys(cfg.loss_type))
+    metrics = TrainMetrics(accelerator.device, pair_keys(cfg))
     guard, stop = NonFiniteGuard(accelerator, cfg.skip_nonfinite_steps), StopRequest(accelerator)
     evaluator = Evaluator(accelerator, cfg, logger, tokenizer, eval_loader, prompts, ref_answers,
                           objective)

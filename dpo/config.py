@@ -50,6 +50,9 @@ class TrainConfig:
     attn_implementation: str | None = _opt(None, "e.g. sdpa, eager, flash_attention_2")
     trust_remote_code: bool = _opt(False, "run modelling code shipped with the model (trust it!)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass")
+    router_aux_loss_coef: float | None = _opt(None, "weight of a mixture-of-experts model's "
+                                              "router load-balancing loss, added to the loss "
+                                              "(default: the model config's; 0 = off)")
     # Data
     dataset: list[str] = _opt(["lvwerra/stack-exchange-paired"], "hub name, or a local file or "
                               "folder; several make a mixture (see dataset_weights)")
@@ -191,8 +194,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("weight_decay", "max_grad_norm", "rpo_alpha"):
-            if not getattr(self, name) >= 0:
+        for name in ("weight_decay", "max_grad_norm", "rpo_alpha", "router_aux_loss_coef"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")

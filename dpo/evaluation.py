@@ -38,8 +38,8 @@ def evaluate(accelerator: Accelerator, cfg: TrainConfig, policy, reference, load
         if names:
             sources.append(accelerator.gather_for_metrics(batch["source"]))
     policy.train()
-    stats = torch.cat(rows)  # (pairs, len(pair_keys(cfg.loss_type)))
-    keys = pair_keys(cfg.loss_type)
+    stats = torch.cat(rows)  # (pairs, len(pair_keys(cfg)))
+    keys = pair_keys(cfg)
     results = _means("eval", stats, keys)
     if names:
         source = torch.cat(sources)

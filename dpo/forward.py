@@ -8,6 +8,7 @@ large, and — under DDP and ZeRO — means one forward per backward, which thei
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
-from dpo.config import TrainConfig
+from dpo.config import ConfigError, TrainConfig
 from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_sequence_logps, sequence_logps
 
 
@@ -31,6 +32,7 @@ class PairLogps:
     rejected_lengths: torch.Tensor
     chosen_logits_mean: torch.Tensor  # mean logit over response tokens and vocab (detached)
     rejected_logits_mean: torch.Tensor
+    aux_loss: torch.Tensor | None = None  # a mixture of experts' router balancing loss, ()
 
 
 def concatenated_forward(
@@ -39,6 +41,8 @@ def concatenated_forward(
     *,
     chunked: bool = True,
     chunk_size: int = 256,
+    router_aux: bool = False,
+    full_mask: bool = False,
 ) -> PairLogps:
     """Summed response log-probs of the chosen and rejected halves of `batch`, in one model call.
 
@@ -50,12 +54,20 @@ def concatenated_forward(
         chunked: project only response tokens onto the vocabulary, in chunks
             (`chunked_sequence_logps`); False computes the full `[2B, T, V]` logits.
         chunk_size: tokens per LM-head call on the chunked path.
+        router_aux: also return a mixture-of-experts model's router load-balancing loss
+            (`output_router_logits`), computed over the real tokens only: the model then gets
+            the real attention mask, not the mask-free fast path (`causal_attention_mask`),
+            which would let padding into the balance.
+        full_mask: pass the real attention mask even without `router_aux` (for a reference that
+            must compute exactly what such a policy computes).
     """
     labels = batch["labels"]
     if labels.shape[0] % 2:
         raise ValueError(f"a [chosen; rejected] batch has an even number of rows, got "
                          f"{labels.shape[0]}")
-    attention_mask = causal_attention_mask(batch["attention_mask"])
+    attention_mask = (batch["attention_mask"] if router_aux or full_mask
+                      else causal_attention_mask(batch["attention_mask"]))
+    extra = {"output_router_logits": True} if router_aux else {}
     if chunked:
         # logits_to_keep=1 makes the model's own LM head cost one position; the last hidden state
         # (after the final norm) goes to our chunked head instead. It is taken from the model's
@@ -63,8 +75,8 @@ def concatenated_forward(
         # output alive until the call returns, also in a no-grad forward.
         unwrapped = extract_model_from_parallel(model)
         with _last_hidden_state(unwrapped) as captured:
-            model(input_ids=batch["input_ids"], attention_mask=attention_mask,
-                  logits_to_keep=1, use_cache=False)
+            out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
+                        logits_to_keep=1, use_cache=False, **extra)
         lm_head = unwrapped.get_output_embeddings()
         if not isinstance(lm_head, nn.Linear):
             raise ChunkedHeadUnsupported(f"its LM head is a {type(lm_head).__name__}, not an "
@@ -74,8 +86,9 @@ def concatenated_forward(
             LogitsTransform.from_config(unwrapped.config))
         vocab_size = lm_head.out_features
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
-                       use_cache=False).logits  # [2B, T, V]
+        out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
+                    use_cache=False, **extra)
+        logits = out.logits  # [2B, T, V]
         logps, lengths = sequence_logps(logits, labels, IGNORE_INDEX)
         mask = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)  # [2B, T-1, 1]
         logits_sums = (logits[:, :-1].detach().float() * mask).sum((1, 2))  # (2B,)
@@ -88,6 +101,7 @@ def concatenated_forward(
         chosen_logps=logps[:half], rejected_logps=logps[half:],
         chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
         chosen_logits_mean=logits_mean[:half], rejected_logits_mean=logits_mean[half:],
+        aux_loss=out.aux_loss if router_aux else None,
     )
 
 
@@ -165,9 +179,11 @@ def check_chunked_head(model: nn.Module, *, device: torch.device | str | None = 
 
 def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module
                       ) -> TrainConfig:
-    """`cfg`, with `chunked_logps` off if `check_chunked_head` rejects the policy's head (the
-    warning printed once). Every process takes the same path: under ZeRO-3 a process on the
-    chunked path and one on the full path would call the sharded LM head unequally often."""
+    """`cfg` settled for the policy at hand: `router_aux_loss_coef` resolved (`settle_router_aux`),
+    and `chunked_logps` off if `check_chunked_head` rejects the policy's head (the warning
+    printed once). Every process takes the same path: under ZeRO-3 a process on the chunked
+    path and one on the full path would call the sharded LM head unequally often."""
+    cfg = settle_router_aux(cfg, extract_model_from_parallel(policy))
     if not cfg.chunked_logps:
         return cfg
     # Under mixed precision the model's own head runs under autocast, the chunked one in fp32.
@@ -179,6 +195,24 @@ def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Mod
     accelerator.print(warning or "warning: chunked log-probs disagree with the model's logits "
                       "on another process; computing the full logits instead")
     return dataclasses.replace(cfg, chunked_logps=False)
+
+
+def settle_router_aux(cfg: TrainConfig, model: nn.Module) -> TrainConfig:
+    """`cfg` with `router_aux_loss_coef` set for `model`: for a mixture of experts (a model whose
+    forward takes `output_router_logits` and whose config has `router_aux_loss_coef`) the
+    config's value unless one was given; for a dense model `cfg` as it is (None or 0: no router
+    loss), and a ConfigError if a non-zero one was given."""
+    coef = getattr(model.config, "router_aux_loss_coef", None)
+    moe = (coef is not None
+           and "output_router_logits" in inspect.signature(type(model).forward).parameters)
+    if moe:
+        if cfg.router_aux_loss_coef is None:
+            cfg = dataclasses.replace(cfg, router_aux_loss_coef=float(coef))
+        return cfg
+    if cfg.router_aux_loss_coef:
+        raise ConfigError(f"router_aux_loss_coef: {type(model).__name__} is not a mixture of "
+                          "experts (it has no router); drop the flag")
+    return cfg
 
 
 class ChunkedHeadUnsupported(RuntimeError):

@@ -29,19 +29,24 @@ PAIR_KEYS = (
 )
 
 
-def pair_keys(loss_types: list[str]) -> tuple[str, ...]:
-    """`PAIR_KEYS`, and for a mixture of losses each term, unweighted, as `loss/<type>`."""
-    return PAIR_KEYS + (tuple(f"loss/{t}" for t in loss_types) if len(loss_types) > 1 else ())
+def pair_keys(cfg) -> tuple[str, ...]:
+    """`PAIR_KEYS`; for a mixture of losses each term, unweighted, as `loss/<type>`; for a
+    mixture of experts its router loss, unweighted, as `aux_loss`."""
+    types = cfg.loss_type
+    return (PAIR_KEYS + (tuple(f"loss/{t}" for t in types) if len(types) > 1 else ())
+            + (("aux_loss",) if cfg.router_aux_loss_coef else ()))
 
 
 def pair_stats(out: StepOutput) -> torch.Tensor:
-    """`[B, len(pair_keys(types))]` float32 statistics of each pair, detached."""
+    """`[B, len(pair_keys(cfg))]` float32 statistics of each pair, detached."""
     chosen, rejected, policy = out.chosen_rewards, out.rejected_rewards, out.policy
     columns = [out.losses, chosen, rejected, chosen > rejected, chosen - rejected,
                policy.chosen_logps, policy.rejected_logps, policy.chosen_logits_mean,
                policy.rejected_logits_mean]
     if len(out.terms) > 1:
         columns += list(out.terms.values())
+    if out.aux_loss is not None:  # one value per batch, the same for each of its pairs
+        columns.append(out.aux_loss.expand_as(out.losses))
     return torch.stack([c.detach().float() for c in columns], dim=1)  # (B, K)
 
 

@@ -23,6 +23,7 @@ class StepOutput:
     chosen_rewards: torch.Tensor  # (B,) detached
     rejected_rewards: torch.Tensor
     terms: dict[str, torch.Tensor]  # loss type -> (B,) unweighted per-pair loss
+    aux_loss: torch.Tensor | None = None  # a mixture of experts' router loss (unweighted), ()
 
 
 def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batch, *,
@@ -34,18 +35,24 @@ def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batc
     run in bf16 while the log-probs are summed in fp32 (see `dpo.logprobs`). A batch that carries
     precomputed reference log-probs (`ref_chosen_logps`, `ref_rejected_logps`; see
     `dpo.reference_cache`) uses them and runs no reference forward; `reference` may then be None.
-    `bco_delta` and `num_tokens` are the loss state that outlives a batch (`Objective`).
+    `bco_delta` and `num_tokens` are the loss state that outlives a batch (`Objective`). With
+    `router_aux_loss_coef` > 0 (a mixture of experts) the policy's router load-balancing loss,
+    times the coefficient, is added to every pair's loss, so the batch mean carries it once.
     """
+    router_aux = bool(cfg.router_aux_loss_coef)
     with accelerator.autocast():
         policy_out = concatenated_forward(policy, batch, chunked=cfg.chunked_logps,
-                                          chunk_size=cfg.logps_chunk_size)
+                                          chunk_size=cfg.logps_chunk_size, router_aux=router_aux)
         ref_chosen = ref_rejected = None
         if "ref_chosen_logps" in batch:  # computed once before training: equal to a forward
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         elif reference is not None:  # None for a reference-free loss (SimPO)
             with torch.no_grad():
+                # The policy's attention path (masked for its router loss): π = π_ref must
+                # give Δ = 0 exactly at step 0.
                 ref_out = concatenated_forward(reference, batch, chunked=cfg.chunked_logps,
-                                               chunk_size=cfg.logps_chunk_size)
+                                               chunk_size=cfg.logps_chunk_size,
+                                               full_mask=router_aux)
             ref_chosen, ref_rejected = ref_out.chosen_logps, ref_out.rejected_logps
         losses, chosen_r, rejected_r, terms = dpo_loss(
             policy_out.chosen_logps, policy_out.rejected_logps, ref_chosen, ref_rejected,
@@ -56,7 +63,9 @@ def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batc
             bco_delta=bco_delta, num_tokens=num_tokens,
             chosen_lengths=policy_out.chosen_lengths, rejected_lengths=policy_out.rejected_lengths,
             return_terms=True)
-    return StepOutput(policy_out, losses, chosen_r, rejected_r, terms)
+    if router_aux:
+        losses = losses + cfg.router_aux_loss_coef * policy_out.aux_loss.float()
+    return StepOutput(policy_out, losses, chosen_r, rejected_r, terms, policy_out.aux_loss)
 
 
 class Objective:

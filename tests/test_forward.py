@@ -233,3 +233,103 @@ def test_train_falls_back_for_an_unknown_head(tmp_path):
     for log, expected in zip(got, want):
         for key in ("loss", "logps/chosen", "logps/rejected", "logits/chosen"):
             assert log[key] == pytest.approx(expected[key], rel=1e-6), key
+
+
+def _tiny_moe(kind: str, vocab: int = VOCAB, seed: int = 0):
+    """A tiny random mixture of experts: 2 layers, 4 experts, 2 per token."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                  num_experts_per_tok=2, router_aux_loss_coef=0.02)
+    if kind == "qwen3_moe":
+        config = Qwen3MoeConfig(**{**common, "num_experts": 4, "moe_intermediate_size": 32,
+                                   "head_dim": 8, "decoder_sparse_step": 1})
+        return Qwen3MoeForCausalLM(config).eval()
+    return MixtralForCausalLM(MixtralConfig(**common)).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("chunked", [True, False])
+def test_router_loss_counts_real_tokens_only(kind, chunked):
+    """With `router_aux` the forward returns the model's own load-balancing loss under the real
+    attention mask; 4 more padding columns leave it unchanged, where the mask-free call lets
+    them in and changes it. The log-probs are those of the plain forward."""
+    model, batch = _tiny_moe(kind), _pair_batch()
+    with torch.no_grad():
+        out = concatenated_forward(model, batch, chunked=chunked, router_aux=True)
+        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_router_logits=True).aux_loss
+        padded = {k: torch.nn.functional.pad(v, (0, 4), value=IGNORE_INDEX if k == "labels"
+                                             else 0) for k, v in batch.items()}
+        wider = concatenated_forward(model, padded, chunked=chunked, router_aux=True)
+        maskless = model(input_ids=padded["input_ids"], output_router_logits=True).aux_loss
+        plain = concatenated_forward(model, batch, chunked=chunked)
+    torch.testing.assert_close(out.aux_loss, own)
+    torch.testing.assert_close(wider.aux_loss, own)
+    assert not torch.allclose(maskless, own)
+    assert plain.aux_loss is None
+    torch.testing.assert_close(out.chosen_logps, plain.chosen_logps, rtol=1e-5, atol=1e-5)
+
+
+def test_router_loss_coefficient_is_settled_per_model():
+    """Default: the MoE config's coefficient; a given one wins; a dense model keeps the config
+    (no router loss), and a given non-zero one is one error line."""
+    from dpo.config import ConfigError
+    from dpo.forward import settle_router_aux
+
+    cfg = TrainConfig(model="tiny", dataset="none")
+    assert settle_router_aux(cfg, _tiny_moe("mixtral")).router_aux_loss_coef == 0.02
+    given = TrainConfig(model="tiny", dataset="none", router_aux_loss_coef=0.5)
+    assert settle_router_aux(given, _tiny_moe("qwen3_moe")).router_aux_loss_coef == 0.5
+    assert settle_router_aux(cfg, tiny_qwen3(VOCAB)) is cfg
+    with pytest.raises(ConfigError, match="router_aux_loss_coef: Qwen3ForCausalLM is not a "
+                                          "mixture of experts"):
+        settle_router_aux(given, tiny_qwen3(VOCAB))
+
+
+def test_dpo_step_adds_the_weighted_router_loss():
+    """losses = preference losses + coef·aux for every pair; at step 0 (policy = reference, the
+    same masked attention) the preference part is exactly ln 2."""
+    import copy
+    import math
+
+    from accelerate import Accelerator
+
+    from dpo.step import dpo_step
+
+    policy = _tiny_moe("qwen3_moe")
+    reference = copy.deepcopy(policy)
+    cfg = TrainConfig(model="tiny", dataset="none", router_aux_loss_coef=0.5)
+    out = dpo_step(Accelerator(cpu=True), cfg, policy, reference, _pair_batch())
+    assert out.aux_loss is not None and out.aux_loss > 0
+    torch.testing.assert_close(out.losses - 0.5 * out.aux_loss, torch.full((2,), math.log(2)))
+    assert torch.equal(out.chosen_rewards, torch.zeros(2))
+
+
+@pytest.mark.slow
+def test_train_adds_and_logs_the_router_loss_of_a_mixture_of_experts(tmp_path):
+    """train.py on a tiny Qwen3-MoE saved beside the demo tokenizer: the router loss is logged as
+    `aux_loss` (train and eval), and step 1's loss is ln 2 (policy = reference) plus the config's
+    coefficient times it."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from dpo.demo import build_demo_model
+    from tests.e2e import eval_logs
+
+    env = demo_env(tmp_path / "cache")
+    model_dir = tmp_path / "tiny-moe"
+    shutil.copytree(build_demo_model(tmp_path / "cache" / "demo"), model_dir)
+    for weights in model_dir.glob("*.safetensors"):
+        weights.unlink()
+    vocab = len(AutoTokenizer.from_pretrained(model_dir))
+    _tiny_moe("qwen3_moe", vocab=vocab).save_pretrained(model_dir)
+    run_train(env, *SHORT_RUN, "--model", str(model_dir), "--eval-on-start",
+              "--output-dir", str(tmp_path / "out"))
+    first = train_logs(tmp_path / "out")[0]
+    assert first["aux_loss"] > 0
+    assert first["loss"] == pytest.approx(math.log(2) + 0.02 * first["aux_loss"], rel=1e-5)
+    assert all("eval/aux_loss" in log for log in eval_logs(tmp_path / "out"))
