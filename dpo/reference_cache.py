@@ -117,7 +117,7 @@ def data_digest(dataset: Dataset) -> str:
 
 
 def cache_key(accelerator: Accelerator, dataset: Dataset, *, chunked: bool, chunk_size: int,
-              batching: tuple[int, bool], cache_key_parts: dict) -> str:
+              batching: tuple[int, bool, bool], cache_key_parts: dict) -> str:
     """The hex key of the values `precompute_reference_logps` would compute for `dataset`."""
     code = "".join(Path(module.__file__).read_text() for module in (forward, logprobs))
     parts = {
@@ -145,7 +145,7 @@ def precompute_for_run(accelerator: Accelerator, cfg: TrainConfig, reference, mo
                                 attn_implementation=cfg.attn_implementation)
     settings = dict(batch_size=cfg.eval_batch_size or cfg.batch_size, chunked=cfg.chunked_logps,
                     chunk_size=cfg.logps_chunk_size, cache_dir=default_cache_dir(),
-                    cache_key_parts=parts)
+                    cache_key_parts=parts, full_mask=bool(cfg.router_aux_loss_coef))
     train_ds = precompute_reference_logps(accelerator, reference, train_ds, collator, **settings)
     if eval_ds is not None:
         # Batched as the eval loader batches them: the same shapes give bit-identical values, so
@@ -167,6 +167,7 @@ def precompute_reference_logps(
     chunk_size: int,
     cache_dir: str | Path | None,
     cache_key_parts: dict | None,
+    full_mask: bool = False,
 ) -> Dataset:
     """`dataset` with the reference's summed log-probs as columns ``ref_chosen_logps`` and
     ``ref_rejected_logps`` (float32, one value per row, the same in every process).
@@ -187,6 +188,8 @@ def precompute_reference_logps(
         cache_dir: where cache files go (`default_cache_dir()`); None disables the cache.
         cache_key_parts: what identifies the reference (`reference_key_parts`); None disables
             the cache, as the values could not be told apart from another model's.
+        full_mask: run with the real attention mask, as the policy of a mixture of experts does
+            (`concatenated_forward`), so that the values equal its forward's bit for bit.
     """
     dataset = dataset.remove_columns([c for c in REF_LOGPS_COLUMNS if c in dataset.column_names])
     if len(dataset) == 0:
@@ -195,7 +198,8 @@ def precompute_reference_logps(
     path = None
     if cache_dir is not None and cache_key_parts is not None:
         key = cache_key(accelerator, dataset, chunked=chunked, chunk_size=chunk_size,
-                        batching=(batch_size, longest_first), cache_key_parts=cache_key_parts)
+                        batching=(batch_size, longest_first, full_mask),
+                        cache_key_parts=cache_key_parts)
         path = Path(cache_dir) / f"ref-logps-{key[:40]}.safetensors"
         cached = _load(path, key, len(dataset))
         # All processes must take the same branch, or the computing ones would wait forever in
@@ -211,7 +215,7 @@ def precompute_reference_logps(
     start = time.perf_counter()
     chosen, rejected = _compute(accelerator, reference, dataset, collator, batch_size=batch_size,
                                 longest_first=longest_first, chunked=chunked,
-                                chunk_size=chunk_size)
+                                chunk_size=chunk_size, full_mask=full_mask)
     accelerator.print(f"reference log-probs: {len(dataset)} pairs computed in "
                       f"{time.perf_counter() - start:.1f} s")
     if path is not None:
@@ -224,7 +228,7 @@ def precompute_reference_logps(
 
 
 def _compute(accelerator: Accelerator, reference, dataset: Dataset, collator, *, batch_size: int,
-             longest_first: bool, chunked: bool, chunk_size: int
+             longest_first: bool, chunked: bool, chunk_size: int, full_mask: bool
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference forward over all rows, batches dealt round-robin to the processes."""
     if batch_size < 1:
@@ -246,7 +250,7 @@ def _compute(accelerator: Accelerator, reference, dataset: Dataset, collator, *,
             batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
             with accelerator.autocast():  # the same numerics as the reference in dpo_step
                 out = concatenated_forward(reference, batch, chunked=chunked,
-                                           chunk_size=chunk_size)
+                                           chunk_size=chunk_size, full_mask=full_mask)
             if k < len(batches):
                 rows = torch.tensor(batches[k], device=accelerator.device)
                 values[0, rows] = out.chosen_logps.float()
