@@ -150,7 +150,7 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
                         scheduler.step()
                 optimizer.zero_grad()
             metrics.add_batch(pair_stats(losses, chosen_r, rejected_r, policy_out),
-                              batch["attention_mask"].sum())
+                              batch["attention_mask"])
             if not accelerator.sync_gradients:
                 continue
             # One optimizer step is done: count, log, evaluate and save here, and only here.

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
-from dpo.config import TrainConfig
+from dpo.config import ConfigError, TrainConfig
 from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_sequence_logps, sequence_logps
 
 
@@ -52,10 +52,18 @@ def concatenated_forward(
         chunk_size: tokens per LM-head call on the chunked path.
     """
     labels = batch["labels"]
+    packed = batch.get("packed_sequences")  # (2B, 3): a padding-free batch (PreferenceCollator)
+    if packed is None:
+        inputs = dict(input_ids=batch["input_ids"],
+                      attention_mask=causal_attention_mask(batch["attention_mask"]))
+    else:
+        # No attention mask and no cache: transformers then reads the sequences' boundaries off
+        # the position ids, which restart at each one, and keeps them apart.
+        inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        index, labels = _unpack(packed, labels)
     if labels.shape[0] % 2:
         raise ValueError(f"a [chosen; rejected] batch has an even number of rows, got "
                          f"{labels.shape[0]}")
-    attention_mask = causal_attention_mask(batch["attention_mask"])
     if chunked:
         # logits_to_keep=1 makes the model's own LM head cost one position; the last hidden state
         # (after the final norm) goes to our chunked head instead. It is taken from the model's
@@ -63,19 +71,20 @@ def concatenated_forward(
         # output alive until the call returns, also in a no-grad forward.
         unwrapped = extract_model_from_parallel(model)
         with _last_hidden_state(unwrapped) as captured:
-            model(input_ids=batch["input_ids"], attention_mask=attention_mask,
-                  logits_to_keep=1, use_cache=False)
+            model(**inputs, logits_to_keep=1, use_cache=False)
         lm_head = unwrapped.get_output_embeddings()
         if not isinstance(lm_head, nn.Linear):
             raise ChunkedHeadUnsupported(f"its LM head is a {type(lm_head).__name__}, not an "
                                          "nn.Linear")
+        hidden = captured.hidden if packed is None else captured.hidden.flatten(0, 1)[index]
         logps, lengths, logits_sums = chunked_sequence_logps(
-            captured.hidden, lm_head, labels, IGNORE_INDEX, chunk_size,
+            hidden, lm_head, labels, IGNORE_INDEX, chunk_size,
             LogitsTransform.from_config(unwrapped.config))
         vocab_size = lm_head.out_features
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
-                       use_cache=False).logits  # [2B, T, V]
+        logits = model(**inputs, use_cache=False).logits  # [2B, T, V], packed [R, L, V]
+        if packed is not None:
+            logits = logits.flatten(0, 1)[index]
         logps, lengths = sequence_logps(logits, labels, IGNORE_INDEX)
         mask = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)  # [2B, T-1, 1]
         logits_sums = (logits[:, :-1].detach().float() * mask).sum((1, 2))  # (2B,)
@@ -89,6 +98,23 @@ def concatenated_forward(
         chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
         chosen_logits_mean=logits_mean[:half], rejected_logits_mean=logits_mean[half:],
     )
+
+
+def _unpack(packed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each sequence of a packed batch lies: `(index, labels)`, both `[2B, T]` (T the longest
+    sequence). `index` points into the batch's flattened `[R·L]` positions, so that
+    `packed_outputs.flatten(0, 1)[index]` lays the model's outputs out as a right-padded batch
+    would (differentiably); `labels` are the sequences' labels, −100 beyond each one's end,
+    where `index` points at position 0 of the batch, which no label reads.
+
+    Everything downstream (the causal shift, the chunked head, the sums) then runs on the same
+    layout as a padded batch, so each label is predicted from its own sequence only.
+    """
+    rows, starts, lengths = packed.unbind(-1)
+    steps = torch.arange(int(lengths.max()), device=packed.device)  # one host sync
+    inside = steps < lengths.unsqueeze(-1)  # [2B, T]
+    index = torch.where(inside, (rows * labels.shape[1] + starts).unsqueeze(-1) + steps, 0)
+    return index, labels.flatten()[index].masked_fill(~inside, IGNORE_INDEX)
 
 
 def causal_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -163,11 +189,86 @@ def check_chunked_head(model: nn.Module, *, device: torch.device | str | None = 
             "the full logits instead (chunked_logps off)")
 
 
+def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device | str | None = None,
+                       rtol: float | None = None) -> str | None:
+    """Do packed sequences give `model` the log-probs they get apart? None if so, else why not.
+
+    Two seeded probe pairs of random tokens, of four different lengths, go through
+    `concatenated_forward` (eval mode, no gradient) as a right-padded batch and packed in one
+    row (`PreferenceCollator(padding_free=True)`). An attention implementation that ignores
+    the position ids' boundaries lets each sequence see the ones before it, and its log-probs
+    move far beyond rounding; so does a model that does not pass position ids down, or one
+    whose positions do not restart. Collective under ZeRO-3/FSDP: every process must call it.
+
+    Args:
+        chunked: the log-prob path the run uses (`cfg.chunked_logps`, settled).
+        rtol: as for `check_chunked_head`: 1e-4 for fp32 weights, 1e-2 otherwise.
+    """
+    from dpo.data.batching import PreferenceCollator  # dpo.data imports the tokenizers
+
+    unwrapped = extract_model_from_parallel(model)
+    if rtol is None:
+        rtol = 1e-4 if unwrapped.dtype == torch.float32 else 1e-2
+    vocab_size = min(unwrapped.get_input_embeddings().num_embeddings,
+                     unwrapped.get_output_embeddings().out_features)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for prompt, chosen, rejected in ((12, 20, 9), (7, 14, 25)):
+        row = {}
+        ids = torch.randint(vocab_size, (prompt,), generator=generator).tolist()
+        for side, length in (("chosen", chosen), ("rejected", rejected)):
+            response = torch.randint(vocab_size, (length,), generator=generator).tolist()
+            row[f"{side}_input_ids"] = ids + response
+            row[f"{side}_labels"] = [IGNORE_INDEX] * prompt + response
+        rows.append(row)
+    device = device if device is not None else next(unwrapped.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            sums = []
+            for padding_free in (False, True):
+                batch = PreferenceCollator(0, padding_free=padding_free)(rows)
+                out = concatenated_forward(model, {k: v.to(device) for k, v in batch.items()},
+                                           chunked=chunked, chunk_size=16)
+                sums.append(torch.cat([out.chosen_logps, out.rejected_logps]))
+    finally:
+        model.train(was_training)
+    want, got = sums
+    diff = float(((got - want).abs() / want.abs().clamp(min=1e-6)).max())
+    if diff <= rtol:
+        return None
+    return (f"packed sequences' summed log-probs differ from separate ones' by {diff:.1e} "
+            f"relative (tolerance {rtol:.0e})")
+
+
 def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module
                       ) -> TrainConfig:
     """`cfg`, with `chunked_logps` off if `check_chunked_head` rejects the policy's head (the
     warning printed once). Every process takes the same path: under ZeRO-3 a process on the
-    chunked path and one on the full path would call the sharded LM head unequally often."""
+    chunked path and one on the full path would call the sharded LM head unequally often.
+
+    With `padding_free`, then `check_padding_free` on the settled path: a ConfigError (on every
+    process) if packing would change the policy's log-probs. The reference is a copy of the
+    policy, so its check stands for both.
+    """
+    cfg = _settle_chunked_head(accelerator, cfg, policy)
+    if cfg.padding_free:
+        # Outside autocast: both layouts in the weights' dtype, the tightest comparison.
+        reason = check_padding_free(policy, chunked=cfg.chunked_logps, device=accelerator.device)
+        flags = accelerator.gather(torch.tensor([reason is not None], device=accelerator.device))
+        if flags.any():
+            unwrapped = extract_model_from_parallel(policy)
+            raise ConfigError(
+                f"padding_free: {type(unwrapped).__name__} with attn_implementation "
+                f"{unwrapped.config._attn_implementation} does not keep packed sequences apart: "
+                f"{reason or 'so says another process'}; use sdpa, eager or flex_attention, or "
+                "drop --padding-free")
+    return cfg
+
+
+def _settle_chunked_head(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module
+                         ) -> TrainConfig:
     if not cfg.chunked_logps:
         return cfg
     # Under mixed precision the model's own head runs under autocast, the chunked one in fp32.

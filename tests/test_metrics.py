@@ -12,7 +12,7 @@ def test_grad_norm_is_the_mean_over_steps_that_updated():
     """Norms 1.0, inf (a step the fp16 loss scaler skipped) and 3.0 log grad_norm 2.0 — a
     finite number that JSON can carry; a window of skipped steps only logs no grad_norm."""
     metrics = TrainMetrics(torch.device("cpu"))
-    metrics.add_batch(torch.ones(2, len(PAIR_KEYS)), torch.tensor(10))
+    metrics.add_batch(torch.ones(2, len(PAIR_KEYS)), torch.ones(4, 3))
     for norm in (1.0, math.inf, 3.0):
         metrics.add_grad_norm(torch.tensor(norm))
     values = metrics.compute(Accelerator(cpu=True), seconds=1.0)
