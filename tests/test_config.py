@@ -78,6 +78,8 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
      "use_chat_template false means chat_template plain, but chat_template is auto"),
     (["--learning-rate=-1e-5"], "learning_rate must be > 0"),
     (["--config", "no/such.yaml"], "no such file"),
+    (["--padding-free", "--max-length", "1024", "--padding-free-max-tokens", "1000"],
+     r"padding_free_max_tokens \(1000\) must be >= max_length \(1024\)"),
 ])
 def test_bad_values_raise_config_error(flags, message):
     with pytest.raises(ConfigError, match=message):
