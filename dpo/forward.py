@@ -19,6 +19,7 @@ from torch import nn
 
 from dpo.config import ConfigError, TrainConfig
 from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_sequence_logps, sequence_logps
+from dpo.packed_attention import PACKED_SDPA, use_dense_mask, use_packed_sdpa
 
 
 @dataclass
@@ -58,7 +59,9 @@ def concatenated_forward(
                       attention_mask=causal_attention_mask(batch["attention_mask"]))
     else:
         # No attention mask and no cache: transformers then reads the sequences' boundaries off
-        # the position ids, which restart at each one, and keeps them apart.
+        # the position ids, which restart at each one, and keeps them apart; sdpa does it
+        # sequence by sequence instead of with a dense block mask (see dpo.packed_attention).
+        use_packed_sdpa(extract_model_from_parallel(model))
         inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
         index, labels = _unpack(packed, labels)
     if labels.shape[0] % 2:
@@ -198,7 +201,10 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
     row (`PreferenceCollator(padding_free=True)`). An attention implementation that ignores
     the position ids' boundaries lets each sequence see the ones before it, and its log-probs
     move far beyond rounding; so does a model that does not pass position ids down, or one
-    whose positions do not restart. Collective under ZeRO-3/FSDP: every process must call it.
+    whose positions do not restart. Under sdpa the packed batch runs on `packed_sdpa`; a model
+    that then disagrees (its code asks for sdpa by name) is put back on transformers' sdpa
+    (`use_dense_mask`) and probed again. Collective under ZeRO-3/FSDP: every process must call
+    it, and takes the same path.
 
     Args:
         chunked: the log-prob path the run uses (`cfg.chunked_logps`, settled).
@@ -222,24 +228,39 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
             row[f"{side}_labels"] = [IGNORE_INDEX] * prompt + response
         rows.append(row)
     device = device if device is not None else next(unwrapped.parameters()).device
+    batches = [_to(PreferenceCollator(0, padding_free=packed)(rows), device)
+               for packed in (False, True)]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            sums = []
-            for padding_free in (False, True):
-                batch = PreferenceCollator(0, padding_free=padding_free)(rows)
-                out = concatenated_forward(model, {k: v.to(device) for k, v in batch.items()},
-                                           chunked=chunked, chunk_size=16)
-                sums.append(torch.cat([out.chosen_logps, out.rejected_logps]))
+            want, got = (_summed_logps(model, batch, chunked) for batch in batches)
+            diff = _max_relative_difference(got, want)
+            if diff > rtol and unwrapped.config._attn_implementation == PACKED_SDPA:
+                # A model that tests for sdpa by name: transformers' sdpa, with its block mask
+                # (both layouts again: its padded path was not sdpa's under our name either).
+                use_dense_mask(unwrapped)
+                want, got = (_summed_logps(model, batch, chunked) for batch in batches)
+                diff = _max_relative_difference(got, want)
     finally:
         model.train(was_training)
-    want, got = sums
-    diff = float(((got - want).abs() / want.abs().clamp(min=1e-6)).max())
     if diff <= rtol:
         return None
     return (f"packed sequences' summed log-probs differ from separate ones' by {diff:.1e} "
             f"relative (tolerance {rtol:.0e})")
+
+
+def _to(batch: dict, device) -> dict:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+def _summed_logps(model: nn.Module, batch: dict, chunked: bool) -> torch.Tensor:
+    out = concatenated_forward(model, batch, chunked=chunked, chunk_size=16)
+    return torch.cat([out.chosen_logps, out.rejected_logps])
+
+
+def _max_relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(((got - want).abs() / want.abs().clamp(min=1e-6)).max())
 
 
 def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module

@@ -689,8 +689,8 @@ def test_padding_free_collator_packs_one_row():
 
 def test_padding_free_collator_bounds_its_rows():
     """At most max_packed_tokens per row, first fit longest first; a shorter row ends in
-    padding whose tokens sit alone at position 0 (no position beyond a sequence's length), with
-    attention mask 0 and label -100; a sequence longer than a row is refused."""
+    padding, with attention mask 0 and label -100, at positions counted modulo the longest
+    sequence (none beyond a sequence's own); a sequence longer than a row is refused."""
     batch = PreferenceCollator(0, padding_free=True, max_packed_tokens=7)(_toy_pairs())
     # 5 and 2 fill row 0; 4 and 3 row 1
     assert batch["packed_sequences"].tolist() == [[1, 0, 3], [0, 0, 5], [0, 5, 2], [1, 3, 4]]
@@ -700,7 +700,7 @@ def test_padding_free_collator_bounds_its_rows():
     # 5 alone; 4 then 2 (which fits beside 4, not 5); 3 alone
     assert batch["packed_sequences"].tolist() == [[2, 0, 3], [0, 0, 5], [1, 0, 2], [1, 2, 4]]
     assert batch["input_ids"].shape == (3, 6)
-    assert batch["position_ids"][2].tolist() == [0, 1, 2, 0, 0, 0]
+    assert batch["position_ids"][2].tolist() == [0, 1, 2, 0, 1, 2]
     assert batch["attention_mask"][2].tolist() == [1, 1, 1, 0, 0, 0]
     assert (batch["labels"][2, 3:] == IGNORE_INDEX).all()
     assert padding_fraction(batch) == pytest.approx(4 / 18)

@@ -6,7 +6,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo.data.batching import PreferenceCollator
-from dpo.forward import check_chunked_head, concatenated_forward
+from dpo.forward import check_chunked_head, check_padding_free, concatenated_forward
 from dpo.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
 from tests.test_forward import logps_row_by_row
 
@@ -156,9 +156,11 @@ def test_packed_equals_padded(arch, impl):
     tokens, give the padded batch's summed log-probs, logit means and gradients of every
     parameter to 1e-5 relative, on the chunked head and on the full logits; in this batch a
     sequence that saw its row's earlier sequences, or a label predicted across a boundary,
-    would be off by far more."""
+    would be off by far more. Under sdpa the packed rows run `packed_sdpa`, one causal call per
+    sequence, except for a model the probe puts back on the dense block mask (Falcon)."""
     model = tiny_model(arch)
     model.config._attn_implementation = impl
+    assert check_padding_free(model, chunked=True) is None  # as train.py does first
     rows = pair_rows(pair_batch())
     padded = PreferenceCollator(0)(rows)
     layouts = {"one row": PreferenceCollator(0, padding_free=True)(rows),

@@ -29,10 +29,11 @@ class PreferenceCollator:
     them within ``max_packed_tokens`` each (one row, unless they exceed it): ``input_ids``,
     ``labels``, ``attention_mask`` and ``position_ids`` are (R, L), the position ids restarting
     at 0 with every sequence, which is how transformers tells packed sequences apart. Shorter
-    rows end in padding whose tokens each sit alone at position 0 (attention_mask 0): no
-    sequence, and no position id beyond a sequence's own length. ``packed_sequences`` (2B, 3)
-    gives each sequence's (row, start, length), in ``[chosen; rejected]`` order; the first label
-    of every sequence is -100, so that no label is predicted across a boundary.
+    rows end in padding (attention_mask 0), a sequence of its own whose position ids count
+    modulo the longest sequence's length, so that none exceeds what a sequence uses.
+    ``packed_sequences`` (2B, 3) gives each sequence's (row, start, length), in
+    ``[chosen; rejected]`` order; the first label of every sequence is -100, so that no label
+    is predicted across a boundary.
     """
 
     def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None,
@@ -113,6 +114,7 @@ class PreferenceCollator:
                 batch["position_ids"][row, start:end] = torch.arange(lengths[i])
                 batch["packed_sequences"][i] = torch.tensor([row, start, lengths[i]])
                 start = end
+            batch["position_ids"][row, start:] = torch.arange(width - start) % max(lengths)
         return batch
 
 
