@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", default=str(DATA), help="HH-RLHF-style .jsonl(.gz) pairs")
     parser.add_argument("--tokenizer", default=str(TOKENIZER))
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated, of {', '.join(VARIANTS)}")
+                        help=f"comma-separated, of {', '.join(VARIANTS)}, interleaved")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # one variant, in a child process
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",")]
-    if unknown := set(args.variants) - set(VARIANTS):
+    if unknown := set(args.variants) - {*VARIANTS, "interleaved"}:
         parser.error(f"--variants: unknown {sorted(unknown)}")
     return args
 
@@ -114,7 +114,11 @@ def enable_checkpointing(model, mode: str) -> None:
 
 
 def run(args, variant: str) -> dict:
-    """Warm-up steps, then `args.steps` timed optimizer steps of one variant; its figures."""
+    """Warm-up steps, then `args.steps` timed optimizer steps of one variant; its figures.
+
+    The variant "interleaved" runs each step padded and then packed, on the same pairs, in one
+    process: the ratio of the two times is immune to the machine's load changing between the
+    variants' processes (its peak memory is not either variant's)."""
     import torch
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
@@ -127,7 +131,8 @@ def run(args, variant: str) -> dict:
     from dpo.runtime import make_accelerator, make_optimizer
     from dpo.step import dpo_step
 
-    padding_free, checkpointing = VARIANTS[variant]
+    interleaved = variant == "interleaved"
+    padding_free, checkpointing = VARIANTS["padding-free" if interleaved else variant]
     cfg = TrainConfig(model=f"random:{args.shape}", seed=args.seed, batch_size=args.batch_size,
                       gradient_accumulation_steps=args.grad_accum, max_length=args.max_length,
                       attn_implementation=args.attn_implementation, padding_free=padding_free,
@@ -146,15 +151,16 @@ def run(args, variant: str) -> dict:
     policy, optimizer = accelerator.prepare(policy, optimizer)
     cfg = settle_logps_path(accelerator, cfg, policy)  # the padding-free probe, as train.py
     reference = prepare_reference(accelerator, reference)
-    collate = data.PreferenceCollator(pad_id, padding_free=padding_free,
-                                      max_packed_tokens=cfg.padding_free_max_tokens)
     sampler = data.LengthGroupedBatchSampler(pairs["length"], micro_batch_size=args.batch_size,
                                              global_batch_size=global_batch, seed=args.seed)
-    loader = accelerator.prepare(DataLoader(pairs, batch_sampler=sampler, collate_fn=collate))
-    batches = iter(loader)
+    modes = (False, True) if interleaved else (padding_free,)
+    loaders = {mode: iter(accelerator.prepare(DataLoader(
+        pairs, batch_sampler=sampler, collate_fn=data.PreferenceCollator(
+            pad_id, padding_free=mode, max_packed_tokens=cfg.padding_free_max_tokens))))
+        for mode in modes}
     policy.train()
 
-    def optimizer_step() -> tuple[int, int, float]:
+    def optimizer_step(batches) -> tuple[int, int, float]:
         tokens = positions = 0
         for _ in range(args.grad_accum):
             batch = next(batches)
@@ -171,22 +177,33 @@ def run(args, variant: str) -> dict:
         return tokens, positions, loss.item()
 
     for _ in range(args.warmup):
-        optimizer_step()
+        for mode in modes:
+            optimizer_step(loaders[mode])
     reset_peak_memory(accelerator.device)
-    times, tokens, positions, losses = [], 0, 0, []
+    times = {mode: [] for mode in modes}
+    tokens = {mode: 0 for mode in modes}
+    positions = {mode: 0 for mode in modes}
+    losses = []
     for _ in range(args.steps):
-        start = time.perf_counter()
-        step_tokens, step_positions, loss = optimizer_step()
-        times.append(time.perf_counter() - start)
-        tokens, positions = tokens + step_tokens, positions + step_positions
-        losses.append(loss)
+        for mode in modes:
+            start = time.perf_counter()
+            step_tokens, step_positions, loss = optimizer_step(loaders[mode])
+            times[mode].append(time.perf_counter() - start)
+            tokens[mode] += step_tokens
+            positions[mode] += step_positions
+            losses.append(loss)
     peak_rss, _ = peak_memory(accelerator.device)
-    return {"variant": variant, "shape": args.shape, "threads": torch.get_num_threads(),
-            "pairs_per_step": global_batch, "steps": args.steps, "max_length": args.max_length,
-            "s_per_step": round(statistics.median(times), 3),
-            "tokens_per_s": round(tokens / sum(times), 1),
-            "padding_fraction": round(1 - tokens / positions, 4),
-            "peak_rss_mib": round(peak_rss, 1), "losses": [round(x, 6) for x in losses]}
+    out = {"variant": variant, "shape": args.shape, "threads": torch.get_num_threads(),
+           "pairs_per_step": global_batch, "steps": args.steps, "max_length": args.max_length,
+           "peak_rss_mib": round(peak_rss, 1), "losses": [round(x, 6) for x in losses]}
+    for mode in modes:
+        suffix = "_padding_free" if interleaved and mode else "_padded" if interleaved else ""
+        out.update({f"s_per_step{suffix}": round(statistics.median(times[mode]), 3),
+                    f"tokens_per_s{suffix}": round(tokens[mode] / sum(times[mode]), 1),
+                    f"padding_fraction{suffix}": round(1 - tokens[mode] / positions[mode], 4)})
+    if interleaved:  # per step, packed over padded tokens/s (the same tokens): time ratios
+        out["step_gains"] = [round(a / b, 3) for a, b in zip(times[False], times[True])]
+    return out
 
 
 def summarise(results: dict[str, dict]) -> dict:
@@ -200,6 +217,11 @@ def summarise(results: dict[str, dict]) -> dict:
         out["peak_rss_padding_free_vs_padded"] = round(
             free["peak_rss_mib"] / padded["peak_rss_mib"], 3)
         out["padding_free_default"] = out["measured_gain"] >= DEFAULT_GAIN
+    if "interleaved" in results:
+        gains = results["interleaved"]["step_gains"]
+        out["interleaved_gain_median"] = round(statistics.median(gains), 3)
+        out["interleaved_ideal_gain"] = round(
+            1 / (1 - results["interleaved"]["padding_fraction_padded"]), 3)
     for name in ("ckpt-full", "ckpt-mlp", "ckpt-alternate"):
         if padded and name in results:
             speed = round(padded["s_per_step"] / results[name]["s_per_step"], 3)
@@ -229,6 +251,9 @@ def main(argv=None) -> None:
           "steps, HH-RLHF helpful-base test pairs")
     print(f"{'variant':>15} {'s/step':>8} {'tokens/s':>9} {'padding':>8} {'peak RSS MiB':>13}")
     for r in results.values():
+        if r["variant"] == "interleaved":
+            print(f"interleaved, packed over padded tokens/s per step: {r['step_gains']}")
+            continue
         print(f"{r['variant']:>15} {r['s_per_step']:8.2f} {r['tokens_per_s']:9.1f} "
               f"{r['padding_fraction']:8.1%} {r['peak_rss_mib']:13.0f}")
     summary = summarise(results)

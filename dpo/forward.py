@@ -47,7 +47,11 @@ def concatenated_forward(
         model: a causal LM (`AutoModelForCausalLM`), possibly wrapped by DDP, DeepSpeed or FSDP.
             It is called through the wrapper, so gradient synchronisation and ZeRO hooks run.
         batch: `input_ids`, `attention_mask` and `labels`, each `[2B, T]`, stacked
-            `[chosen; rejected]`, with `labels` = −100 on prompt and padding.
+            `[chosen; rejected]`, with `labels` = −100 on prompt and padding. Or a packed
+            (padding-free) batch of `PreferenceCollator(padding_free=True)`: the same three
+            and `position_ids` `[R, L]`, with `packed_sequences` `(2B, 3)` saying where each
+            sequence lies; the model then gets no attention mask (see `_unpack`), and the
+            results are laid out as for a padded batch.
         chunked: project only response tokens onto the vocabulary, in chunks
             (`chunked_sequence_logps`); False computes the full `[2B, T, V]` logits.
         chunk_size: tokens per LM-head call on the chunked path.
