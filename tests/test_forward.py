@@ -251,6 +251,30 @@ def test_settle_refuses_padding_free_for_attention_that_mixes_sequences(causal_o
     assert settle_logps_path(accelerator, cfg, causal_only_qwen3) is cfg
 
 
+def test_packed_batches_under_gradient_checkpointing():
+    """Under gradient checkpointing, where each layer runs again in the backward, a packed
+    batch on packed_sdpa still gets the padded batch's gradients."""
+    from dpo.data.batching import PreferenceCollator
+
+    model = tiny_qwen3(VOCAB).train()
+    model.config._attn_implementation = "sdpa"
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = _pair_batch()
+    rows = [{f"{side}_{name}": batch[key][row, :int(batch["attention_mask"][row].sum())].tolist()
+             for side, row in (("chosen", i), ("rejected", 2 + i))
+             for name, key in (("input_ids", "input_ids"), ("labels", "labels"))}
+            for i in range(2)]
+    grads = []
+    for padding_free in (False, True):
+        model.zero_grad()
+        out = concatenated_forward(model, PreferenceCollator(0, padding_free=padding_free)(rows))
+        (out.chosen_logps.sum() - 2 * out.rejected_logps.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert model.config._attn_implementation == "dpo_packed_sdpa"
+    scale = grads[0].abs().max()
+    torch.testing.assert_close(grads[1] / scale, grads[0] / scale, rtol=1e-5, atol=1e-5)
+
+
 REMOTE_CODE = """from transformers import Qwen3ForCausalLM
 
 
