@@ -43,7 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from dpo import cache_root, forward, logprobs
+from dpo import cache_root, forward, logprobs, packed_attention
 from dpo.config import TrainConfig
 from dpo.data import REF_LOGPS_COLUMNS
 from dpo.forward import concatenated_forward
@@ -119,7 +119,8 @@ def data_digest(dataset: Dataset) -> str:
 def cache_key(accelerator: Accelerator, dataset: Dataset, *, chunked: bool, chunk_size: int,
               batching: tuple, cache_key_parts: dict) -> str:
     """The hex key of the values `precompute_reference_logps` would compute for `dataset`."""
-    code = "".join(Path(module.__file__).read_text() for module in (forward, logprobs))
+    code = "".join(Path(module.__file__).read_text()
+                   for module in (forward, logprobs, packed_attention))
     parts = {
         "format": CACHE_FORMAT_VERSION,
         "data": data_digest(dataset),
