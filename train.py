@@ -143,7 +143,7 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
                     if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                         scheduler.step()
                 optimizer.zero_grad()
-            metrics.add_batch(pair_stats(out), batch["attention_mask"].sum())
+            metrics.add_batch(pair_stats(out), batch["attention_mask"])
             if not accelerator.sync_gradients:
                 continue
             # One optimizer step is done: count, log, evaluate and save here, and only here.

@@ -100,6 +100,11 @@ class TrainConfig:
                                        "characters, as a shell passes it, means newline or tab)")
     strict_data: bool = _opt(False, "fail on the first invalid row instead of skipping it")
     group_by_length: bool = _opt(True, "batch pairs of similar length to cut padding")
+    padding_free: bool = _opt(False, "pack each micro-batch's sequences end to end in one row "
+                              "(position ids restarting at each), no padding; checked against "
+                              "separate sequences at start-up (sdpa, eager, flex_attention)")
+    padding_free_max_tokens: int = _opt(4096, "longest packed row; sequences beyond it go to "
+                                        "more rows (attention builds an L x L mask per row)")
     num_proc: int | None = _opt(None, "processes for tokenisation (datasets.map)")
     tokenize_cache: bool = _opt(True, "keep the tokenized pairs under $DPO_CACHE_DIR/tokenized "
                                 "and load them when the rows, tokenizer and settings recur")
@@ -184,7 +189,8 @@ class TrainConfig:
         positive = ("batch_size", "gradient_accumulation_steps", "epochs", "logging_steps",
                     "max_length", "logps_chunk_size", "max_new_tokens", "num_samples",
                     "eval_batch_size", "max_steps", "eval_steps", "save_steps",
-                    "save_total_limit", "num_proc", "max_prompt_length")
+                    "save_total_limit", "num_proc", "max_prompt_length",
+                    "padding_free_max_tokens")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -202,6 +208,9 @@ class TrainConfig:
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be below "
                               f"max_length ({self.max_length}) to leave room for the response")
+        if self.padding_free and self.padding_free_max_tokens < self.max_length:
+            raise ConfigError(f"padding_free_max_tokens ({self.padding_free_max_tokens}) must be "
+                              f">= max_length ({self.max_length}): every sequence must fit a row")
         types = ", ".join(self.loss_type)
         if self.precompute_ref_logps and not needs_reference(self.loss_type):
             raise ConfigError(f"precompute_ref_logps: loss_type {types} is reference-free, there "

@@ -20,6 +20,7 @@ from torch import nn
 
 from dpo.config import ConfigError, TrainConfig
 from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_sequence_logps, sequence_logps
+from dpo.packed_attention import PACKED_SDPA, use_dense_mask, use_packed_sdpa
 
 
 @dataclass
@@ -50,7 +51,11 @@ def concatenated_forward(
         model: a causal LM (`AutoModelForCausalLM`), possibly wrapped by DDP, DeepSpeed or FSDP.
             It is called through the wrapper, so gradient synchronisation and ZeRO hooks run.
         batch: `input_ids`, `attention_mask` and `labels`, each `[2B, T]`, stacked
-            `[chosen; rejected]`, with `labels` = −100 on prompt and padding.
+            `[chosen; rejected]`, with `labels` = −100 on prompt and padding. Or a packed
+            (padding-free) batch of `PreferenceCollator(padding_free=True)`: the same three
+            and `position_ids` `[R, L]`, with `packed_sequences` `(2B, 3)` saying where each
+            sequence lies; the model then gets no attention mask (see `_unpack`), and the
+            results are laid out as for a padded batch.
         chunked: project only response tokens onto the vocabulary, in chunks
             (`chunked_sequence_logps`); False computes the full `[2B, T, V]` logits.
         chunk_size: tokens per LM-head call on the chunked path.
@@ -62,11 +67,21 @@ def concatenated_forward(
             must compute exactly what such a policy computes).
     """
     labels = batch["labels"]
+    packed = batch.get("packed_sequences")  # (2B, 3): a padding-free batch (PreferenceCollator)
+    if packed is None:
+        mask = batch["attention_mask"]
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=mask if router_aux or full_mask
+                      else causal_attention_mask(mask))
+    else:
+        # No attention mask and no cache: transformers then reads the sequences' boundaries off
+        # the position ids, which restart at each one, and keeps them apart; sdpa does it
+        # sequence by sequence instead of with a dense block mask (see dpo.packed_attention).
+        use_packed_sdpa(extract_model_from_parallel(model))
+        inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        index, labels = _unpack(packed, labels)
     if labels.shape[0] % 2:
         raise ValueError(f"a [chosen; rejected] batch has an even number of rows, got "
                          f"{labels.shape[0]}")
-    attention_mask = (batch["attention_mask"] if router_aux or full_mask
-                      else causal_attention_mask(batch["attention_mask"]))
     extra = {"output_router_logits": True} if router_aux else {}
     if chunked:
         # logits_to_keep=1 makes the model's own LM head cost one position; the last hidden state
@@ -75,20 +90,21 @@ def concatenated_forward(
         # output alive until the call returns, also in a no-grad forward.
         unwrapped = extract_model_from_parallel(model)
         with _last_hidden_state(unwrapped) as captured:
-            out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
-                        logits_to_keep=1, use_cache=False, **extra)
+            out = model(**inputs, logits_to_keep=1, use_cache=False, **extra)
         lm_head = unwrapped.get_output_embeddings()
         if not isinstance(lm_head, nn.Linear):
             raise ChunkedHeadUnsupported(f"its LM head is a {type(lm_head).__name__}, not an "
                                          "nn.Linear")
+        hidden = captured.hidden if packed is None else captured.hidden.flatten(0, 1)[index]
         logps, lengths, logits_sums = chunked_sequence_logps(
-            captured.hidden, lm_head, labels, IGNORE_INDEX, chunk_size,
+            hidden, lm_head, labels, IGNORE_INDEX, chunk_size,
             LogitsTransform.from_config(unwrapped.config))
         vocab_size = lm_head.out_features
     else:
-        out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
-                    use_cache=False, **extra)
-        logits = out.logits  # [2B, T, V]
+        out = model(**inputs, use_cache=False, **extra)
+        logits = out.logits  # [2B, T, V], packed [R, L, V]
+        if packed is not None:
+            logits = logits.flatten(0, 1)[index]
         logps, lengths = sequence_logps(logits, labels, IGNORE_INDEX)
         mask = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)  # [2B, T-1, 1]
         logits_sums = (logits[:, :-1].detach().float() * mask).sum((1, 2))  # (2B,)
@@ -103,6 +119,23 @@ def concatenated_forward(
         chosen_logits_mean=logits_mean[:half], rejected_logits_mean=logits_mean[half:],
         aux_loss=out.aux_loss if router_aux else None,
     )
+
+
+def _unpack(packed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each sequence of a packed batch lies: `(index, labels)`, both `[2B, T]` (T the longest
+    sequence). `index` points into the batch's flattened `[R·L]` positions, so that
+    `packed_outputs.flatten(0, 1)[index]` lays the model's outputs out as a right-padded batch
+    would (differentiably); `labels` are the sequences' labels, −100 beyond each one's end,
+    where `index` points at position 0 of the batch, which no label reads.
+
+    Everything downstream (the causal shift, the chunked head, the sums) then runs on the same
+    layout as a padded batch, so each label is predicted from its own sequence only.
+    """
+    rows, starts, lengths = packed.unbind(-1)
+    steps = torch.arange(int(lengths.max()), device=packed.device)  # one host sync
+    inside = steps < lengths.unsqueeze(-1)  # [2B, T]
+    index = torch.where(inside, (rows * labels.shape[1] + starts).unsqueeze(-1) + steps, 0)
+    return index, labels.flatten()[index].masked_fill(~inside, IGNORE_INDEX)
 
 
 def causal_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -177,13 +210,106 @@ def check_chunked_head(model: nn.Module, *, device: torch.device | str | None = 
             "the full logits instead (chunked_logps off)")
 
 
+def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device | str | None = None,
+                       rtol: float | None = None) -> str | None:
+    """Do packed sequences give `model` the log-probs they get apart? None if so, else why not.
+
+    Two seeded probe pairs of random tokens, of four different lengths, go through
+    `concatenated_forward` (eval mode, no gradient) as a right-padded batch and packed in one
+    row (`PreferenceCollator(padding_free=True)`). An attention implementation that ignores
+    the position ids' boundaries lets each sequence see the ones before it, and its log-probs
+    move far beyond rounding; so does a model that does not pass position ids down, or one
+    whose positions do not restart. Under sdpa the packed batch runs on `packed_sdpa`; a model
+    that then disagrees (its code asks for sdpa by name) is put back on transformers' sdpa
+    (`use_dense_mask`) and probed again. Collective under ZeRO-3/FSDP: every process must call
+    it, and takes the same path.
+
+    Args:
+        chunked: the log-prob path the run uses (`cfg.chunked_logps`, settled).
+        rtol: as for `check_chunked_head`: 1e-4 for fp32 weights, 1e-2 otherwise.
+    """
+    from dpo.data.batching import PreferenceCollator  # dpo.data imports the tokenizers
+
+    unwrapped = extract_model_from_parallel(model)
+    if rtol is None:
+        rtol = 1e-4 if unwrapped.dtype == torch.float32 else 1e-2
+    vocab_size = min(unwrapped.get_input_embeddings().num_embeddings,
+                     unwrapped.get_output_embeddings().out_features)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for prompt, chosen, rejected in ((12, 20, 9), (7, 14, 25)):
+        row = {}
+        ids = torch.randint(vocab_size, (prompt,), generator=generator).tolist()
+        for side, length in (("chosen", chosen), ("rejected", rejected)):
+            response = torch.randint(vocab_size, (length,), generator=generator).tolist()
+            row[f"{side}_input_ids"] = ids + response
+            row[f"{side}_labels"] = [IGNORE_INDEX] * prompt + response
+        rows.append(row)
+    device = device if device is not None else next(unwrapped.parameters()).device
+    batches = [_to(PreferenceCollator(0, padding_free=packed)(rows), device)
+               for packed in (False, True)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            want, got = (_summed_logps(model, batch, chunked) for batch in batches)
+            diff = _max_relative_difference(got, want)
+            if diff > rtol and unwrapped.config._attn_implementation == PACKED_SDPA:
+                # A model that tests for sdpa by name: transformers' sdpa, with its block mask
+                # (both layouts again: its padded path was not sdpa's under our name either).
+                use_dense_mask(unwrapped)
+                want, got = (_summed_logps(model, batch, chunked) for batch in batches)
+                diff = _max_relative_difference(got, want)
+    finally:
+        model.train(was_training)
+    if diff <= rtol:
+        return None
+    return (f"packed sequences' summed log-probs differ from separate ones' by {diff:.1e} "
+            f"relative (tolerance {rtol:.0e})")
+
+
+def _to(batch: dict, device) -> dict:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+def _summed_logps(model: nn.Module, batch: dict, chunked: bool) -> torch.Tensor:
+    out = concatenated_forward(model, batch, chunked=chunked, chunk_size=16)
+    return torch.cat([out.chosen_logps, out.rejected_logps])
+
+
+def _max_relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(((got - want).abs() / want.abs().clamp(min=1e-6)).max())
+
+
 def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module
                       ) -> TrainConfig:
     """`cfg` settled for the policy at hand: `router_aux_loss_coef` resolved (`settle_router_aux`),
     and `chunked_logps` off if `check_chunked_head` rejects the policy's head (the warning
     printed once). Every process takes the same path: under ZeRO-3 a process on the chunked
-    path and one on the full path would call the sharded LM head unequally often."""
+    path and one on the full path would call the sharded LM head unequally often.
+
+    With `padding_free`, then `check_padding_free` on the settled path: a ConfigError (on every
+    process) if packing would change the policy's log-probs. The reference is a copy of the
+    policy, so its check stands for both.
+    """
     cfg = settle_router_aux(cfg, extract_model_from_parallel(policy))
+    cfg = _settle_chunked_head(accelerator, cfg, policy)
+    if cfg.padding_free:
+        # Outside autocast: both layouts in the weights' dtype, the tightest comparison.
+        reason = check_padding_free(policy, chunked=cfg.chunked_logps, device=accelerator.device)
+        flags = accelerator.gather(torch.tensor([reason is not None], device=accelerator.device))
+        if flags.any():
+            unwrapped = extract_model_from_parallel(policy)
+            raise ConfigError(
+                f"padding_free: {type(unwrapped).__name__} with attn_implementation "
+                f"{unwrapped.config._attn_implementation} does not keep packed sequences apart: "
+                f"{reason or 'so says another process'}; use sdpa, eager or flex_attention, or "
+                "drop --padding-free")
+    return cfg
+
+
+def _settle_chunked_head(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module
+                         ) -> TrainConfig:
     if not cfg.chunked_logps:
         return cfg
     # Under mixed precision the model's own head runs under autocast, the chunked one in fp32.

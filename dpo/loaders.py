@@ -67,7 +67,9 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
     train_ds = datasets.concatenate_datasets(train_parts) if len(train_parts) > 1 \
         else train_parts[0]
     eval_ds = datasets.concatenate_datasets(eval_parts) if eval_parts else None
-    return train_ds, eval_ds, data.PreferenceCollator(tokenizer.pad_token_id)
+    collate = data.PreferenceCollator(tokenizer.pad_token_id, padding_free=cfg.padding_free,
+                                      max_packed_tokens=cfg.padding_free_max_tokens)
+    return train_ds, eval_ds, collate
 
 
 def dataset_names(cfg: TrainConfig) -> list[str]:

@@ -56,13 +56,17 @@ class TrainMetrics:
     def __init__(self, device: torch.device, keys: tuple[str, ...] = PAIR_KEYS):
         self.keys = keys
         self.sums = torch.zeros(len(keys), device=device)
-        self.counts = torch.zeros(2, device=device)  # pairs, real (non-pad) tokens
+        self.counts = torch.zeros(3, device=device)  # pairs, real (non-pad) tokens, positions
         self.grad_norms: list[torch.Tensor] = []
 
-    def add_batch(self, stats: torch.Tensor, num_tokens: torch.Tensor) -> None:
+    def add_batch(self, stats: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """`stats` from `pair_stats`; `attention_mask` the batch's (1 on real tokens), padded or
+        packed, for the real tokens and the share of positions computed for nothing."""
         self.sums += stats.sum(0)
         self.counts += torch.stack([torch.tensor(stats.shape[0], device=stats.device),
-                                    num_tokens]).float()
+                                    attention_mask.sum(),
+                                    torch.tensor(attention_mask.numel(), device=stats.device)
+                                    ]).float()
 
     def add_grad_norm(self, grad_norm: torch.Tensor | float | None) -> None:
         if grad_norm is not None:
@@ -71,7 +75,7 @@ class TrainMetrics:
     def compute(self, accelerator: Accelerator, seconds: float) -> dict[str, float]:
         """Reduce across processes (a sync point: once per log), return means, and reset."""
         totals = accelerator.reduce(torch.cat([self.sums, self.counts]), reduction="sum")
-        sums, (pairs, tokens) = totals[:-2], totals[-2:].tolist()
+        sums, (pairs, tokens, positions) = totals[:-3], totals[-3:].tolist()
         metrics = dict(zip(self.keys, (sums / max(pairs, 1)).tolist()))
         if self.grad_norms:  # the norm is global already (clipping all-reduces it)
             norms = torch.stack(self.grad_norms)
@@ -80,7 +84,8 @@ class TrainMetrics:
             finite = norms[torch.isfinite(norms)]
             if finite.numel():
                 metrics["grad_norm"] = finite.mean().item()
-        metrics["tokens_per_sec"] = tokens / max(seconds, 1e-9)
+        metrics["tokens_per_sec"] = tokens / max(seconds, 1e-9)  # real tokens
+        metrics["padding_fraction"] = 1.0 - tokens / positions if positions else 0.0
         self.sums.zero_()
         self.counts.zero_()
         self.grad_norms.clear()

@@ -43,7 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from dpo import cache_root, forward, logprobs
+from dpo import cache_root, forward, logprobs, packed_attention
 from dpo.config import TrainConfig
 from dpo.data import REF_LOGPS_COLUMNS
 from dpo.forward import concatenated_forward
@@ -117,9 +117,10 @@ def data_digest(dataset: Dataset) -> str:
 
 
 def cache_key(accelerator: Accelerator, dataset: Dataset, *, chunked: bool, chunk_size: int,
-              batching: tuple[int, bool, bool], cache_key_parts: dict) -> str:
+              batching: tuple, cache_key_parts: dict) -> str:
     """The hex key of the values `precompute_reference_logps` would compute for `dataset`."""
-    code = "".join(Path(module.__file__).read_text() for module in (forward, logprobs))
+    code = "".join(Path(module.__file__).read_text()
+                   for module in (forward, logprobs, packed_attention))
     parts = {
         "format": CACHE_FORMAT_VERSION,
         "data": data_digest(dataset),
@@ -178,7 +179,8 @@ def precompute_reference_logps(
             ZeRO-3 inference engine), already on the device.
         dataset: tokenized pairs (the columns of `data.tokenize_preferences`); existing
             ``ref_*`` columns are replaced.
-        collator: the run's `PreferenceCollator` (padding only changes float rounding).
+        collator: the run's `PreferenceCollator` (padding or packing only changes float
+            rounding; both are part of the cache key).
         batch_size: pairs per reference forward; no gradients are kept, so it can exceed the
             training micro-batch.
         longest_first: batch the rows longest first, to pad as little as possible; else in
@@ -198,7 +200,8 @@ def precompute_reference_logps(
     path = None
     if cache_dir is not None and cache_key_parts is not None:
         key = cache_key(accelerator, dataset, chunked=chunked, chunk_size=chunk_size,
-                        batching=(batch_size, longest_first, full_mask),
+                        batching=(batch_size, longest_first, full_mask, collator.padding_free,
+                                  collator.max_packed_tokens),
                         cache_key_parts=cache_key_parts)
         path = Path(cache_dir) / f"ref-logps-{key[:40]}.safetensors"
         cached = _load(path, key, len(dataset))

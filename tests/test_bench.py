@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import LLAMA3_1_TOKENIZER, ROOT, SHARED_DATA, require_shared
 from tests.e2e import demo_env
 
 SCRIPTS = sorted((ROOT / "bench").glob("*.py"))
@@ -36,3 +36,23 @@ def test_bench_train_compares_the_three_implementations(tmp_path):
     assert runs["precomputed"]["precompute_s"] is not None
     assert 0 < runs["optimized"]["flop_utilisation"] < 1
     assert "speedup_tokens_per_s_vs_plain" in summary and "FLOP utilisation" in out.stdout
+
+
+@pytest.mark.slow
+def test_padding_free_bench_runs_the_same_steps_packed(tmp_path):
+    """bench/padding_free.py on the tiny shape: padded and packed steps on the same HH pairs give
+    the same losses (the same pairs, the same numbers), packing leaves no padding, and each
+    checkpointing mix trains to the same losses too."""
+    require_shared(SHARED_DATA / "hh_rlhf_helpful_base_test.jsonl.gz")
+    require_shared(LLAMA3_1_TOKENIZER)
+    out = subprocess.run(
+        [sys.executable, "bench/padding_free.py", "--shape", "tiny", "--steps", "2", "--warmup",
+         "0", "--batch-size", "2", "--variants", "padded,padding-free,ckpt-mlp,ckpt-alternate"],
+        cwd=ROOT, env=demo_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    runs = {run["variant"]: run for run in summary["runs"]}
+    assert runs["padded"]["padding_fraction"] > 0 == runs["padding-free"]["padding_fraction"]
+    for name in ("padding-free", "ckpt-mlp", "ckpt-alternate"):
+        assert runs[name]["losses"] == pytest.approx(runs["padded"]["losses"], rel=1e-5)
+    assert {"ideal_gain", "measured_gain", "ckpt-mlp"} <= summary.keys()

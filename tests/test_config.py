@@ -103,6 +103,8 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
     (["--sync-ref-model", "--loss-type", "simpo"], "uses no reference to update"),
     (["--sync-ref-model", "--precompute-ref-logps"], "would go stale"),
     (["--sync-ref-model", "--ref-model-mixup-alpha", "1.5"], r"must lie in \(0, 1\]"),
+    (["--padding-free", "--max-length", "1024", "--padding-free-max-tokens", "1000"],
+     r"padding_free_max_tokens \(1000\) must be >= max_length \(1024\)"),
 ])
 def test_bad_values_raise_config_error(flags, message):
     with pytest.raises(ConfigError, match=message):

@@ -660,6 +660,54 @@ def test_collator_pad_to_multiple_of_and_missing_pad_id():
         PreferenceCollator(None)
 
 
+def _toy_pairs():
+    """Two pairs of sequences of 3, 5 (chosen) and 2, 4 (rejected) tokens, prompts of 1 and 2."""
+    def side(ids, prompt):
+        return ids, [IGNORE_INDEX] * prompt + ids[prompt:]
+    rows = []
+    for (c, r, p) in (([5, 6, 7], [5, 8], 1), ([9, 10, 11, 12, 13], [9, 10, 14, 15], 2)):
+        (ci, cl), (ri, rl) = side(c, p), side(r, p)
+        rows.append({"chosen_input_ids": ci, "chosen_labels": cl, "rejected_input_ids": ri,
+                     "rejected_labels": rl, "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0})
+    return rows
+
+
+def test_padding_free_collator_packs_one_row():
+    """The 2B sequences end to end in [chosen; rejected] order, position ids restarting at each,
+    the first label of each sequence -100 (none predicted across a boundary), no padding; each
+    sequence's (row, start, length) in packed_sequences; pair columns pass through."""
+    batch = PreferenceCollator(0, padding_free=True)(_toy_pairs())
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 9, 10, 11, 12, 13, 5, 8, 9, 10, 14, 15]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3]]
+    x = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[x, 6, 7, x, x, 11, 12, 13, x, 8, x, x, 14, 15]]
+    assert batch["attention_mask"].tolist() == [[1] * 14]
+    assert batch["packed_sequences"].tolist() == [[0, 0, 3], [0, 3, 5], [0, 8, 2], [0, 10, 4]]
+    assert batch["ref_chosen_logps"].tolist() == [-1.0, -1.0]
+    assert padding_fraction(batch) == 0.0
+
+
+def test_padding_free_collator_bounds_its_rows():
+    """At most max_packed_tokens per row, first fit longest first; a shorter row ends in
+    padding, with attention mask 0 and label -100, at positions counted modulo the longest
+    sequence (none beyond a sequence's own); a sequence longer than a row is refused."""
+    batch = PreferenceCollator(0, padding_free=True, max_packed_tokens=7)(_toy_pairs())
+    # 5 and 2 fill row 0; 4 and 3 row 1
+    assert batch["packed_sequences"].tolist() == [[1, 0, 3], [0, 0, 5], [0, 5, 2], [1, 3, 4]]
+    assert batch["input_ids"].tolist() == [[9, 10, 11, 12, 13, 5, 8],
+                                           [5, 6, 7, 9, 10, 14, 15]]
+    batch = PreferenceCollator(0, padding_free=True, max_packed_tokens=6)(_toy_pairs())
+    # 5 alone; 4 then 2 (which fits beside 4, not 5); 3 alone
+    assert batch["packed_sequences"].tolist() == [[2, 0, 3], [0, 0, 5], [1, 0, 2], [1, 2, 4]]
+    assert batch["input_ids"].shape == (3, 6)
+    assert batch["position_ids"][2].tolist() == [0, 1, 2, 0, 1, 2]
+    assert batch["attention_mask"][2].tolist() == [1, 1, 1, 0, 0, 0]
+    assert (batch["labels"][2, 3:] == IGNORE_INDEX).all()
+    assert padding_fraction(batch) == pytest.approx(4 / 18)
+    with pytest.raises(ValueError, match="a sequence of 5 tokens does not fit a packed row"):
+        PreferenceCollator(0, padding_free=True, max_packed_tokens=4)(_toy_pairs())
+
+
 # ------------------------------------------------------------------------------------------
 # Length-grouped batch sampler
 # ------------------------------------------------------------------------------------------

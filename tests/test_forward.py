@@ -8,8 +8,9 @@ import torch
 from transformers import Qwen3ForCausalLM
 
 from dpo.config import TrainConfig
-from dpo.forward import (causal_attention_mask, check_chunked_head, concatenated_forward,
-                         settle_logps_path)
+from dpo.config import ConfigError
+from dpo.forward import (causal_attention_mask, check_chunked_head, check_padding_free,
+                         concatenated_forward, settle_logps_path)
 from dpo.logprobs import IGNORE_INDEX, sequence_logps
 from dpo.tiny import tiny_qwen3, tiny_qwen3_config
 from tests.e2e import demo_env, run_train, train_logs
@@ -190,6 +191,88 @@ def test_settle_falls_back_to_full_logits_only_on_a_mismatch(capsys):
     no_chunks = TrainConfig(chunked_logps=False)
     assert settle_logps_path(accelerator, no_chunks, _unknown_head()) is no_chunks
     assert capsys.readouterr().out == ""
+
+
+def _causal_only_attention(module, query, key, value, attention_mask, **kwargs):
+    """An attention implementation that knows causality and nothing else: without a mask
+    function of its own (transformers builds none for it) it cannot keep packed sequences
+    apart, as a plain causal kernel could not."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+@pytest.fixture
+def causal_only_qwen3():
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("causal_only", _causal_only_attention)
+    model = tiny_qwen3(VOCAB)
+    model.config._attn_implementation = "causal_only"
+    return model
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_padding_free_probe_passes_isolating_attention(impl, chunked):
+    model = tiny_qwen3(VOCAB).train()
+    model.config._attn_implementation = impl
+    assert check_padding_free(model, chunked=chunked) is None
+    assert model.training  # restored after the probe's eval-mode forward
+
+
+def test_padding_free_probe_catches_attention_that_mixes_packed_sequences(causal_only_qwen3):
+    """The causal-only kernel gives right-padded batches their exact values (the mask is
+    dropped for them anyway), packed ones wrong values: the probe says so."""
+    batch = _pair_batch()
+    with torch.no_grad():
+        out = concatenated_forward(causal_only_qwen3.eval(), batch, chunked=True)
+    alone = logps_row_by_row(causal_only_qwen3, batch)
+    torch.testing.assert_close(torch.cat([out.chosen_logps, out.rejected_logps]), alone,
+                               rtol=1e-5, atol=1e-5)
+    reason = check_padding_free(causal_only_qwen3, chunked=True)
+    assert reason is not None and "packed sequences' summed log-probs differ" in reason
+
+
+def test_settle_refuses_padding_free_for_attention_that_mixes_sequences(causal_only_qwen3):
+    """One ConfigError line naming the model and its attention implementation; the same model
+    with sdpa, or without --padding-free, settles."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    cfg = TrainConfig(padding_free=True)
+    with pytest.raises(ConfigError, match=r"^padding_free: Qwen3ForCausalLM with "
+                       r"attn_implementation causal_only does not keep packed sequences apart"
+                       ) as error:
+        settle_logps_path(accelerator, cfg, causal_only_qwen3)
+    assert "\n" not in str(error.value)
+    assert settle_logps_path(accelerator, TrainConfig(), causal_only_qwen3).chunked_logps
+    causal_only_qwen3.config._attn_implementation = "sdpa"
+    assert settle_logps_path(accelerator, cfg, causal_only_qwen3) is cfg
+
+
+def test_packed_batches_under_gradient_checkpointing():
+    """Under gradient checkpointing, where each layer runs again in the backward, a packed
+    batch on packed_sdpa still gets the padded batch's gradients."""
+    from dpo.data.batching import PreferenceCollator
+
+    model = tiny_qwen3(VOCAB).train()
+    model.config._attn_implementation = "sdpa"
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = _pair_batch()
+    rows = [{f"{side}_{name}": batch[key][row, :int(batch["attention_mask"][row].sum())].tolist()
+             for side, row in (("chosen", i), ("rejected", 2 + i))
+             for name, key in (("input_ids", "input_ids"), ("labels", "labels"))}
+            for i in range(2)]
+    grads = []
+    for padding_free in (False, True):
+        model.zero_grad()
+        out = concatenated_forward(model, PreferenceCollator(0, padding_free=padding_free)(rows))
+        (out.chosen_logps.sum() - 2 * out.rejected_logps.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert model.config._attn_implementation == "dpo_packed_sdpa"
+    scale = grads[0].abs().max()
+    torch.testing.assert_close(grads[1] / scale, grads[0] / scale, rtol=1e-5, atol=1e-5)
 
 
 REMOTE_CODE = """from transformers import Qwen3ForCausalLM

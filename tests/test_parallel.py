@@ -42,6 +42,8 @@ PORT_FLAG = {"torchrun": "--master_port"}
 # Run variants: "<layout>+<extra>".
 HH_HARMLESS = SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl.gz"
 EXTRA_FLAGS = {"": [], "precompute": ["--precompute-ref-logps"], "rpo": ["--rpo-alpha", "0.5"],
+               "packed": ["--padding-free"],
+               "packed_precompute": ["--padding-free", "--precompute-ref-logps"],
                # 36 + 12 rows drawn; 11 eval rows: 8 of the demo's test split, 3 held-out HH pairs
                "trdpo": ["--sync-ref-model", "--ref-model-sync-steps", "2",
                          "--ref-model-mixup-alpha", "0.5"],
@@ -190,6 +192,32 @@ def test_precomputed_reference_matches_the_live_one(runs, layout):
     assert_same_logs(train_logs(out), train_logs(single), rel=rel)
     assert_same_logs(eval_logs(out), eval_logs(single), rel=rel)
     assert_same_weights(out, single, rel=rel)
+
+
+def test_padding_free_two_processes_match_one(runs):
+    """`--padding-free`: in one process, packed micro-batches train as padded ones (to 1e-5,
+    rounding), with padding_fraction 0 where the padded run logs some; 2 processes packed (DDP
+    with the live reference; ZeRO-3, the sharded reference precomputing on packed batches)
+    equal 1 process packed to 1e-4: train and eval metrics, final weights. (The precompute pass
+    packs other pairs together than training does, which changes the rounding: at step 1 the
+    rewards are ~1e-7, not exactly 0, and which of them come out "accurate" is noise.)"""
+    single, _ = runs("single+packed")
+    logs = train_logs(single)
+    padded = train_logs(runs("single")[0])
+    assert all(log["padding_fraction"] == 0.0 for log in logs)
+    assert all(log["padding_fraction"] > 0.0 for log in padded)
+    assert_same_logs(logs, padded, rel=1e-5)
+    assert_same_logs(eval_logs(single), eval_logs(runs("single")[0]), rel=1e-5)
+    assert_same_weights(single, runs("single")[0], rel=1e-5)
+    for layout in ("ddp+packed", "zero3_flags+packed_precompute"):
+        out, log = runs(layout)
+        assert "2 process(es)" in log
+        noise = ("rewards/accuracies",) if layout.endswith("precompute") else ()
+        assert_same_logs(train_logs(out), logs, rel=1e-4,
+                         skip=("tokens_per_sec", "padding_fraction", *noise))
+        assert all(entry["padding_fraction"] == 0.0 for entry in train_logs(out))
+        assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-4)
+        assert_same_weights(out, single, rel=1e-4)
 
 
 def test_reference_placement_is_reported(runs):

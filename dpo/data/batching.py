@@ -15,7 +15,7 @@ REF_LOGPS_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 class PreferenceCollator:
-    """Pad tokenized pairs into one right-padded ``[chosen; rejected]`` batch.
+    """Pad tokenized pairs into one right-padded ``[chosen; rejected]`` batch, or pack them.
 
     For B rows it returns ``torch.long`` tensors of shape (2B, T): rows ``0..B-1`` are the chosen
     sequences, rows ``B..2B-1`` the rejected ones, row ``i`` and row ``B + i`` the same pair.
@@ -24,21 +24,48 @@ class PreferenceCollator:
     reference log-probs (``REF_LOGPS_COLUMNS``) add them as ``(B,)`` float32 tensors of the same
     names, in pair order, and rows with a ``source`` (a mixture's eval rows, see
     ``dpo.data.mixture``) add it as a ``(B,)`` long tensor.
+
+    With ``padding_free`` the 2B sequences are instead laid end to end in as few rows as hold
+    them within ``max_packed_tokens`` each (one row, unless they exceed it): ``input_ids``,
+    ``labels``, ``attention_mask`` and ``position_ids`` are (R, L), the position ids restarting
+    at 0 with every sequence, which is how transformers tells packed sequences apart. Shorter
+    rows end in padding (attention_mask 0), a sequence of its own whose position ids count
+    modulo the longest sequence's length, so that none exceeds what a sequence uses.
+    ``packed_sequences`` (2B, 3) gives each sequence's (row, start, length), in
+    ``[chosen; rejected]`` order; the first label of every sequence is -100, so that no label
+    is predicted across a boundary.
     """
 
-    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None,
+                 padding_free: bool = False, max_packed_tokens: int | None = None):
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: call prepare_tokenizer(tokenizer) first")
+        if max_packed_tokens is not None and max_packed_tokens < 1:
+            raise ValueError(f"max_packed_tokens must be >= 1, got {max_packed_tokens}")
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding_free = padding_free
+        self.max_packed_tokens = max_packed_tokens
 
     def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         # All chosen sequences first, then all rejected ones: row i and row B + i are one pair.
         ids = [row[f"{side}_input_ids"] for side in ("chosen", "rejected") for row in rows]
         labels = [row[f"{side}_labels"] for side in ("chosen", "rejected") for row in rows]
-        width = max(len(sequence) for sequence in ids)
+        batch = self._pack(ids, labels) if self.padding_free else self._pad(ids, labels)
+        for name in REF_LOGPS_COLUMNS:
+            if name in rows[0]:
+                batch[name] = torch.tensor([row[name] for row in rows], dtype=torch.float32)
+        if "source" in rows[0]:  # a mixture's eval pairs: the dataset each one comes from
+            batch["source"] = torch.tensor([row["source"] for row in rows], dtype=torch.long)
+        return batch
+
+    def _width(self, width: int) -> int:
         if self.pad_to_multiple_of:
             width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return width
+
+    def _pad(self, ids: list, labels: list) -> dict[str, torch.Tensor]:
+        width = self._width(max(len(sequence) for sequence in ids))
         batch = {
             "input_ids": torch.full((len(ids), width), self.pad_token_id, dtype=torch.long),
             "attention_mask": torch.zeros((len(ids), width), dtype=torch.long),
@@ -48,11 +75,46 @@ class PreferenceCollator:
             batch["input_ids"][i, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
             batch["attention_mask"][i, : len(sequence)] = 1
             batch["labels"][i, : len(label)] = torch.tensor(label, dtype=torch.long)
-        for name in REF_LOGPS_COLUMNS:
-            if name in rows[0]:
-                batch[name] = torch.tensor([row[name] for row in rows], dtype=torch.float32)
-        if "source" in rows[0]:  # a mixture's eval pairs: the dataset each one comes from
-            batch["source"] = torch.tensor([row["source"] for row in rows], dtype=torch.long)
+        return batch
+
+    def _pack(self, ids: list, labels: list) -> dict[str, torch.Tensor]:
+        lengths = [len(sequence) for sequence in ids]
+        cap = self.max_packed_tokens or sum(lengths)
+        if max(lengths) > cap:
+            raise ValueError(f"a sequence of {max(lengths)} tokens does not fit a packed row of "
+                             f"max_packed_tokens {cap}")
+        # First fit, longest first: few rows, so little padding at their ends.
+        members: list[list[int]] = []
+        fill: list[int] = []
+        for i in sorted(range(len(ids)), key=lambda i: -lengths[i]):
+            row = next((r for r, used in enumerate(fill) if used + lengths[i] <= cap), len(fill))
+            if row == len(fill):
+                members.append([])
+                fill.append(0)
+            members[row].append(i)
+            fill[row] += lengths[i]
+        width = self._width(max(fill))
+        shape = (len(members), width)
+        batch = {
+            "input_ids": torch.full(shape, self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros(shape, dtype=torch.long),
+            "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),
+            "position_ids": torch.zeros(shape, dtype=torch.long),
+            "packed_sequences": torch.zeros((len(ids), 3), dtype=torch.long),
+        }
+        for row, indices in enumerate(members):
+            start = 0
+            for i in sorted(indices):  # [chosen; rejected] order within the row
+                end = start + lengths[i]
+                batch["input_ids"][row, start:end] = torch.tensor(ids[i], dtype=torch.long)
+                batch["attention_mask"][row, start:end] = 1
+                label = torch.tensor(labels[i], dtype=torch.long)
+                label[0] = IGNORE_INDEX  # would be predicted by the previous sequence's end
+                batch["labels"][row, start:start + len(label)] = label
+                batch["position_ids"][row, start:end] = torch.arange(lengths[i])
+                batch["packed_sequences"][i] = torch.tensor([row, start, lengths[i]])
+                start = end
+            batch["position_ids"][row, start:] = torch.arange(width - start) % max(lengths)
         return batch
 
 
