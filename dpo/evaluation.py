@@ -31,7 +31,7 @@ def evaluate(accelerator: Accelerator, cfg: TrainConfig, policy, reference, load
                        else None)
     rows, sources = [], []
     for batch in loader:
-        pairs = batch["input_ids"].shape[0] // 2
+        pairs = len(batch.get("packed_sequences", batch["input_ids"])) // 2  # packed: [R, L]
         out = dpo_step(accelerator, cfg, policy, reference, batch, bco_delta=bco_delta,
                        num_tokens=tokens_per_pair and pairs * float(tokens_per_pair))
         rows.append(accelerator.gather_for_metrics(pair_stats(out)))

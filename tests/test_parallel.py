@@ -41,14 +41,14 @@ LAYOUTS = {
 PORT_FLAG = {"torchrun": "--master_port"}
 # Run variants: "<layout>+<extra>".
 HH_HARMLESS = SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl.gz"
+MPO = ["--loss-type", "sigmoid", "bco_pair", "sft", "--loss-weights", "0.8", "0.2", "1"]
 EXTRA_FLAGS = {"": [], "precompute": ["--precompute-ref-logps"], "rpo": ["--rpo-alpha", "0.5"],
                "packed": ["--padding-free"],
                "packed_precompute": ["--padding-free", "--precompute-ref-logps"],
-               # 36 + 12 rows drawn; 11 eval rows: 8 of the demo's test split, 3 held-out HH pairs
                "trdpo": ["--sync-ref-model", "--ref-model-sync-steps", "2",
                          "--ref-model-mixup-alpha", "0.5"],
-               "mpo": ["--loss-type", "sigmoid", "bco_pair", "sft", "--loss-weights", "0.8",
-                       "0.2", "1"],
+               "mpo": MPO, "mpo_packed": [*MPO, "--padding-free"],
+               # 36 + 12 rows drawn; 11 eval rows: 8 of the demo's test split, 3 held-out HH pairs
                "mixture": ["--dataset", "builtin:demo-preferences", str(HH_HARMLESS),
                            "--dataset-weights", "3", "1", "--eval-samples", "11"]}
 
@@ -107,18 +107,19 @@ def test_rpo_term_is_a_token_mean_over_the_optimizer_step(runs):
 def test_a_loss_mixture_is_the_same_however_the_step_is_split(runs):
     """MPO (sigmoid + bco_pair + sft): BCO's baseline moves once per optimizer step from the
     rewards of every micro-batch and process, and sft is a token mean over the step, so 1 pair ×
-    4 accumulation steps = 2 processes × 2 pairs = 4 pairs × 1, each term logged as loss/<type>."""
+    4 accumulation steps = 2 processes × 2 pairs = 4 pairs × 1 = packed (padding-free), each term
+    logged as loss/<type>."""
     single, _ = runs("single+mpo")
     logs = train_logs(single)
     for log in logs:
         parts = 0.8 * log["loss/sigmoid"] + 0.2 * log["loss/bco_pair"] + log["loss/sft"]
         assert log["loss"] == pytest.approx(parts, rel=1e-5)
     assert logs[-1]["loss/bco_pair"] != pytest.approx(logs[0]["loss/bco_pair"], rel=1e-3)
-    for layout in ("accumulation+mpo", "ddp+mpo"):
+    for layout in ("accumulation+mpo", "ddp+mpo", "single+mpo_packed"):
         out, _ = runs(layout)
         assert_same_logs(train_logs(out), logs, rel=1e-4)
         assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-4)
-        assert_same_weights(out, single, rel=1e-5 if layout.startswith("acc") else 1e-4)
+        assert_same_weights(out, single, rel=1e-4 if layout.startswith("ddp") else 1e-5)
 
 
 def test_a_synced_reference_is_the_same_on_two_processes_and_under_zero3(runs):
