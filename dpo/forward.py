@@ -334,6 +334,12 @@ def settle_router_aux(cfg: TrainConfig, model: nn.Module) -> TrainConfig:
     if moe:
         if cfg.router_aux_loss_coef is None:
             cfg = dataclasses.replace(cfg, router_aux_loss_coef=float(coef))
+        if cfg.padding_free and cfg.router_aux_loss_coef:
+            # A packed row gets no attention mask, so the padding at the end of its shorter rows
+            # would enter the balance.
+            raise ConfigError("padding_free: the router loss of a mixture of experts needs the "
+                              "attention mask that packed rows go without; drop --padding-free "
+                              "or pass --router-aux-loss-coef 0")
         return cfg
     if cfg.router_aux_loss_coef:
         raise ConfigError(f"router_aux_loss_coef: {type(model).__name__} is not a mixture of "

@@ -370,6 +370,11 @@ def test_router_loss_coefficient_is_settled_per_model():
     with pytest.raises(ConfigError, match="router_aux_loss_coef: Qwen3ForCausalLM is not a "
                                           "mixture of experts"):
         settle_router_aux(given, tiny_qwen3(VOCAB))
+    packed = TrainConfig(model="tiny", dataset="none", padding_free=True)
+    with pytest.raises(ConfigError, match="padding_free: the router loss of a mixture of experts"):
+        settle_router_aux(packed, _tiny_moe("mixtral"))
+    off = TrainConfig(model="tiny", dataset="none", padding_free=True, router_aux_loss_coef=0.0)
+    assert settle_router_aux(off, _tiny_moe("mixtral")) is off
 
 
 def test_dpo_step_adds_the_weighted_router_loss():
