@@ -41,6 +41,21 @@ class TrainConfig:
     attn_implementation: str | None = _opt(None, "e.g. sdpa, eager, flash_attention_2")
     trust_remote_code: bool = _opt(False, "run modelling code shipped with the model (trust it!)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass")
+    ref_model: str | None = _opt(None, "reference model other than --model (hub name, local "
+                                 "directory or PEFT adapter folder); same tokenizer required")
+    # LoRA through peft (pip install -e ".[peft]"); the reference is the policy, adapter off
+    lora_r: int = _opt(0, "LoRA rank; 0 = full fine-tuning")
+    lora_alpha: float = _opt(16.0, "LoRA scaling numerator (the update is alpha / r · BA)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA branch's input")
+    lora_target_modules: list[str] | None = _opt(
+        None, "module names to adapt (default: every linear layer of the body, peft's "
+        "all-linear; never the LM head)")
+    lora_modules_to_save: list[str] | None = _opt(
+        None, "modules trained in full beside the adapter (never the LM head)")
+    merge_adapter: bool = _opt(False, "also write the adapter merged into its base model to "
+                               "<output_dir>/merged")
+    load_in_4bit: bool = _opt(False, "QLoRA: the base model's weights in 4 bits (bitsandbytes, "
+                              "CUDA only; unverified)")
     # Data
     dataset: str = _opt("lvwerra/stack-exchange-paired", "hub name, or a local file or folder")
     data_format: str | None = _opt(None, "override the format detected from the columns")
@@ -185,6 +200,9 @@ class TrainConfig:
             check_streaming(self.streaming, self.num_samples, self.split, self.eval_split)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        from dpo.lora import check_lora_settings
+
+        check_lora_settings(self)
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
             raise ConfigError(f"report_to: {self.report_to} is not installed; "
                               f"pip install {self.report_to}, or use --report-to none")
@@ -202,7 +220,7 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     flags = {}
     for key, value in vars(args).items():
         if key != "config" and value is not None:  # None: flag absent; _NONE: given as `none`
-            flags[key] = None if value is _NONE else value
+            flags[key] = None if value is _NONE or value == [_NONE] else value
     values.update(_resolve_aliases(flags, ""))
     return TrainConfig(**values)
 
@@ -247,6 +265,10 @@ def _build_parser() -> argparse.ArgumentParser:
         base = _base_type(tp)
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif _list_item(tp) is not None:  # `--flag a b c`; `--flag none` for null
+            item = _list_item(tp)
+            parser.add_argument(flag, nargs="+", type=_cli_parser(name, item, _is_optional(tp)),
+                                metavar=item.__name__.upper(), help=help_text)
         else:
             parser.add_argument(flag, type=_cli_parser(name, base, _is_optional(tp)),
                                 metavar=base.__name__.upper(), help=help_text)
@@ -310,11 +332,25 @@ def _base_type(tp) -> type:
     return next(a for a in typing.get_args(tp) if a is not type(None)) if _is_optional(tp) else tp
 
 
+def _list_item(tp) -> type | None:
+    """The item type of a `list[X]` (or `list[X] | None`) field, else None."""
+    base = _base_type(tp)
+    return typing.get_args(base)[0] if typing.get_origin(base) is list else None
+
+
 def _check_type(name: str, value, tp) -> None:
     if value is None:
         if _is_optional(tp):
             return
         raise ConfigError(f"{name} must be set (it cannot be null)")
+    item = _list_item(tp)
+    if item is not None:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{name} must be a non-empty list of {item.__name__}, got "
+                              f"{value!r}")
+        for element in value:
+            _check_type(name, element, item)
+        return
     base = _base_type(tp)
     ok = (isinstance(value, bool) if base is bool
           else isinstance(value, (int, float)) and not isinstance(value, bool) if base is float
