@@ -142,3 +142,30 @@ def test_prompt_template_reads_backslash_escapes_as_a_shell_passes_them(tmp_path
     assert load_config(["--config", str(path)]) == cfg
     cfg.to_yaml(tmp_path / "saved.yaml")
     assert load_config(["--config", str(tmp_path / "saved.yaml")]) == cfg
+
+
+def test_list_fields_from_flags_and_yaml(tmp_path):
+    """A `list[str] | None` field: `--flag a b` (nargs), a YAML list, `none` for null; the YAML
+    written by a run reads back the same."""
+    cfg = load_config(["--lora-r", "4", "--lora-target-modules", "q_proj", "v_proj"])
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    path = tmp_path / "run.yaml"
+    path.write_text("lora_r: 4\nlora_modules_to_save: [embed_tokens]\n"
+                    "lora_target_modules: [q_proj]\n")
+    cfg = load_config(["--config", str(path), "--lora-target-modules", "none"])
+    assert cfg.lora_modules_to_save == ["embed_tokens"] and cfg.lora_target_modules is None
+    cfg.to_yaml(tmp_path / "again.yaml")
+    assert load_config(["--config", str(tmp_path / "again.yaml")]) == cfg
+
+
+@pytest.mark.parametrize("yaml_value, message", [
+    ("q_proj", "lora_target_modules must be a non-empty list of str, got 'q_proj'"),
+    ("[q_proj, 3]", "lora_target_modules must be a str, got 3"),
+    ("[]", "lora_target_modules must be a non-empty list of str, got []"),
+])
+def test_list_fields_check_their_elements(tmp_path, yaml_value, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"lora_r: 4\nlora_target_modules: {yaml_value}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(["--config", str(path)])
+    assert str(error.value) == message
