@@ -170,9 +170,8 @@ def load_peft_policy(cfg, model_path: str, load_causal_lm) -> tuple[nn.Module, n
     peft_model.peft_config[DEFAULT_ADAPTER].base_model_name_or_path = base_name
     peft_model.dpo_save_base = save_base  # read by save_adapter
     model = peft_model.get_base_model()
-    if model.get_output_embeddings() is not dict(model.named_modules())[head_name(model)] or \
-            not isinstance(model.get_output_embeddings(), nn.Linear):
-        raise RuntimeError("peft changed the LM head; it must stay a plain nn.Linear")
+    if not isinstance(model.get_output_embeddings(), nn.Linear):  # peft wrapped it after all
+        raise RuntimeError("the LM head was adapted; it must stay a plain nn.Linear")
     object.__setattr__(model, _PEFT_ATTR, peft_model)
     return model, AdapterOffReference(peft_model, reference_adapter)
 
@@ -197,13 +196,17 @@ def _add_adapter(cfg, base: nn.Module, get_peft_model):
 
 @contextlib.contextmanager
 def _whole_weights():
-    """Load full (unsharded) weights even under ZeRO-3's `zero3_init_flag`."""
-    from accelerate.state import AcceleratorState
+    """Build and load models with whole weights, also under ZeRO-3: transformers partitions
+    every model it builds (`zero.Init`, a collective) while a ZeRO-3 config is registered, and
+    accelerate registers one whatever `zero3_init_flag` says. Unregistered for the block."""
+    from transformers.integrations import deepspeed as hf_deepspeed
 
-    state = AcceleratorState._shared_state and AcceleratorState()
-    plugin = getattr(state, "deepspeed_plugin", None) if state else None
-    with plugin.zero3_init_context_manager(enable=False) if plugin else contextlib.nullcontext():
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
         yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def peft_of(model: nn.Module):
@@ -280,8 +283,14 @@ def save_adapter(accelerator, policy, tokenizer, output_dir: Path, merge: bool) 
     Collective (every process must call it): `get_state_dict` gathers ZeRO-3 shards.
     """
     state_dict = accelerator.get_state_dict(policy)
-    if not accelerator.is_main_process:
-        return
+    if accelerator.is_main_process:
+        _write_adapter(accelerator, policy, state_dict, tokenizer, output_dir, merge)
+    # The others wait: one leaving early, while the main process still builds the base and the
+    # merged model, can tear the process group down under it.
+    accelerator.wait_for_everyone()
+
+
+def _write_adapter(accelerator, policy, state_dict, tokenizer, output_dir: Path, merge: bool):
     model = accelerator.unwrap_model(policy)
     peft_model = peft_of(model)
     prefixed = {f"base_model.model.{k}": v for k, v in state_dict.items()}

@@ -268,3 +268,166 @@ def test_lora_settings_without_lora_r_are_refused(tmp_path):
         make_cfg("m", tmp_path, lora_target_modules=["q_proj"])
     with pytest.raises(ConfigError, match="^merge_adapter: there is no adapter"):
         make_cfg("m", tmp_path, merge_adapter=True)
+
+
+# --- End to end: train.py with LoRA ----------------------------------------------------------
+
+COMMON = ["--model", "builtin:tiny-qwen3", "--dataset", "builtin:demo-preferences",
+          "--num-samples", "48", "--eval-samples", "10", "--max-length", "64", "--max-steps", "4",
+          "--logging-steps", "1", "--eval-steps", "2", "--learning-rate", "1e-2",
+          "--num-sample-generations", "1", "--max-new-tokens", "4", "--seed", "7",
+          "--lora-r", "8", "--lora-alpha", "16"]
+SINGLE = ["--batch-size", "4", "--gradient-accumulation-steps", "1"]
+TWO = ["--batch-size", "2", "--gradient-accumulation-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return demo_env(tmp_path_factory.mktemp("dpo_cache"))
+
+
+@pytest.fixture(scope="module")
+def single(env, tmp_path_factory):
+    """One process, evaluated before the first step, the merged model written too."""
+    out = tmp_path_factory.mktemp("single") / "out"
+    run_train(env, *COMMON, *SINGLE, "--eval-on-start", "--merge-adapter",
+              "--output-dir", str(out))
+    return out
+
+
+def adapter_weights(out):
+    return load_file(out / "adapter_model.safetensors")
+
+
+def demo_batch():
+    """Pairs of demo-vocabulary tokens (1024) for comparing saved models."""
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 1024, (4, 24), generator=generator)
+    labels = ids.clone()
+    labels[:, :8] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+@pytest.mark.slow
+def test_a_lora_run_starts_at_ln2_and_lowers_the_loss(single):
+    from tests.e2e import eval_logs, train_logs
+
+    first = train_logs(single)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert first["rewards/margins"] == 0 and first["rewards/chosen"] == 0
+    evals = [log["eval/loss"] for log in eval_logs(single)]
+    assert evals[0] == pytest.approx(math.log(2), abs=1e-7)  # before the first step
+    assert evals[-1] < evals[0] - 0.01
+
+
+@pytest.mark.slow
+def test_outputs_load_with_peft_and_the_merged_model_agrees(single):
+    from peft import AutoPeftModelForCausalLM
+
+    assert not (single / "model.safetensors").exists()  # the adapter, not a full model
+    config = json.loads((single / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((single / "base").resolve())
+    assert not any("lm_head" in k for k in adapter_weights(single))
+    adapted = AutoPeftModelForCausalLM.from_pretrained(single).eval()
+    merged = AutoModelForCausalLM.from_pretrained(single / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(single / "base").eval()
+    batch = demo_batch()
+    want = logps(adapted.get_base_model(), batch)
+    torch.testing.assert_close(logps(merged, batch), want, rtol=1e-5, atol=1e-5)
+    assert (logps(base, batch) - want).abs().max() > 1e-3  # it did train
+
+
+@pytest.mark.slow
+def test_precomputed_reference_matches_the_adapter_off_one(env, single, tmp_path):
+    from tests.e2e import assert_same_logs, eval_logs, train_logs
+
+    out = tmp_path / "out"
+    log = run_train(env, *COMMON, *SINGLE, "--eval-on-start", "--precompute-ref-logps",
+                    "--output-dir", str(out))
+    assert "reference: freed; training on its precomputed log-probs" in log.stdout + log.stderr
+    assert_same_logs(train_logs(out), train_logs(single), rel=1e-5)
+    assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-5)
+    assert_close_adapters(out, single, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_an_output_adapter_starts_the_next_run(env, single, tmp_path):
+    """`--model <adapter folder>`: without --lora-r it trains further against a frozen copy of
+    itself (step 0 at exactly ln 2); its output names the same base."""
+    from tests.e2e import train_logs
+
+    out = tmp_path / "out"
+    flags = [f for f in COMMON if f not in ("--lora-r", "8", "--lora-alpha", "16")]
+    flags[flags.index("builtin:tiny-qwen3")] = str(single)
+    run_train(env, *flags, *SINGLE, "--max-steps", "2", "--output-dir", str(out))
+    assert train_logs(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((single / "base").resolve())
+    assert adapter_weights(out).keys() == adapter_weights(single).keys()
+
+
+@pytest.mark.slow
+def test_a_bad_lora_flag_is_one_line(env, tmp_path):
+    result = run_train(env, *COMMON, "--lora-target-modules", "q_proj", "lm_head",
+                       "--output-dir", str(tmp_path / "out"), check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "error: lora_target_modules: 'lm_head' is the LM head, which is never adapted (the "
+        "chunked log-probs read its weight directly); drop it"]
+    assert not (tmp_path / "out").exists()
+
+
+def assert_close_adapters(out, expected, rel):
+    got, want = adapter_weights(out), adapter_weights(expected)
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        err = (got[name] - w).norm() / w.norm().clamp(min=1e-12)
+        assert err <= rel, f"{name}: relative difference {err.item():.2e} > {rel}"
+
+
+# --- Two processes against one, and resume after SIGKILL --------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parallel
+@pytest.mark.parametrize("layout", ["ddp", "zero2", "zero3"])
+def test_two_processes_match_one_with_lora(env, single, tmp_path, layout):
+    """DDP, ZeRO-2 and ZeRO-3 (the adapter-off reference on the sharded policy): per-step
+    metrics, eval metrics and the adapter equal one process with the same global batch."""
+    from tests.e2e import (ACCELERATE, assert_same_logs, eval_logs, free_port, train_logs)
+
+    launcher = [*ACCELERATE, "--num_processes", "2", "--main_process_port", str(free_port())]
+    launcher += {"ddp": ["--multi_gpu"], "zero2": ["--use_deepspeed", "--zero_stage", "2"],
+                 "zero3": ["--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag",
+                           "true"]}[layout]
+    out = tmp_path / "out"
+    log = run_train(env, *COMMON, *TWO, "--eval-on-start", "--merge-adapter",
+                    "--output-dir", str(out), launcher=launcher)
+    assert "reference: the policy with its adapter off (no second model)" in log.stdout
+    assert_same_logs(train_logs(out), train_logs(single), rel=1e-4)
+    assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-4)
+    assert_close_adapters(out, single, rel=1e-4)
+    merged, want = (AutoModelForCausalLM.from_pretrained(d / "merged") for d in (out, single))
+    torch.testing.assert_close(logps(merged, demo_batch()), logps(want, demo_batch()),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_exact_with_lora(env, tmp_path):
+    from tests.e2e import read_metrics, train_logs
+    from tests.test_checkpoint import RUN, start, wait_for
+
+    lora = ["--lora-r", "8", "--lora-dropout", "0.1"]  # dropout: the RNG state must resume too
+    reference = tmp_path / "reference"
+    run_train(env, *RUN, *lora, "--output-dir", str(reference))
+    out = tmp_path / "out"
+    proc, lines = start(env, out, *lora)
+    wait_for(proc, lambda: any(line.startswith("step 9:") for line in lines))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_train(env, *RUN, *lora, "--output-dir", str(out), "--resume-from-checkpoint", "latest")
+    got, want = adapter_weights(out), adapter_weights(reference)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert [log["step"] for log in train_logs(out)] == list(range(1, 17))
+    from tests.e2e import assert_same_logs
+
+    assert_same_logs(read_metrics(out), read_metrics(reference), rel=1e-6)
