@@ -416,7 +416,7 @@ def test_sigkill_then_resume_is_exact_with_lora(env, tmp_path):
     from tests.e2e import read_metrics, train_logs
     from tests.test_checkpoint import RUN, start, wait_for
 
-    lora = ["--lora-r", "8", "--lora-dropout", "0.1"]  # dropout: the RNG state must resume too
+    lora = ["--lora-r", "8", "--lora-dropout", "0.1"]  # dropout: its RNG must resume too
     reference = tmp_path / "reference"
     run_train(env, *RUN, *lora, "--output-dir", str(reference))
     out = tmp_path / "out"
