@@ -17,7 +17,6 @@ from dpo.config import ConfigError, TrainConfig
 from dpo.forward import concatenated_forward
 from dpo.models import load_policy_and_reference
 from dpo.tiny import tiny_qwen3
-from tests.conftest import ROOT
 from tests.e2e import demo_env, run_train
 
 peft = pytest.importorskip("peft")
