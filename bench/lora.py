@@ -12,8 +12,15 @@ real training step (`dpo_step`, `accelerator.backward`, clipping, AdamW, as `tra
 Peak RSS is the whole process's high-water mark (models, optimizer state and steps), read from
 /proc/self/status. s/step is the median of the timed steps after the warm-up.
 
+RSS also counts memory glibc keeps after `free`: its mmap threshold grows as large blocks are
+freed, after which activations come from a heap that fragments and is not given back, and
+LoRA's layers (the base output plus the adapter's, a new tensor per layer) fragment it more. With
+`MALLOC_MMAP_THRESHOLD_=131072` (fixed at glibc's default) every large tensor is mapped and
+unmapped on its own, and the peak follows the live tensors instead; both are worth reading.
+
     python bench/lora.py                        # SmolLM2-135M and Qwen3-0.6B shapes, CPU fp32
     python bench/lora.py --shapes smollm2-135m --modes lora --steps 1
+    MALLOC_MMAP_THRESHOLD_=131072 python bench/lora.py   # peak RSS of the live tensors
 """
 from __future__ import annotations
 
