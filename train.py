@@ -174,7 +174,7 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
         epoch, skip = epoch + 1, 0
 
     final = evaluator.run(policy, reference, step)
-    checkpoint.save_final(accelerator, policy, tokenizer, output_dir)
+    checkpoint.save_final(accelerator, policy, tokenizer, output_dir, cfg.merge_adapter)
     if accelerator.is_main_process:
         (output_dir / "eval_results.json").write_text(json.dumps(final, indent=2))
         print(summary(before, final), flush=True)

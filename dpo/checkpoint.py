@@ -93,7 +93,11 @@ RUN_IDENTITY = ("model", "dataset", "data_format", "num_samples", "eval_samples"
                 "eval_data_dir", "eval_split", "streaming", "shuffle_buffer_size",
                 "dataset_weights", "dataset_num_samples",
                 # What checkpoints hold beside the model (BCO's baseline, a synced reference).
-                "loss_type", "bco_baseline", "sync_ref_model")
+                "loss_type", "bco_baseline", "sync_ref_model",
+                # What is trained and what it is compared with: the checkpoint's weights fit
+                # only this model.
+                "ref_model", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                "lora_modules_to_save", "load_in_4bit")
 # Settings that may change between a run and its resume without a warning.
 RESUME_ONLY = ("resume_from_checkpoint", "overwrite_output_dir")
 
@@ -228,12 +232,18 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
 
 
 def save_final(accelerator: Accelerator, policy, tokenizer: PreTrainedTokenizerBase,
-               output_dir: Path) -> None:
-    """`save_pretrained` model (safetensors) and tokenizer, loadable with `from_pretrained`.
+               output_dir: Path, merge_adapter: bool = False) -> None:
+    """`save_pretrained` model (safetensors) and tokenizer, loadable with `from_pretrained`; with
+    LoRA the adapter instead (`dpo.lora.save_adapter`; `merge_adapter`: also merged).
 
     `get_state_dict` gathers the full weights when they are sharded (ZeRO-3, FSDP); every process
     must take part in that, only the main one writes.
     """
+    from dpo import lora
+
+    if lora.peft_of(accelerator.unwrap_model(policy)) is not None:
+        lora.save_adapter(accelerator, policy, tokenizer, output_dir, merge_adapter)
+        return
     state_dict = accelerator.get_state_dict(policy)
     model = accelerator.unwrap_model(policy)
     model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True,

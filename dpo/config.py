@@ -53,6 +53,21 @@ class TrainConfig:
     router_aux_loss_coef: float | None = _opt(None, "weight of a mixture-of-experts model's "
                                               "router load-balancing loss, added to the loss "
                                               "(default: the model config's; 0 = off)")
+    ref_model: str | None = _opt(None, "reference model other than --model (hub name, local "
+                                 "directory or PEFT adapter folder); same tokenizer required")
+    # LoRA through peft (pip install -e ".[peft]"); the reference is the policy, adapter off
+    lora_r: int = _opt(0, "LoRA rank; 0 = full fine-tuning")
+    lora_alpha: float = _opt(16.0, "LoRA scaling numerator (the update is alpha / r · BA)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA branch's input")
+    lora_target_modules: list[str] | None = _opt(
+        None, "module names to adapt (default: every linear layer of the body, peft's "
+        "all-linear; never the LM head)")
+    lora_modules_to_save: list[str] | None = _opt(
+        None, "modules trained in full beside the adapter (never the LM head)")
+    merge_adapter: bool = _opt(False, "also write the adapter merged into its base model to "
+                               "<output_dir>/merged")
+    load_in_4bit: bool = _opt(False, "QLoRA: the base model's weights in 4 bits (bitsandbytes, "
+                              "CUDA only; unverified)")
     # Data
     dataset: list[str] = _opt(["lvwerra/stack-exchange-paired"], "hub name, or a local file or "
                               "folder; several make a mixture (see dataset_weights)")
@@ -256,6 +271,9 @@ class TrainConfig:
                           eval_dataset=self.eval_dataset)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        from dpo.lora import check_lora_settings
+
+        check_lora_settings(self)
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
             raise ConfigError(f"report_to: {self.report_to} is not installed; "
                               f"pip install {self.report_to}, or use --report-to none")
@@ -269,6 +287,11 @@ class TrainConfig:
             return
         if not needs_reference(self.loss_type):
             raise ConfigError(f"sync_ref_model: loss_type {types} uses no reference to update")
+        from dpo.lora import uses_peft
+
+        if uses_peft(self):
+            raise ConfigError("sync_ref_model: with LoRA the reference is the policy with its "
+                              "adapter off, not a model to update; drop one of them")
         if self.precompute_ref_logps:
             raise ConfigError("sync_ref_model: precomputed reference log-probs would go stale "
                               "at the first update; drop --precompute-ref-logps")
@@ -357,7 +380,8 @@ def _build_parser() -> argparse.ArgumentParser:
         elif typing.get_origin(base) is list:
             item = typing.get_args(base)[0]
             parser.add_argument(flag, nargs="+", help=help_text,
-                                type=_cli_parser(name, _base_type(item), _is_optional(item)),
+                                type=_cli_parser(name, _base_type(item),
+                                                 _is_optional(item) or _is_optional(tp)),
                                 metavar=_base_type(item).__name__.upper())
         else:
             parser.add_argument(flag, type=_cli_parser(name, base, _is_optional(tp)),

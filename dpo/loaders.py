@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import datasets
+import torch
 from accelerate import Accelerator
 from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import DataLoader
@@ -111,7 +112,10 @@ def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, train_ds, eval
         train_ds["length"], micro_batch_size=cfg.batch_size, seed=cfg.seed,
         global_batch_size=cfg.batch_size * accelerator.num_processes
         * cfg.gradient_accumulation_steps, group_by_length=cfg.group_by_length)
-    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
+    # Its own generator: creating an iterator draws a seed, which from the global generator
+    # would shift the stream LoRA dropout draws from after a resume (not bit-exact).
+    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate,
+                              generator=torch.Generator().manual_seed(cfg.seed))
     eval_loader = eval_ds and DataLoader(eval_ds, batch_size=cfg.eval_batch_size or cfg.batch_size,
                                          collate_fn=collate)
     return train_loader, eval_loader, sampler

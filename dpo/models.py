@@ -21,6 +21,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_tokenizer(cfg: TrainConfig, path: str) -> PreTrainedTokenizerBase:
     """The model's tokenizer, ready for DPO (a pad token); ConfigError if `path` has none."""
+    from dpo import lora
+
+    if lora.is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").is_file():
+        path = lora.adapter_base(path)  # an adapter saved without its tokenizer
     if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
         raise ConfigError(f"model {path}: no such directory (give a local model directory "
                           "or a hub name)")
@@ -52,6 +56,13 @@ def load_causal_lm(cfg: TrainConfig, path: str) -> PreTrainedModel:
         if "dropout" in name and isinstance(value, float):
             setattr(config, name, 0.0)
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    if cfg.load_in_4bit:  # QLoRA on CUDA (unverified: no GPU run yet)
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
         **kwargs)
@@ -64,23 +75,55 @@ def load_causal_lm(cfg: TrainConfig, path: str) -> PreTrainedModel:
 
 def load_policy_and_reference(
     cfg: TrainConfig, path: str
-) -> tuple[PreTrainedModel, PreTrainedModel | None]:
-    """The trainable policy and the frozen reference, both initialised from `path`; no
-    reference for a reference-free loss (SimPO), so it costs no memory.
+) -> tuple[PreTrainedModel, nn.Module | None]:
+    """The trainable policy and the frozen reference, both initialised from `path` unless
+    `--ref-model` names another reference; no reference for a reference-free loss (SimPO), so it
+    costs no memory. With LoRA (`dpo.lora`) the policy is the model with its adapter and the
+    reference, a view of it with the adapter off, adds no second model.
 
     The reference is loaded separately rather than deep-copied: under DeepSpeed ZeRO-3,
     `from_pretrained` partitions parameters as it loads them, which a copy would bypass.
     """
-    policy = load_causal_lm(cfg, path)
-    if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing works with DDP's hooks and with inputs that need no grad.
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from dpo import lora
+
+    if lora.uses_peft(cfg):
+        policy, reference = lora.load_peft_policy(cfg, path, load_causal_lm)
+    else:
+        policy, reference = load_causal_lm(cfg, path), None
+        if cfg.gradient_checkpointing:
+            # Non-reentrant checkpointing works with DDP's hooks and with inputs that need no
+            # grad.
+            policy.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     if not needs_reference(cfg.loss_type):
         return policy, None
-    reference = load_causal_lm(cfg, path)
+    if cfg.ref_model is not None:
+        reference = load_reference_model(cfg, path)
+    elif reference is None:
+        reference = load_causal_lm(cfg, path)
     reference.eval()
     reference.requires_grad_(False)
     return policy, reference
+
+
+def load_reference_model(cfg: TrainConfig, model_path: str) -> PreTrainedModel:
+    """`--ref-model`: a full model, or a PEFT adapter folder merged into its base; ConfigError
+    unless its tokenizer is `--model`'s (the reference scores the policy's token ids)."""
+    from dpo import demo, lora
+
+    path = demo.resolve_model(cfg.ref_model)
+    mine, theirs = load_tokenizer(cfg, model_path), load_tokenizer(cfg, path)
+    if mine.get_vocab() != theirs.get_vocab() or \
+            mine.all_special_tokens != theirs.all_special_tokens:
+        raise ConfigError(f"ref_model {cfg.ref_model}: its tokenizer differs from --model's "
+                          f"({len(theirs)} vs {len(mine)} tokens, or other ids or special "
+                          "tokens); the reference must score the same token ids")
+    if not lora.is_adapter_dir(path):
+        return load_causal_lm(cfg, path)
+    from peft import PeftModel
+
+    base = load_causal_lm(cfg, lora.adapter_base(path))
+    return PeftModel.from_pretrained(base, path).merge_and_unload()
 
 
 def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> nn.Module | None:
@@ -97,9 +140,14 @@ def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> 
       policy's weights (bf16/fp16 mode).
     Call after `accelerator.prepare(policy, ...)`, so DeepSpeed's "auto" values are resolved.
     """
+    from dpo.lora import AdapterOffReference
+
     state = accelerator.state
     if reference is None:
         return None
+    if isinstance(reference, AdapterOffReference):
+        accelerator.print("reference: the policy with its adapter off (no second model)")
+        return reference  # it runs on the policy, placed and sharded by accelerate already
     if state.distributed_type == DistributedType.DEEPSPEED:
         ds_config = state.deepspeed_plugin.deepspeed_config
         if ds_config["zero_optimization"]["stage"] == 3:

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from dpo.config import TrainConfig
+from dpo.config import ConfigError, TrainConfig
 
 
 class ReferenceSync:
@@ -40,8 +40,13 @@ class ReferenceSync:
         policy_module = accelerator.unwrap_model(policy)
         reference_module = getattr(reference, "module", reference)  # a ZeRO-3 engine's model
         ref_params = dict(reference_module.named_parameters())
-        self.pairs = [(name, ref_params[name], param)
-                      for name, param in policy_module.named_parameters()]
+        policy_params = dict(policy_module.named_parameters())
+        shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in ref_params.items()}
+        if shapes != {name: tuple(getattr(p, "ds_shape", p.shape))
+                      for name, p in policy_params.items()}:
+            raise ConfigError("sync_ref_model: the reference (--ref-model) is not the policy's "
+                              "architecture, so it cannot take the policy's weights; drop one")
+        self.pairs = [(name, ref_params[name], param) for name, param in policy_params.items()]
 
     @torch.no_grad()
     def end_step(self, step: int) -> None:

@@ -142,8 +142,12 @@ def precompute_for_run(accelerator: Accelerator, cfg: TrainConfig, reference, mo
                        train_ds: Dataset, eval_ds: Dataset | None, collator
                        ) -> tuple[Dataset, Dataset | None]:
     """The train (and eval) pairs with the reference's log-probs, as `train.py` needs them."""
-    parts = reference_key_parts(model_path, dtype=cfg.dtype,
-                                attn_implementation=cfg.attn_implementation)
+    from dpo.demo import resolve_model
+
+    # With LoRA the reference is --model (adapter off), or the start adapter on its base.
+    parts = reference_key_parts(resolve_model(cfg.ref_model) if cfg.ref_model else model_path,
+                                dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                                **({"load_in_4bit": True} if cfg.load_in_4bit else {}))
     settings = dict(batch_size=cfg.eval_batch_size or cfg.batch_size, chunked=cfg.chunked_logps,
                     chunk_size=cfg.logps_chunk_size, cache_dir=default_cache_dir(),
                     cache_key_parts=parts, full_mask=bool(cfg.router_aux_loss_coef))

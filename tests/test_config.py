@@ -103,6 +103,7 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
     (["--sync-ref-model", "--loss-type", "simpo"], "uses no reference to update"),
     (["--sync-ref-model", "--precompute-ref-logps"], "would go stale"),
     (["--sync-ref-model", "--ref-model-mixup-alpha", "1.5"], r"must lie in \(0, 1\]"),
+    (["--sync-ref-model", "--lora-r", "4"], "sync_ref_model: with LoRA the reference is the policy"),
     (["--padding-free", "--max-length", "1024", "--padding-free-max-tokens", "1000"],
      r"padding_free_max_tokens \(1000\) must be >= max_length \(1024\)"),
 ])
@@ -194,3 +195,29 @@ def test_an_old_checkpoint_with_rpo_alpha_resumes_as_the_mixture(tmp_path):
     state["config"].update(loss_type="sigmoid", loss_weights=None, rpo_alpha=0.5)
     (tmp_path / STATE_FILE).write_text(json.dumps(state))
     assert check_resume(tmp_path, cfg, 1) == []
+
+
+def test_list_fields_from_flags_and_yaml(tmp_path):
+    """A `list[str] | None` field: `--flag a b` (nargs), a YAML list, `none` for null; the YAML
+    written by a run reads back the same."""
+    cfg = load_config(["--lora-r", "4", "--lora-target-modules", "q_proj", "v_proj"])
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    path = tmp_path / "run.yaml"
+    path.write_text("lora_r: 4\nlora_modules_to_save: [embed_tokens]\n"
+                    "lora_target_modules: [q_proj]\n")
+    cfg = load_config(["--config", str(path), "--lora-target-modules", "none"])
+    assert cfg.lora_modules_to_save == ["embed_tokens"] and cfg.lora_target_modules is None
+    cfg.to_yaml(tmp_path / "again.yaml")
+    assert load_config(["--config", str(tmp_path / "again.yaml")]) == cfg
+
+
+@pytest.mark.parametrize("yaml_value, message", [
+    ("[q_proj, 3]", "lora_target_modules must be a str, got 3"),
+    ("[]", "lora_target_modules: the list is empty; give at least one value"),
+])
+def test_list_fields_check_their_elements(tmp_path, yaml_value, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"lora_r: 4\nlora_target_modules: {yaml_value}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(["--config", str(path)])
+    assert str(error.value) == message

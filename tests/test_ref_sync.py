@@ -47,3 +47,13 @@ def test_the_synced_reference_goes_through_a_checkpoint():
     other.load_state_dict(state)
     assert all(torch.equal(p, dict(reference.named_parameters())[n])
                for n, p in fresh.named_parameters())
+
+
+def test_a_reference_of_another_architecture_is_refused():
+    import pytest
+
+    from dpo.config import ConfigError
+
+    cfg = SimpleNamespace(ref_model_mixup_alpha=0.5, ref_model_sync_steps=1)
+    with pytest.raises(ConfigError, match="not the policy's architecture"):
+        ReferenceSync(Accelerator(cpu=True), cfg, tiny_qwen3(64), tiny_qwen3(64, num_layers=1))

@@ -1,0 +1,336 @@
+"""LoRA through `peft`: the policy trains a low-rank adapter, the reference is the same model with
+the adapter switched off, so one model sits in memory and only the adapter has optimizer state.
+
+- `--lora-r R` adds a fresh adapter to `--model` (by default to every linear layer of the body,
+  peft's "all-linear"); the reference is `--model` itself: the policy under `disable_adapter()`.
+- `--model ADAPTER_DIR` (a PEFT adapter folder, e.g. from SFT) starts from that adapter. Without
+  `--lora-r` it trains further and the reference is a frozen second copy of it on the same base
+  (`AdapterOffReference` swaps to it); with `--lora-r` it is merged into its base first and a
+  fresh adapter trains on top, the reference being the merged model (the new adapter off).
+
+Either way the reference is the model the run starts from, as with full fine-tuning, and at step
+0 the policy equals it exactly (peft initialises B = 0): loss ln 2, margins 0.
+
+The LM head is never adapted: the chunked log-prob path (`dpo.logprobs`) multiplies the last
+hidden state by the head's weight itself, so an adapter or a trained copy there would be ignored.
+What accelerate wraps and trains is the transformers model inside the `PeftModel` (its LoRA layers
+in place), so `dpo.forward` sees the usual body and head; the `PeftModel` is kept beside it to
+switch adapters and to save the adapter.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PEFT_EXTRA = 'pip install -e ".[peft]"'
+ADAPTER_CONFIG = "adapter_config.json"
+DEFAULT_ADAPTER, REFERENCE_ADAPTER = "default", "reference"
+_PEFT_ATTR = "_dpo_peft"  # the PeftModel, on the transformers model it wraps (not a submodule)
+
+
+def is_adapter_dir(path: str) -> bool:
+    """Whether `path` is a local PEFT adapter folder (it holds `adapter_config.json`)."""
+    return (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str) -> str:
+    """The base model an adapter folder names (`base_model_name_or_path`)."""
+    return json.loads((Path(path).expanduser() / ADAPTER_CONFIG).read_text())[
+        "base_model_name_or_path"]
+
+
+def uses_peft(cfg) -> bool:
+    return bool(cfg.lora_r) or is_adapter_dir(cfg.model)
+
+
+def check_lora_settings(cfg) -> None:
+    """ConfigError (one line) for LoRA settings that cannot work, before anything loads."""
+    from dpo.config import ConfigError
+
+    if cfg.lora_r < 0:
+        raise ConfigError(f"lora_r must be >= 0 (0 = full fine-tuning), got {cfg.lora_r}")
+    if not cfg.lora_alpha > 0:
+        raise ConfigError(f"lora_alpha must be > 0, got {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must lie in [0, 1), got {cfg.lora_dropout}")
+    for name in ("lora_target_modules", "lora_modules_to_save"):
+        for module in getattr(cfg, name) or []:
+            if module == "lm_head" or module.endswith(".lm_head"):
+                raise ConfigError(f"{name}: {module!r} is the LM head, which is never adapted "
+                                  "(the chunked log-probs read its weight directly); drop it")
+        if getattr(cfg, name) and not cfg.lora_r:
+            raise ConfigError(f"{name} is set but lora_r is 0: pass --lora-r to train an "
+                              "adapter")
+    adapter_start = is_adapter_dir(cfg.model)
+    if cfg.merge_adapter and not (cfg.lora_r or adapter_start):
+        raise ConfigError("merge_adapter: there is no adapter to merge (pass --lora-r, or an "
+                          "adapter folder as --model)")
+    if cfg.load_in_4bit and not cfg.lora_r:
+        raise ConfigError("load_in_4bit (QLoRA) needs --lora-r > 0: 4-bit weights are not "
+                          "trained themselves")
+    needs = (cfg.lora_r or adapter_start or (cfg.ref_model and is_adapter_dir(cfg.ref_model)))
+    if needs and not peft_installed():
+        raise ConfigError(f"LoRA and PEFT adapters need the peft package: {PEFT_EXTRA}")
+    if cfg.load_in_4bit and not torch.cuda.is_available():
+        raise ConfigError("load_in_4bit needs a GPU: bitsandbytes' 4-bit weights run on CUDA "
+                          "only; drop the flag (plain LoRA runs on CPU)")
+
+
+def peft_installed() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _names(entry: str, module_name: str) -> bool:
+    """Whether a target-module entry selects `module_name`, as peft matches them (the full name
+    or a `.`-separated suffix of it)."""
+    return entry == module_name or module_name.endswith("." + entry)
+
+
+def head_name(model: nn.Module) -> str:
+    head = model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is head)
+
+
+def check_head_untouched(cfg, model: nn.Module) -> None:
+    """ConfigError if a LoRA setting names this model's LM head (whatever it is called)."""
+    from dpo.config import ConfigError
+
+    name = head_name(model)
+    for field in ("lora_target_modules", "lora_modules_to_save"):
+        for entry in getattr(cfg, field) or []:
+            if _names(entry, name):
+                raise ConfigError(f"{field}: {entry!r} is this model's LM head ({name}), which "
+                                  "is never adapted (the chunked log-probs read its weight "
+                                  "directly); drop it")
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    if tied and any(_names(e, embed) for e in cfg.lora_modules_to_save or []):
+        raise ConfigError(f"lora_modules_to_save: {embed} shares its weight with the LM head "
+                          "(tied embeddings), which is never trained; drop it")
+
+
+def lora_config(cfg):
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules
+    if targets is None or targets == ["all-linear"]:
+        targets = "all-linear"  # peft leaves the output layer out
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, modules_to_save=cfg.lora_modules_to_save,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def load_peft_policy(cfg, model_path: str, load_causal_lm) -> tuple[nn.Module, nn.Module]:
+    """`(policy, reference)`: the transformers model with its LoRA layers (what accelerate
+    prepares and the optimizer trains) and the `AdapterOffReference` that views it.
+
+    `model_path` is `--model` resolved (a builtin is built); `load_causal_lm(cfg, path)` loads a
+    base model with dropout off. Under ZeRO-3 the base loads sharded, except when an adapter is
+    merged into it first (merging needs whole weights; DeepSpeed shards it when it starts).
+    """
+    from peft import PeftModel, get_peft_model
+
+    output_dir = Path(cfg.output_dir).expanduser().resolve()
+    if is_adapter_dir(model_path):
+        base_path = adapter_base(model_path)
+        if cfg.lora_r:  # merge the start adapter, train a fresh one on top
+            with _whole_weights():
+                base = load_causal_lm(cfg, base_path)
+                base = PeftModel.from_pretrained(base, model_path).merge_and_unload()
+            peft_model, reference_adapter = _add_adapter(cfg, base, get_peft_model), None
+            base_name, save_base = str(output_dir / "base"), True
+        else:  # train the start adapter further; a frozen copy of it is the reference
+            base = load_causal_lm(cfg, base_path)
+            _prepare_base(cfg, base)
+            peft_model = PeftModel.from_pretrained(base, model_path, is_trainable=True)
+            peft_model.load_adapter(model_path, adapter_name=REFERENCE_ADAPTER,
+                                    is_trainable=False)
+            reference_adapter = REFERENCE_ADAPTER
+            base_name, save_base = base_path, False
+    else:
+        base = load_causal_lm(cfg, model_path)
+        peft_model, reference_adapter = _add_adapter(cfg, base, get_peft_model), None
+        from dpo.demo import BUILTIN_MODEL
+
+        if cfg.model == BUILTIN_MODEL:  # built in a cache: saved beside the adapter
+            base_name, save_base = str(output_dir / "base"), True
+        elif Path(cfg.model).expanduser().is_dir():
+            base_name, save_base = str(Path(cfg.model).expanduser().resolve()), False
+        else:
+            base_name, save_base = cfg.model, False
+    peft_model.peft_config[DEFAULT_ADAPTER].base_model_name_or_path = base_name
+    peft_model.dpo_save_base = save_base  # read by save_adapter
+    model = peft_model.get_base_model()
+    if not isinstance(model.get_output_embeddings(), nn.Linear):  # peft wrapped it after all
+        raise RuntimeError("the LM head was adapted; it must stay a plain nn.Linear")
+    object.__setattr__(model, _PEFT_ATTR, peft_model)
+    return model, AdapterOffReference(peft_model, reference_adapter)
+
+
+def _prepare_base(cfg, base: nn.Module) -> None:
+    check_head_untouched(cfg, base)
+    if cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad; peft still makes the
+        # embeddings' output require it (enable_input_require_grads) for reentrant variants.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _add_adapter(cfg, base: nn.Module, get_peft_model):
+    _prepare_base(cfg, base)
+    # Seeded by set_seed before loading: every process draws the same initial A.
+    return get_peft_model(base, lora_config(cfg))
+
+
+@contextlib.contextmanager
+def _whole_weights():
+    """Build and load models with whole weights, also under ZeRO-3: transformers partitions
+    every model it builds (`zero.Init`, a collective) while a ZeRO-3 config is registered, and
+    accelerate registers one whatever `zero3_init_flag` says. Unregistered for the block."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def peft_of(model: nn.Module):
+    """The `PeftModel` around a transformers model made by `load_peft_policy`, else None."""
+    return model.__dict__.get(_PEFT_ATTR)
+
+
+class AdapterOffReference(nn.Module):
+    """The frozen reference as a view of the LoRA policy: calling it runs the policy's model
+    with the adapter disabled (or, for an adapter start without a new adapter, with the frozen
+    reference adapter active), in eval mode, and restores the policy afterwards.
+
+    It owns no parameters (the model is held outside `nn.Module`'s registry), so nothing is
+    copied, placed, sharded or checkpointed twice: it runs on whatever accelerate made of the
+    policy (a DDP replica, ZeRO-2 replica, ZeRO-3 shards, whose module hooks gather them). Use it
+    only under `torch.no_grad()`, as the reference always is: switching adapters toggles
+    `requires_grad` on the adapter's weights for the duration of the call.
+    """
+
+    def __init__(self, peft_model, reference_adapter: str | None = None):
+        super().__init__()
+        object.__setattr__(self, "_peft", peft_model)
+        object.__setattr__(self, "_model", peft_model.get_base_model())
+        self.reference_adapter = reference_adapter
+        self.eval()
+
+    @contextlib.contextmanager
+    def active(self):
+        """Within the block, the policy's model computes the reference."""
+        was_training = self._model.training
+        self._model.eval()  # LoRA dropout off, as dropout everywhere else
+        try:
+            if self.reference_adapter is None:
+                with self._peft.disable_adapter():
+                    yield
+            else:
+                self._peft.base_model.set_adapter(self.reference_adapter, inference_mode=True)
+                try:
+                    yield
+                finally:
+                    self._peft.base_model.set_adapter(DEFAULT_ADAPTER)
+        finally:
+            self._model.train(was_training)
+
+    def forward(self, *args, **kwargs):
+        with self.active():
+            return self._model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self.active():
+            return self._model.generate(*args, **kwargs)
+
+    # What dpo.forward reads off a model: its body (hooked for the last hidden state), its head
+    # and its config.
+    @property
+    def base_model(self) -> nn.Module:
+        return self._model.base_model
+
+    @property
+    def config(self):
+        return self._model.config
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self._model.get_output_embeddings()
+
+
+def save_adapter(accelerator, policy, tokenizer, output_dir: Path, merge: bool) -> None:
+    """Write the adapter (`adapter_model.safetensors`, `adapter_config.json`) and tokenizer to
+    `output_dir`, loadable with `AutoPeftModelForCausalLM.from_pretrained(output_dir)`; a base
+    built in memory (a builtin model, or an adapter merged into its base) to `output_dir/base`,
+    named by the adapter config; with `merge`, the adapter merged into its base to
+    `output_dir/merged` (`AutoModelForCausalLM.from_pretrained`).
+
+    Collective (every process must call it): `get_state_dict` gathers ZeRO-3 shards.
+    """
+    state_dict = accelerator.get_state_dict(policy)
+    if accelerator.is_main_process:
+        _write_adapter(accelerator, policy, state_dict, tokenizer, output_dir, merge)
+    # The others wait: one leaving early, while the main process still builds the base and the
+    # merged model, can tear the process group down under it.
+    accelerator.wait_for_everyone()
+
+
+def _write_adapter(accelerator, policy, state_dict, tokenizer, output_dir: Path, merge: bool):
+    model = accelerator.unwrap_model(policy)
+    peft_model = peft_of(model)
+    prefixed = {f"base_model.model.{k}": v for k, v in state_dict.items()}
+    peft_model.save_pretrained(output_dir, state_dict=prefixed, safe_serialization=True,
+                               selected_adapters=[DEFAULT_ADAPTER], save_embedding_layers=False)
+    tokenizer.save_pretrained(output_dir)
+    if not (peft_model.dpo_save_base or merge):
+        return
+    with _whole_weights():
+        base = _base_from_state_dict(model.config, state_dict)
+    if peft_model.dpo_save_base:
+        base_dir = output_dir / "base"
+        shutil.rmtree(base_dir, ignore_errors=True)
+        base.save_pretrained(base_dir, safe_serialization=True)
+        tokenizer.save_pretrained(base_dir)
+    if merge:
+        from peft import PeftModel
+
+        merged = PeftModel.from_pretrained(base, output_dir).merge_and_unload()
+        merged.save_pretrained(output_dir / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(output_dir / "merged")
+
+
+def _base_from_state_dict(config, state_dict: dict) -> nn.Module:
+    """The model without its adapters, from the policy's full state dict: LoRA weights dropped,
+    `base_layer` and `original_module` (the untrained originals of `modules_to_save`) renamed
+    back, the trained copies of `modules_to_save` dropped."""
+    from transformers import AutoModelForCausalLM
+
+    weights = {}
+    for key, value in state_dict.items():
+        if "lora_" in key or ".modules_to_save." in key:
+            continue
+        weights[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
+    dtype = next(iter(weights.values())).dtype
+    base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = base.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if base.get_output_embeddings() is not None and k.startswith(
+        head_name(base)) and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"base weights do not fit the model: missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]}")
+    return base
