@@ -169,12 +169,7 @@ def check_chunked_head(model: nn.Module, *, device: torch.device | str | None = 
             for fp32 weights; 1e-2 otherwise, above 16-bit rounding of the logits (on either
             path), far below what any logit scaling or capping changes.
     """
-    unwrapped = extract_model_from_parallel(model)
-    if rtol is None:
-        rtol = 1e-4 if unwrapped.dtype == torch.float32 else 1e-2
-    vocab_size = min(unwrapped.get_input_embeddings().num_embeddings,
-                     unwrapped.get_output_embeddings().out_features)
-    generator = torch.Generator().manual_seed(0)
+    unwrapped, rtol, vocab_size, generator = _probe_setup(model, rtol)
     input_ids = torch.randint(vocab_size, (2, length), generator=generator)
     labels = input_ids.clone()
     labels[:, :length // 2] = IGNORE_INDEX
@@ -230,12 +225,7 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
     """
     from dpo.data.batching import PreferenceCollator  # dpo.data imports the tokenizers
 
-    unwrapped = extract_model_from_parallel(model)
-    if rtol is None:
-        rtol = 1e-4 if unwrapped.dtype == torch.float32 else 1e-2
-    vocab_size = min(unwrapped.get_input_embeddings().num_embeddings,
-                     unwrapped.get_output_embeddings().out_features)
-    generator = torch.Generator().manual_seed(0)
+    unwrapped, rtol, vocab_size, generator = _probe_setup(model, rtol)
     rows = []
     for prompt, chosen, rejected in ((12, 20, 9), (7, 14, 25)):
         row = {}
@@ -345,6 +335,17 @@ def settle_router_aux(cfg: TrainConfig, model: nn.Module) -> TrainConfig:
         raise ConfigError(f"router_aux_loss_coef: {type(model).__name__} is not a mixture of "
                           "experts (it has no router); drop the flag")
     return cfg
+
+
+def _probe_setup(model: nn.Module, rtol: float | None):
+    """What both start-up probes share: the unwrapped model, the tolerance for its dtype (1e-4
+    in fp32, else 1e-2), the vocabulary both embeddings cover, and a seeded generator."""
+    unwrapped = extract_model_from_parallel(model)
+    if rtol is None:
+        rtol = 1e-4 if unwrapped.dtype == torch.float32 else 1e-2
+    vocab_size = min(unwrapped.get_input_embeddings().num_embeddings,
+                     unwrapped.get_output_embeddings().out_features)
+    return unwrapped, rtol, vocab_size, torch.Generator().manual_seed(0)
 
 
 class ChunkedHeadUnsupported(RuntimeError):
