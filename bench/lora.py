@@ -100,13 +100,13 @@ def run(args, shape: str, mode: str) -> dict:
         start = time.perf_counter()
         for _ in range(accumulation):
             with accelerator.accumulate(policy):
-                _, losses, _, _ = dpo_step(accelerator, cfg, policy, reference, next(batches))
-                accelerator.backward(losses.mean())
+                out = dpo_step(accelerator, cfg, policy, reference, next(batches))
+                accelerator.backward(out.losses.mean())
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-        loss = losses.mean().item()
+        loss = out.losses.mean().item()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     peak_rss, _ = peak_memory(accelerator.device)

@@ -165,8 +165,7 @@ def run(args, variant: str) -> dict:
         for _ in range(args.grad_accum):
             batch = next(batches)
             with accelerator.accumulate(policy):
-                _, losses, _, _ = dpo_step(accelerator, cfg, policy, reference, batch)
-                loss = losses.mean()
+                loss = dpo_step(accelerator, cfg, policy, reference, batch).losses.mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)

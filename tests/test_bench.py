@@ -56,3 +56,21 @@ def test_padding_free_bench_runs_the_same_steps_packed(tmp_path):
     for name in ("padding-free", "ckpt-mlp", "ckpt-alternate"):
         assert runs[name]["losses"] == pytest.approx(runs["padded"]["losses"], rel=1e-5)
     assert {"ideal_gain", "measured_gain", "ckpt-mlp"} <= summary.keys()
+
+
+@pytest.mark.slow
+def test_lora_bench_measures_full_and_lora(tmp_path):
+    """bench/lora.py at a small length and vocabulary: a row for full fine-tuning and one for
+    LoRA, LoRA training a small share of the parameters, both at loss ln 2 after their one step
+    (the step's loss is taken before its update, and the policy starts as the reference)."""
+    out = subprocess.run(
+        [sys.executable, "bench/lora.py", "--shapes", "smollm2-135m", "--modes", "full,lora",
+         "--steps", "1", "--warmup", "0", "--max-length", "32", "--vocab-size", "512"],
+        cwd=ROOT, env=demo_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [row["mode"] for row in rows] == ["full", "lora r=16"]
+    full, lora = rows
+    assert lora["trainable_m"] < 0.1 * full["trainable_m"]
+    for row in rows:
+        assert row["loss_last"] == pytest.approx(0.693147, abs=1e-4)
