@@ -241,7 +241,7 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _without_autocast(unwrapped):
             want, got = (_summed_logps(model, batch, chunked) for batch in batches)
             diff = _max_relative_difference(got, want)
             if diff > rtol and unwrapped.config._attn_implementation == PACKED_SDPA:
@@ -256,6 +256,23 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
         return None
     return (f"packed sequences' summed log-probs differ from separate ones' by {diff:.1e} "
             f"relative (tolerance {rtol:.0e})")
+
+
+@contextmanager
+def _without_autocast(model: nn.Module) -> Iterator[None]:
+    """`model` (unwrapped) computing in its weights' dtype: Accelerate's mixed precision wraps its
+    forward in autocast, under which padded and packed rows would take different half-precision
+    kernels and differ by their rounding, far more than a tolerance that catches a leak between
+    sequences allows."""
+    autocast = model.__dict__.get("_original_forward")
+    if autocast is None:
+        yield
+        return
+    wrapped, model.forward = model.forward, autocast
+    try:
+        yield
+    finally:
+        model.forward = wrapped
 
 
 def _to(batch: dict, device) -> dict:
@@ -285,7 +302,7 @@ def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Mod
     cfg = settle_router_aux(cfg, extract_model_from_parallel(policy))
     cfg = _settle_chunked_head(accelerator, cfg, policy)
     if cfg.padding_free:
-        # Outside autocast: both layouts in the weights' dtype, the tightest comparison.
+        # Outside autocast (see _without_autocast): the tightest comparison.
         reason = check_padding_free(policy, chunked=cfg.chunked_logps, device=accelerator.device)
         flags = accelerator.gather(torch.tensor([reason is not None], device=accelerator.device))
         if flags.any():

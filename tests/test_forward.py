@@ -421,3 +421,26 @@ def test_train_adds_and_logs_the_router_loss_of_a_mixture_of_experts(tmp_path):
     assert first["aux_loss"] > 0
     assert first["loss"] == pytest.approx(math.log(2) + 0.02 * first["aux_loss"], rel=1e-5)
     assert all("eval/aux_loss" in log for log in eval_logs(tmp_path / "out"))
+
+
+def test_settle_padding_free_under_mixed_precision(causal_only_qwen3):
+    """The prepared model's forward runs under bf16 autocast; the probe runs it in fp32, where
+    a leak between packed sequences stands out of the rounding, and leaves autocast on."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests' Accelerator: fp32
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    cfg = TrainConfig(padding_free=True, chunked_logps=False)  # (the head's probe: autocast)
+    model = tiny_qwen3(VOCAB)
+    model.config._attn_implementation = "sdpa"
+    dtypes = []
+    model.model.layers[0].mlp.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    model = accelerator.prepare(model)
+    assert settle_logps_path(accelerator, cfg, model) is cfg
+    assert set(dtypes) == {torch.float32}
+    with pytest.raises(ConfigError, match="does not keep packed sequences apart"):
+        settle_logps_path(accelerator, cfg, accelerator.prepare(causal_only_qwen3))
+    logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert dtypes[-1] == torch.bfloat16 and logits.dtype == torch.float32  # autocast is back
+    AcceleratorState._reset_state(reset_partial_state=True)
