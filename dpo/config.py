@@ -115,9 +115,11 @@ class TrainConfig:
                                        "characters, as a shell passes it, means newline or tab)")
     strict_data: bool = _opt(False, "fail on the first invalid row instead of skipping it")
     group_by_length: bool = _opt(True, "batch pairs of similar length to cut padding")
-    padding_free: bool = _opt(False, "pack each micro-batch's sequences end to end in one row "
-                              "(position ids restarting at each), no padding; checked against "
-                              "separate sequences at start-up (sdpa, eager, flex_attention)")
+    padding_free: bool | None = _opt(None, "pack each micro-batch's sequences end to end in "
+                                     "rows (position ids restarting at each), no padding; "
+                                     "checked against separate sequences at start-up. Default: "
+                                     "on for sdpa models that pass the check, else off (said "
+                                     "in one line)")
     padding_free_max_tokens: int = _opt(4096, "longest packed row; sequences beyond it go to "
                                         "more rows (attention builds an L x L mask per row)")
     num_proc: int | None = _opt(None, "processes for tokenisation (datasets.map)")
@@ -223,7 +225,7 @@ class TrainConfig:
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be below "
                               f"max_length ({self.max_length}) to leave room for the response")
-        if self.padding_free and self.padding_free_max_tokens < self.max_length:
+        if self.padding_free is True and self.padding_free_max_tokens < self.max_length:
             raise ConfigError(f"padding_free_max_tokens ({self.padding_free_max_tokens}) must be "
                               f">= max_length ({self.max_length}): every sequence must fit a row")
         types = ", ".join(self.loss_type)

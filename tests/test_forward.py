@@ -248,7 +248,7 @@ def test_settle_refuses_padding_free_for_attention_that_mixes_sequences(causal_o
     assert "\n" not in str(error.value)
     assert settle_logps_path(accelerator, TrainConfig(), causal_only_qwen3).chunked_logps
     causal_only_qwen3.config._attn_implementation = "sdpa"
-    assert settle_logps_path(accelerator, cfg, causal_only_qwen3) is cfg
+    assert settle_logps_path(accelerator, cfg, causal_only_qwen3) == cfg
 
 
 def test_packed_batches_under_gradient_checkpointing():
@@ -437,7 +437,7 @@ def test_settle_padding_free_under_mixed_precision(causal_only_qwen3):
     dtypes = []
     model.model.layers[0].mlp.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     model = accelerator.prepare(model)
-    assert settle_logps_path(accelerator, cfg, model) is cfg
+    assert settle_logps_path(accelerator, cfg, model) == cfg
     assert set(dtypes) == {torch.float32}
     with pytest.raises(ConfigError, match="does not keep packed sequences apart"):
         settle_logps_path(accelerator, cfg, accelerator.prepare(causal_only_qwen3))
