@@ -181,14 +181,14 @@ def test_settle_falls_back_to_full_logits_only_on_a_mismatch(capsys):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    cfg = TrainConfig()
+    cfg = TrainConfig(padding_free=False)
     assert cfg.chunked_logps
     settled = settle_logps_path(accelerator, cfg, _unknown_head())
     assert not settled.chunked_logps and cfg.chunked_logps  # a new config, the old one intact
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 1 and "ScaledHeadQwen3 (qwen3)" in printed[0]
     assert settle_logps_path(accelerator, cfg, tiny_qwen3(VOCAB)) is cfg
-    no_chunks = TrainConfig(chunked_logps=False)
+    no_chunks = TrainConfig(chunked_logps=False, padding_free=False)
     assert settle_logps_path(accelerator, no_chunks, _unknown_head()) is no_chunks
     assert capsys.readouterr().out == ""
 
@@ -444,3 +444,43 @@ def test_settle_padding_free_under_mixed_precision(causal_only_qwen3):
     logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
     assert dtypes[-1] == torch.bfloat16 and logits.dtype == torch.float32  # autocast is back
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_padding_free_is_on_by_default_where_sdpa_passes_the_probe(capsys, monkeypatch):
+    """Left unset, padding_free settles to True for an sdpa model that passes the probe, and to
+    False, in one line saying why, for an attention implementation it was not measured with, a
+    router loss, rows shorter than max_length, or a failed probe (which, asked for, is an
+    error). Either way the settled config holds a bool, as the collator needs."""
+    from accelerate import Accelerator
+
+    from dpo import forward
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_qwen3(VOCAB)
+    model.config._attn_implementation = "sdpa"
+    assert TrainConfig().padding_free is None
+    assert settle_logps_path(accelerator, TrainConfig(), model).padding_free is True
+    assert capsys.readouterr().out.splitlines() == [
+        "padding-free batches: on (rows of up to 4096 tokens; --no-padding-free pads)"]
+    assert settle_logps_path(accelerator, TrainConfig(padding_free=False), model).padding_free \
+        is False
+    assert capsys.readouterr().out == ""
+
+    def off(cfg, model):
+        settled = settle_logps_path(accelerator, cfg, model)
+        printed = capsys.readouterr().out.splitlines()
+        assert settled.padding_free is False and len(printed) == 1, printed
+        return printed[0]
+
+    assert off(TrainConfig(max_length=8192), model) == (
+        "padding-free batches: off (max_length 8192 exceeds padding_free_max_tokens 4096)")
+    eager = tiny_qwen3(VOCAB)
+    eager.config._attn_implementation = "eager"
+    assert off(TrainConfig(), eager) == (
+        "padding-free batches: off (attn_implementation eager, measured only with sdpa)")
+    assert "router loss" in off(TrainConfig(), _tiny_moe("qwen3_moe"))
+    monkeypatch.setattr(forward, "check_padding_free", lambda *a, **k: "a made-up mismatch")
+    assert off(TrainConfig(), model) == ("padding-free batches: off (Qwen3ForCausalLM does not "
+                                         "keep packed sequences apart: a made-up mismatch)")
+    with pytest.raises(ConfigError, match="a made-up mismatch; use sdpa"):
+        settle_logps_path(accelerator, TrainConfig(padding_free=True), model)
