@@ -144,6 +144,11 @@ class TrainConfig:
     f_alpha_divergence_coef: float = _opt(0.5, "α of alpha_divergence")
     bco_baseline: str = _opt("running_mean", "δ of bco_pair: the running mean of the rewards, or "
                              "none (δ = 0)", choices=("running_mean", "none"))
+    use_weighting: bool = _opt(False, "WPO: weight each pair's loss by how likely the policy "
+                               "finds its two responses (detached, at most 1)")
+    ld_alpha: float | None = _opt(None, "LD-DPO's α in [0, 1]: the longer response's tokens past "
+                                  "the shorter one's length count α times in its log-prob, "
+                                  "for policy and reference (1 = DPO); none = off")
     rpo_alpha: float = _opt(0.0, "RPO: adds sft to loss_type with this weight (an alias of "
                             "--loss-type ... sft --loss-weights ... α); 0 = off")
     sync_ref_model: bool = _opt(False, "TR-DPO: move the reference towards the policy every "
@@ -241,7 +246,8 @@ class TrainConfig:
                                label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma,
                                discopop_tau=self.discopop_tau,
                                f_divergence_type=self.f_divergence_type,
-                               f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+                               f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+                               use_weighting=self.use_weighting, ld_alpha=self.ld_alpha)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.discopop_tau != default_of("discopop_tau") and "discopop" not in self.loss_type:

@@ -19,7 +19,8 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from dpo.config import ConfigError, TrainConfig
-from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_sequence_logps, sequence_logps
+from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_response_sums, response_sums
+from dpo.loss.variants import length_desensitised
 from dpo.packed_attention import (DENSE_MASK_ONLY, PACKED_SDPA, use_dense_mask,
                                   use_packed_sdpa)
 
@@ -35,6 +36,12 @@ class PairLogps:
     chosen_logits_mean: torch.Tensor  # mean logit over response tokens and vocab (detached)
     rejected_logits_mean: torch.Tensor
     aux_loss: torch.Tensor | None = None  # a mixture of experts' router balancing loss, ()
+    # LD-DPO (`ld_alpha`): Σ_{t ≤ ℓ_p} log π(y_t) + α·Σ_{t > ℓ_p} log π(y_t), with gradient
+    chosen_ld_logps: torch.Tensor | None = None
+    rejected_ld_logps: torch.Tensor | None = None
+    # WPO (`weighting`): log w = mean_t (log π(y_t) − log Σ_v π(v)²), detached
+    chosen_log_weights: torch.Tensor | None = None
+    rejected_log_weights: torch.Tensor | None = None
 
 
 def concatenated_forward(
@@ -45,6 +52,8 @@ def concatenated_forward(
     chunk_size: int = 256,
     router_aux: bool = False,
     full_mask: bool = False,
+    ld_alpha: float | None = None,
+    weighting: bool = False,
 ) -> PairLogps:
     """Summed response log-probs of the chosen and rejected halves of `batch`, in one model call.
 
@@ -66,6 +75,10 @@ def concatenated_forward(
             which would let padding into the balance.
         full_mask: pass the real attention mask even without `router_aux` (for a reference that
             must compute exactly what such a policy computes).
+        ld_alpha: also return LD-DPO's log-probs (`chosen_ld_logps`, ...): the tokens of the
+            longer response past the shorter one's length count α times (`excess_tokens`).
+        weighting: also return WPO's per-sequence log-weights (`chosen_log_weights`, ...).
+        Both come from the same pass over the logits (or chunks) as the log-probs.
     """
     labels = batch["labels"]
     packed = batch.get("packed_sequences")  # (2B, 3): a padding-free batch (PreferenceCollator)
@@ -84,6 +97,7 @@ def concatenated_forward(
         raise ValueError(f"a [chosen; rejected] batch has an even number of rows, got "
                          f"{labels.shape[0]}")
     extra = {"output_router_logits": True} if router_aux else {}
+    options = dict(excess=None if ld_alpha is None else excess_tokens(labels), weighting=weighting)
     if chunked:
         # logits_to_keep=1 makes the model's own LM head cost one position; the last hidden state
         # (after the final norm) goes to our chunked head instead. It is taken from the model's
@@ -97,29 +111,51 @@ def concatenated_forward(
             raise ChunkedHeadUnsupported(f"its LM head is a {type(lm_head).__name__}, not an "
                                          "nn.Linear")
         hidden = captured.hidden if packed is None else captured.hidden.flatten(0, 1)[index]
-        logps, lengths, logits_sums = chunked_sequence_logps(
-            hidden, lm_head, labels, IGNORE_INDEX, chunk_size,
-            LogitsTransform.from_config(unwrapped.config))
+        sums = chunked_response_sums(hidden, lm_head, labels, IGNORE_INDEX, chunk_size,
+                                     LogitsTransform.from_config(unwrapped.config), **options)
         vocab_size = lm_head.out_features
     else:
         out = model(**inputs, use_cache=False, **extra)
         logits = out.logits  # [2B, T, V], packed [R, L, V]
         if packed is not None:
             logits = logits.flatten(0, 1)[index]
-        logps, lengths = sequence_logps(logits, labels, IGNORE_INDEX)
-        mask = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)  # [2B, T-1, 1]
-        logits_sums = (logits[:, :-1].detach().float() * mask).sum((1, 2))  # (2B,)
+        sums = response_sums(logits, labels, IGNORE_INDEX, **options)
         vocab_size = logits.shape[-1]
 
-    # Mean logit per sequence; clamp only guards the 0/0 of a response-free row.
-    logits_mean = logits_sums / (lengths.clamp(min=1) * vocab_size)  # (2B,)
+    logps, lengths = sums.logps, sums.counts  # (2B,) each
+    # Per-token means; clamp only guards the 0/0 of a response-free row.
+    logits_mean = sums.logits_sums / (lengths.clamp(min=1) * vocab_size)  # (2B,)
     half = labels.shape[0] // 2
-    return PairLogps(
+    pair = PairLogps(
         chosen_logps=logps[:half], rejected_logps=logps[half:],
         chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
         chosen_logits_mean=logits_mean[:half], rejected_logits_mean=logits_mean[half:],
         aux_loss=out.aux_loss if router_aux else None,
     )
+    if ld_alpha is not None:
+        ld = length_desensitised(logps, sums.excess_logps, ld_alpha)
+        pair.chosen_ld_logps, pair.rejected_ld_logps = ld[:half], ld[half:]
+    if weighting:
+        log_weights = sums.wpo_sums / lengths.clamp(min=1)
+        pair.chosen_log_weights, pair.rejected_log_weights = log_weights[:half], log_weights[half:]
+    return pair
+
+
+def excess_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """`[2B, T]` bool, aligned with `labels` of a `[chosen; rejected]` batch: the response tokens
+    past ℓ_p = min(|y⁺|, |y⁻|) of their pair, counting from each response's first token (the
+    "excess" part of the longer response, LD-DPO). Empty for the shorter response of a pair.
+
+    E.g. response labels at positions 2..6 in row i (|y⁺| = 5) and 3..5 in row B+i (|y⁻| = 3):
+    ℓ_p = 3, and only positions 5 and 6 of row i are excess.
+    """
+    mask = labels[:, 1:] != IGNORE_INDEX  # the positions the sums count (after the shift)
+    rank = mask.cumsum(-1)  # 1 at a response's first token
+    lengths = mask.sum(-1)
+    half = labels.shape[0] // 2
+    shorter = torch.minimum(lengths[:half], lengths[half:]).repeat(2)  # (2B,) ℓ_p of each pair
+    excess = mask & (rank > shorter.unsqueeze(-1))
+    return torch.nn.functional.pad(excess, (1, 0))
 
 
 def _unpack(packed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
