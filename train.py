@@ -50,6 +50,7 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     resume_dir = checkpoint.agree_on_resume(accelerator, cfg)
     if resume_dir is not None:
         changed = checkpoint.check_resume(resume_dir, cfg, accelerator.num_processes)
+        cfg = checkpoint.inherit_start_up_choices(resume_dir, cfg)
         if changed:
             accelerator.print(f"warning: resuming with changed settings: {', '.join(changed)}")
     set_seed(cfg.seed)
