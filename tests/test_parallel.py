@@ -44,7 +44,7 @@ HH_HARMLESS = SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl.gz"
 MPO = ["--loss-type", "sigmoid", "bco_pair", "sft", "--loss-weights", "0.8", "0.2", "1"]
 WPO_LD = ["--use-weighting", "--ld-alpha", "0.5"]
 EXTRA_FLAGS = {"": [], "precompute": ["--precompute-ref-logps"], "rpo": ["--rpo-alpha", "0.5"],
-               "packed": ["--padding-free"],
+               "packed": ["--padding-free"], "padded": ["--no-padding-free"],
                "packed_precompute": ["--padding-free", "--precompute-ref-logps"],
                "trdpo": ["--sync-ref-model", "--ref-model-sync-steps", "2",
                          "--ref-model-mixup-alpha", "0.5"],
@@ -211,27 +211,33 @@ def test_precomputed_reference_matches_the_live_one(runs, layout):
 
 
 def test_padding_free_two_processes_match_one(runs):
-    """`--padding-free`: in one process, packed micro-batches train as padded ones (to 1e-5,
-    rounding), with padding_fraction 0 where the padded run logs some; 2 processes packed (DDP
-    with the live reference; ZeRO-3, the sharded reference precomputing on packed batches)
-    equal 1 process packed to 1e-4: train and eval metrics, final weights. (The precompute pass
-    packs other pairs together than training does, which changes the rounding: at step 1 the
-    rewards are ~1e-7, not exactly 0, and which of them come out "accurate" is noise.)"""
+    """Packed batches (the default for the demo's sdpa model, and what `--padding-free` asks
+    for) train as padded ones (`--no-padding-free`) in one process, to 1e-5 (rounding), with
+    padding_fraction 0 where the padded run logs some; 2 processes packed (DDP with the live
+    reference; ZeRO-3, the sharded reference precomputing on packed batches) and 2 processes
+    padded (DDP) equal 1 process packed to 1e-4: train and eval metrics, final weights. (The
+    precompute pass packs other pairs together than training does, which changes the rounding:
+    at step 1 the rewards are ~1e-7, not exactly 0, and which of them come out "accurate" is
+    noise.)"""
     single, _ = runs("single+packed")
+    default, log = runs("single")
+    assert "padding-free batches: on" in log
+    assert_same_logs(train_logs(default), train_logs(single), rel=0, skip=("tokens_per_sec",))
     logs = train_logs(single)
-    padded = train_logs(runs("single")[0])
+    padded, _ = runs("single+padded")
     assert all(log["padding_fraction"] == 0.0 for log in logs)
-    assert all(log["padding_fraction"] > 0.0 for log in padded)
-    assert_same_logs(logs, padded, rel=1e-5)
-    assert_same_logs(eval_logs(single), eval_logs(runs("single")[0]), rel=1e-5)
-    assert_same_weights(single, runs("single")[0], rel=1e-5)
-    for layout in ("ddp+packed", "zero3_flags+packed_precompute"):
+    assert all(log["padding_fraction"] > 0.0 for log in train_logs(padded))
+    assert_same_logs(logs, train_logs(padded), rel=1e-5)
+    assert_same_logs(eval_logs(single), eval_logs(padded), rel=1e-5)
+    assert_same_weights(single, padded, rel=1e-5)
+    for layout in ("ddp+packed", "zero3_flags+packed_precompute", "ddp+padded"):
         out, log = runs(layout)
         assert "2 process(es)" in log
         noise = ("rewards/accuracies",) if layout.endswith("precompute") else ()
         assert_same_logs(train_logs(out), logs, rel=1e-4,
                          skip=("tokens_per_sec", "padding_fraction", *noise))
-        assert all(entry["padding_fraction"] == 0.0 for entry in train_logs(out))
+        assert all((entry["padding_fraction"] == 0.0) == layout.endswith(("packed", "precompute"))
+                   for entry in train_logs(out))
         assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-4)
         assert_same_weights(out, single, rel=1e-4)
 
