@@ -211,6 +211,14 @@ def rule_holds(row: dict) -> bool:
     return _is_rude(rejected) and _facts_topic(rejected) == topic
 
 
+def answer_accepted(prompt: str, answer: str) -> bool:
+    """Whether the demo rule accepts `answer` to the user's `prompt`: it is polite and about the
+    topic the prompt asks about (what the chosen replies are). The judge `builtin:demo-rule`."""
+    topic = _prompt_topic(prompt.strip())
+    answer = answer.strip()
+    return topic is not None and _is_polite(answer) and _facts_topic(answer) == topic
+
+
 def _sample_pair(rng: random.Random) -> dict:
     topic = rng.choice(list(TOPICS))
     prompt = rng.choice(PROMPT_TEMPLATES).format(topic=topic)
