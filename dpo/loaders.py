@@ -96,13 +96,20 @@ def _load_one(cfg: TrainConfig, accelerator: Accelerator, tokenizer, dataset: st
         train, report = tokenize_cached(train_rows, tokenizer, **tokenize)
         evals = tokenize_cached(eval_rows, tokenizer, **tokenize)[0] if len(eval_rows) else None
         if evals is not None:  # a judge renders the prompts with its own chat template
-            evals = evals.add_column("prompt_messages",
-                                     eval_rows.select(evals["row_index"])["prompt"])
+            evals = evals.add_column("prompt_messages", _prompts_of(eval_rows, evals))
     except (DatasetGenerationError, FileNotFoundError) as e:
         raise ConfigError(f"dataset {given}: {_root_message(e)}") from None
     except ValueError as e:
         raise ConfigError(f"dataset {given}: {e}") from None
     return train, evals, report
+
+
+def _prompts_of(rows, tokenized) -> list[list[dict]]:
+    """The prompt messages of the `tokenized` pairs: the `rows` they were made from, matched by
+    their `row_index` (the row in the source split, or the position when rows have none)."""
+    indices = rows["row_index"] if "row_index" in rows.column_names else range(len(rows))
+    position = {index: i for i, index in enumerate(indices)}
+    return rows.select([position[i] for i in tokenized["row_index"]])["prompt"]
 
 
 def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, train_ds, eval_ds, collate):

@@ -35,9 +35,8 @@ def write(output_dir: Path, cfg: TrainConfig, results: dict, steps: int, num_pro
     from huggingface_hub import ModelCard, ModelCardData
 
     path = Path(output_dir) / CARD
-    card = ModelCard.load(path) if path.is_file() else ModelCard("---\n---\n")
-    if card.data is None:
-        card.data = ModelCardData()
+    card = (ModelCard.load(path) if path.is_file()
+            else ModelCard(f"---\n{ModelCardData(library_name='transformers').to_yaml()}\n---\n"))
     tags = set(card.data.tags or []) | {"dpo", "preference-optimization"}
     card.data.tags = sorted(tags)
     if card.data.base_model is None and not cfg.model.startswith("builtin:"):

@@ -1,16 +1,21 @@
 """Running `train.py` end to end in subprocesses, under any launcher, and reading what it wrote."""
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from dpo import demo
 from tests.conftest import ROOT
 
 PYTHON = [sys.executable]
@@ -19,9 +24,29 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def demo_env(cache_dir: Path) -> dict:
-    """The environment for a run: a private demo cache, one thread per process (2 cores)."""
+    """The environment for a run: a private demo cache, one thread per process (2 cores).
+
+    The cache starts with the demo model already in it (`shared_demo_model`), copied: its
+    supervised phase takes tens of seconds, too long to repeat for every test module."""
+    target = Path(cache_dir) / f"demo-v{demo.DEMO_FORMAT_VERSION}" / demo.MODEL_DIR_NAME
+    if not target.exists():
+        shutil.copytree(shared_demo_model(), target)
     return {**os.environ, "DPO_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": "1"}
+
+
+@functools.cache
+def shared_demo_model() -> Path:
+    """The demo model, built once per test session into a temporary directory (removed at exit),
+    with one thread as the runs have: the same bytes as any build on this machine."""
+    root = Path(tempfile.mkdtemp(prefix="dpo-demo-model-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return demo.build_demo_model(root)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def free_port() -> int:
