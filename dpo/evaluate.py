@@ -140,12 +140,12 @@ def run(cfg: TrainConfig, source: Source) -> dict:
                    else generate_answers(accelerator, cfg, reference, tokenizer, prompts))
     accelerator.init_trackers("dpo-eval", config={k: str(v) for k, v in vars(cfg).items()})
     logger = MetricsLogger(accelerator, out, total_steps=0)
+    logger.progress.close()  # no steps to count; its write() still prints the samples
     evaluator = Evaluator(accelerator, cfg, logger, tokenizer, eval_loader, prompts, ref_answers)
     results = evaluator.run(policy, reference, source.step)
     if accelerator.is_main_process:
         (out / "eval_results.json").write_text(json.dumps(results, indent=2))
         print(evaluator.summary({}, results), flush=True)
-    logger.progress.close()
     accelerator.end_training()
     return results
 

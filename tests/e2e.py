@@ -108,3 +108,15 @@ def assert_same_weights(output_dir: Path, expected_dir: Path, rel: float) -> Non
 def weights_equal(output_dir: Path, expected_dir: Path) -> bool:
     got, want = (load_file(d / "model.safetensors") for d in (output_dir, expected_dir))
     return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@functools.cache
+def demo_run() -> tuple[Path, str]:
+    """The offline demo as the README runs it (`configs/demo.yaml`), once per test session:
+    `(output dir, stdout)`. Its supervised model comes from `shared_demo_model`."""
+    root = Path(tempfile.mkdtemp(prefix="dpo-demo-run-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    out = root / "out"
+    result = run_train(demo_env(root / "cache"), "--config", "configs/demo.yaml",
+                       "--output-dir", str(out))
+    return out, result.stdout
