@@ -39,7 +39,7 @@ def write(output_dir: Path, cfg: TrainConfig, results: dict, steps: int, num_pro
             else ModelCard(f"---\n{ModelCardData(library_name='transformers').to_yaml()}\n---\n"))
     tags = set(card.data.tags or []) | {"dpo", "preference-optimization"}
     card.data.tags = sorted(tags)
-    if card.data.base_model is None and not cfg.model.startswith("builtin:"):
+    if not card.data.base_model and not cfg.model.startswith("builtin:"):
         card.data.base_model = cfg.model
     datasets = [d for d in cfg.dataset if not d.startswith("builtin:") and not Path(d).exists()]
     if datasets:

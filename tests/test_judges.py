@@ -108,3 +108,18 @@ def test_reward_model_whose_template_cannot_render_the_conversation(tmp_path,
     with pytest.raises(ConfigError, match="its tokenizer cannot render the conversation") as e:
         judge.score([PROMPT], [POLITE])
     assert "only user turns" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--judge", "builtin:demo-rule", "--num-sample-generations", "0"],
+     "judge scores the sample generations, but num_sample_generations is 0"),
+    (["--generation-top-p", "0.9"], "generation_top_p samples, but generation_temperature is 0"),
+    (["--generation-top-p", "0"], r"generation_top_p must lie in \(0, 1\]"),
+    (["--generation-temperature=-1"], "generation_temperature must be >= 0"),
+    (["--generation-batch-size", "0"], "generation_batch_size must be >= 1"),
+])
+def test_judge_and_generation_settings_are_checked(flags, message):
+    from dpo.config import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(flags)
