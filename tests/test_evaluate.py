@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, TINY_CHAT_TEMPLATE, _build_tiny_tokenizer
-from tests.e2e import ACCELERATE, demo_env, demo_run, free_port, read_metrics
+from tests.e2e import ACCELERATE, demo_env, demo_run, free_port, read_metrics, run_train
 from tests.test_judges import save_reward_model
 
 pytestmark = pytest.mark.slow
@@ -76,6 +76,24 @@ def test_checkpoint_gives_the_runs_eval_at_its_step(env, run, tmp_path):
     got = read_metrics(tmp_path)
     assert [log["step"] for log in got] == [125]
     assert_close(got[0], logged, 1e-6)
+
+
+def test_lora_adapter_and_its_checkpoint_give_the_runs_evals(env, tmp_path):
+    """An adapter output dir is compared with its base (the adapter off), as training compared
+    it; a LoRA checkpoint's weights go into the run's model with its adapter."""
+    run = tmp_path / "lora"
+    run_train(env, "--model", "builtin:tiny-qwen3", "--dataset", "builtin:demo-preferences",
+              "--num-samples", "32", "--eval-samples", "8", "--max-length", "64",
+              "--max-steps", "4", "--batch-size", "4", "--gradient-accumulation-steps", "1",
+              "--learning-rate", "1e-2", "--lora-r", "4", "--save-steps", "2", "--eval-steps",
+              "2", "--num-sample-generations", "3", "--max-new-tokens", "8",
+              "--judge", "builtin:demo-rule", "--output-dir", str(run))
+    evaluate(env, "--model", str(run), "--output-dir", str(tmp_path / "final"))
+    assert_close(results(tmp_path / "final"), results(run), 1e-6)
+    assert results(run)["eval/rewards/margins"] != 0  # the adapter moved the policy
+    evaluate(env, "--model", str(run / "checkpoint-2"), "--output-dir", str(tmp_path / "two"))
+    logged = next(log for log in read_metrics(run) if log["step"] == 2 and "eval/loss" in log)
+    assert_close(read_metrics(tmp_path / "two")[0], logged, 1e-6)
 
 
 def test_reward_model_judge_on_one_and_two_processes(env, run, reward_model, tmp_path):
