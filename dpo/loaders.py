@@ -96,7 +96,8 @@ def _load_one(cfg: TrainConfig, accelerator: Accelerator, tokenizer, dataset: st
         train, report = tokenize_cached(train_rows, tokenizer, **tokenize)
         evals = tokenize_cached(eval_rows, tokenizer, **tokenize)[0] if len(eval_rows) else None
         if evals is not None:  # a judge renders the prompts with its own chat template
-            evals = evals.add_column("prompt_messages", _prompts_of(eval_rows, evals))
+            evals = evals.add_column("prompt_messages", _prompts_of(eval_rows, evals),
+                                     feature=eval_rows.features["prompt"])
     except (DatasetGenerationError, FileNotFoundError) as e:
         raise ConfigError(f"dataset {given}: {_root_message(e)}") from None
     except ValueError as e:
