@@ -237,6 +237,9 @@ class TrainConfig:
         if self.generation_top_p < 1 and self.generation_temperature == 0:
             raise ConfigError("generation_top_p samples, but generation_temperature is 0 "
                               "(greedy): set a temperature > 0, or drop top-p")
+        from dpo.judges import check_judge
+
+        check_judge(self)
         if self.judge is not None and self.num_sample_generations == 0:
             raise ConfigError("judge scores the sample generations, but num_sample_generations "
                               "is 0: set it to the number of eval prompts to judge")

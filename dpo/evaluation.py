@@ -164,18 +164,21 @@ class Evaluator:
         self.answers = answers
         self.logger.log(step, results)
         if self.accelerator.is_main_process:
+            samples = []
+            for i, (ids, answer) in enumerate(zip(self.prompts, answers)):
+                sample = {"prompt": self.tokenizer.decode(ids), "policy": answer}
+                if self.reference_answers is not None:  # None for a reference-free loss
+                    sample["reference"] = self.reference_answers[i]
+                if scores is not None:
+                    sample["reward_policy"] = scores[i]
+                    if self.reference_scores is not None:
+                        sample["reward_reference"] = self.reference_scores[i]
+                samples.append(sample)
             with (Path(self.cfg.output_dir) / "samples.jsonl").open("a") as f:
-                for i, (ids, answer) in enumerate(zip(self.prompts, answers)):
-                    sample = {"prompt": self.tokenizer.decode(ids), "policy": answer}
-                    if self.reference_answers is not None:  # None for a reference-free loss
-                        sample["reference"] = self.reference_answers[i]
-                    if scores is not None:
-                        sample["reward_policy"] = scores[i]
-                        if self.reference_scores is not None:
-                            sample["reward_reference"] = self.reference_scores[i]
-                    f.write(json.dumps({"step": step, **sample}) + "\n")
-                    if i < SHOWN_SAMPLES:  # the rest are in samples.jsonl
-                        self.logger.progress.write(f"[sample @ step {step}] {sample}")
+                f.writelines(json.dumps({"step": step, **sample}) + "\n" for sample in samples)
+            for sample in samples[:SHOWN_SAMPLES]:  # the rest are in samples.jsonl
+                self.logger.progress.write(f"[sample @ step {step}] {sample}")
+            log_samples(self.accelerator, step, samples)
         return results
 
     def summary(self, before: dict, after: dict) -> str:
@@ -216,6 +219,22 @@ class Evaluator:
     def mean_length(self, answers: list[str]) -> float:
         return sum(len(self.tokenizer(a, add_special_tokens=False)["input_ids"])
                    for a in answers) / len(answers)
+
+
+def log_samples(accelerator: Accelerator, step: int, samples: list[dict]) -> None:
+    """The sample answers (and scores) as a table, to the trackers that take one: a tracker's
+    `log_table` (wandb), or a TensorBoard writer's text (a markdown table). Main process."""
+    if not samples:
+        return
+    columns = list(samples[0])
+    rows = [[sample[c] for c in columns] for sample in samples]
+    for tracker in accelerator.trackers:
+        if hasattr(tracker, "log_table"):
+            tracker.log_table("eval/samples", columns=columns, data=rows, step=step)
+        elif hasattr(getattr(tracker, "writer", None), "add_text"):
+            cells = [" | ".join(json.dumps(v, ensure_ascii=False) for v in row) for row in rows]
+            table = "\n".join([" | ".join(columns), " | ".join("---" for _ in columns), *cells])
+            tracker.writer.add_text("eval/samples", table, global_step=step)
 
 
 def judge_answers(accelerator: Accelerator, judge, messages: list[list[dict]],

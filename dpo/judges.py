@@ -18,6 +18,7 @@ from jinja2 import TemplateError
 from dpo.config import ConfigError
 
 DEMO_RULE = "builtin:demo-rule"
+PROBE = [{"role": "user", "content": "Hi."}]  # a conversation every chat template must render
 
 
 class DemoRuleJudge:
@@ -39,9 +40,6 @@ class RewardModelJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.name, self.device, self.batch_size = path, device, batch_size
-        if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
-            raise ConfigError(f"judge {path}: no such directory (give a reward model's "
-                              f"directory or hub name, or {DEMO_RULE})")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path,
                                                            trust_remote_code=trust_remote_code)
@@ -63,6 +61,7 @@ class RewardModelJudge:
         self.tokenizer.padding_side = "right"
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(device).eval().requires_grad_(False)
+        self.render(PROBE, "Hello.")  # a template that cannot render a turn fails now, not later
 
     def render(self, prompt: list[dict], answer: str) -> str:
         conversation = [*prompt, {"role": "assistant", "content": answer}]
@@ -85,14 +84,25 @@ class RewardModelJudge:
         return scores
 
 
+def check_judge(cfg) -> None:
+    """ConfigError, before anything loads, for a `--judge` that names nothing loadable."""
+    judge = cfg.judge
+    if judge is None or judge == DEMO_RULE:
+        return
+    if judge.startswith("builtin:"):
+        raise ConfigError(f"judge {judge}: no such builtin judge (there is {DEMO_RULE})")
+    if judge.startswith(("/", ".", "~")) and not Path(judge).expanduser().is_dir():
+        raise ConfigError(f"judge {judge}: no such directory (give a reward model's directory "
+                          f"or hub name, or {DEMO_RULE})")
+
+
 def load_judge(cfg, device: torch.device):
     """The judge `--judge` names, or None; ConfigError (one line) if it cannot be loaded."""
     if cfg.judge is None:
         return None
+    check_judge(cfg)
     if cfg.judge == DEMO_RULE:
         return DemoRuleJudge()
-    if cfg.judge.startswith("builtin:"):
-        raise ConfigError(f"judge {cfg.judge}: no such builtin judge (there is {DEMO_RULE})")
     return RewardModelJudge(cfg.judge, device, cfg.generation_batch_size, cfg.trust_remote_code)
 
 

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import torch
 from accelerate import Accelerator
 
-from dpo.evaluation import generate_answers, share, summary
+from dpo.evaluation import generate_answers, log_samples, share, summary
 from dpo.tiny import tiny_qwen3
 
 
@@ -74,3 +74,23 @@ def test_summary_shows_the_judged_answers():
                         "eval/reward/reference": 0.05})
     assert "win_rate            0.9000" in text and "reward/reference    0.0500" in text
     assert "win_rate" not in summary({}, base)
+
+
+def test_samples_go_to_the_trackers_as_a_table():
+    """wandb-like trackers get `log_table`; TensorBoard's writer a markdown table as text."""
+    calls = []
+
+    class Table:
+        def log_table(self, name, columns, data, step):
+            calls.append(("table", name, columns, data, step))
+
+    class Writer:
+        def add_text(self, name, text, global_step):
+            calls.append(("text", name, text, global_step))
+
+    samples = [{"prompt": "p", "policy": "a", "reward_policy": 1.0}]
+    log_samples(SimpleNamespace(trackers=[Table(), SimpleNamespace(writer=Writer())]), 7, samples)
+    assert calls[0] == ("table", "eval/samples", ["prompt", "policy", "reward_policy"],
+                        [["p", "a", 1.0]], 7)
+    assert calls[1] == ("text", "eval/samples",
+                        'prompt | policy | reward_policy\n--- | --- | ---\n"p" | "a" | 1.0', 7)

@@ -104,9 +104,8 @@ def test_reward_model_whose_template_cannot_render_the_conversation(tmp_path,
                                "'assistant' %}{{ raise_exception('only user turns') }}"
                                "{% endif %}{{ m['content'] }}{% endfor %}")
     path = save_reward_model(tmp_path / "rm", tokenizer)
-    judge = judges.load_judge(cfg(str(path)), torch.device("cpu"))
     with pytest.raises(ConfigError, match="its tokenizer cannot render the conversation") as e:
-        judge.score([PROMPT], [POLITE])
+        judges.load_judge(cfg(str(path)), torch.device("cpu"))  # found as it loads
     assert "only user turns" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -117,6 +116,8 @@ def test_reward_model_whose_template_cannot_render_the_conversation(tmp_path,
     (["--generation-top-p", "0"], r"generation_top_p must lie in \(0, 1\]"),
     (["--generation-temperature=-1"], "generation_temperature must be >= 0"),
     (["--generation-batch-size", "0"], "generation_batch_size must be >= 1"),
+    (["--judge", "builtin:nope"], "judge builtin:nope: no such builtin judge"),
+    (["--judge", "./no/such/rm"], "judge ./no/such/rm: no such directory"),
 ])
 def test_judge_and_generation_settings_are_checked(flags, message):
     from dpo.config import load_config
