@@ -1,6 +1,6 @@
 """Offline demo assets: a tokenizer, a tiny Qwen3 model and preference data, built locally.
 
-`configs/demo.yaml` trains on ``model: builtin:tiny-qwen3`` and
+`configs/demo.yaml` trains on ``model: builtin:tiny-qwen3-chat`` and
 ``dataset: builtin:demo-preferences``. Nothing comes from the Hugging Face Hub: on first use the
 assets are generated from fixed seeds and cached under `demo_cache_dir()`, after which they load
 like any hub checkpoint or dataset — `AutoTokenizer.from_pretrained(dir)`,
@@ -15,11 +15,18 @@ With ``lr=1e-3, beta=0.3``, 16 pairs per step and 10 warmup steps, DPO on the ti
 ≥ 0.98 held-out reward accuracy within ~150 steps and ~1.0 by 250 (~30 s on two CPU cores): the
 rude pairs are separated within a few dozen steps, the off-topic ones a hundred or so later.
 
+The demo starts DPO from a model that already answers (``builtin:tiny-qwen3-chat``): a short
+supervised phase (`supervise`, ~30 s on two CPU cores, once) teaches the tiny model answers of
+every kind — polite or rude, on the prompt's topic or not — with rude ones the likelier, so its
+greedy answers mostly break the rule. DPO then makes them polite and on topic: `answer_accepted`
+(the judge ``builtin:demo-rule``) accepts ~0 of the reference's answers and ~0.9 of the policy's.
+
 What is built:
 
 - `build_demo_model` — a byte-level BPE tokenizer trained with the `tokenizers` library on the
   demo corpus (ChatML special tokens and chat template, as Qwen's), and a randomly initialised
   `Qwen3ForCausalLM` from `dpo.tiny` whose vocabulary is exactly that tokenizer's.
+- `build_demo_chat_model` — that model after the supervised phase, beside it in the cache.
 - `build_demo_dataset` — `train.jsonl` and `test.jsonl` in the standard
   ``{"prompt", "chosen", "rejected"}`` format; no test pair occurs in the training split.
 
@@ -39,14 +46,16 @@ from pathlib import Path
 
 from dpo import cache_root
 
-BUILTIN_MODEL = "builtin:tiny-qwen3"
+BUILTIN_MODEL = "builtin:tiny-qwen3"  # randomly initialised: fast to build, for tests
+BUILTIN_CHAT_MODEL = "builtin:tiny-qwen3-chat"  # the same after the supervised phase: the demo's
 BUILTIN_DATASET = "builtin:demo-preferences"
 
 # Bump when anything below changes what is built: the cache subfolder is named after it, so assets
 # of an older format are never reused (they are simply left behind in their own folder).
-DEMO_FORMAT_VERSION = 2
+DEMO_FORMAT_VERSION = 1
 COMPLETE_MARKER = ".complete"  # dot-name: `datasets` ignores hidden files when finding splits
 MODEL_DIR_NAME = "tiny-qwen3"
+CHAT_MODEL_DIR_NAME = "tiny-qwen3-chat"
 DATASET_DIR_NAME = "demo-preferences"
 
 SEED = 0
@@ -167,6 +176,16 @@ def build_demo_model(cache_dir: Path | None = None) -> Path:
     return _build_atomically(target, _write_model)
 
 
+def build_demo_chat_model(cache_dir: Path | None = None) -> Path:
+    """The directory of the demo model after its supervised phase (`supervise`), built on first
+    call from `build_demo_model`'s (in the same cache) into the ``tiny-qwen3-chat`` subfolder.
+    It answers the demo's prompts in words, rudely for the most part: what DPO starts from."""
+    root = Path(cache_dir or demo_cache_dir())
+    base = build_demo_model(root)
+    return _build_atomically(root / CHAT_MODEL_DIR_NAME,
+                             lambda directory: _write_chat_model(directory, base))
+
+
 def build_demo_dataset(cache_dir: Path | None = None) -> Path:
     """The directory of the demo preference data (``train.jsonl``, ``test.jsonl``), built on first
     call. `cache_dir` defaults to `demo_cache_dir()`; the data go to ``demo-preferences`` in it."""
@@ -175,8 +194,10 @@ def build_demo_dataset(cache_dir: Path | None = None) -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """`--model` as a path or hub name: the built-in demo model is built (once) and its
+    """`--model` as a path or hub name: a built-in demo model is built (once) and its
     directory returned; any other name is returned unchanged."""
+    if name == BUILTIN_CHAT_MODEL:
+        return str(build_demo_chat_model())
     return str(build_demo_model()) if name == BUILTIN_MODEL else name
 
 
@@ -322,10 +343,23 @@ def _write_model(directory: Path) -> None:
     # fork_rng: tiny_qwen3 seeds the global generator; the caller's random stream stays untouched.
     with torch.random.fork_rng(devices=[]):
         model = tiny_qwen3(len(tokenizer), seed=SEED, **MODEL_CONFIG)
-        for config in (model.config, model.generation_config):
-            config.eos_token_id = tokenizer.eos_token_id
-            config.pad_token_id = tokenizer.pad_token_id
-            config.bos_token_id = None
+    for config in (model.config, model.generation_config):
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        config.bos_token_id = None
+    tokenizer.save_pretrained(directory)
+    model.save_pretrained(directory)
+
+
+def _write_chat_model(directory: Path, base: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    # The supervised phase draws nothing from torch's generator (no dropout, its own data
+    # stream); forked all the same, so that the caller's random stream stays untouched.
+    with torch.random.fork_rng(devices=[]):
         supervise(model, tokenizer)
     tokenizer.save_pretrained(directory)
     model.save_pretrained(directory)

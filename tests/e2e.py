@@ -24,27 +24,21 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def demo_env(cache_dir: Path) -> dict:
-    """The environment for a run: a private demo cache, one thread per process (2 cores).
-
-    The cache starts with the demo model already in it (`shared_demo_model`), copied: its
-    supervised phase takes tens of seconds, too long to repeat for every test module."""
-    target = Path(cache_dir) / f"demo-v{demo.DEMO_FORMAT_VERSION}" / demo.MODEL_DIR_NAME
-    if not target.exists():
-        shutil.copytree(shared_demo_model(), target)
+    """The environment for a run: a private demo cache, one thread per process (2 cores)."""
     return {**os.environ, "DPO_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": "1"}
 
 
 @functools.cache
-def shared_demo_model() -> Path:
-    """The demo model, built once per test session into a temporary directory (removed at exit),
-    with one thread as the runs have: the same bytes as any build on this machine."""
-    root = Path(tempfile.mkdtemp(prefix="dpo-demo-model-"))
+def shared_chat_model() -> Path:
+    """The demo's chat model (`builtin:tiny-qwen3-chat`), built once per test session into a
+    temporary directory (removed at exit): its supervised phase takes tens of seconds."""
+    root = Path(tempfile.mkdtemp(prefix="dpo-demo-chat-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as the runs have it (demo_env)
     try:
-        return demo.build_demo_model(root)
+        return demo.build_demo_chat_model(root)
     finally:
         torch.set_num_threads(threads)
 
@@ -113,10 +107,11 @@ def weights_equal(output_dir: Path, expected_dir: Path) -> bool:
 @functools.cache
 def demo_run() -> tuple[Path, str]:
     """The offline demo as the README runs it (`configs/demo.yaml`), once per test session:
-    `(output dir, stdout)`. Its supervised model comes from `shared_demo_model`."""
+    `(output dir, stdout)`. Its chat model comes from `shared_chat_model`."""
     root = Path(tempfile.mkdtemp(prefix="dpo-demo-run-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
-    out = root / "out"
-    result = run_train(demo_env(root / "cache"), "--config", "configs/demo.yaml",
-                       "--output-dir", str(out))
+    out, cache = root / "out", root / "cache"
+    shutil.copytree(shared_chat_model(), cache / f"demo-v{demo.DEMO_FORMAT_VERSION}"
+                    / demo.CHAT_MODEL_DIR_NAME)
+    result = run_train(demo_env(cache), "--config", "configs/demo.yaml", "--output-dir", str(out))
     return out, result.stdout

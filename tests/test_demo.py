@@ -1,7 +1,6 @@
 """The offline demo assets: loadable, cached, deterministic, and the data obey the stated rule."""
 import json
 import re
-import shutil
 import threading
 import time
 
@@ -9,24 +8,23 @@ import pytest
 import torch
 
 from dpo import demo
-from tests.e2e import demo_run, shared_demo_model
+from tests.e2e import demo_run, shared_chat_model
 
 PROMPT = [{"role": "user", "content": "Tell me about cats."}]
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """One cache with both assets, shared by the module: the model is the session's
-    (`shared_demo_model`; its supervised phase takes tens of seconds), the data are built."""
+    """One cache with both assets built, shared by the module: a build takes about a second."""
     root = tmp_path_factory.mktemp("demo-cache")
-    shutil.copytree(shared_demo_model(), root / demo.MODEL_DIR_NAME)
+    demo.build_demo_model(root)
     demo.build_demo_dataset(root)
     return root
 
 
 @pytest.fixture
 def short_sft(monkeypatch):
-    """A supervised phase of a few steps, for the tests that build models of their own."""
+    """A supervised phase of a few steps, for the tests that build chat models of their own."""
     monkeypatch.setattr(demo, "SFT_STEPS", 3)
 
 
@@ -158,13 +156,15 @@ def test_second_call_reuses_the_cache(cache, monkeypatch):
     assert after == before
 
 
-def test_builds_are_deterministic(short_sft, tmp_path):
+def test_builds_are_deterministic(cache, short_sft, tmp_path):
+    other = tmp_path / "other"
     for build, files in (
         (demo.build_demo_model, ("tokenizer.json", "tokenizer_config.json", "config.json",
                                  "model.safetensors")),
+        (demo.build_demo_chat_model, ("tokenizer.json", "config.json", "model.safetensors")),
         (demo.build_demo_dataset, ("train.jsonl", "test.jsonl")),
     ):
-        first, second = build(tmp_path / "one"), build(tmp_path / "two")
+        first, second = build(cache), build(other)
         assert first != second
         for name in files:
             assert (first / name).read_bytes() == (second / name).read_bytes(), name
@@ -174,7 +174,7 @@ def test_build_does_not_touch_the_global_rng(short_sft, tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    demo.build_demo_model(tmp_path)
+    demo.build_demo_chat_model(tmp_path)  # the base model first, then its supervised phase
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -232,12 +232,12 @@ def assert_words(answer: str, vocabulary: set[str]):
     assert max(found.count(w) for w in found) <= len(found) / 2, answer
 
 
-def test_sft_model_answers_in_words_and_mostly_against_the_rule(cache, tokenizer):
+def test_chat_model_answers_in_words_and_mostly_against_the_rule(tokenizer):
     """Before DPO, the supervised model answers in the demo's words, and rudely for the most
     part: the rule accepts at most 0.2 of its greedy answers to 64 held-out prompts."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(demo.build_demo_model(cache)).eval()
+    model = AutoModelForCausalLM.from_pretrained(shared_chat_model()).eval()
     _, test = demo.demo_pairs()
     prompts = [row["prompt"] for row in test[:64]]
     vocabulary, accepted = demo_words(), 0

@@ -161,9 +161,9 @@ def _save_wide_model(directory):
 
     from dpo import demo
     from dpo.tiny import tiny_qwen3
-    from tests.e2e import shared_demo_model
+    from tests.e2e import shared_chat_model
 
-    tokenizer = AutoTokenizer.from_pretrained(shared_demo_model())
+    tokenizer = AutoTokenizer.from_pretrained(shared_chat_model())
     config = {**demo.MODEL_CONFIG, "hidden_size": 128}
     tiny_qwen3(len(tokenizer), **config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -295,11 +295,11 @@ def test_train_falls_back_for_an_unknown_head(tmp_path):
     """train.py on a model whose own code scales its logits (remote code, as a user's model
     would bring it): the run warns, naming the architecture, and trains exactly as with
     --no-chunked-logps, on the model's own logits."""
-    from tests.e2e import shared_demo_model
+    from dpo.demo import build_demo_model
 
     env = demo_env(tmp_path / "cache")
     model_dir = tmp_path / "scaled-head"
-    shutil.copytree(shared_demo_model(), model_dir)
+    shutil.copytree(build_demo_model(tmp_path / "cache" / "demo"), model_dir)
     (model_dir / "modeling_scaled.py").write_text(REMOTE_CODE)
     config = json.loads((model_dir / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_scaled.ScaledHeadQwen3"}
@@ -405,11 +405,12 @@ def test_train_adds_and_logs_the_router_loss_of_a_mixture_of_experts(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from tests.e2e import eval_logs, shared_demo_model
+    from dpo.demo import build_demo_model
+    from tests.e2e import eval_logs
 
     env = demo_env(tmp_path / "cache")
     model_dir = tmp_path / "tiny-moe"
-    shutil.copytree(shared_demo_model(), model_dir)
+    shutil.copytree(build_demo_model(tmp_path / "cache" / "demo"), model_dir)
     for weights in model_dir.glob("*.safetensors"):
         weights.unlink()
     vocab = len(AutoTokenizer.from_pretrained(model_dir))

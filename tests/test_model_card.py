@@ -19,7 +19,7 @@ def test_demo_run_has_a_model_card():
     card = (out / "README.md").read_text()
     final = json.loads((out / "eval_results.json").read_text())
     assert card.startswith("---\n") and "- dpo" in card  # hub metadata (tags)
-    for text in ("Base model: `builtin:tiny-qwen3`", "Reference: `builtin:tiny-qwen3`",
+    for text in ("Base model: `builtin:tiny-qwen3-chat`", "Reference: `builtin:tiny-qwen3-chat`",
                  "`builtin:demo-preferences` (split train): 4000 training pairs, 256 held-out",
                  "Loss: sigmoid, β = 0.3", "250 optimizer steps", "learning_rate = 0.001",
                  f"| eval/win_rate | {final['eval/win_rate']:.4f} |",
