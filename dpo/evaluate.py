@@ -88,24 +88,37 @@ def evaluate_config(argv: list[str]) -> tuple[TrainConfig, Source]:
     cfg.merge_adapter = cfg.precompute_ref_logps = cfg.sync_ref_model = False
     cfg.resume_from_checkpoint, cfg.overwrite_output_dir = None, False
     trained = source.trained
-    if known.ref_model is None:
-        if trained is not None and trained.sync_ref_model:
+    if known.ref_model is None and trained is not None:
+        if trained.sync_ref_model:
             raise ConfigError(f"model {known.model}: its run moved the reference as it trained "
                               "(sync_ref_model), which is not saved; give --ref-model")
-        cfg.ref_model = (None if source.adapter or trained is None or lora.uses_peft(trained)
-                         else trained.ref_model or trained.model)
-        if cfg.ref_model is None and not (source.adapter or source.checkpoint and trained
-                                          and lora.uses_peft(trained)) \
-                and needs_reference(cfg.loss_type):
-            raise ConfigError(f"ref_model: give --ref-model, the reference to compare "
-                              f"{known.model} with (loss_type {', '.join(cfg.loss_type)} "
-                              "needs one)")
+        cfg.ref_model = training_reference(trained)
+    elif known.ref_model is None and not source.adapter and needs_reference(cfg.loss_type):
+        raise ConfigError(f"ref_model: give --ref-model, the reference to compare {known.model} "
+                          f"with (loss_type {', '.join(cfg.loss_type)} needs one)")
     if known.output_dir is None:
+        if not Path(known.model).expanduser().is_dir():
+            raise ConfigError(f"output_dir: give --output-dir ({known.model} is no local "
+                              "directory to write the results beside)")
         cfg.output_dir = str(Path(known.model).expanduser() / "eval")
     if (Path(cfg.output_dir) / RUN_CONFIG).is_file():
         raise ConfigError(f"output_dir {cfg.output_dir} holds a training run; evaluation writes "
                           "elsewhere (default: <model>/eval)")
     return cfg, source
+
+
+def training_reference(trained: TrainConfig) -> str | None:
+    """The `--ref-model` that stands for a run's reference; None: the adapter off.
+
+    A run with `--ref-model` had that; a LoRA run from a base model had the base (the adapter
+    off; a start adapter merged into it is the saved base); one that trained a start adapter
+    further had that adapter as it started; full fine-tuning, the model it started from."""
+    if trained.ref_model is not None:
+        return trained.ref_model
+    if lora.uses_peft(trained):
+        return trained.model if lora.is_adapter_dir(trained.model) and not trained.lora_r \
+            else None
+    return trained.model
 
 
 def run(cfg: TrainConfig, source: Source) -> dict:

@@ -154,6 +154,9 @@ def test_bad_inputs_are_one_line(env, run, tmp_path, tiny_tokenizer_json):
                                         "--eval-samples", "4")
     assert "give --ref-model" in fails("--model", "builtin:tiny-qwen3",
                                        "--dataset", "builtin:demo-preferences")
+    out = evaluate(env, "--model", "builtin:tiny-qwen3", "--ref-model", "builtin:tiny-qwen3",
+                   check=False)
+    assert out.stderr.strip().splitlines()[-1].startswith("error: output_dir: give --output-dir")
 
 
 def _save_wide_model(directory):
