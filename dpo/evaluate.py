@@ -188,15 +188,20 @@ def load_models(cfg: TrainConfig, source: Source, base: str):
                               "output directory instead")
         state = load_file(str(weights))
         mine = policy.state_dict()
+        # Tied weights (an LM head that is the embedding) are saved once, under either name.
+        shared: dict[int, list[str]] = {}
+        for name, tensor in mine.items():
+            shared.setdefault(tensor.data_ptr(), []).append(name)
+        saved = {n for names in shared.values() if set(names) & state.keys() for n in names}
         wrong = sorted(k for k in state.keys() & mine.keys() if state[k].shape != mine[k].shape)
-        missing, unexpected = sorted(mine.keys() - state.keys()), sorted(state.keys() - mine)
+        missing, unexpected = sorted(mine.keys() - saved), sorted(state.keys() - mine.keys())
         if wrong or missing or unexpected:
             raise ConfigError(f"model {source.checkpoint}: its weights are not those of "
                               f"{trained.model}, the run's model ({len(wrong)} of other shapes, "
                               f"{len(missing)} missing, {len(unexpected)} unexpected, e.g. "
                               f"{(wrong or missing or unexpected)[0]}); a checkpoint from another "
                               "model?")
-        policy.load_state_dict(state)
+        policy.load_state_dict(state, strict=False)  # checked above, tied weights aside
     if not needs_reference(cfg.loss_type):
         reference = None
     elif cfg.ref_model is not None:

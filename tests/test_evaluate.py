@@ -170,3 +170,29 @@ def _save_wide_model(directory):
     config = {**demo.MODEL_CONFIG, "hidden_size": 128}
     tiny_qwen3(len(tokenizer), **config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+
+
+def test_checkpoint_of_a_tied_model_loads(tmp_path):
+    """A model whose LM head is its embedding saves the shared weight once (safetensors):
+    loading such a checkpoint is no 'checkpoint from another model'."""
+    import torch
+    from safetensors.torch import save_model
+
+    from dpo import evaluate as ev
+    from dpo.config import TrainConfig
+    from dpo.tiny import tiny_qwen3
+
+    base = tmp_path / "tied"
+    tiny_qwen3(64, tie_word_embeddings=True).save_pretrained(base)
+    trained = tiny_qwen3(64, seed=1, tie_word_embeddings=True)
+    (tmp_path / "run" / "checkpoint-1").mkdir(parents=True)
+    save_model(trained, str(tmp_path / "run" / "checkpoint-1" / "model.safetensors"))
+    cfg = TrainConfig(model=str(base), loss_type=["simpo"], output_dir=str(tmp_path / "run"))
+    cfg.to_yaml(tmp_path / "run" / "training_config.yaml")
+    (tmp_path / "run" / "checkpoint-1" / "trainer_state.json").write_text('{"step": 1}')
+    source = ev.Source(str(tmp_path / "run" / "checkpoint-1"))
+    source.trained = cfg
+    policy, reference = ev.load_models(cfg, source, str(base))
+    assert reference is None  # simpo: reference-free
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(policy.state_dict()[name], tensor), name
