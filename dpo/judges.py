@@ -37,40 +37,22 @@ class RewardModelJudge:
 
     def __init__(self, path: str, device: torch.device, batch_size: int,
                  trust_remote_code: bool = False):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         self.name, self.device, self.batch_size = path, device, batch_size
+        self.tokenizer = reward_tokenizer(path, trust_remote_code)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path,
-                                                           trust_remote_code=trust_remote_code)
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise ConfigError(f"judge {path}: cannot load it as a reward model "
-                              f"(AutoModelForSequenceClassification and its tokenizer): "
-                              f"{_first_line(e)}") from None
-        if self.model.config.num_labels != 1:
-            raise ConfigError(f"judge {path}: a reward model gives one score, this one "
-                              f"{self.model.config.num_labels} labels")
-        if self.tokenizer.chat_template is None:
-            raise ConfigError(f"judge {path}: its tokenizer has no chat template to render the "
-                              "conversation with; give a reward model that has one")
-        if self.tokenizer.pad_token is None:  # batches are padded; the padding is masked out
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        # Right padding: the model reads its score at the last non-pad token of each row.
-        self.tokenizer.padding_side = "right"
+                              f"(AutoModelForSequenceClassification): {_first_line(e)}") from None
+        _check_labels(path, self.model.config)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(device).eval().requires_grad_(False)
-        self.render(PROBE, "Hello.")  # a template that cannot render a turn fails now, not later
 
     def render(self, prompt: list[dict], answer: str) -> str:
-        conversation = [*prompt, {"role": "assistant", "content": answer}]
-        try:
-            return self.tokenizer.apply_chat_template(conversation, tokenize=False)
-        except (TemplateError, ValueError, TypeError) as e:
-            raise ConfigError(f"judge {self.name}: its tokenizer cannot render the conversation "
-                              f"({_first_line(e)}); give a reward model whose chat template "
-                              "takes user and assistant turns") from None
+        return render(self.name, self.tokenizer, prompt, answer)
 
     @torch.no_grad()
     def score(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
@@ -85,15 +67,64 @@ class RewardModelJudge:
 
 
 def check_judge(cfg) -> None:
-    """ConfigError, before anything loads, for a `--judge` that names nothing loadable."""
+    """ConfigError, before anything loads, for a `--judge` that names nothing loadable; a local
+    reward model's config and tokenizer are read (not its weights) and its template tried."""
     judge = cfg.judge
     if judge is None or judge == DEMO_RULE:
         return
     if judge.startswith("builtin:"):
         raise ConfigError(f"judge {judge}: no such builtin judge (there is {DEMO_RULE})")
-    if judge.startswith(("/", ".", "~")) and not Path(judge).expanduser().is_dir():
+    path = Path(judge).expanduser()
+    if judge.startswith(("/", ".", "~")) and not path.is_dir():
         raise ConfigError(f"judge {judge}: no such directory (give a reward model's directory "
                           f"or hub name, or {DEMO_RULE})")
+    if path.is_dir():  # a hub name is checked as it loads (no download here)
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(judge, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"judge {judge}: cannot load it as a reward model (its config): "
+                              f"{_first_line(e)}") from None
+        _check_labels(judge, config)
+        reward_tokenizer(judge, cfg.trust_remote_code)
+
+
+def reward_tokenizer(path: str, trust_remote_code: bool = False):
+    """A reward model's tokenizer, padding on the right, checked to render a conversation."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"judge {path}: cannot load it as a reward model (its tokenizer): "
+                          f"{_first_line(e)}") from None
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"judge {path}: its tokenizer has no chat template to render the "
+                          "conversation with; give a reward model that has one")
+    if tokenizer.pad_token is None:  # batches are padded; the padding is masked out
+        tokenizer.pad_token = tokenizer.eos_token
+    # Right padding: the model reads its score at the last non-pad token of each row.
+    tokenizer.padding_side = "right"
+    render(path, tokenizer, PROBE, "Hello.")  # a template that cannot render fails now
+    return tokenizer
+
+
+def render(name: str, tokenizer, prompt: list[dict], answer: str) -> str:
+    """The conversation `prompt + [answer]` as the judge's chat template writes it."""
+    conversation = [*prompt, {"role": "assistant", "content": answer}]
+    try:
+        return tokenizer.apply_chat_template(conversation, tokenize=False)
+    except (TemplateError, ValueError, TypeError) as e:
+        raise ConfigError(f"judge {name}: its tokenizer cannot render the conversation "
+                          f"({_first_line(e)}); give a reward model whose chat template takes "
+                          "user and assistant turns") from None
+
+
+def _check_labels(path: str, config) -> None:
+    if config.num_labels != 1:
+        raise ConfigError(f"judge {path}: a reward model gives one score, this one "
+                          f"{config.num_labels} labels")
 
 
 def load_judge(cfg, device: torch.device):

@@ -124,3 +124,38 @@ def test_judge_and_generation_settings_are_checked(flags, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(flags)
+
+
+def test_a_local_reward_model_is_checked_with_the_settings(tmp_path, tiny_tokenizer_json):
+    """Its config and tokenizer are read as the settings are checked (before any model or data
+    loads): too many labels, or a tokenizer without a chat template, is one line there."""
+    from transformers import AutoConfig
+
+    from dpo.config import load_config
+
+    good = save_reward_model(tmp_path / "good",
+                             _build_tiny_tokenizer(tiny_tokenizer_json, TINY_CHAT_TEMPLATE))
+    assert load_config(["--judge", str(good)]).judge == str(good)
+    config = AutoConfig.from_pretrained(good)
+    config.num_labels = 2
+    config.save_pretrained(good)
+    with pytest.raises(ConfigError, match="a reward model gives one score, this one 2 labels"):
+        load_config(["--judge", str(good)])
+    plain = save_reward_model(tmp_path / "plain", _build_tiny_tokenizer(tiny_tokenizer_json, None))
+    with pytest.raises(ConfigError, match="its tokenizer has no chat template"):
+        load_config(["--judge", str(plain)])
+
+
+@pytest.mark.slow
+def test_train_with_a_bad_judge_fails_before_it_starts(tmp_path, tiny_tokenizer_json):
+    """train.py: one line, and no output directory left behind to block the rerun."""
+    from tests.e2e import demo_env, run_train
+
+    plain = save_reward_model(tmp_path / "plain", _build_tiny_tokenizer(tiny_tokenizer_json, None))
+    result = run_train(demo_env(tmp_path / "cache"), "--model", "builtin:tiny-qwen3",
+                       "--dataset", "builtin:demo-preferences", "--judge", str(plain),
+                       "--output-dir", str(tmp_path / "out"), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: judge {plain}: its "
+                                                             "tokenizer has no chat template")
+    assert not (tmp_path / "out").exists()
