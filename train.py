@@ -23,7 +23,7 @@ from dpo import checkpoint, demo, model_card
 from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.evaluation import Evaluator, generate_answers, sample_prompts
 from dpo.forward import settle_logps_path
-from dpo.loaders import build_dataloaders, build_datasets
+from dpo.loaders import build_dataloaders, build_datasets, make_collator
 from dpo.metrics import MetricsLogger, TrainMetrics, pair_keys, pair_stats
 from dpo.models import (check_reference_layout, load_policy_and_reference, load_tokenizer,
                         prepare_reference)
@@ -50,13 +50,14 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     resume_dir = checkpoint.agree_on_resume(accelerator, cfg)
     if resume_dir is not None:
         changed = checkpoint.check_resume(resume_dir, cfg, accelerator.num_processes)
+        cfg = checkpoint.inherit_start_up_choices(resume_dir, cfg)
         if changed:
             accelerator.print(f"warning: resuming with changed settings: {', '.join(changed)}")
     set_seed(cfg.seed)
     with accelerator.main_process_first():  # builds the offline demo model once
         model_path = demo.resolve_model(cfg.model)
     tokenizer = load_tokenizer(cfg, model_path)
-    train_ds, eval_ds, collate = build_datasets(cfg, accelerator, tokenizer)
+    train_ds, eval_ds = build_datasets(cfg, accelerator, tokenizer)
     policy, reference = load_policy_and_reference(cfg, model_path)
     # Only now, with data and models loaded, does the run touch its output directory: a bad
     # input leaves no half-made run behind (nor a non-empty directory that blocks the rerun).
@@ -72,6 +73,7 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     # After prepare, not before: ZeRO-3 loads the weights already sharded, and only the engine
     # gathers them for a forward.
     cfg = settle_logps_path(accelerator, cfg, policy)
+    collate = make_collator(cfg, tokenizer)  # packing or padding, now settled
     reference = prepare_reference(accelerator, reference)
     # Frozen and greedy, the reference answers the sample prompts alike at every eval: once.
     prompts = sample_prompts(cfg, eval_ds)

@@ -18,7 +18,16 @@ Per variant: median s/step, real tokens/s, padding fraction, peak RSS (after the
 for padding-free the ideal gain 1 / (1 − padded padding fraction) beside the measured tokens/s
 gain; for the checkpointing mixes, speed and peak memory relative to no checkpointing.
 
+On a GPU, also peak allocated GPU memory and MFU: the model FLOPs of the real tokens (padding
+counts for nothing) over the card's datasheet peak (`--peak-tflops`, known for H100/H200). Per
+step: the policy's forward and backward (6·N per token, N the body's non-embedding parameters)
+and the reference's forward (2·N), the LM head on response tokens only (8·H·V per token; the
+chunked head's recomputation is not counted: it is not useful work), and causal attention
+(2·layers·s²·heads·head_dim per sequence of s tokens and forward; ×3 for the policy, ×1 for the
+reference). Mixed precision comes from Accelerate (`ACCELERATE_MIXED_PRECISION=bf16`).
+
     python bench/padding_free.py                       # SmolLM2-135M shape, CPU fp32
+    ACCELERATE_MIXED_PRECISION=bf16 python bench/padding_free.py --shape qwen3-0.6b  # on a GPU
     python bench/padding_free.py --shape tiny --steps 1 --warmup 0 --variants padded,padding-free
 """
 from __future__ import annotations
@@ -47,6 +56,8 @@ TOKENIZER = SHARED / "tokenizers" / "llama3_1"
 VARIANTS = {"padded": (False, None), "padding-free": (True, None),
             "ckpt-full": (False, "full"), "ckpt-mlp": (False, "mlp"),
             "ckpt-alternate": (False, "alternate")}
+# Dense bf16 datasheet peaks (TFLOP/s) of the cards a name identifies (SXM parts).
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 # The issue's bars: a padding-free default needs >= 1.05x, a checkpointing mix >= 85% of the
 # speed without checkpointing at <= 60% of its peak memory.
 DEFAULT_GAIN, MIX_SPEED, MIX_MEMORY = 1.05, 0.85, 0.60
@@ -68,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=512, help="tokens per sequence")
     parser.add_argument("--attn-implementation", default="sdpa")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the accelerator's peak (default: by name, for MFU on a GPU)")
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",")]
     if unknown := set(args.variants) - {*VARIANTS, "interleaved"}:
@@ -92,6 +105,23 @@ def load_pairs(args, num_pairs: int, vocab_size: int):
     for name, column in fold.items():
         pairs = pairs.remove_columns(name).add_column(name, column)
     return pairs, tokenizer.pad_token_id % vocab_size
+
+
+def model_flops(config, batch) -> float:
+    """Useful FLOPs of one micro-batch's DPO step (policy forward + backward, reference forward):
+    real tokens only, see the module docstring."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    attention = config.num_attention_heads * head_dim
+    kv = config.num_key_value_heads * head_dim
+    mlp = 3 * hidden * config.intermediate_size
+    body = layers * (2 * hidden * attention + 2 * hidden * kv + mlp)  # projections and MLP
+    packed = batch.get("packed_sequences")
+    lengths = (packed[:, 2] if packed is not None else batch["attention_mask"].sum(-1)).double()
+    tokens = float(lengths.sum())
+    responses = float((batch["labels"] != -100).sum())
+    attention_flops = 2 * layers * attention * float(lengths.square().sum())
+    return 8 * body * tokens + 8 * hidden * config.vocab_size * responses + 4 * attention_flops
 
 
 def enable_checkpointing(model, mode: str) -> None:
@@ -120,7 +150,7 @@ def run(args, variant: str) -> dict:
     process: the ratio of the two times is immune to the machine's load changing between the
     variants' processes (its peak memory is not either variant's)."""
     import torch
-    from accelerate.utils import set_seed
+    from accelerate.utils import extract_model_from_parallel, set_seed
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM
 
@@ -160,8 +190,8 @@ def run(args, variant: str) -> dict:
         for mode in modes}
     policy.train()
 
-    def optimizer_step(batches) -> tuple[int, int, float]:
-        tokens = positions = 0
+    def optimizer_step(batches) -> tuple[int, int, float, float]:
+        tokens = positions = flops = 0
         for _ in range(args.grad_accum):
             batch = next(batches)
             with accelerator.accumulate(policy):
@@ -173,7 +203,8 @@ def run(args, variant: str) -> dict:
                 optimizer.zero_grad()
             tokens += int(batch["attention_mask"].sum())
             positions += batch["attention_mask"].numel()
-        return tokens, positions, loss.item()
+            flops += model_flops(config, batch)
+        return tokens, positions, loss.item(), flops
 
     for _ in range(args.warmup):
         for mode in modes:
@@ -182,24 +213,38 @@ def run(args, variant: str) -> dict:
     times = {mode: [] for mode in modes}
     tokens = {mode: 0 for mode in modes}
     positions = {mode: 0 for mode in modes}
+    flops = {mode: 0.0 for mode in modes}
     losses = []
     for _ in range(args.steps):
         for mode in modes:
             start = time.perf_counter()
-            step_tokens, step_positions, loss = optimizer_step(loaders[mode])
-            times[mode].append(time.perf_counter() - start)
+            step_tokens, step_positions, loss, step_flops = optimizer_step(loaders[mode])
+            times[mode].append(time.perf_counter() - start)  # loss.item() synchronised
+            flops[mode] += step_flops
             tokens[mode] += step_tokens
             positions[mode] += step_positions
             losses.append(loss)
-    peak_rss, _ = peak_memory(accelerator.device)
+    peak_rss, peak_gpu = peak_memory(accelerator.device)
+    peak_tflops = args.peak_tflops
+    if peak_tflops is None and accelerator.device.type == "cuda":
+        name = torch.cuda.get_device_name(accelerator.device)
+        peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     out = {"variant": variant, "shape": args.shape, "threads": torch.get_num_threads(),
+           "device": (torch.cuda.get_device_name(accelerator.device)
+                      if accelerator.device.type == "cuda" else "cpu"),
+           "mixed_precision": str(accelerator.mixed_precision),
+           "attention": extract_model_from_parallel(policy).config._attn_implementation,
+           "peak_gpu_mib": None if peak_gpu is None else round(peak_gpu, 1),
            "pairs_per_step": global_batch, "steps": args.steps, "max_length": args.max_length,
            "peak_rss_mib": round(peak_rss, 1), "losses": [round(x, 6) for x in losses]}
     for mode in modes:
         suffix = "_padding_free" if interleaved and mode else "_padded" if interleaved else ""
         out.update({f"s_per_step{suffix}": round(statistics.median(times[mode]), 3),
                     f"tokens_per_s{suffix}": round(tokens[mode] / sum(times[mode]), 1),
-                    f"padding_fraction{suffix}": round(1 - tokens[mode] / positions[mode], 4)})
+                    f"padding_fraction{suffix}": round(1 - tokens[mode] / positions[mode], 4),
+                    f"model_tflops_per_s{suffix}": round(flops[mode] / sum(times[mode]) / 1e12, 2)})
+        if peak_tflops:
+            out[f"mfu{suffix}"] = round(flops[mode] / sum(times[mode]) / 1e12 / peak_tflops, 4)
     if interleaved:  # per step, packed over padded tokens/s (the same tokens): time ratios
         out["step_gains"] = [round(a / b, 3) for a, b in zip(times[False], times[True])]
     return out
@@ -245,16 +290,19 @@ def main(argv=None) -> None:
         results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
         print(json.dumps(results[variant]), flush=True)
     first = next(iter(results.values()))
-    print(f"\nshape {first['shape']}, {first['threads']} threads, fp32, max length "
+    print(f"\nshape {first['shape']}, {first['device']}, {first['threads']} threads, "
+          f"mixed precision {first['mixed_precision']}, max length "
           f"{first['max_length']}, {first['pairs_per_step']} pairs/step, {first['steps']} timed "
           "steps, HH-RLHF helpful-base test pairs")
-    print(f"{'variant':>15} {'s/step':>8} {'tokens/s':>9} {'padding':>8} {'peak RSS MiB':>13}")
+    print(f"{'variant':>15} {'s/step':>8} {'tokens/s':>9} {'padding':>8} {'peak RSS MiB':>13} "
+          f"{'peak GPU MiB':>13} {'MFU':>6}")
     for r in results.values():
         if r["variant"] == "interleaved":
             print(f"interleaved, packed over padded tokens/s per step: {r['step_gains']}")
             continue
         print(f"{r['variant']:>15} {r['s_per_step']:8.2f} {r['tokens_per_s']:9.1f} "
-              f"{r['padding_fraction']:8.1%} {r['peak_rss_mib']:13.0f}")
+              f"{r['padding_fraction']:8.1%} {r['peak_rss_mib']:13.0f} "
+              f"{r['peak_gpu_mib'] or 0:13.0f} {r.get('mfu') or 0:6.1%}")
     summary = summarise(results)
     print(json.dumps({"runs": list(results.values()), **summary}))
 

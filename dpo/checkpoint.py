@@ -82,6 +82,10 @@ def agree_on_resume(accelerator: Accelerator, cfg: TrainConfig) -> Path | None:
                       "node must hold it")
 
 
+# Settings whose unset value (None) start-up turns into a decision for the model at hand (see
+# dpo.forward.settle_logps_path): the settled value is what checkpoints hold, and what a resume
+# that leaves them unset inherits.
+SETTLED_AT_START = ("padding_free",)
 # Settings that decide which pairs each optimizer step sees and how they are tokenized: a resume
 # that changed any of them would not continue the same run.
 RUN_IDENTITY = ("model", "dataset", "data_format", "num_samples", "eval_samples", "max_length",
@@ -119,12 +123,21 @@ def check_resume(path: Path, cfg: TrainConfig, num_processes: int) -> list[str]:
         raise ConfigError(f"resume_from_checkpoint: {path / STATE_FILE} is unreadable ({e})")
     saved = _with_later_fields(saved)
     now = {**dataclasses.asdict(cfg), "num_processes": num_processes}
-    changed = [k for k in now if k not in RESUME_ONLY and saved.get(k) != now[k]]
+    changed = [k for k in now if k not in RESUME_ONLY and saved.get(k) != now[k]
+               and not (k in SETTLED_AT_START and now[k] is None)]
     fatal = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed if k in RUN_IDENTITY]
     if fatal:
         raise ConfigError(f"cannot resume from {path}: {'; '.join(fatal)} changed since it was "
                           "saved; restore them, or start a new run in another --output-dir")
     return changed
+
+
+def inherit_start_up_choices(path: Path, cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with each setting that start-up decides when left unset (`SETTLED_AT_START`) taken
+    from the checkpoint's run, so that the resumed run computes as that run did."""
+    saved = _with_later_fields(json.loads((path / STATE_FILE).read_text())["config"])
+    return dataclasses.replace(cfg, **{k: saved[k] for k in SETTLED_AT_START
+                                       if getattr(cfg, k) is None})
 
 
 def _with_later_fields(saved: dict) -> dict:

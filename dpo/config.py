@@ -115,9 +115,11 @@ class TrainConfig:
                                        "characters, as a shell passes it, means newline or tab)")
     strict_data: bool = _opt(False, "fail on the first invalid row instead of skipping it")
     group_by_length: bool = _opt(True, "batch pairs of similar length to cut padding")
-    padding_free: bool = _opt(False, "pack each micro-batch's sequences end to end in one row "
-                              "(position ids restarting at each), no padding; checked against "
-                              "separate sequences at start-up (sdpa, eager, flex_attention)")
+    padding_free: bool | None = _opt(None, "pack each micro-batch's sequences end to end in "
+                                     "rows (position ids restarting at each), no padding; "
+                                     "checked against separate sequences at start-up. Default: "
+                                     "on for sdpa models that pass the check, else off (said "
+                                     "in one line)")
     padding_free_max_tokens: int = _opt(4096, "longest packed row; sequences beyond it go to "
                                         "more rows (attention builds an L x L mask per row)")
     num_proc: int | None = _opt(None, "processes for tokenisation (datasets.map)")
@@ -142,6 +144,11 @@ class TrainConfig:
     f_alpha_divergence_coef: float = _opt(0.5, "α of alpha_divergence")
     bco_baseline: str = _opt("running_mean", "δ of bco_pair: the running mean of the rewards, or "
                              "none (δ = 0)", choices=("running_mean", "none"))
+    use_weighting: bool = _opt(False, "WPO: weight each pair's loss by how likely the policy "
+                               "finds its two responses (detached, at most 1)")
+    ld_alpha: float | None = _opt(None, "LD-DPO's α in [0, 1]: the longer response's tokens past "
+                                  "the shorter one's length count α times in its log-prob, "
+                                  "for policy and reference (1 = DPO); none = off")
     rpo_alpha: float = _opt(0.0, "RPO: adds sft to loss_type with this weight (an alias of "
                             "--loss-type ... sft --loss-weights ... α); 0 = off")
     sync_ref_model: bool = _opt(False, "TR-DPO: move the reference towards the policy every "
@@ -248,7 +255,7 @@ class TrainConfig:
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be below "
                               f"max_length ({self.max_length}) to leave room for the response")
-        if self.padding_free and self.padding_free_max_tokens < self.max_length:
+        if self.padding_free is True and self.padding_free_max_tokens < self.max_length:
             raise ConfigError(f"padding_free_max_tokens ({self.padding_free_max_tokens}) must be "
                               f">= max_length ({self.max_length}): every sequence must fit a row")
         types = ", ".join(self.loss_type)
@@ -264,7 +271,8 @@ class TrainConfig:
                                label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma,
                                discopop_tau=self.discopop_tau,
                                f_divergence_type=self.f_divergence_type,
-                               f_alpha_divergence_coef=self.f_alpha_divergence_coef)
+                               f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+                               use_weighting=self.use_weighting, ld_alpha=self.ld_alpha)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.discopop_tau != default_of("discopop_tau") and "discopop" not in self.loss_type:

@@ -28,7 +28,7 @@ from dpo import checkpoint, demo, lora
 from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.evaluation import Evaluator, generate_answers, sample_prompts
 from dpo.forward import settle_logps_path
-from dpo.loaders import build_datasets, eval_loader_of
+from dpo.loaders import build_datasets, eval_loader_of, make_collator
 from dpo.loss import needs_reference
 from dpo.metrics import MetricsLogger
 from dpo.models import (load_causal_lm, load_reference_model, load_tokenizer,
@@ -132,7 +132,7 @@ def run(cfg: TrainConfig, source: Source) -> dict:
     with accelerator.main_process_first():  # builds the offline demo model once
         base = demo.resolve_model(source.trained.model if source.checkpoint else cfg.model)
     tokenizer = load_tokenizer(cfg, base)
-    _, eval_ds, collate = build_datasets(cfg, accelerator, tokenizer)
+    _, eval_ds = build_datasets(cfg, accelerator, tokenizer)
     if eval_ds is None or len(eval_ds) == 0:
         raise ConfigError(f"dataset {', '.join(cfg.dataset)}: no eval pairs to evaluate on (set "
                           "--eval-split, or --eval-samples above 0, or check the filter report "
@@ -140,6 +140,7 @@ def run(cfg: TrainConfig, source: Source) -> dict:
     policy, reference = load_models(cfg, source, base)
     policy = policy.to(accelerator.device)
     cfg = settle_logps_path(accelerator, cfg, policy)
+    collate = make_collator(cfg, tokenizer)  # packing or padding, as training settled it
     reference = prepare_reference(accelerator, reference)
     eval_loader = accelerator.prepare(eval_loader_of(cfg, eval_ds, collate))
     out = Path(cfg.output_dir)

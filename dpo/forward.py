@@ -19,8 +19,10 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from dpo.config import ConfigError, TrainConfig
-from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_sequence_logps, sequence_logps
-from dpo.packed_attention import PACKED_SDPA, use_dense_mask, use_packed_sdpa
+from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_response_sums, response_sums
+from dpo.loss.variants import length_desensitised
+from dpo.packed_attention import (DENSE_MASK_ONLY, PACKED_SDPA, use_dense_mask,
+                                  use_packed_sdpa)
 
 
 @dataclass
@@ -34,6 +36,12 @@ class PairLogps:
     chosen_logits_mean: torch.Tensor  # mean logit over response tokens and vocab (detached)
     rejected_logits_mean: torch.Tensor
     aux_loss: torch.Tensor | None = None  # a mixture of experts' router balancing loss, ()
+    # LD-DPO (`ld_alpha`): Σ_{t ≤ ℓ_p} log π(y_t) + α·Σ_{t > ℓ_p} log π(y_t), with gradient
+    chosen_ld_logps: torch.Tensor | None = None
+    rejected_ld_logps: torch.Tensor | None = None
+    # WPO (`weighting`): log w = mean_t (log π(y_t) − log Σ_v π(v)²), detached
+    chosen_log_weights: torch.Tensor | None = None
+    rejected_log_weights: torch.Tensor | None = None
 
 
 def concatenated_forward(
@@ -44,6 +52,8 @@ def concatenated_forward(
     chunk_size: int = 256,
     router_aux: bool = False,
     full_mask: bool = False,
+    ld_alpha: float | None = None,
+    weighting: bool = False,
 ) -> PairLogps:
     """Summed response log-probs of the chosen and rejected halves of `batch`, in one model call.
 
@@ -65,6 +75,10 @@ def concatenated_forward(
             which would let padding into the balance.
         full_mask: pass the real attention mask even without `router_aux` (for a reference that
             must compute exactly what such a policy computes).
+        ld_alpha: also return LD-DPO's log-probs (`chosen_ld_logps`, ...): the tokens of the
+            longer response past the shorter one's length count α times (`excess_tokens`).
+        weighting: also return WPO's per-sequence log-weights (`chosen_log_weights`, ...).
+        Both come from the same pass over the logits (or chunks) as the log-probs.
     """
     labels = batch["labels"]
     packed = batch.get("packed_sequences")  # (2B, 3): a padding-free batch (PreferenceCollator)
@@ -83,6 +97,7 @@ def concatenated_forward(
         raise ValueError(f"a [chosen; rejected] batch has an even number of rows, got "
                          f"{labels.shape[0]}")
     extra = {"output_router_logits": True} if router_aux else {}
+    options = dict(excess=None if ld_alpha is None else excess_tokens(labels), weighting=weighting)
     if chunked:
         # logits_to_keep=1 makes the model's own LM head cost one position; the last hidden state
         # (after the final norm) goes to our chunked head instead. It is taken from the model's
@@ -96,29 +111,51 @@ def concatenated_forward(
             raise ChunkedHeadUnsupported(f"its LM head is a {type(lm_head).__name__}, not an "
                                          "nn.Linear")
         hidden = captured.hidden if packed is None else captured.hidden.flatten(0, 1)[index]
-        logps, lengths, logits_sums = chunked_sequence_logps(
-            hidden, lm_head, labels, IGNORE_INDEX, chunk_size,
-            LogitsTransform.from_config(unwrapped.config))
+        sums = chunked_response_sums(hidden, lm_head, labels, IGNORE_INDEX, chunk_size,
+                                     LogitsTransform.from_config(unwrapped.config), **options)
         vocab_size = lm_head.out_features
     else:
         out = model(**inputs, use_cache=False, **extra)
         logits = out.logits  # [2B, T, V], packed [R, L, V]
         if packed is not None:
             logits = logits.flatten(0, 1)[index]
-        logps, lengths = sequence_logps(logits, labels, IGNORE_INDEX)
-        mask = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)  # [2B, T-1, 1]
-        logits_sums = (logits[:, :-1].detach().float() * mask).sum((1, 2))  # (2B,)
+        sums = response_sums(logits, labels, IGNORE_INDEX, **options)
         vocab_size = logits.shape[-1]
 
-    # Mean logit per sequence; clamp only guards the 0/0 of a response-free row.
-    logits_mean = logits_sums / (lengths.clamp(min=1) * vocab_size)  # (2B,)
+    logps, lengths = sums.logps, sums.counts  # (2B,) each
+    # Per-token means; clamp only guards the 0/0 of a response-free row.
+    logits_mean = sums.logits_sums / (lengths.clamp(min=1) * vocab_size)  # (2B,)
     half = labels.shape[0] // 2
-    return PairLogps(
+    pair = PairLogps(
         chosen_logps=logps[:half], rejected_logps=logps[half:],
         chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
         chosen_logits_mean=logits_mean[:half], rejected_logits_mean=logits_mean[half:],
         aux_loss=out.aux_loss if router_aux else None,
     )
+    if ld_alpha is not None:
+        ld = length_desensitised(logps, sums.excess_logps, ld_alpha)
+        pair.chosen_ld_logps, pair.rejected_ld_logps = ld[:half], ld[half:]
+    if weighting:
+        log_weights = sums.wpo_sums / lengths.clamp(min=1)
+        pair.chosen_log_weights, pair.rejected_log_weights = log_weights[:half], log_weights[half:]
+    return pair
+
+
+def excess_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """`[2B, T]` bool, aligned with `labels` of a `[chosen; rejected]` batch: the response tokens
+    past ℓ_p = min(|y⁺|, |y⁻|) of their pair, counting from each response's first token (the
+    "excess" part of the longer response, LD-DPO). Empty for the shorter response of a pair.
+
+    E.g. response labels at positions 2..6 in row i (|y⁺| = 5) and 3..5 in row B+i (|y⁻| = 3):
+    ℓ_p = 3, and only positions 5 and 6 of row i are excess.
+    """
+    mask = labels[:, 1:] != IGNORE_INDEX  # the positions the sums count (after the shift)
+    rank = mask.cumsum(-1)  # 1 at a response's first token
+    lengths = mask.sum(-1)
+    half = labels.shape[0] // 2
+    shorter = torch.minimum(lengths[:half], lengths[half:]).repeat(2)  # (2B,) ℓ_p of each pair
+    excess = mask & (rank > shorter.unsqueeze(-1))
+    return torch.nn.functional.pad(excess, (1, 0))
 
 
 def _unpack(packed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +278,7 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _without_autocast(unwrapped):
             want, got = (_summed_logps(model, batch, chunked) for batch in batches)
             diff = _max_relative_difference(got, want)
             if diff > rtol and unwrapped.config._attn_implementation == PACKED_SDPA:
@@ -256,6 +293,23 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
         return None
     return (f"packed sequences' summed log-probs differ from separate ones' by {diff:.1e} "
             f"relative (tolerance {rtol:.0e})")
+
+
+@contextmanager
+def _without_autocast(model: nn.Module) -> Iterator[None]:
+    """`model` (unwrapped) computing in its weights' dtype: Accelerate's mixed precision wraps its
+    forward in autocast, under which padded and packed rows would take different half-precision
+    kernels and differ by their rounding, far more than a tolerance that catches a leak between
+    sequences allows."""
+    autocast = model.__dict__.get("_original_forward")
+    if autocast is None:
+        yield
+        return
+    wrapped, model.forward = model.forward, autocast
+    try:
+        yield
+    finally:
+        model.forward = wrapped
 
 
 def _to(batch: dict, device) -> dict:
@@ -274,28 +328,57 @@ def _max_relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
 def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module
                       ) -> TrainConfig:
     """`cfg` settled for the policy at hand: `router_aux_loss_coef` resolved (`settle_router_aux`),
-    and `chunked_logps` off if `check_chunked_head` rejects the policy's head (the warning
-    printed once). Every process takes the same path: under ZeRO-3 a process on the chunked
-    path and one on the full path would call the sharded LM head unequally often.
-
-    With `padding_free`, then `check_padding_free` on the settled path: a ConfigError (on every
-    process) if packing would change the policy's log-probs. The reference is a copy of the
-    policy, so its check stands for both.
+    `chunked_logps` off if `check_chunked_head` rejects the policy's head (the warning printed
+    once), and `padding_free` True or False (`_settle_padding_free`). Every process takes the
+    same path: under ZeRO-3 a process on the chunked path and one on the full path would call
+    the sharded LM head unequally often.
     """
     cfg = settle_router_aux(cfg, extract_model_from_parallel(policy))
     cfg = _settle_chunked_head(accelerator, cfg, policy)
-    if cfg.padding_free:
-        # Outside autocast: both layouts in the weights' dtype, the tightest comparison.
-        reason = check_padding_free(policy, chunked=cfg.chunked_logps, device=accelerator.device)
-        flags = accelerator.gather(torch.tensor([reason is not None], device=accelerator.device))
-        if flags.any():
-            unwrapped = extract_model_from_parallel(policy)
-            raise ConfigError(
-                f"padding_free: {type(unwrapped).__name__} with attn_implementation "
-                f"{unwrapped.config._attn_implementation} does not keep packed sequences apart: "
-                f"{reason or 'so says another process'}; use sdpa, eager or flex_attention, or "
-                "drop --padding-free")
-    return cfg
+    return _settle_padding_free(accelerator, cfg, policy)
+
+
+def _settle_padding_free(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module
+                         ) -> TrainConfig:
+    """`padding_free` decided. Asked for (True): `check_padding_free` on the settled path, and a
+    ConfigError (on every process) if packing would change the policy's log-probs. Left to us
+    (None): on where it was measured to win (sdpa: packed rows run `packed_sdpa`, 1.4× the
+    tokens/s of padded batches on CPU, 1.5× on an H100) and the check passes; else off, in one
+    line saying why. The reference is a copy of the policy, so the check stands for both.
+    """
+    if cfg.padding_free is False:
+        return cfg
+    unwrapped = extract_model_from_parallel(policy)
+    implementation = unwrapped.config._attn_implementation
+    if cfg.padding_free is None:
+        why_not = (f"attn_implementation {implementation}, measured only with sdpa"
+                   if implementation not in ("sdpa", PACKED_SDPA) or type(unwrapped) in
+                   DENSE_MASK_ONLY
+                   else "a mixture of experts' router loss needs the attention mask"
+                   if cfg.router_aux_loss_coef
+                   else f"max_length {cfg.max_length} exceeds padding_free_max_tokens "
+                   f"{cfg.padding_free_max_tokens}"
+                   if cfg.max_length > cfg.padding_free_max_tokens else None)
+        if why_not is not None:
+            accelerator.print(f"padding-free batches: off ({why_not})")
+            return dataclasses.replace(cfg, padding_free=False)
+    # Outside autocast (see _without_autocast): the tightest comparison.
+    reason = check_padding_free(policy, chunked=cfg.chunked_logps, device=accelerator.device)
+    flags = accelerator.gather(torch.tensor([reason is not None], device=accelerator.device))
+    if not flags.any():
+        if cfg.padding_free is None:
+            accelerator.print(f"padding-free batches: on (rows of up to "
+                              f"{cfg.padding_free_max_tokens} tokens; --no-padding-free pads)")
+        return dataclasses.replace(cfg, padding_free=True)
+    reason = reason or "so says another process"
+    if cfg.padding_free is None:
+        accelerator.print(f"padding-free batches: off ({type(unwrapped).__name__} does not keep "
+                          f"packed sequences apart: {reason})")
+        return dataclasses.replace(cfg, padding_free=False)
+    raise ConfigError(
+        f"padding_free: {type(unwrapped).__name__} with attn_implementation {implementation} "
+        f"does not keep packed sequences apart: {reason}; use sdpa, eager or flex_attention, "
+        "or drop --padding-free")
 
 
 def _settle_chunked_head(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module

@@ -29,7 +29,7 @@ TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".gz")
 
 
 def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
-    """`(train pairs, eval pairs or None, collator)`: loaded, tokenized and validated.
+    """`(train pairs, eval pairs or None)`: loaded, tokenized and validated.
 
     A mixture (several `--dataset`s, see `dpo.data.mixture`) is drawn and tokenized dataset by
     dataset, each with its own filter report, then concatenated; its eval rows carry their
@@ -68,9 +68,16 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
     train_ds = datasets.concatenate_datasets(train_parts) if len(train_parts) > 1 \
         else train_parts[0]
     eval_ds = datasets.concatenate_datasets(eval_parts) if eval_parts else None
-    collate = data.PreferenceCollator(tokenizer.pad_token_id, padding_free=cfg.padding_free,
-                                      max_packed_tokens=cfg.padding_free_max_tokens)
-    return train_ds, eval_ds, collate
+    return train_ds, eval_ds
+
+
+def make_collator(cfg: TrainConfig, tokenizer) -> data.PreferenceCollator:
+    """The run's collator, padding or packing as `cfg.padding_free` settled (a bool by then:
+    `dpo.forward.settle_logps_path` decides the default once the model is loaded)."""
+    if cfg.padding_free is None:
+        raise ValueError("padding_free is not settled yet: call settle_logps_path first")
+    return data.PreferenceCollator(tokenizer.pad_token_id, padding_free=cfg.padding_free,
+                                   max_packed_tokens=cfg.padding_free_max_tokens)
 
 
 def dataset_names(cfg: TrainConfig) -> list[str]:

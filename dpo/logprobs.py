@@ -36,15 +36,60 @@ def sequence_logps(
     Returns:
         `(logps, counts)`: `(B,)` float32 summed log-probs, and `(B,)` number of tokens summed.
     """
+    token_logps, mask = _token_logps(logits, labels, ignore_index)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def _token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, T-1]` log π(label_t) (float32) and the mask of counted positions, after the shift."""
     # Causal shift: the logits at position t predict the token at t+1.
     logits = logits[:, :-1, :]  # [B, T-1, V]
     labels = labels[:, 1:]  # [B, T-1]
-    mask = labels != ignore_index
     # Upcast before the log-softmax: in bf16 the normaliser over 10⁵ logits loses ~3 digits, and
     # summing hundreds of per-token log-probs would add that error up.
     token_logps = torch.log_softmax(logits.float(), dim=-1)
-    token_logps = token_logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    token_logps = token_logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return token_logps, labels != ignore_index
+
+
+@dataclass
+class ResponseSums:
+    """Per-sequence sums over the response tokens, each `(B,)`, from either path."""
+
+    logps: torch.Tensor  # Σ_t log π(y_t), float32, with gradient
+    counts: torch.Tensor  # number of tokens summed
+    logits_sums: torch.Tensor  # Σ_t Σ_v logit_v (detached; the `logits/*` metrics)
+    # Σ over the tokens marked `excess` of log π(y_t), with gradient (LD-DPO); None if not asked
+    excess_logps: torch.Tensor | None = None
+    # Σ_t (log π(y_t) − log Σ_v π(v)²), detached (WPO's weight); None if not asked
+    wpo_sums: torch.Tensor | None = None
+
+
+def response_sums(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                  *, excess: torch.Tensor | None = None, weighting: bool = False
+                  ) -> ResponseSums:
+    """`sequence_logps` and the other sums the losses may read, from the full logits.
+
+    Args:
+        logits, labels: as for `sequence_logps`.
+        excess: `[B, T]` bool aligned with `labels`: the response tokens whose log-probs are
+            also summed apart, into `excess_logps` (LD-DPO's tokens past the shorter response).
+        weighting: also sum log π(y_t) − log Σ_v π(v)² into `wpo_sums` (WPO), with
+            log Σ_v π(v)² = logsumexp(2·z) − 2·logsumexp(z) of the logits z.
+    """
+    token_logps, mask = _token_logps(logits, labels, ignore_index)  # [B, T-1] each
+    with torch.no_grad():
+        z = logits[:, :-1].detach().float()  # [B, T-1, V]
+        logits_sums = (z * mask.unsqueeze(-1)).sum((1, 2))
+        wpo_sums = None
+        if weighting:
+            log_square_sum = torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
+            wpo_sums = ((token_logps.detach() - log_square_sum) * mask).sum(-1)
+    return ResponseSums(
+        (token_logps * mask).sum(-1), mask.sum(-1), logits_sums,
+        excess_logps=None if excess is None else (token_logps * (excess[:, 1:] & mask)).sum(-1),
+        wpo_sums=wpo_sums)
 
 
 def chunked_sequence_logps(
@@ -72,6 +117,25 @@ def chunked_sequence_logps(
         token counts, and the sum over tokens and vocabulary of the logits (detached; for the
         `logits/*` metrics).
     """
+    sums = chunked_response_sums(hidden_states, lm_head, labels, ignore_index, chunk_size,
+                                 logits_transform)
+    return sums.logps, sums.counts, sums.logits_sums
+
+
+def chunked_response_sums(
+    hidden_states: torch.Tensor,
+    lm_head: nn.Module,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 256,
+    logits_transform: LogitsTransform | None = None,
+    *,
+    excess: torch.Tensor | None = None,
+    weighting: bool = False,
+) -> ResponseSums:
+    """`response_sums` on the chunked path (arguments as for `chunked_sequence_logps`), in the
+    same one pass over the chunks: WPO's logsumexp(2·z) is taken beside the normaliser, only
+    when `weighting`; the `excess` tokens are the same per-token log-probs, summed apart."""
     if not isinstance(lm_head, nn.Linear):
         raise TypeError(f"the chunked head needs an nn.Linear LM head, got "
                         f"{type(lm_head).__name__}")
@@ -85,12 +149,16 @@ def chunked_sequence_logps(
     targets = labels[mask]  # [N]
     rows = mask.nonzero()[:, 0]  # [N] which sequence each token belongs to
 
-    token_logps, token_logit_sums = _call_as_forward(
-        lm_head, _chunked_head, hidden, targets, chunk_size, logits_transform)  # (N,), (N,)
+    token_logps, token_logit_sums, log_square_sums = _call_as_forward(
+        lm_head, _chunked_head, hidden, targets, chunk_size, logits_transform, weighting)
     zeros = hidden_states.new_zeros(batch_size, dtype=torch.float32)
-    logps = zeros.index_add(0, rows, token_logps)  # (B,)
-    logits_sums = zeros.index_add(0, rows, token_logit_sums).detach()  # (B,)
-    return logps, mask.sum(-1), logits_sums
+    sums = ResponseSums(zeros.index_add(0, rows, token_logps), mask.sum(-1),
+                        zeros.index_add(0, rows, token_logit_sums).detach())  # (B,) each
+    if excess is not None:
+        sums.excess_logps = zeros.index_add(0, rows, token_logps * excess[:, 1:][mask])
+    if weighting:
+        sums.wpo_sums = zeros.index_add(0, rows, token_logps.detach() - log_square_sums)
+    return sums
 
 
 def _call_as_forward(module: nn.Module, function, *args):
@@ -117,43 +185,53 @@ def _call_as_forward(module: nn.Module, function, *args):
 
 
 def _chunked_head(lm_head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
-                  chunk_size: int, transform: LogitsTransform | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(target) and Σ_v logit_v of every response position, a chunk at a time:
-    `[N, H]` → `(N,), (N,)`."""
-    token_logps, token_logit_sums = [], []
+                  chunk_size: int, transform: LogitsTransform | None, weighting: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """log π(target), Σ_v logit_v and (with `weighting`, else None) log Σ_v π(v)² of every
+    response position, a chunk at a time: `[N, H]` → `(N,), (N,), (N,)`."""
+    token_logps, token_logit_sums, log_square_sums = [], [], []
     # At least one chunk, empty if need be: the output then always depends on the head, so that
     # its backward hooks run on every process (ZeRO-3 gathers there).
     for start in range(0, max(targets.shape[0], 1), chunk_size):
         # Checkpointing drops the [chunk, V] logits after the forward and recomputes them in the
         # backward, so at most one chunk's logits are alive at any time. `stats` carries the
         # forward's normaliser and logit sums ([chunk] floats) over to the recomputation.
+        stats = {}
         logp, logit_sum = checkpoint(_chunk_logps, lm_head.weight, lm_head.bias,
                                      hidden[start:start + chunk_size],
-                                     targets[start:start + chunk_size], {}, transform,
-                                     use_reentrant=False)
+                                     targets[start:start + chunk_size], stats, transform,
+                                     weighting, use_reentrant=False)
         token_logps.append(logp)
         token_logit_sums.append(logit_sum)
-    return torch.cat(token_logps), torch.cat(token_logit_sums).detach()
+        if weighting:
+            log_square_sums.append(stats["log_square_sum"])
+    return (torch.cat(token_logps), torch.cat(token_logit_sums).detach(),
+            torch.cat(log_square_sums) if weighting else None)
 
 
 def _chunk_logps(
     weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor,
     targets: torch.Tensor, stats: dict, transform: LogitsTransform | None,
+    weighting: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(target) and Σ_v logit_v for each of a chunk of positions: `[n, H]` → `(n,), (n,)`.
 
     Called twice per chunk under checkpointing: in the forward, and again in the backward to
     rebuild the logits. The second call needs only the matmul: the logsumexp and the logit sums,
-    each a full pass over `[n, V]`, are taken from `stats`, filled by the first call.
+    each a full pass over `[n, V]`, are taken from `stats`, filled by the first call. With
+    `weighting` the first call also leaves WPO's log Σ_v π(v)² = logsumexp(2·z) − 2·logsumexp(z)
+    there (detached: the weight carries no gradient).
     """
     # fp32 for the normaliser, as in sequence_logps
     logits = torch.nn.functional.linear(hidden, weight, bias).float()  # [n, V]
     if transform is not None:  # autograd carries the gradient back through it to the head
         logits = transform(logits)
     if not stats:
-        stats["lse"] = torch.logsumexp(logits.detach(), dim=-1)  # [n]
-        stats["logit_sums"] = logits.detach().sum(-1)  # [n]
+        z = logits.detach()
+        stats["lse"] = torch.logsumexp(z, dim=-1)  # [n]
+        stats["logit_sums"] = z.sum(-1)  # [n]
+        if weighting:
+            stats["log_square_sum"] = torch.logsumexp(2 * z, dim=-1) - 2 * stats["lse"]
     return _TokenLogps.apply(logits, targets, stats["lse"]), stats["logit_sums"]
 
 

@@ -31,10 +31,12 @@ PAIR_KEYS = (
 
 def pair_keys(cfg) -> tuple[str, ...]:
     """`PAIR_KEYS`; for a mixture of losses each term, unweighted, as `loss/<type>`; for a
-    mixture of experts its router loss, unweighted, as `aux_loss`."""
+    mixture of experts its router loss, unweighted, as `aux_loss`; with WPO the pairs' weights,
+    as `weights/mean`."""
     types = cfg.loss_type
     return (PAIR_KEYS + (tuple(f"loss/{t}" for t in types) if len(types) > 1 else ())
-            + (("aux_loss",) if cfg.router_aux_loss_coef else ()))
+            + (("aux_loss",) if cfg.router_aux_loss_coef else ())
+            + (("weights/mean",) if cfg.use_weighting else ()))
 
 
 def pair_stats(out: StepOutput) -> torch.Tensor:
@@ -47,6 +49,8 @@ def pair_stats(out: StepOutput) -> torch.Tensor:
         columns += list(out.terms.values())
     if out.aux_loss is not None:  # one value per batch, the same for each of its pairs
         columns.append(out.aux_loss.expand_as(out.losses))
+    if out.weights is not None:
+        columns.append(out.weights)
     return torch.stack([c.detach().float() for c in columns], dim=1)  # (B, K)
 
 

@@ -117,7 +117,7 @@ def data_digest(dataset: Dataset) -> str:
 
 
 def cache_key(accelerator: Accelerator, dataset: Dataset, *, chunked: bool, chunk_size: int,
-              batching: tuple, cache_key_parts: dict) -> str:
+              batching: tuple, cache_key_parts: dict, ld_alpha: float | None = None) -> str:
     """The hex key of the values `precompute_reference_logps` would compute for `dataset`."""
     code = "".join(Path(module.__file__).read_text()
                    for module in (forward, logprobs, packed_attention))
@@ -134,6 +134,7 @@ def cache_key(accelerator: Accelerator, dataset: Dataset, *, chunked: bool, chun
         "versions": [torch.__version__, transformers.__version__],
         "code": hashlib.sha256(code.encode()).hexdigest(),
         "reference": cache_key_parts,
+        "ld_alpha": ld_alpha,  # LD-DPO's log-probs are other values
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -150,7 +151,8 @@ def precompute_for_run(accelerator: Accelerator, cfg: TrainConfig, reference, mo
                                 **({"load_in_4bit": True} if cfg.load_in_4bit else {}))
     settings = dict(batch_size=cfg.eval_batch_size or cfg.batch_size, chunked=cfg.chunked_logps,
                     chunk_size=cfg.logps_chunk_size, cache_dir=default_cache_dir(),
-                    cache_key_parts=parts, full_mask=bool(cfg.router_aux_loss_coef))
+                    cache_key_parts=parts, full_mask=bool(cfg.router_aux_loss_coef),
+                    ld_alpha=cfg.ld_alpha)
     train_ds = precompute_reference_logps(accelerator, reference, train_ds, collator, **settings)
     if eval_ds is not None:
         # Batched as the eval loader batches them: the same shapes give bit-identical values, so
@@ -173,6 +175,7 @@ def precompute_reference_logps(
     cache_dir: str | Path | None,
     cache_key_parts: dict | None,
     full_mask: bool = False,
+    ld_alpha: float | None = None,
 ) -> Dataset:
     """`dataset` with the reference's summed log-probs as columns ``ref_chosen_logps`` and
     ``ref_rejected_logps`` (float32, one value per row, the same in every process).
@@ -196,6 +199,8 @@ def precompute_reference_logps(
             the cache, as the values could not be told apart from another model's.
         full_mask: run with the real attention mask, as the policy of a mixture of experts does
             (`concatenated_forward`), so that the values equal its forward's bit for bit.
+        ld_alpha: store LD-DPO's length-desensitised log-probs (`dpo_step` applies it to the
+            reference too); None: the plain sums.
     """
     dataset = dataset.remove_columns([c for c in REF_LOGPS_COLUMNS if c in dataset.column_names])
     if len(dataset) == 0:
@@ -206,7 +211,7 @@ def precompute_reference_logps(
         key = cache_key(accelerator, dataset, chunked=chunked, chunk_size=chunk_size,
                         batching=(batch_size, longest_first, full_mask, collator.padding_free,
                                   collator.max_packed_tokens),
-                        cache_key_parts=cache_key_parts)
+                        cache_key_parts=cache_key_parts, ld_alpha=ld_alpha)
         path = Path(cache_dir) / f"ref-logps-{key[:40]}.safetensors"
         cached = _load(path, key, len(dataset))
         # All processes must take the same branch, or the computing ones would wait forever in
@@ -222,7 +227,7 @@ def precompute_reference_logps(
     start = time.perf_counter()
     chosen, rejected = _compute(accelerator, reference, dataset, collator, batch_size=batch_size,
                                 longest_first=longest_first, chunked=chunked,
-                                chunk_size=chunk_size, full_mask=full_mask)
+                                chunk_size=chunk_size, full_mask=full_mask, ld_alpha=ld_alpha)
     accelerator.print(f"reference log-probs: {len(dataset)} pairs computed in "
                       f"{time.perf_counter() - start:.1f} s")
     if path is not None:
@@ -235,8 +240,8 @@ def precompute_reference_logps(
 
 
 def _compute(accelerator: Accelerator, reference, dataset: Dataset, collator, *, batch_size: int,
-             longest_first: bool, chunked: bool, chunk_size: int, full_mask: bool
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             longest_first: bool, chunked: bool, chunk_size: int, full_mask: bool,
+             ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference forward over all rows, batches dealt round-robin to the processes."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -257,11 +262,13 @@ def _compute(accelerator: Accelerator, reference, dataset: Dataset, collator, *,
             batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
             with accelerator.autocast():  # the same numerics as the reference in dpo_step
                 out = concatenated_forward(reference, batch, chunked=chunked,
-                                           chunk_size=chunk_size, full_mask=full_mask)
+                                           chunk_size=chunk_size, full_mask=full_mask,
+                                           ld_alpha=ld_alpha)
             if k < len(batches):
                 rows = torch.tensor(batches[k], device=accelerator.device)
-                values[0, rows] = out.chosen_logps.float()
-                values[1, rows] = out.rejected_logps.float()
+                ld = ld_alpha is not None
+                values[0, rows] = (out.chosen_ld_logps if ld else out.chosen_logps).float()
+                values[1, rows] = (out.rejected_ld_logps if ld else out.rejected_logps).float()
     reference.train(training)
     # Each row is non-zero in exactly one process: the sum is exact, and the same everywhere.
     values = accelerator.reduce(values, reduction="sum").cpu()

@@ -13,6 +13,7 @@ from dpo.config import TrainConfig
 from dpo.forward import PairLogps, concatenated_forward
 from dpo.logprobs import IGNORE_INDEX
 from dpo.loss import BCOBaseline, dpo_loss
+from dpo.loss.variants import wpo_weights
 from dpo.ref_sync import ReferenceSync
 
 
@@ -24,6 +25,7 @@ class StepOutput:
     rejected_rewards: torch.Tensor
     terms: dict[str, torch.Tensor]  # loss type -> (B,) unweighted per-pair loss
     aux_loss: torch.Tensor | None = None  # a mixture of experts' router loss (unweighted), ()
+    weights: torch.Tensor | None = None  # (B,) WPO's pair weights (`--use-weighting`), detached
 
 
 def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batch, *,
@@ -38,11 +40,18 @@ def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batc
     `bco_delta` and `num_tokens` are the loss state that outlives a batch (`Objective`). With
     `router_aux_loss_coef` > 0 (a mixture of experts) the policy's router load-balancing loss,
     times the coefficient, is added to every pair's loss, so the batch mean carries it once.
+
+    With `ld_alpha` (LD-DPO) the losses read the length-desensitised log-probs of policy and
+    reference (the precomputed ones are stored so), `sft` the plain ones; with `use_weighting`
+    (WPO) each pair's loss is multiplied by its weight, from the policy's forward, before the
+    router loss is added.
     """
     router_aux = bool(cfg.router_aux_loss_coef)
+    ld = cfg.ld_alpha is not None
     with accelerator.autocast():
         policy_out = concatenated_forward(policy, batch, chunked=cfg.chunked_logps,
-                                          chunk_size=cfg.logps_chunk_size, router_aux=router_aux)
+                                          chunk_size=cfg.logps_chunk_size, router_aux=router_aux,
+                                          ld_alpha=cfg.ld_alpha, weighting=cfg.use_weighting)
         ref_chosen = ref_rejected = None
         if "ref_chosen_logps" in batch:  # computed once before training: equal to a forward
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -52,20 +61,26 @@ def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batc
                 # give Δ = 0 exactly at step 0.
                 ref_out = concatenated_forward(reference, batch, chunked=cfg.chunked_logps,
                                                chunk_size=cfg.logps_chunk_size,
-                                               full_mask=router_aux)
-            ref_chosen, ref_rejected = ref_out.chosen_logps, ref_out.rejected_logps
+                                               full_mask=router_aux, ld_alpha=cfg.ld_alpha)
+            ref_chosen, ref_rejected = ((ref_out.chosen_ld_logps, ref_out.rejected_ld_logps) if ld
+                                        else (ref_out.chosen_logps, ref_out.rejected_logps))
+        weights = (wpo_weights(policy_out.chosen_log_weights, policy_out.rejected_log_weights)
+                   if cfg.use_weighting else None)
         losses, chosen_r, rejected_r, terms = dpo_loss(
-            policy_out.chosen_logps, policy_out.rejected_logps, ref_chosen, ref_rejected,
+            *((policy_out.chosen_ld_logps, policy_out.rejected_ld_logps) if ld
+              else (policy_out.chosen_logps, policy_out.rejected_logps)), ref_chosen, ref_rejected,
             beta=cfg.beta, loss_type=cfg.loss_type, loss_weights=cfg.loss_weights,
             label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
             discopop_tau=cfg.discopop_tau, f_divergence_type=cfg.f_divergence_type,
             f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
             bco_delta=bco_delta, num_tokens=num_tokens,
             chosen_lengths=policy_out.chosen_lengths, rejected_lengths=policy_out.rejected_lengths,
+            pair_weights=weights, sft_chosen_logps=policy_out.chosen_logps if ld else None,
             return_terms=True)
     if router_aux:
         losses = losses + cfg.router_aux_loss_coef * policy_out.aux_loss.float()
-    return StepOutput(policy_out, losses, chosen_r, rejected_r, terms, policy_out.aux_loss)
+    return StepOutput(policy_out, losses, chosen_r, rejected_r, terms, policy_out.aux_loss,
+                      weights)
 
 
 class Objective:

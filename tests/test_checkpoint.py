@@ -306,3 +306,22 @@ def test_two_nodes_without_a_shared_filesystem(env, tmp_path):
     for node in nodes:
         assert [p.name for p in checkpoints(node / "out")] == ["checkpoint-1", "checkpoint-2"]
     assert [log["step"] for log in train_logs(nodes[0] / "out")] == [1, 2]
+
+
+def test_a_resume_inherits_what_start_up_decided(tmp_path):
+    """A checkpoint holds the settled padding_free; a resume that leaves it unset takes that
+    choice and reports no change, while one that sets the other value is told it changed."""
+    import dataclasses
+
+    from dpo.checkpoint import STATE_FILE, check_resume, inherit_start_up_choices
+    from dpo.config import TrainConfig
+
+    for settled in (True, False):
+        saved = {**dataclasses.asdict(TrainConfig(padding_free=settled)), "num_processes": 1}
+        (tmp_path / STATE_FILE).write_text(json.dumps({"step": 1, "config": saved}))
+        unset = TrainConfig()
+        assert check_resume(tmp_path, unset, num_processes=1) == []
+        assert inherit_start_up_choices(tmp_path, unset).padding_free is settled
+        other = TrainConfig(padding_free=not settled)
+        assert check_resume(tmp_path, other, num_processes=1) == ["padding_free"]
+        assert inherit_start_up_choices(tmp_path, other).padding_free is not settled

@@ -177,7 +177,7 @@ def test_a_mixture_draws_each_dataset_its_share(three_sources, tiny_tokenizer, s
                       split=["train", "train", "train" if streaming else "train[:15]"],
                       data_format=[None, "stack_exchange", None], streaming=streaming,
                       shuffle_buffer_size=4, tokenize_cache=False)
-    train, evals, _ = build_datasets(cfg, accelerator, prepare_tokenizer(tiny_tokenizer))
+    train, evals = build_datasets(cfg, accelerator, prepare_tokenizer(tiny_tokenizer))
     text = [tiny_tokenizer.decode(ids) for ids in train["chosen_input_ids"]]
     assert [sum(t.count(f"{tag} ") > 0 for t in text) for tag in "ABC"] == [18, 8, 8]
     assert not any("B evaluation" in t for t in text)
@@ -200,12 +200,12 @@ def test_each_dataset_draws_the_same_rows_alone_or_in_a_mixture(three_sources, t
     root = three_sources
     tokenizer = prepare_tokenizer(tiny_tokenizer)
     common = dict(num_samples=10, eval_samples=0, max_length=64, tokenize_cache=False)
-    mixed, _, _ = build_datasets(TrainConfig(dataset=[str(root / "a"), str(root / "c.jsonl")],
+    mixed, _ = build_datasets(TrainConfig(dataset=[str(root / "a"), str(root / "c.jsonl")],
                                              num_samples=20, eval_samples=0, max_length=64,
                                              tokenize_cache=False), _Accelerator(), tokenizer)
-    alone_a, _, _ = build_datasets(TrainConfig(dataset=str(root / "a"), **common),
+    alone_a, _ = build_datasets(TrainConfig(dataset=str(root / "a"), **common),
                                    _Accelerator(), tokenizer)
-    alone_c, _, _ = build_datasets(TrainConfig(dataset=str(root / "c.jsonl"), seed=43, **common),
+    alone_c, _ = build_datasets(TrainConfig(dataset=str(root / "c.jsonl"), seed=43, **common),
                                    _Accelerator(), tokenizer)
     a_rows = len(alone_a)  # the identical pairs it drew are dropped alike
     assert mixed["chosen_input_ids"][:a_rows] == alone_a["chosen_input_ids"]

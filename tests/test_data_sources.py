@@ -260,7 +260,7 @@ def test_build_datasets_warns_on_the_seed_layout_and_reads_data_dir(seed_layout,
     accelerator = _Accelerator()
     cfg = TrainConfig(dataset=str(seed_layout), data_dir="data/rl", eval_data_dir="data/evaluation",
                       eval_split="train", num_samples=10, eval_samples=3, max_length=64)
-    train, eval_, _ = build_datasets(cfg, accelerator, tiny_tokenizer)
+    train, eval_ = build_datasets(cfg, accelerator, tiny_tokenizer)
     assert (len(train), len(eval_)) == (10, 3)
     assert not any("warning" in line for line in accelerator.printed)
 

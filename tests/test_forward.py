@@ -181,14 +181,14 @@ def test_settle_falls_back_to_full_logits_only_on_a_mismatch(capsys):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    cfg = TrainConfig()
+    cfg = TrainConfig(padding_free=False)
     assert cfg.chunked_logps
     settled = settle_logps_path(accelerator, cfg, _unknown_head())
     assert not settled.chunked_logps and cfg.chunked_logps  # a new config, the old one intact
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 1 and "ScaledHeadQwen3 (qwen3)" in printed[0]
     assert settle_logps_path(accelerator, cfg, tiny_qwen3(VOCAB)) is cfg
-    no_chunks = TrainConfig(chunked_logps=False)
+    no_chunks = TrainConfig(chunked_logps=False, padding_free=False)
     assert settle_logps_path(accelerator, no_chunks, _unknown_head()) is no_chunks
     assert capsys.readouterr().out == ""
 
@@ -248,7 +248,7 @@ def test_settle_refuses_padding_free_for_attention_that_mixes_sequences(causal_o
     assert "\n" not in str(error.value)
     assert settle_logps_path(accelerator, TrainConfig(), causal_only_qwen3).chunked_logps
     causal_only_qwen3.config._attn_implementation = "sdpa"
-    assert settle_logps_path(accelerator, cfg, causal_only_qwen3) is cfg
+    assert settle_logps_path(accelerator, cfg, causal_only_qwen3) == cfg
 
 
 def test_packed_batches_under_gradient_checkpointing():
@@ -421,3 +421,161 @@ def test_train_adds_and_logs_the_router_loss_of_a_mixture_of_experts(tmp_path):
     assert first["aux_loss"] > 0
     assert first["loss"] == pytest.approx(math.log(2) + 0.02 * first["aux_loss"], rel=1e-5)
     assert all("eval/aux_loss" in log for log in eval_logs(tmp_path / "out"))
+
+
+def test_settle_padding_free_under_mixed_precision(causal_only_qwen3):
+    """The prepared model's forward runs under bf16 autocast; the probe runs it in fp32, where
+    a leak between packed sequences stands out of the rounding, and leaves autocast on."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests' Accelerator: fp32
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    cfg = TrainConfig(padding_free=True, chunked_logps=False)  # (the head's probe: autocast)
+    model = tiny_qwen3(VOCAB)
+    model.config._attn_implementation = "sdpa"
+    dtypes = []
+    model.model.layers[0].mlp.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    model = accelerator.prepare(model)
+    assert settle_logps_path(accelerator, cfg, model) == cfg
+    assert set(dtypes) == {torch.float32}
+    with pytest.raises(ConfigError, match="does not keep packed sequences apart"):
+        settle_logps_path(accelerator, cfg, accelerator.prepare(causal_only_qwen3))
+    logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert dtypes[-1] == torch.bfloat16 and logits.dtype == torch.float32  # autocast is back
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_padding_free_is_on_by_default_where_sdpa_passes_the_probe(capsys, monkeypatch):
+    """Left unset, padding_free settles to True for an sdpa model that passes the probe, and to
+    False, in one line saying why, for an attention implementation it was not measured with, a
+    router loss, rows shorter than max_length, or a failed probe (which, asked for, is an
+    error). Either way the settled config holds a bool, as the collator needs."""
+    from accelerate import Accelerator
+
+    from dpo import forward
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_qwen3(VOCAB)
+    model.config._attn_implementation = "sdpa"
+    assert TrainConfig().padding_free is None
+    assert settle_logps_path(accelerator, TrainConfig(), model).padding_free is True
+    assert capsys.readouterr().out.splitlines() == [
+        "padding-free batches: on (rows of up to 4096 tokens; --no-padding-free pads)"]
+    assert settle_logps_path(accelerator, TrainConfig(padding_free=False), model).padding_free \
+        is False
+    assert capsys.readouterr().out == ""
+
+    def off(cfg, model):
+        settled = settle_logps_path(accelerator, cfg, model)
+        printed = capsys.readouterr().out.splitlines()
+        assert settled.padding_free is False and len(printed) == 1, printed
+        return printed[0]
+
+    assert off(TrainConfig(max_length=8192), model) == (
+        "padding-free batches: off (max_length 8192 exceeds padding_free_max_tokens 4096)")
+    eager = tiny_qwen3(VOCAB)
+    eager.config._attn_implementation = "eager"
+    assert off(TrainConfig(), eager) == (
+        "padding-free batches: off (attn_implementation eager, measured only with sdpa)")
+    assert "router loss" in off(TrainConfig(), _tiny_moe("qwen3_moe"))
+    monkeypatch.setattr(forward, "check_padding_free", lambda *a, **k: "a made-up mismatch")
+    assert off(TrainConfig(), model) == ("padding-free batches: off (Qwen3ForCausalLM does not "
+                                         "keep packed sequences apart: a made-up mismatch)")
+    with pytest.raises(ConfigError, match="a made-up mismatch; use sdpa"):
+        settle_logps_path(accelerator, TrainConfig(padding_free=True), model)
+
+
+# --- LD-DPO's and WPO's extras of the forward -------------------------------------------------
+
+def _cut_to_the_shorter(batch):
+    """`batch` with each response's labels past its pair's shorter length set to −100."""
+    labels = batch["labels"].clone()
+    counted = labels != IGNORE_INDEX
+    lengths = counted.sum(-1)
+    shorter = torch.minimum(lengths[:2], lengths[2:]).repeat(2)
+    labels[counted & (counted.cumsum(-1) > shorter.unsqueeze(-1))] = IGNORE_INDEX
+    return {**batch, "labels": labels}
+
+
+def test_excess_tokens_by_hand():
+    """`_pair_batch`: pair 0 has |y⁺| = 5 (positions 3–7), |y⁻| = 7 (positions 3–9), so ℓ_p = 5
+    and positions 8, 9 of the rejected row are excess; pair 1 has |y⁺| = 6 (positions 4–9),
+    |y⁻| = 3, so ℓ_p = 3 and positions 7, 8, 9 of its chosen row are."""
+    from dpo.forward import excess_tokens
+
+    excess = excess_tokens(_pair_batch()["labels"])
+    assert [row.nonzero().flatten().tolist() for row in excess] == [[], [7, 8, 9], [8, 9], []]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_ld_log_probs_split_at_the_shorter_response(chunked):
+    """α = 0 gives the log-probs of each pair cut to its shorter response (each row run alone,
+    the excess labels dropped: causal attention makes the first ℓ_p tokens' log-probs the same);
+    α = 0.5 the mean of cut and whole; α = 1 the plain log-probs, to the bit."""
+    model = tiny_qwen3(VOCAB).eval()
+    batch = _pair_batch()
+    whole, cut = logps_row_by_row(model, batch), logps_row_by_row(model, _cut_to_the_shorter(batch))
+    assert (whole != cut).sum() == 2  # one response in each pair is longer
+    with torch.no_grad():
+        for alpha, want in ((0.0, cut), (0.5, (whole + cut) / 2)):
+            out = concatenated_forward(model, batch, chunked=chunked, chunk_size=4, ld_alpha=alpha)
+            got = torch.cat([out.chosen_ld_logps, out.rejected_ld_logps])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        out = concatenated_forward(model, batch, chunked=chunked, chunk_size=4, ld_alpha=1.0)
+    assert torch.equal(out.chosen_ld_logps, out.chosen_logps)
+    assert torch.equal(out.rejected_ld_logps, out.rejected_logps)
+
+
+def _log_weights_row_by_row(model, batch) -> torch.Tensor:
+    """`(2B,)` WPO's log w = mean_t (log π(y_t) − log Σ_v π(v)²) of each row run alone."""
+    out = []
+    with torch.no_grad():
+        for row in range(batch["input_ids"].shape[0]):
+            n = int(batch["attention_mask"][row].sum())
+            logp = torch.log_softmax(model(batch["input_ids"][row:row + 1, :n]).logits[0, :-1], -1)
+            labels = batch["labels"][row, 1:n]
+            counted = labels != IGNORE_INDEX
+            token = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            out.append(((token - torch.logsumexp(2 * logp, -1))[counted]).mean())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_wpo_log_weights_are_the_per_token_means(chunked):
+    model = tiny_qwen3(VOCAB).eval()
+    batch = _pair_batch()
+    with torch.no_grad():
+        out = concatenated_forward(model, batch, chunked=chunked, chunk_size=4, weighting=True)
+    got = torch.cat([out.chosen_log_weights, out.rejected_log_weights])
+    torch.testing.assert_close(got, _log_weights_row_by_row(model, batch), rtol=1e-5, atol=1e-5)
+    assert out.chosen_ld_logps is None  # nothing asked, nothing computed
+    plain = concatenated_forward(model, batch, chunked=chunked, chunk_size=4)
+    assert plain.chosen_log_weights is None
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_packed_batches_give_the_padded_ld_log_probs_and_weights(chunked):
+    """Packed (padding-free) batches are laid out as padded ones before the sums: LD-DPO's
+    split and WPO's weights, values and gradients, are the padded batch's."""
+    from dpo.data.batching import PreferenceCollator
+
+    batch = _pair_batch()
+    rows = [{f"{side}_{name}": batch[key][row, :int(batch["attention_mask"][row].sum())].tolist()
+             for side, row in (("chosen", i), ("rejected", 2 + i))
+             for name, key in (("input_ids", "input_ids"), ("labels", "labels"))}
+            for i in range(2)]
+    results = []
+    for padding_free in (False, True):
+        model = tiny_qwen3(VOCAB)
+        out = concatenated_forward(model, PreferenceCollator(0, padding_free=padding_free)(rows),
+                                   chunked=chunked, chunk_size=4, ld_alpha=0.3, weighting=True)
+        (out.chosen_ld_logps.sum() - 2 * out.rejected_ld_logps.sum()).backward()
+        results.append((torch.cat([out.chosen_ld_logps, out.rejected_ld_logps]).detach(),
+                        torch.cat([out.chosen_log_weights, out.rejected_log_weights]),
+                        torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (ld, weights, grads), (ld_packed, weights_packed, grads_packed) = results
+    torch.testing.assert_close(ld_packed, ld, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights_packed, weights, rtol=1e-5, atol=1e-5)
+    scale = grads.abs().max()
+    torch.testing.assert_close(grads_packed / scale, grads / scale, rtol=1e-5, atol=1e-5)

@@ -126,7 +126,7 @@ def test_template_that_refuses_a_row_is_reported_or_one_strict_line(tmp_path, ca
     path.write_text(jsonl(rows))
     settings = dict(dataset=str(path), num_samples=None, eval_samples=0, max_length=64)
     message = "Conversation roles must alternate user/assistant/user/assistant/..."
-    train_ds, _, _ = build_datasets(TrainConfig(**settings), Accelerator(cpu=True), tokenizer)
+    train_ds, _ = build_datasets(TrainConfig(**settings), Accelerator(cpu=True), tokenizer)
     assert sorted(train_ds["row_index"]) == [0, 1, 2]
     assert f'template_error 1 (rows 3; "{message}")' in capsys.readouterr().out
     with pytest.raises(ConfigError) as raised:

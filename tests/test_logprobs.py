@@ -173,3 +173,86 @@ def test_chunked_applies_the_logits_transform(transform):
         scale = g.abs().max().clamp(min=1e-12)
         torch.testing.assert_close(g_chunked[name] / scale, g / scale, rtol=1e-5, atol=1e-5,
                                    msg=f"gradient of {name}")
+
+
+# --- WPO's and LD-DPO's sums, in the same pass -----------------------------------------------
+
+def test_wpo_sums_by_hand():
+    """V = 2, logits (0, ln 3) at position 0: π = (1/4, 3/4), Σ_v π(v)² = 1/16 + 9/16 = 5/8,
+    so a label 1 scores log(3/4) − log(5/8) = log 1.2 = 0.18232156 and a label 0
+    log(1/4) − log(5/8) = log 0.4 = −0.91629073. Same on both paths."""
+    from dpo.logprobs import chunked_response_sums, response_sums
+
+    logits = torch.tensor([[[0.0, math.log(3)], [100.0, -100.0]]]).repeat(2, 1, 1)
+    labels = torch.tensor([[-100, 1], [-100, 0]])
+    want = torch.tensor([math.log(1.2), math.log(0.4)])
+    torch.testing.assert_close(response_sums(logits, labels, weighting=True).wpo_sums, want)
+    head = torch.nn.Linear(2, 2, bias=True)  # hidden (1, 0) ↦ logits = the bias
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, math.log(3)]))
+    hidden = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).expand(2, 2, 2)
+    torch.testing.assert_close(
+        chunked_response_sums(hidden, head, labels, weighting=True).wpo_sums, want)
+
+
+def _extras(model, input_ids, labels, excess, chunked, chunk_size=5):
+    """(logps, excess_logps, wpo_sums, grads of Σ excess_logps·w) of one path."""
+    from dpo.logprobs import chunked_response_sums, response_sums
+
+    model.zero_grad()
+    out = model(input_ids, output_hidden_states=True)
+    if chunked:
+        sums = chunked_response_sums(out.hidden_states[-1], model.lm_head, labels,
+                                     chunk_size=chunk_size, excess=excess, weighting=True)
+    else:
+        sums = response_sums(out.logits, labels, excess=excess, weighting=True)
+    (sums.excess_logps * torch.arange(1.0, labels.shape[0] + 1)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return sums.logps.detach(), sums.excess_logps.detach(), sums.wpo_sums, grads
+
+
+def test_chunked_excess_and_wpo_sums_match_the_full_logits():
+    """LD-DPO's excess sums (values and gradients) and WPO's sums agree on both paths, and
+    equal what the per-token log-probs of the full logits give by a direct sum."""
+    model = tiny_qwen3(97, hidden_size=32)
+    input_ids, labels = _batch(97)
+    excess = torch.zeros_like(labels, dtype=torch.bool)
+    excess[:, 30:] = True  # includes prompt-free padding of row 1: masked out by the labels
+    full = _extras(model, input_ids, labels, excess, chunked=False)
+    chunked = _extras(model, input_ids, labels, excess, chunked=True)
+    for got, want in zip(chunked[:3], full[:3]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, g in full[3].items():
+        scale = g.abs().max().clamp(min=1e-12)
+        torch.testing.assert_close(chunked[3][name] / scale, g / scale, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids).logits[:, :-1].float(), -1)
+        token = logp.gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        square = torch.logsumexp(2 * logp, -1)  # log Σ_v π(v)², from the probabilities
+        counted = labels[:, 1:] != IGNORE_INDEX
+    torch.testing.assert_close(full[1], (token * (counted & excess[:, 1:])).sum(-1))
+    torch.testing.assert_close(full[2], ((token - square) * counted).sum(-1), rtol=1e-5, atol=1e-5)
+    assert (full[1] != 0).all() and (full[1] != full[0]).all()
+
+
+@pytest.mark.parametrize("weighting", [False, True])
+def test_wpo_logsumexp_runs_in_the_same_pass_and_only_when_asked(monkeypatch, weighting):
+    """Per chunk the forward takes logsumexp(z) once, and logsumexp(2·z) once more only with
+    weighting; the backward's recomputation of each chunk takes neither."""
+    from dpo import logprobs
+    from dpo.logprobs import chunked_response_sums
+
+    model = tiny_qwen3(31)
+    input_ids, labels = _batch(31)
+    hidden = model(input_ids, output_hidden_states=True).hidden_states[-1]
+    calls = []
+    real = torch.logsumexp
+    monkeypatch.setattr(logprobs.torch, "logsumexp",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    sums = chunked_response_sums(hidden, model.lm_head, labels, chunk_size=9, weighting=weighting)
+    chunks = math.ceil(int((labels[:, 1:] != IGNORE_INDEX).sum()) / 9)
+    assert len(calls) == chunks * (2 if weighting else 1)
+    sums.logps.sum().backward()
+    assert len(calls) == chunks * (2 if weighting else 1)
+    assert (sums.wpo_sums is not None) == weighting

@@ -42,12 +42,14 @@ PORT_FLAG = {"torchrun": "--master_port"}
 # Run variants: "<layout>+<extra>".
 HH_HARMLESS = SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl.gz"
 MPO = ["--loss-type", "sigmoid", "bco_pair", "sft", "--loss-weights", "0.8", "0.2", "1"]
+WPO_LD = ["--use-weighting", "--ld-alpha", "0.5"]
 EXTRA_FLAGS = {"": [], "precompute": ["--precompute-ref-logps"], "rpo": ["--rpo-alpha", "0.5"],
                "packed": ["--padding-free"],
                "packed_precompute": ["--padding-free", "--precompute-ref-logps"],
                "trdpo": ["--sync-ref-model", "--ref-model-sync-steps", "2",
                          "--ref-model-mixup-alpha", "0.5"],
                "mpo": MPO, "mpo_packed": [*MPO, "--padding-free"],
+               "wpo_ld": WPO_LD, "wpo_ld_packed": [*WPO_LD, "--padding-free"],
                # 36 + 12 rows drawn; 11 eval rows: 8 of the demo's test split, 3 held-out HH pairs
                "mixture": ["--dataset", "builtin:demo-preferences", str(HH_HARMLESS),
                            "--dataset-weights", "3", "1", "--eval-samples", "11"]}
@@ -116,6 +118,19 @@ def test_a_loss_mixture_is_the_same_however_the_step_is_split(runs):
         assert log["loss"] == pytest.approx(parts, rel=1e-5)
     assert logs[-1]["loss/bco_pair"] != pytest.approx(logs[0]["loss/bco_pair"], rel=1e-3)
     for layout in ("accumulation+mpo", "ddp+mpo", "single+mpo_packed"):
+        out, _ = runs(layout)
+        assert_same_logs(train_logs(out), logs, rel=1e-4)
+        assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-4)
+        assert_same_weights(out, single, rel=1e-4 if layout.startswith("ddp") else 1e-5)
+
+
+def test_wpo_and_ld_dpo_are_the_same_on_two_processes_and_packed(runs):
+    """WPO's weights and LD-DPO's split are per pair, and a pair's two responses always share a
+    micro-batch: 2 processes × 2 pairs and packed (padding-free) batches equal 4 pairs in one."""
+    single, _ = runs("single+wpo_ld")
+    logs = train_logs(single)
+    assert all(0 < log["weights/mean"] < 1 for log in logs)
+    for layout in ("ddp+wpo_ld", "single+wpo_ld_packed"):
         out, _ = runs(layout)
         assert_same_logs(train_logs(out), logs, rel=1e-4)
         assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-4)

@@ -71,11 +71,12 @@ class ForwardCounter:
         self.handle.remove()
 
 
-def precompute(accelerator, reference, ds, cache_dir, parts=None, chunked=True, batch_size=3):
+def precompute(accelerator, reference, ds, cache_dir, parts=None, chunked=True, batch_size=3,
+               ld_alpha=None):
     return precompute_reference_logps(
         accelerator, reference, ds, PreferenceCollator(PAD), batch_size=batch_size,
         chunked=chunked, chunk_size=5, cache_dir=cache_dir,
-        cache_key_parts={"model": "tiny-seed-3"} if parts is None else parts)
+        cache_key_parts={"model": "tiny-seed-3"} if parts is None else parts, ld_alpha=ld_alpha)
 
 
 def ref_columns(ds: Dataset) -> torch.Tensor:
@@ -131,6 +132,26 @@ def test_dpo_step_uses_them_instead_of_a_reference_forward(accelerator, referenc
     assert policy.lm_head.weight.grad is not None
 
 
+def test_ld_dpo_stores_the_desensitised_reference(accelerator, reference, tmp_path):
+    """With LD-DPO the reference's log-probs are desensitised too: the columns hold them (not
+    the plain sums), and a step on them equals the step with the live reference."""
+    ds = precompute(accelerator, reference, pairs_dataset(), tmp_path, ld_alpha=0.5)
+    batch = PreferenceCollator(PAD)([ds[i] for i in range(4)])
+    live = {k: v for k, v in batch.items() if k not in REF_LOGPS_COLUMNS}
+    with torch.no_grad():
+        out = concatenated_forward(reference, live, chunk_size=5, ld_alpha=0.5)
+    torch.testing.assert_close(batch["ref_chosen_logps"], out.chosen_ld_logps, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batch["ref_rejected_logps"], out.rejected_ld_logps,
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(torch.cat([out.chosen_ld_logps, out.rejected_ld_logps]),
+                              torch.cat([out.chosen_logps, out.rejected_logps]))
+    cfg = TrainConfig(model="tiny", dataset="none", logps_chunk_size=5, ld_alpha=0.5)
+    policy = tiny_qwen3(VOCAB, seed=4)
+    torch.testing.assert_close(dpo_step(accelerator, cfg, policy, None, batch).losses,
+                               dpo_step(accelerator, cfg, policy, reference, live).losses,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_cache_hit_reuses_values_without_a_forward(accelerator, reference, tmp_path):
     first = precompute(accelerator, reference, pairs_dataset(), tmp_path)
     assert len(list(tmp_path.glob("ref-logps-*.safetensors"))) == 1
@@ -145,7 +166,7 @@ def test_cache_hit_reuses_values_without_a_forward(accelerator, reference, tmp_p
     assert counter.calls == 0
 
 
-@pytest.mark.parametrize("change", ["data", "row order", "model", "chunked"])
+@pytest.mark.parametrize("change", ["data", "row order", "model", "chunked", "ld_alpha"])
 def test_cache_misses_when_anything_the_values_depend_on_changes(accelerator, reference,
                                                                   tmp_path, change):
     precompute(accelerator, reference, pairs_dataset(), tmp_path)
@@ -158,6 +179,8 @@ def test_cache_misses_when_anything_the_values_depend_on_changes(accelerator, re
         ds = ds.select(list(reversed(range(len(ds)))))
     elif change == "model":
         kwargs["parts"] = {"model": "another"}
+    elif change == "ld_alpha":
+        kwargs["ld_alpha"] = 0.5
     else:
         kwargs["chunked"] = False
     with ForwardCounter(reference) as counter:

@@ -107,3 +107,34 @@ def test_save_total_limit_and_overwrite(env, four_steps, tmp_path):
     assert not (out / "eval_results.json").exists() or json.loads(
         (out / "eval_results.json").read_text()) == {}
     assert [log["step"] for log in read_metrics(out)] == [1, 2, 3]
+
+
+def test_wpo_weighting_end_to_end(env, tmp_path):
+    """`--use-weighting`: the pairs' weights are logged as `weights/mean` (train and eval), in
+    (0, 1]; step 1 starts at policy = reference, where every pair's loss is ln 2 times its
+    weight, so the logged loss is ln 2 times the logged mean weight."""
+    import math
+
+    out = tmp_path / "out"
+    run(env, *SMALL, "--max-steps", "2", "--eval-steps", "2", "--use-weighting",
+        "--output-dir", str(out))
+    train = train_logs(out)
+    assert all(0 < log["weights/mean"] <= 1 for log in train)
+    assert train[0]["loss"] == pytest.approx(math.log(2) * train[0]["weights/mean"], rel=1e-5)
+    assert 0 < json.loads((out / "eval_results.json").read_text())["eval/weights/mean"] <= 1
+
+
+def test_ld_dpo_end_to_end_with_a_precomputed_reference(env, tmp_path):
+    """`--ld-alpha 0.5 --precompute-ref-logps`: the precomputed reference is desensitised like
+    the policy, so step 1 (policy = reference) has loss ln 2 and rewards 0 exactly; then it
+    trains (rewards move)."""
+    import math
+
+    out = tmp_path / "out"
+    run(env, *SMALL, "--max-steps", "3", "--ld-alpha", "0.5", "--precompute-ref-logps",
+        "--output-dir", str(out))
+    train = train_logs(out)
+    assert train[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert train[0]["rewards/margins"] == 0
+    assert train[-1]["rewards/margins"] != 0
+    assert "weights/mean" not in train[0]

@@ -19,7 +19,9 @@ The family, one module each, and `LOSSES`, the table of names that `dpo_loss` re
   apo_zero, apo_down;
 - `dpo.loss.reference_free`: no reference model — simpo, sft.
 
-Several types with weights make a mixture (MPO): the weighted sum of their losses.
+Several types with weights make a mixture (MPO): the weighted sum of their losses. Two variants
+change what every loss reads (`dpo.loss.variants`): WPO's per-pair weights (`pair_weights`) and
+LD-DPO's length-desensitised log-probs (computed by the forward, `ld_alpha`).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class Loss:
     smoothing: tuple[float, float, bool] | None = None
     default_smoothing: float = 0.0
     f_divergence: bool = False  # written in the score difference, so any f-divergence's
+    per_token: bool = False  # divides each log-prob by its length (no LD-DPO on top)
 
 
 LOSSES = {
@@ -57,8 +60,8 @@ LOSSES = {
     "exo_pair": Loss(delta.exo_pair, smoothing=(0.0, 0.5, False), default_smoothing=1e-3,
                      f_divergence=True),
     "discopop": Loss(delta.discopop, f_divergence=True),
-    "sigmoid_norm": Loss(delta.sigmoid_norm, lengths=True),
-    "ipo": Loss(delta.ipo, lengths=True),
+    "sigmoid_norm": Loss(delta.sigmoid_norm, lengths=True, per_token=True),
+    "ipo": Loss(delta.ipo, lengths=True, per_token=True),
     "hinge": Loss(delta.hinge, f_divergence=True),
     "aot": Loss(delta.aot, smoothing=(0.0, 0.5, True)),
     "aot_unpaired": Loss(delta.aot_unpaired, smoothing=(0.0, 0.5, True)),
@@ -67,7 +70,7 @@ LOSSES = {
     "sppo_hard": Loss(anchored.sppo_hard),
     "apo_zero": Loss(anchored.apo_zero),
     "apo_down": Loss(anchored.apo_down),
-    "simpo": Loss(reference_free.simpo, reference=False, lengths=True),
+    "simpo": Loss(reference_free.simpo, reference=False, lengths=True, per_token=True),
     "sft": Loss(reference_free.sft, reference=False, lengths=True),
 }
 LOSS_TYPES = tuple(LOSSES)
@@ -96,6 +99,8 @@ def dpo_loss(
     num_tokens: torch.Tensor | float | None = None,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
+    pair_weights: torch.Tensor | None = None,
+    sft_chosen_logps: torch.Tensor | None = None,
     return_terms: bool = False,
 ):
     """Per-pair preference losses and the (detached) implicit rewards.
@@ -117,7 +122,14 @@ def dpo_loss(
         num_tokens: the token-mean denominator of ``sft`` (see `reference_free.sft`).
         f_divergence_type, f_alpha_divergence_coef: the divergence whose score difference the
             losses marked `f_divergence` push up (`delta.score_difference`); reverse_kl is DPO's.
-        return_terms: also return `{type: (B,) unweighted losses}`.
+        pair_weights: `(B,)` WPO's weights (`variants.wpo_weights`), multiplying each pair's
+            loss, every term of a mixture alike (as TRL weights the summed loss); refused with
+            aot/aot_unpaired, whose pairs share one sorted loss. None: 1.
+        sft_chosen_logps: `(B,)` the chosen responses' plain summed log-probs, which ``sft``
+            reads when the `policy_*_logps` are LD-DPO's (`variants.length_desensitised`):
+            its NLL is of the whole response. None: `policy_chosen_logps`.
+        return_terms: also return `{type: (B,) unweighted losses}` (before `loss_weights` and
+            `pair_weights`).
 
     Returns:
         `(losses, chosen_rewards, rejected_rewards)`, each `(B,)` (and the terms if asked).
@@ -129,9 +141,10 @@ def dpo_loss(
     check_loss_options(beta=beta, loss_type=types, loss_weights=weights,
                        label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
                        discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
-                       f_alpha_divergence_coef=f_alpha_divergence_coef)
+                       f_alpha_divergence_coef=f_alpha_divergence_coef,
+                       use_weighting=pair_weights is not None)
     scores = Scores(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                    ref_rejected_logps, chosen_lengths, rejected_lengths)
+                    ref_rejected_logps, chosen_lengths, rejected_lengths, sft_chosen_logps)
     _check_tensors(scores, types)
     terms = {}
     for name in types:
@@ -139,6 +152,8 @@ def dpo_loss(
                               bco_delta, num_tokens, f_divergence_type, f_alpha_divergence_coef)
         terms[name] = LOSSES[name].fn(scores, options)  # (B,)
     losses = sum(w * terms[name] for name, w in zip(types, weights))  # (B,)
+    if pair_weights is not None:
+        losses = losses * pair_weights
     if needs_reference(types):
         chosen_rewards, rejected_rewards = scores.chosen_logratios, scores.rejected_logratios
     else:
@@ -152,6 +167,7 @@ def check_loss_options(
     *, beta: float, loss_type: str | Sequence[str], loss_weights: Sequence[float] | None = None,
     label_smoothing: float | None = None, simpo_gamma: float = 0.0, discopop_tau: float = 0.05,
     f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+    use_weighting: bool = False, ld_alpha: float | None = None,
 ) -> None:
     """Raise ValueError, naming the parameter, for a loss configuration `dpo_loss` rejects."""
     types = _as_list(loss_type)
@@ -199,6 +215,21 @@ def check_loss_options(
     if not f_alpha_divergence_coef > 0 or f_alpha_divergence_coef == float("inf"):
         raise ValueError("f_alpha_divergence_coef must be a finite number > 0, got "
                          f"{f_alpha_divergence_coef!r}")
+    sorting = [t for t in types if t in ("aot", "aot_unpaired")]
+    if use_weighting and sorting:
+        raise ValueError(f"use_weighting: loss_type {', '.join(sorting)} sorts the margins "
+                         "across the micro-batch, so no pair has a loss of its own to weight")
+    if ld_alpha is not None:
+        per_token = [t for t in types if LOSSES[t].per_token]
+        if not 0 <= ld_alpha <= 1:
+            raise ValueError(f"ld_alpha must lie in [0, 1], got {ld_alpha!r}")
+        if per_token:
+            raise ValueError(f"ld_alpha: loss_type {', '.join(per_token)} divides each log-prob "
+                             "by its length, a length correction of its own; LD-DPO is for "
+                             "the summed log-probs")
+        if set(types) == {"sft"}:
+            raise ValueError("ld_alpha: loss_type sft has no preference term to desensitise "
+                             "(its NLL reads the whole chosen response)")
 
 
 def _as_list(loss_type: str | Sequence[str]) -> list[str]:

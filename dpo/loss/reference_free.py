@@ -29,4 +29,5 @@ def sft(s: Scores, o: LossOptions) -> torch.Tensor:
     token mean over all its micro-batches and processes — else this batch's Σ_i |y⁺_i|.
     """
     num_tokens = s.chosen_lengths.sum() if o.num_tokens is None else o.num_tokens
-    return -s.policy_chosen * s.policy_chosen.shape[0] / num_tokens
+    chosen = s.policy_chosen if s.sft_chosen is None else s.sft_chosen  # never LD-DPO's
+    return -chosen * chosen.shape[0] / num_tokens

@@ -19,6 +19,8 @@ class Scores:
     ref_rejected: torch.Tensor | None = None
     chosen_lengths: torch.Tensor | None = None  # needed by the length-normalised losses
     rejected_lengths: torch.Tensor | None = None
+    # The chosen's plain log-probs when policy_chosen are LD-DPO's (`sft` reads them); None: same
+    sft_chosen: torch.Tensor | None = None
 
     @property
     def chosen_logratios(self) -> torch.Tensor:
