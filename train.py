@@ -19,9 +19,9 @@ from accelerate.utils import set_seed
 from accelerate.utils.memory import clear_device_cache
 from transformers import get_scheduler
 
-from dpo import checkpoint, demo
+from dpo import checkpoint, demo, model_card
 from dpo.config import ConfigError, TrainConfig, load_config
-from dpo.evaluation import Evaluator, generate_answers, sample_prompts, summary
+from dpo.evaluation import Evaluator, generate_answers, sample_prompts
 from dpo.forward import settle_logps_path
 from dpo.loaders import build_dataloaders, build_datasets, make_collator
 from dpo.metrics import MetricsLogger, TrainMetrics, pair_keys, pair_stats
@@ -179,7 +179,8 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     checkpoint.save_final(accelerator, policy, tokenizer, output_dir, cfg.merge_adapter)
     if accelerator.is_main_process:
         (output_dir / "eval_results.json").write_text(json.dumps(final, indent=2))
-        print(summary(before, final), flush=True)
+        model_card.write(output_dir, cfg, final, step, accelerator.num_processes, train_ds, eval_ds)
+        print(evaluator.summary(before, final), flush=True)
     logger.progress.close()
     accelerator.end_training()
 

@@ -182,6 +182,17 @@ class TrainConfig:
     eval_on_start: bool = _opt(False, "also evaluate before the first step (the 'before' numbers)")
     num_sample_generations: int = _opt(2, "eval prompts answered by policy and reference")
     max_new_tokens: int = _opt(64, "length of those sample generations")
+    # Scored generations (dpo.judges): the sample answers of policy and reference, judged
+    generation_temperature: float = _opt(0.0, "sampling temperature of the sample generations; "
+                                         "0 = greedy")
+    generation_top_p: float = _opt(1.0, "nucleus sampling's top-p of the sample generations "
+                                   "(with a temperature > 0)")
+    judge: str | None = _opt(None, "scores the sample answers (eval/reward/*, eval/win_rate): "
+                             "a reward model's directory or hub name (any "
+                             "AutoModelForSequenceClassification, its own tokenizer and chat "
+                             "template), or builtin:demo-rule (the demo's polite+on-topic rule)")
+    generation_batch_size: int = _opt(8, "prompts per sample-generation batch, and answers "
+                                      "per judge forward")
     save_steps: int | None = _opt(None, "save a resumable checkpoint every N optimizer steps")
     save_total_limit: int | None = _opt(None, "keep only the newest N checkpoints")
     resume_from_checkpoint: str | None = _opt(None, "a checkpoint directory, or 'latest'")
@@ -212,7 +223,7 @@ class TrainConfig:
                     "max_length", "logps_chunk_size", "max_new_tokens", "num_samples",
                     "eval_batch_size", "max_steps", "eval_steps", "save_steps",
                     "save_total_limit", "num_proc", "max_prompt_length",
-                    "padding_free_max_tokens")
+                    "padding_free_max_tokens", "generation_batch_size")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -225,6 +236,20 @@ class TrainConfig:
         for name in ("weight_decay", "max_grad_norm", "rpo_alpha", "router_aux_loss_coef"):
             if getattr(self, name) is not None and not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.generation_temperature >= 0:
+            raise ConfigError("generation_temperature must be >= 0 (0 = greedy), got "
+                              f"{self.generation_temperature}")
+        if not 0 < self.generation_top_p <= 1:
+            raise ConfigError(f"generation_top_p must lie in (0, 1], got {self.generation_top_p}")
+        if self.generation_top_p < 1 and self.generation_temperature == 0:
+            raise ConfigError("generation_top_p samples, but generation_temperature is 0 "
+                              "(greedy): set a temperature > 0, or drop top-p")
+        from dpo.judges import check_judge
+
+        check_judge(self)
+        if self.judge is not None and self.num_sample_generations == 0:
+            raise ConfigError("judge scores the sample generations, but num_sample_generations "
+                              "is 0: set it to the number of eval prompts to judge")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:

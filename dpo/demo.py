@@ -1,6 +1,6 @@
 """Offline demo assets: a tokenizer, a tiny Qwen3 model and preference data, built locally.
 
-`configs/demo.yaml` trains on ``model: builtin:tiny-qwen3`` and
+`configs/demo.yaml` trains on ``model: builtin:tiny-qwen3-chat`` and
 ``dataset: builtin:demo-preferences``. Nothing comes from the Hugging Face Hub: on first use the
 assets are generated from fixed seeds and cached under `demo_cache_dir()`, after which they load
 like any hub checkpoint or dataset — `AutoTokenizer.from_pretrained(dir)`,
@@ -15,11 +15,18 @@ With ``lr=1e-3, beta=0.3``, 16 pairs per step and 10 warmup steps, DPO on the ti
 ≥ 0.98 held-out reward accuracy within ~150 steps and ~1.0 by 250 (~30 s on two CPU cores): the
 rude pairs are separated within a few dozen steps, the off-topic ones a hundred or so later.
 
+The demo starts DPO from a model that already answers (``builtin:tiny-qwen3-chat``): a short
+supervised phase (`supervise`, ~30 s on two CPU cores, once) teaches the tiny model answers of
+every kind — polite or rude, on the prompt's topic or not — with rude ones the likelier, so its
+greedy answers mostly break the rule. DPO then makes them polite and on topic: `answer_accepted`
+(the judge ``builtin:demo-rule``) accepts ~0 of the reference's answers and ~0.9 of the policy's.
+
 What is built:
 
 - `build_demo_model` — a byte-level BPE tokenizer trained with the `tokenizers` library on the
   demo corpus (ChatML special tokens and chat template, as Qwen's), and a randomly initialised
   `Qwen3ForCausalLM` from `dpo.tiny` whose vocabulary is exactly that tokenizer's.
+- `build_demo_chat_model` — that model after the supervised phase, beside it in the cache.
 - `build_demo_dataset` — `train.jsonl` and `test.jsonl` in the standard
   ``{"prompt", "chosen", "rejected"}`` format; no test pair occurs in the training split.
 
@@ -39,7 +46,8 @@ from pathlib import Path
 
 from dpo import cache_root
 
-BUILTIN_MODEL = "builtin:tiny-qwen3"
+BUILTIN_MODEL = "builtin:tiny-qwen3"  # randomly initialised: fast to build, for tests
+BUILTIN_CHAT_MODEL = "builtin:tiny-qwen3-chat"  # the same after the supervised phase: the demo's
 BUILTIN_DATASET = "builtin:demo-preferences"
 
 # Bump when anything below changes what is built: the cache subfolder is named after it, so assets
@@ -47,9 +55,16 @@ BUILTIN_DATASET = "builtin:demo-preferences"
 DEMO_FORMAT_VERSION = 1
 COMPLETE_MARKER = ".complete"  # dot-name: `datasets` ignores hidden files when finding splits
 MODEL_DIR_NAME = "tiny-qwen3"
+CHAT_MODEL_DIR_NAME = "tiny-qwen3-chat"
 DATASET_DIR_NAME = "demo-preferences"
 
 SEED = 0
+# The supervised phase (`supervise`): ~40 s on two CPU cores, so that the model speaks.
+SFT_STEPS = 600
+SFT_BATCH_SIZE = 32
+SFT_LEARNING_RATE = 3e-3
+SFT_POLITE = 0.4  # share of polite answers it learns (the others rude)
+SFT_ON_TOPIC = 0.7  # share of answers about the prompt's topic (the others about another)
 NUM_TRAIN = 4000
 NUM_TEST = 256
 OFF_TOPIC_FRACTION = 0.5  # share of pairs whose rejected reply is polite but off-topic
@@ -161,6 +176,16 @@ def build_demo_model(cache_dir: Path | None = None) -> Path:
     return _build_atomically(target, _write_model)
 
 
+def build_demo_chat_model(cache_dir: Path | None = None) -> Path:
+    """The directory of the demo model after its supervised phase (`supervise`), built on first
+    call from `build_demo_model`'s (in the same cache) into the ``tiny-qwen3-chat`` subfolder.
+    It answers the demo's prompts in words, rudely for the most part: what DPO starts from."""
+    root = Path(cache_dir or demo_cache_dir())
+    base = build_demo_model(root)
+    return _build_atomically(root / CHAT_MODEL_DIR_NAME,
+                             lambda directory: _write_chat_model(directory, base))
+
+
 def build_demo_dataset(cache_dir: Path | None = None) -> Path:
     """The directory of the demo preference data (``train.jsonl``, ``test.jsonl``), built on first
     call. `cache_dir` defaults to `demo_cache_dir()`; the data go to ``demo-preferences`` in it."""
@@ -169,8 +194,10 @@ def build_demo_dataset(cache_dir: Path | None = None) -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """`--model` as a path or hub name: the built-in demo model is built (once) and its
+    """`--model` as a path or hub name: a built-in demo model is built (once) and its
     directory returned; any other name is returned unchanged."""
+    if name == BUILTIN_CHAT_MODEL:
+        return str(build_demo_chat_model())
     return str(build_demo_model()) if name == BUILTIN_MODEL else name
 
 
@@ -209,6 +236,14 @@ def rule_holds(row: dict) -> bool:
     if _is_polite(rejected):
         return _facts_topic(rejected) not in (None, topic)
     return _is_rude(rejected) and _facts_topic(rejected) == topic
+
+
+def answer_accepted(prompt: str, answer: str) -> bool:
+    """Whether the demo rule accepts `answer` to the user's `prompt`: it is polite and about the
+    topic the prompt asks about (what the chosen replies are). The judge `builtin:demo-rule`."""
+    topic = _prompt_topic(prompt.strip())
+    answer = answer.strip()
+    return topic is not None and _is_polite(answer) and _facts_topic(answer) == topic
 
 
 def _sample_pair(rng: random.Random) -> dict:
@@ -314,6 +349,76 @@ def _write_model(directory: Path) -> None:
         config.bos_token_id = None
     tokenizer.save_pretrained(directory)
     model.save_pretrained(directory)
+
+
+def _write_chat_model(directory: Path, base: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    # The supervised phase draws nothing from torch's generator (no dropout, its own data
+    # stream); forked all the same, so that the caller's random stream stays untouched.
+    with torch.random.fork_rng(devices=[]):
+        supervise(model, tokenizer)
+    tokenizer.save_pretrained(directory)
+    model.save_pretrained(directory)
+
+
+# --- The supervised phase: the tiny model learns to answer before DPO --------------------------
+
+def sft_answer(rng: random.Random, prompt: str) -> str:
+    """An answer of any kind to `prompt`, as the supervised phase teaches them: polite or rude
+    (`SFT_POLITE`), about the prompt's topic or another one (`SFT_ON_TOPIC`). The rule accepts
+    about 0.4 × 0.7 of them, and no polite opener is as likely as a rude one, so greedy decoding
+    answers rudely: DPO has something to change."""
+    topic = _prompt_topic(prompt)
+    if rng.random() >= SFT_ON_TOPIC:
+        topic = rng.choice([t for t in TOPICS if t != topic])
+    facts = " ".join(rng.sample(TOPICS[topic], 2))
+    polite = rng.random() < SFT_POLITE
+    opener = rng.choice(POLITE_OPENERS if polite else RUDE_OPENERS)
+    closer = rng.choice(POLITE_CLOSERS if polite else RUDE_CLOSERS)
+    return f"{opener} {facts} {closer}"
+
+
+def supervise(model, tokenizer, steps: int | None = None) -> None:
+    """Fine-tune `model` in place on `SFT_STEPS` batches of the training prompts with answers
+    from `sft_answer` (loss on the answer and its end-of-turn token only), from fixed seeds.
+
+    Deterministic on a given machine and thread count; it draws from its own generators, but
+    the caller should still fork the global torch generator (dropout is zero: nothing draws)."""
+    import torch
+
+    steps = SFT_STEPS if steps is None else steps
+    rng = random.Random(SEED + 1)
+    prompts = [row["prompt"] for row in demo_pairs()[0]]
+    rendered = {p: tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                 tokenize=False, add_generation_prompt=True)
+                for p in set(prompts)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=SFT_LEARNING_RATE, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * (1 - step / steps))
+    model.train()
+    for _ in range(steps):
+        rows = []
+        for prompt in (rng.choice(prompts) for _ in range(SFT_BATCH_SIZE)):
+            prompt_ids = tokenizer(rendered[prompt])["input_ids"]
+            answer_ids = tokenizer(sft_answer(rng, prompt) + tokenizer.eos_token)["input_ids"]
+            rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
+        width = max(len(ids) for ids, _ in rows)
+        pad = width - torch.tensor([len(ids) for ids, _ in rows])
+        ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in rows])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+        mask = (torch.arange(width)[None] < (width - pad)[:, None]).long()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    model.eval()
 
 
 # --- Atomic, concurrent-safe publication -------------------------------------------------------

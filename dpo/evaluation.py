@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 
 from dpo.config import TrainConfig
 from dpo.data import IGNORE_INDEX
+from dpo.judges import load_judge, win_rate
 from dpo.loaders import dataset_names
 from dpo.metrics import pair_keys, pair_stats
 from dpo.step import Objective, chosen_token_counts, dpo_step
+
+SHOWN_SAMPLES = 2  # sample answers printed at each eval; samples.jsonl has them all
 
 
 @torch.no_grad()
@@ -63,42 +67,78 @@ def sample_prompts(cfg: TrainConfig, eval_rows) -> list[list[int]]:
                                           if t != IGNORE_INDEX)] for row in rows]
 
 
+def share(accelerator: Accelerator, n: int) -> tuple[list[int], int]:
+    """This process's share of `n` items: `(its indices, the largest share's size)`.
+
+    Contiguous slices in process order, so gathering the results of each process in turn gives
+    them back in order. A process whose share is smaller pads its work up to the largest one
+    where every process must make the same forwards (sharded models).
+    """
+    per = math.ceil(n / accelerator.num_processes)
+    first = accelerator.process_index * per
+    return list(range(min(first, n), min(first + per, n))), per
+
+
 @torch.no_grad()
 def generate_answers(accelerator: Accelerator, cfg: TrainConfig, model, tokenizer,
                      prompts: list[list[int]]) -> list[str]:
-    """Greedy answers of `model` to `prompts`, decoded.
+    """Answers of `model` to `prompts`, decoded, in order, on every process: greedy, or sampled
+    with `generation_temperature` and `generation_top_p`.
 
-    Every process generates. Under ZeRO-3 and FSDP each forward gathers shards from every
-    process, so all of them must make the same number of forwards: `synced_gpus` keeps a process
-    whose answers ended early stepping until the last one is done. The model generates in eval
-    mode: in train mode, with gradient checkpointing on, transformers turns the KV cache off and
-    every new token would recompute the whole sequence.
+    Each process generates its share (`share`), `generation_batch_size` left-padded prompts at a
+    time, and the answers are gathered. Under ZeRO-3 and FSDP each forward gathers shards from
+    every process, so all of them must make the same number of forwards: a smaller share is
+    padded with repeated prompts, and `synced_gpus` keeps a process whose answers ended early
+    stepping until the last one is done. The model generates in eval mode: in train mode, with
+    gradient checkpointing on, transformers turns the KV cache off and every new token would
+    recompute the whole sequence.
     """
+    if not prompts:
+        return []
     synced = (accelerator.distributed_type == DistributedType.FSDP
               or (accelerator.distributed_type == DistributedType.DEEPSPEED
                   and accelerator.state.deepspeed_plugin.zero_stage == 3))
     model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
+    mine, per = share(accelerator, len(prompts))
+    work = [prompts[i] for i in mine]
+    if synced:
+        work += [prompts[0]] * (per - len(work))
+    sampling = (dict(do_sample=True, temperature=cfg.generation_temperature,
+                     top_p=cfg.generation_top_p) if cfg.generation_temperature > 0
+                else dict(do_sample=False))
     answers = []
-    for ids in prompts:
-        prompt = torch.tensor([ids], device=accelerator.device)
-        with accelerator.autocast():
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                 max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=synced,
-                                 use_cache=True)
-        answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+    # Sampling draws from its own seeded stream: the run's random state stays untouched.
+    with torch.random.fork_rng(devices=[] if accelerator.device.type == "cpu"
+                               else [accelerator.device]):
+        torch.manual_seed(cfg.seed + accelerator.process_index)
+        for start in range(0, len(work), cfg.generation_batch_size):
+            batch = work[start:start + cfg.generation_batch_size]
+            width = max(map(len, batch))
+            # Left padding: every answer starts right after its prompt, at column `width`.
+            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch],
+                               device=accelerator.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch],
+                                device=accelerator.device)
+            with accelerator.autocast():
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id, synced_gpus=synced,
+                                     use_cache=True, **sampling)
+            answers += [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
     model.train(was_training)
-    return answers
+    answers = answers[:len(mine)]
+    return gather_object(answers) if accelerator.num_processes > 1 else answers
 
 
 class Evaluator:
-    """Held-out metrics and the policy's sample answers beside the reference's, at a step.
+    """Held-out metrics and the policy's sample answers beside the reference's, at a step; with a
+    judge (`--judge`), both scored: `eval/reward/{policy,reference}`, `eval/win_rate` and
+    `eval/length/{policy,reference}` (mean answer length in tokens).
 
-    The reference is frozen and decodes greedily, so its answers are the same at every eval: the
-    caller generates them once (`generate_answers`) and passes them in; the reference model itself
-    may be gone by then (`--precompute-ref-logps`).
+    The reference is frozen, so its answers are the same at every eval (with sampling, one draw):
+    the caller generates them once (`generate_answers`) and passes them in; the reference model
+    itself may be gone by then (`--precompute-ref-logps`). They are judged once, at the first eval.
     """
 
     def __init__(self, accelerator: Accelerator, cfg: TrainConfig, logger, tokenizer, loader,
@@ -108,6 +148,9 @@ class Evaluator:
         self.tokenizer, self.loader, self.prompts = tokenizer, loader, prompts
         self.reference_answers, self.objective = reference_answers, objective
         self.names = dataset_names(cfg) if len(cfg.dataset) > 1 else None
+        self.judge = load_judge(cfg, accelerator.device) if prompts else None
+        self.reference_scores = None
+        self.answers: list[str] = []  # the policy's, at the last eval
 
     def run(self, policy, reference, step: int) -> dict:
         """Eval metrics (logged) and sample answers (to samples.jsonl); {} without eval data."""
@@ -117,24 +160,109 @@ class Evaluator:
                            self.names, self.objective.bco_delta if self.objective else 0.0)
         answers = generate_answers(self.accelerator, self.cfg, policy, self.tokenizer,
                                    self.prompts)
+        scores = self.judged(answers, results)
+        self.answers = answers
         self.logger.log(step, results)
         if self.accelerator.is_main_process:
+            samples = []
+            for i, (ids, answer) in enumerate(zip(self.prompts, answers)):
+                sample = {"prompt": self.tokenizer.decode(ids), "policy": answer}
+                if self.reference_answers is not None:  # None for a reference-free loss
+                    sample["reference"] = self.reference_answers[i]
+                if scores is not None:
+                    sample["reward_policy"] = scores[i]
+                    if self.reference_scores is not None:
+                        sample["reward_reference"] = self.reference_scores[i]
+                samples.append(sample)
             with (Path(self.cfg.output_dir) / "samples.jsonl").open("a") as f:
-                for i, (ids, answer) in enumerate(zip(self.prompts, answers)):
-                    sample = {"prompt": self.tokenizer.decode(ids), "policy": answer}
-                    if self.reference_answers is not None:  # None for a reference-free loss
-                        sample["reference"] = self.reference_answers[i]
-                    f.write(json.dumps({"step": step, **sample}) + "\n")
-                    self.logger.progress.write(f"[sample @ step {step}] {sample}")
+                f.writelines(json.dumps({"step": step, **sample}) + "\n" for sample in samples)
+            for sample in samples[:SHOWN_SAMPLES]:  # the rest are in samples.jsonl
+                self.logger.progress.write(f"[sample @ step {step}] {sample}")
+            log_samples(self.accelerator, step, samples)
         return results
+
+    def summary(self, before: dict, after: dict) -> str:
+        """`summary`, then the reference's answer (before) and the policy's (after) to the first
+        two sample prompts."""
+        lines = [summary(before, after)]
+        if self.reference_answers is not None:
+            for i, answer in enumerate(self.answers[:SHOWN_SAMPLES]):
+                lines += [f"prompt: {self.prompt_text(i)!r}",
+                          f"  before (reference): {self.reference_answers[i]!r}",
+                          f"  after (policy):     {answer!r}"]
+        return "\n".join(lines)
+
+    def prompt_text(self, i: int) -> str:
+        """The user's last turn of sample prompt `i`, else the prompt's text as the model saw it."""
+        messages = self.loader.dataset[i]["prompt_messages"]
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        return users[-1] if users else self.tokenizer.decode(self.prompts[i])
+
+    def judged(self, answers: list[str], results: dict) -> list[float] | None:
+        """The policy's scores (None without a judge); adds the judge's metrics to `results`."""
+        if self.judge is None:
+            return None
+        messages = self.loader.dataset.select(range(len(self.prompts)))["prompt_messages"]
+        scores = judge_answers(self.accelerator, self.judge, messages, answers)
+        results["eval/reward/policy"] = sum(scores) / len(scores)
+        results["eval/length/policy"] = self.mean_length(answers)
+        if self.reference_answers is not None:
+            if self.reference_scores is None:
+                self.reference_scores = judge_answers(self.accelerator, self.judge, messages,
+                                                      self.reference_answers)
+            results["eval/reward/reference"] = (sum(self.reference_scores)
+                                                / len(self.reference_scores))
+            results["eval/win_rate"] = win_rate(scores, self.reference_scores)
+            results["eval/length/reference"] = self.mean_length(self.reference_answers)
+        return scores
+
+    def mean_length(self, answers: list[str]) -> float:
+        return sum(len(self.tokenizer(a, add_special_tokens=False)["input_ids"])
+                   for a in answers) / len(answers)
+
+
+def log_samples(accelerator: Accelerator, step: int, samples: list[dict]) -> None:
+    """The sample answers (and scores) as a table, to the trackers that take one: a tracker's
+    `log_table` (wandb), or a TensorBoard writer's text (a markdown table). Main process."""
+    if not samples:
+        return
+    columns = list(samples[0])
+    rows = [[sample[c] for c in columns] for sample in samples]
+    for tracker in accelerator.trackers:
+        if hasattr(tracker, "log_table"):
+            tracker.log_table("eval/samples", columns=columns, data=rows, step=step)
+        elif hasattr(getattr(tracker, "writer", None), "add_text"):
+            cells = [" | ".join(json.dumps(v, ensure_ascii=False) for v in row) for row in rows]
+            table = "\n".join([" | ".join(columns), " | ".join("---" for _ in columns), *cells])
+            tracker.writer.add_text("eval/samples", table, global_step=step)
+
+
+def judge_answers(accelerator: Accelerator, judge, messages: list[list[dict]],
+                  answers: list[str]) -> list[float]:
+    """`judge`'s scores of `answers`, in order, on every process: each process scores its share
+    (the judge is a whole model in each process: no forward needs the others)."""
+    mine, _ = share(accelerator, len(answers))
+    scores = judge.score([messages[i] for i in mine], [answers[i] for i in mine])
+    return gather_object(scores) if accelerator.num_processes > 1 else scores
 
 
 def summary(before: dict, after: dict) -> str:
-    """Held-out loss, accuracy and margin before the first step (if measured) and at the end."""
+    """Held-out loss, accuracy and margin before the first step (if measured) and at the end;
+    with a judge, the sample answers' win rate against the reference and their mean scores."""
     if not after:
         return "done (no eval data)"
     lines = ["held-out pairs      " + ("before    " if before else "") + "after"]
     for key in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"):
         was = f"{before[key]:<10.4f}" if before else ""
         lines.append(f"{key[5:]:<20}{was}{after[key]:.4f}")
+    judged = [key for key in JUDGED_KEYS if key in after]
+    if judged:
+        lines.append("sample answers")
+    for key in judged:
+        was = (f"{before[key]:<10.4f}" if key in before else " " * 10) if before else ""
+        lines.append(f"{key[5:]:<20}{was}{after[key]:.4f}")
     return "\n".join(lines)
+
+
+# Judge metrics in the end-of-run table (the mean answer lengths are in eval_results.json).
+JUDGED_KEYS = ("eval/win_rate", "eval/reward/policy", "eval/reward/reference")

@@ -102,11 +102,22 @@ def _load_one(cfg: TrainConfig, accelerator: Accelerator, tokenizer, dataset: st
             streaming=cfg.streaming, shuffle_buffer_size=cfg.shuffle_buffer_size, **settings)
         train, report = tokenize_cached(train_rows, tokenizer, **tokenize)
         evals = tokenize_cached(eval_rows, tokenizer, **tokenize)[0] if len(eval_rows) else None
+        if evals is not None:  # a judge renders the prompts with its own chat template
+            evals = evals.add_column("prompt_messages", _prompts_of(eval_rows, evals),
+                                     feature=eval_rows.features["prompt"])
     except (DatasetGenerationError, FileNotFoundError) as e:
         raise ConfigError(f"dataset {given}: {_root_message(e)}") from None
     except ValueError as e:
         raise ConfigError(f"dataset {given}: {e}") from None
     return train, evals, report
+
+
+def _prompts_of(rows, tokenized) -> list[list[dict]]:
+    """The prompt messages of the `tokenized` pairs: the `rows` they were made from, matched by
+    their `row_index` (the row in the source split, or the position when rows have none)."""
+    indices = rows["row_index"] if "row_index" in rows.column_names else range(len(rows))
+    position = {index: i for i, index in enumerate(indices)}
+    return rows.select([position[i] for i in tokenized["row_index"]])["prompt"]
 
 
 def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, train_ds, eval_ds, collate):
@@ -123,9 +134,13 @@ def build_dataloaders(cfg: TrainConfig, accelerator: Accelerator, train_ds, eval
     # would shift the stream LoRA dropout draws from after a resume (not bit-exact).
     train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate,
                               generator=torch.Generator().manual_seed(cfg.seed))
-    eval_loader = eval_ds and DataLoader(eval_ds, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                         collate_fn=collate)
-    return train_loader, eval_loader, sampler
+    return train_loader, eval_ds and eval_loader_of(cfg, eval_ds, collate), sampler
+
+
+def eval_loader_of(cfg: TrainConfig, eval_ds, collate) -> DataLoader:
+    """The eval pairs in order, `eval_batch_size` at a time (not yet prepared)."""
+    return DataLoader(eval_ds, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                      collate_fn=collate)
 
 
 def check_local_files(dataset: str) -> None:

@@ -159,9 +159,9 @@ def load_peft_policy(cfg, model_path: str, load_causal_lm) -> tuple[nn.Module, n
     else:
         base = load_causal_lm(cfg, model_path)
         peft_model, reference_adapter = _add_adapter(cfg, base, get_peft_model), None
-        from dpo.demo import BUILTIN_MODEL
+        from dpo.demo import BUILTIN_CHAT_MODEL, BUILTIN_MODEL
 
-        if cfg.model == BUILTIN_MODEL:  # built in a cache: saved beside the adapter
+        if cfg.model in (BUILTIN_MODEL, BUILTIN_CHAT_MODEL):  # built in a cache: saved beside
             base_name, save_base = str(output_dir / "base"), True
         elif Path(cfg.model).expanduser().is_dir():
             base_name, save_base = str(Path(cfg.model).expanduser().resolve()), False

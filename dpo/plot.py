@@ -2,7 +2,8 @@
 
 It reads `<output_dir>/metrics.jsonl` (one JSON object per log, see `dpo.metrics`) and draws, over
 optimizer steps, the loss, the reward margin, the reward accuracy, the chosen and rejected
-rewards, the chosen and rejected log-probs and the gradient norm; train logs as solid lines, eval
+rewards, the chosen and rejected log-probs and the gradient norm, and the sample answers' win
+rate against the reference when a judge scored them (`--judge`); train logs as solid lines, eval
 logs (keys prefixed `eval/`) as dashed ones. Every point gets a marker, so a run with a single log
 still shows it. `docs/dpo.md` ("What every logged metric means") says what healthy curves look like.
 
@@ -29,6 +30,8 @@ PANELS = (
     ("summed log-probs  log π(y|x)", ("logps/chosen", "logps/rejected")),
     ("gradient norm (before clipping)", ("grad_norm",)),
 )
+# Drawn as a seventh panel when the run judged its sample answers (`--judge`): eval only.
+WIN_RATE_PANEL = ("win rate vs reference  (ties half)", ("win_rate",))
 # Chosen in one colour, rejected in another, in every panel that shows both.
 COLOURS = {"chosen": "tab:green", "rejected": "tab:red"}
 
@@ -65,6 +68,12 @@ def series(logs: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [step for step, _ in points], [value for _, value in points]
 
 
+def panels_of(logs: list[dict]) -> tuple:
+    """The panels drawn for these logs: `PANELS`, and the win rate's when it was logged."""
+    judged = any("eval/win_rate" in log for log in logs)
+    return PANELS + ((WIN_RATE_PANEL,) if judged else ())
+
+
 def plot_curves(output_dir: Path) -> Path:
     """Draw the curves of the run in `output_dir` into `<output_dir>/curves.png`; return its path.
 
@@ -83,8 +92,12 @@ def plot_curves(output_dir: Path) -> Path:
 
     first, last = min(log["step"] for log in logs), max(log["step"] for log in logs)
     pad = max(0.5, 0.03 * (last - first))  # a single step still gets an axis around it
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    for ax, (title, keys) in zip(axes.flat, PANELS):
+    panels = panels_of(logs)
+    rows = math.ceil(len(panels) / 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(15, 4 * rows), constrained_layout=True)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, keys) in zip(axes.flat, panels):
         for key in keys:
             side = key.rsplit("/", 1)[-1]
             colour = COLOURS.get(side, "tab:blue")
@@ -97,8 +110,10 @@ def plot_curves(output_dir: Path) -> Path:
                             label=name)
         if keys == ("loss",):  # every run starts here: π = π_ref gives −log σ(0) = ln 2
             ax.axhline(math.log(2), color="grey", linestyle=":", linewidth=1, label="ln 2")
-        if keys == ("rewards/accuracies",):
+        if keys in (("rewards/accuracies",), ("win_rate",)):
             ax.set_ylim(-0.05, 1.05)
+        if keys == ("win_rate",):  # a policy that answers as its reference does
+            ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="0.5")
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.set_xlim(first - pad, last + pad)

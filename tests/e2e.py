@@ -1,16 +1,21 @@
 """Running `train.py` end to end in subprocesses, under any launcher, and reading what it wrote."""
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from dpo import demo
 from tests.conftest import ROOT
 
 PYTHON = [sys.executable]
@@ -22,6 +27,20 @@ def demo_env(cache_dir: Path) -> dict:
     """The environment for a run: a private demo cache, one thread per process (2 cores)."""
     return {**os.environ, "DPO_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": "1"}
+
+
+@functools.cache
+def shared_chat_model() -> Path:
+    """The demo's chat model (`builtin:tiny-qwen3-chat`), built once per test session into a
+    temporary directory (removed at exit): its supervised phase takes tens of seconds."""
+    root = Path(tempfile.mkdtemp(prefix="dpo-demo-chat-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the runs have it (demo_env)
+    try:
+        return demo.build_demo_chat_model(root)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def free_port() -> int:
@@ -83,3 +102,16 @@ def assert_same_weights(output_dir: Path, expected_dir: Path, rel: float) -> Non
 def weights_equal(output_dir: Path, expected_dir: Path) -> bool:
     got, want = (load_file(d / "model.safetensors") for d in (output_dir, expected_dir))
     return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@functools.cache
+def demo_run() -> tuple[Path, str]:
+    """The offline demo as the README runs it (`configs/demo.yaml`), once per test session:
+    `(output dir, stdout)`. Its chat model comes from `shared_chat_model`."""
+    root = Path(tempfile.mkdtemp(prefix="dpo-demo-run-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    out, cache = root / "out", root / "cache"
+    shutil.copytree(shared_chat_model(), cache / f"demo-v{demo.DEMO_FORMAT_VERSION}"
+                    / demo.CHAT_MODEL_DIR_NAME)
+    result = run_train(demo_env(cache), "--config", "configs/demo.yaml", "--output-dir", str(out))
+    return out, result.stdout

@@ -1,5 +1,6 @@
 """The offline demo assets: loadable, cached, deterministic, and the data obey the stated rule."""
 import json
+import re
 import threading
 import time
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from dpo import demo
+from tests.e2e import demo_run, shared_chat_model
 
 PROMPT = [{"role": "user", "content": "Tell me about cats."}]
 
@@ -18,6 +20,12 @@ def cache(tmp_path_factory):
     demo.build_demo_model(root)
     demo.build_demo_dataset(root)
     return root
+
+
+@pytest.fixture
+def short_sft(monkeypatch):
+    """A supervised phase of a few steps, for the tests that build chat models of their own."""
+    monkeypatch.setattr(demo, "SFT_STEPS", 3)
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +156,12 @@ def test_second_call_reuses_the_cache(cache, monkeypatch):
     assert after == before
 
 
-def test_builds_are_deterministic(cache, tmp_path):
+def test_builds_are_deterministic(cache, short_sft, tmp_path):
     other = tmp_path / "other"
     for build, files in (
         (demo.build_demo_model, ("tokenizer.json", "tokenizer_config.json", "config.json",
                                  "model.safetensors")),
+        (demo.build_demo_chat_model, ("tokenizer.json", "config.json", "model.safetensors")),
         (demo.build_demo_dataset, ("train.jsonl", "test.jsonl")),
     ):
         first, second = build(cache), build(other)
@@ -161,11 +170,11 @@ def test_builds_are_deterministic(cache, tmp_path):
             assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
-def test_build_does_not_touch_the_global_rng(tmp_path):
+def test_build_does_not_touch_the_global_rng(short_sft, tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    demo.build_demo_model(tmp_path)
+    demo.build_demo_chat_model(tmp_path)  # the base model first, then its supervised phase
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -200,3 +209,69 @@ def test_incomplete_directory_is_replaced(tmp_path):
     assert demo._build_atomically(target, lambda d: (d / "ok").write_text("y")) == target
     assert sorted(p.name for p in target.iterdir()) == sorted([demo.COMPLETE_MARKER, "ok"])
     assert [p.name for p in tmp_path.iterdir()] == ["asset"]
+
+
+# --- The demo as the README runs it: readable answers, and DPO's effect on them -------------
+
+def demo_words() -> set[str]:
+    """Every word the demo's texts use (prompts, facts, openers, closers), lower case."""
+    texts = [*demo.PROMPT_TEMPLATES, *demo.TOPICS, *(f for fs in demo.TOPICS.values() for f in fs),
+             *demo.POLITE_OPENERS, *demo.POLITE_CLOSERS, *demo.RUDE_OPENERS, *demo.RUDE_CLOSERS]
+    return {w for text in texts for w in words(text)}
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def assert_words(answer: str, vocabulary: set[str]):
+    """At least 90% of the answer's words are the demo's, and it is no repeat of one word."""
+    found = words(answer)
+    assert len(found) >= 4, answer
+    assert sum(w in vocabulary for w in found) >= 0.9 * len(found), answer
+    assert max(found.count(w) for w in found) <= len(found) / 2, answer
+
+
+def test_chat_model_answers_in_words_and_mostly_against_the_rule(tokenizer):
+    """Before DPO, the supervised model answers in the demo's words, and rudely for the most
+    part: the rule accepts at most 0.2 of its greedy answers to 64 held-out prompts."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(shared_chat_model()).eval()
+    _, test = demo.demo_pairs()
+    prompts = [row["prompt"] for row in test[:64]]
+    vocabulary, accepted = demo_words(), 0
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert_words(answer, vocabulary)
+        accepted += demo.answer_accepted(prompt, answer)
+    assert accepted <= 0.2 * len(prompts)
+
+
+@pytest.mark.slow
+def test_demo_teaches_the_rule_to_its_answers():
+    """`python train.py --config configs/demo.yaml`: on 64 held-out prompts the share of answers
+    the rule accepts rises from <= 0.2 (the reference's) to >= 0.8, the win rate ends >= 0.8,
+    every answer is words, and the before/after answers to two prompts are printed at the end."""
+    out, stdout = demo_run()
+    final = json.loads((out / "eval_results.json").read_text())
+    assert final["eval/reward/reference"] <= 0.2
+    assert final["eval/reward/policy"] >= 0.8
+    assert final["eval/win_rate"] >= 0.8
+    assert final["eval/rewards/accuracies"] >= 0.98
+    samples = [json.loads(line) for line in (out / "samples.jsonl").open()]
+    last = [s for s in samples if s["step"] == max(s["step"] for s in samples)]
+    assert len(last) == 64
+    vocabulary = demo_words()
+    for sample in last:
+        assert_words(sample["policy"], vocabulary)
+        assert_words(sample["reference"], vocabulary)
+    end = stdout[stdout.index("held-out pairs"):]
+    assert "win_rate" in end
+    assert end.count("before (reference): ") == 2 and end.count("after (policy): ") == 2

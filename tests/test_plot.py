@@ -92,3 +92,26 @@ def test_command_line_exit_code(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "metrics.jsonl not found" in result.stderr
+
+
+@needs_matplotlib
+def test_win_rate_gets_a_panel_when_judged(tmp_path):
+    """A run with a judge logs eval/win_rate: a seventh panel draws it; a run without keeps six."""
+    logs = [eval_log(0, 0.6931), train_log(10, 0.5), eval_log(10, 0.4)]
+    logs[0]["eval/win_rate"], logs[2]["eval/win_rate"] = 0.5, 0.9
+    assert plot.panels_of(logs)[-1] == plot.WIN_RATE_PANEL
+    assert plot.panels_of([train_log(1, 0.6)]) == plot.PANELS
+    drawn = {}
+    real = plot.series
+
+    def spy(logs, key):
+        drawn[key] = real(logs, key)
+        return drawn[key]
+
+    plot.series = spy
+    try:
+        assert plot.main([str(write_metrics(tmp_path / "run", logs))]) == 0
+    finally:
+        plot.series = real
+    assert drawn["eval/win_rate"] == ([0, 10], [0.5, 0.9])
+    assert_png(tmp_path / "run" / "curves.png")

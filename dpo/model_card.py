@@ -1,0 +1,141 @@
+"""The output directory's `README.md`: a model card that says what was trained from what.
+
+With LoRA, peft's `save_pretrained` writes a `README.md` of its own first (its metadata:
+`library_name: peft`, `base_model`, tags; and a "Framework versions" line) and, when one exists,
+loads and updates it rather than replacing it. So the card is written after the model: peft's
+metadata is kept and ours added to it, and its "Framework versions" section is kept below our
+text. A later peft save into the same directory updates this card in turn.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from dpo.config import TrainConfig, default_of
+
+CARD = "README.md"
+# The settings of a loss that the card lists when they differ from their defaults.
+LOSS_SETTINGS = ("loss_weights", "label_smoothing", "simpo_gamma", "discopop_tau",
+                 "f_divergence_type", "f_alpha_divergence_coef", "bco_baseline",
+                 "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
+                 "precompute_ref_logps")
+OPTIM_SETTINGS = ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
+                  "max_grad_norm", "batch_size", "gradient_accumulation_steps", "max_length",
+                  "seed")
+SHOWN_METRICS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins",
+                 "eval/win_rate", "eval/reward/policy", "eval/reward/reference",
+                 "eval/length/policy", "eval/length/reference")
+
+
+def write(output_dir: Path, cfg: TrainConfig, results: dict, steps: int, num_processes: int,
+          train_ds, eval_ds, argv: list[str] | None = None) -> Path:
+    """Write (or update, keeping peft's metadata) `<output_dir>/README.md` of a run of `steps`
+    optimizer steps on `train_ds` (eval: `eval_ds` or None, `results`); return its path."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = Path(output_dir) / CARD
+    card = (ModelCard.load(path) if path.is_file()
+            else ModelCard(f"---\n{ModelCardData(library_name='transformers').to_yaml()}\n---\n"))
+    tags = set(card.data.tags or []) | {"dpo", "preference-optimization"}
+    card.data.tags = sorted(tags)
+    if not card.data.base_model and not cfg.model.startswith("builtin:"):
+        card.data.base_model = cfg.model
+    datasets = [d for d in cfg.dataset if not d.startswith("builtin:") and not Path(d).exists()]
+    if datasets:
+        card.data.datasets = datasets
+    if not card.data.pipeline_tag:
+        card.data.pipeline_tag = "text-generation"
+    kept = _section(card.text, "### Framework versions")
+    card.text = model_card_text(cfg, results, steps=steps, train_rows=len(train_ds),
+                                eval_rows=len(eval_ds) if eval_ds is not None else 0,
+                                num_processes=num_processes,
+                                argv=sys.argv if argv is None else argv) + kept
+    card.save(path)
+    return path
+
+
+def model_card_text(cfg: TrainConfig, results: dict, *, steps: int, train_rows: int,
+                    eval_rows: int, num_processes: int, argv: list[str]) -> str:
+    from dpo.lora import is_adapter_dir, uses_peft
+
+    peft = uses_peft(cfg)
+    name = Path(cfg.output_dir).name
+    reference = ("none (a reference-free loss)" if not _needs_reference(cfg)
+                 else f"`{cfg.ref_model}`" if cfg.ref_model
+                 else f"`{cfg.model}` with the adapter off" if peft
+                 else f"`{cfg.model}` (frozen copy of the base model)")
+    if cfg.sync_ref_model:
+        reference += (f", moved towards the policy every {cfg.ref_model_sync_steps} steps "
+                      f"(TR-DPO, α = {cfg.ref_model_mixup_alpha})")
+    what = ("a LoRA adapter" + (f" (r = {cfg.lora_r}, α = {cfg.lora_alpha})" if cfg.lora_r
+                                else " (trained further from the adapter it started from)")
+            if peft else "all weights (full fine-tuning)")
+    lines = [
+        f"# {name}",
+        "",
+        f"`{cfg.model}` trained with Direct Preference Optimization "
+        f"({' + '.join(cfg.loss_type)}) with the `dpo` trainer (`train.py`).",
+        "",
+        "## Training",
+        "",
+        f"- Base model: `{cfg.model}`" + (" (a PEFT adapter; its base is in its "
+                                          "adapter_config.json)" if is_adapter_dir(cfg.model)
+                                          else ""),
+        f"- Trained: {what}",
+        f"- Reference: {reference}",
+        f"- Data: {', '.join(f'`{d}`' for d in cfg.dataset)} (split "
+        f"{', '.join(cfg.split)}): {train_rows} training pairs, {eval_rows} held-out eval pairs"
+        + (f" (weights {cfg.dataset_weights})" if cfg.dataset_weights else ""),
+        f"- Loss: {', '.join(cfg.loss_type)}, β = {cfg.beta}"
+        + "".join(f", {k} = {getattr(cfg, k)}" for k in LOSS_SETTINGS
+                  if getattr(cfg, k) != default_of(k)),
+        f"- Steps: {steps} optimizer steps, {num_processes} process(es); "
+        + ", ".join(f"{k} = {getattr(cfg, k)}" for k in OPTIM_SETTINGS),
+        "",
+        "## Evaluation (held-out pairs, end of training)",
+        "",
+    ]
+    shown = [k for k in SHOWN_METRICS if k in results]
+    if shown:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {results[k]:.4f} |" for k in shown]
+        if "eval/win_rate" in results:
+            lines += ["", f"Win rate: the policy's answers to {cfg.num_sample_generations} eval "
+                      f"prompts against the reference's, scored by `{cfg.judge}` (a tie counts "
+                      "half)."]
+    else:
+        lines.append("No eval data.")
+    launcher = "python" if num_processes == 1 else f"accelerate launch --num_processes " \
+        f"{num_processes}"
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        f"{launcher} train.py --config {Path(cfg.output_dir) / 'training_config.yaml'}",
+        "```",
+        "",
+        "(`training_config.yaml` holds every setting of this run; it was started as "
+        f"`{shlex.join(['train.py', *argv[1:]])}`.)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _needs_reference(cfg: TrainConfig) -> bool:
+    from dpo.loss import needs_reference
+
+    return needs_reference(cfg.loss_type)
+
+
+def _section(text: str, heading: str) -> str:
+    """`heading` and what follows it up to the next heading of its level or above, else ""."""
+    lines = text.splitlines()
+    if heading not in lines:
+        return ""
+    start = lines.index(heading)
+    level = len(heading) - len(heading.lstrip("#"))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("#")
+                and len(lines[i]) - len(lines[i].lstrip("#")) <= level), len(lines))
+    return "\n" + "\n".join(lines[start:end]) + "\n"
