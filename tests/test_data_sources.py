@@ -204,7 +204,8 @@ def test_resume_that_changes_the_draw_is_refused(tmp_path):
     (tmp_path / STATE_FILE).write_text(json.dumps(trainer_state(saved, 1, global_step=3)))
     assert check_resume(tmp_path, saved, 1) == []
     changed = TrainConfig(data_dir="data/finetune", streaming=False, output_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match=r"data_dir \['data/rl'\] -> \['data/finetune'\].*streaming"):
+    with pytest.raises(ConfigError,
+                       match=r"data_dir \['data/rl'\] -> \['data/finetune'\].*streaming"):
         check_resume(tmp_path, changed, 1)
 
 

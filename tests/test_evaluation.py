@@ -1,7 +1,6 @@
 """Sample generations: eval mode and the KV cache, whatever mode training left the model in."""
 from types import SimpleNamespace
 
-import torch
 from accelerate import Accelerator
 
 from dpo.evaluation import generate_answers, log_samples, share, summary

@@ -196,7 +196,8 @@ def check_loss_options(
             if name == "exo_pair":  # ε = 0 makes EXO's log ε infinite
                 ok = ok and label_smoothing > 0
             if not ok:
-                bounds = f"{'(' if name == 'exo_pair' else '['}{low}, {high}{']' if closed else ')'}"
+                opening, closing = "(" if name == "exo_pair" else "[", "]" if closed else ")"
+                bounds = f"{opening}{low}, {high}{closing}"
                 raise ValueError(f"label_smoothing for loss_type={name!r} must lie in {bounds}, "
                                  f"got {label_smoothing!r}")
     if simpo_gamma != 0 and "simpo" not in types:
