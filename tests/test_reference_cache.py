@@ -263,7 +263,8 @@ def test_a_restart_reuses_the_cache_and_trains_the_same(tmp_path):
     the cache, runs no reference pass, and trains to the same weights bit for bit."""
     env = demo_env(tmp_path / "cache")
     flags = ["--config", "configs/demo.yaml", "--num-samples", "40", "--eval-samples", "8",
-             "--max-steps", "3", "--precompute-ref-logps", "--num-sample-generations", "0"]
+             "--max-steps", "3", "--precompute-ref-logps", "--num-sample-generations", "0",
+             "--judge", "none"]
     first = run_train(env, *flags, "--output-dir", str(tmp_path / "a"))
     again = run_train(env, *flags, "--output-dir", str(tmp_path / "b"))
     assert first.stdout.count("pairs computed in") == 2  # train and eval
