@@ -351,14 +351,7 @@ def _settle_padding_free(accelerator: Accelerator, cfg: TrainConfig, policy: nn.
     unwrapped = extract_model_from_parallel(policy)
     implementation = unwrapped.config._attn_implementation
     if cfg.padding_free is None:
-        why_not = (f"attn_implementation {implementation}, measured only with sdpa"
-                   if implementation not in ("sdpa", PACKED_SDPA) or type(unwrapped) in
-                   DENSE_MASK_ONLY
-                   else "a mixture of experts' router loss needs the attention mask"
-                   if cfg.router_aux_loss_coef
-                   else f"max_length {cfg.max_length} exceeds padding_free_max_tokens "
-                   f"{cfg.padding_free_max_tokens}"
-                   if cfg.max_length > cfg.padding_free_max_tokens else None)
+        why_not = _not_by_default(cfg, unwrapped)
         if why_not is not None:
             accelerator.print(f"padding-free batches: off ({why_not})")
             return dataclasses.replace(cfg, padding_free=False)
@@ -379,6 +372,19 @@ def _settle_padding_free(accelerator: Accelerator, cfg: TrainConfig, policy: nn.
         f"padding_free: {type(unwrapped).__name__} with attn_implementation {implementation} "
         f"does not keep packed sequences apart: {reason}; use sdpa, eager or flex_attention, "
         "or drop --padding-free")
+
+
+def _not_by_default(cfg: TrainConfig, model: nn.Module) -> str | None:
+    """Why packing stays off when left unset, before any probe; None if nothing says so."""
+    implementation = model.config._attn_implementation
+    if implementation not in ("sdpa", PACKED_SDPA) or type(model) in DENSE_MASK_ONLY:
+        return f"attn_implementation {implementation}, measured only with sdpa"
+    if cfg.router_aux_loss_coef:
+        return "a mixture of experts' router loss needs the attention mask"
+    if cfg.max_length > cfg.padding_free_max_tokens:
+        return (f"max_length {cfg.max_length} exceeds padding_free_max_tokens "
+                f"{cfg.padding_free_max_tokens}")
+    return None
 
 
 def _settle_chunked_head(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module
