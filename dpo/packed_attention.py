@@ -1,4 +1,4 @@
-"""SDPA that attends within each packed sequence, one causal kernel call per sequence.
+"""SDPA that attends within each packed sequence: per sequence, or one varlen call on CUDA.
 
 transformers keeps packed sequences apart (position ids restarting, no attention mask, no
 cache) by building a dense `[L, L]` block-diagonal mask over the whole packed row. SDPA then
