@@ -208,11 +208,8 @@ def check_loss_options(
     if f_divergence_type not in delta.F_DIVERGENCES:
         raise ValueError(f"f_divergence_type must be one of {delta.F_DIVERGENCES}, got "
                          f"{f_divergence_type!r}")
-    without = [t for t in types if not LOSSES[t].f_divergence]
-    if f_divergence_type != "reverse_kl" and without:
-        raise ValueError(f"f_divergence_type {f_divergence_type}: loss_type {', '.join(without)} "
-                         "is not written in the score difference; it is taken by "
-                         f"{', '.join(t for t in LOSSES if LOSSES[t].f_divergence)}")
+    if f_divergence_type != "reverse_kl":
+        _check_f_divergence(types, f_divergence_type)
     if not f_alpha_divergence_coef > 0 or f_alpha_divergence_coef == float("inf"):
         raise ValueError("f_alpha_divergence_coef must be a finite number > 0, got "
                          f"{f_alpha_divergence_coef!r}")
@@ -231,6 +228,31 @@ def check_loss_options(
         if set(types) == {"sft"}:
             raise ValueError("ld_alpha: loss_type sft has no preference term to desensitise "
                              "(its NLL reads the whole chosen response)")
+
+
+def _check_f_divergence(types: list[str], kind: str) -> None:
+    """Another divergence than the reverse KL changes the score difference (`delta.
+    score_difference`), so it takes the losses written in it; `sft` reads no scores and may stand
+    beside them (RPO), but not alone, where the divergence would change nothing."""
+    takes = ", ".join(t for t in LOSSES if LOSSES[t].f_divergence)
+    for name in types:
+        if LOSSES[name].f_divergence or name == "sft":
+            continue
+        if not LOSSES[name].reference:
+            why = "reads no reference model, so there is no divergence from it to change"
+        elif LOSSES[name].per_token:
+            # TRL 1.16 divides f'(u) by the length anyway.
+            why = ("divides each response's score by its length, a per-token mean only for the "
+                   "reverse KL's log-ratio: f'(u) of another divergence is not a sum over tokens")
+        else:
+            # f-DPO's reparameterisation leaves β·log Z(x), which cancels only in the difference.
+            why = ("puts a term on each response's own log-ratio (or sorts them), and f-DPO's "
+                   "reward holds only in the chosen-rejected difference")
+        raise ValueError(f"f_divergence_type {kind}: loss_type {name} {why}; it is taken by "
+                         f"{takes} (and sft beside them)")
+    if set(types) == {"sft"}:
+        raise ValueError(f"f_divergence_type {kind}: loss_type sft reads no scores, so the "
+                         f"divergence would change nothing; it is taken by {takes}")
 
 
 def _as_list(loss_type: str | Sequence[str]) -> list[str]:
