@@ -138,14 +138,18 @@ class TrainConfig:
     discopop_tau: float = _opt(0.05, "τ, the temperature of DiscoPOP's modulation")
     f_divergence_type: str = _opt("reverse_kl", "divergence from the reference whose score "
                                   "difference sigmoid, robust, exo_pair, discopop and hinge push "
-                                  "(f-DPO); reverse_kl is DPO's",
+                                  "(f-DPO; an sft term may stand beside them); reverse_kl is "
+                                  "DPO's",
                                   choices=("reverse_kl", "forward_kl", "js_divergence",
                                            "alpha_divergence"))
-    f_alpha_divergence_coef: float = _opt(0.5, "α of alpha_divergence")
+    f_alpha_divergence_coef: float = _opt(0.5, "α of alpha_divergence, in the f-DPO paper's "
+                                          "form f'(u) = (1 - u^(-α))/α (1 = forward_kl); TRL "
+                                          "1.16's f_alpha_divergence_coef is 1 - α")
     bco_baseline: str = _opt("running_mean", "δ of bco_pair: the running mean of the rewards, or "
                              "none (δ = 0)", choices=("running_mean", "none"))
     use_weighting: bool = _opt(False, "WPO: weight each pair's loss by how likely the policy "
-                               "finds its two responses (detached, at most 1)")
+                               "finds its two responses (detached, clamped at 1 as in the WPO "
+                               "authors' code; TRL 1.16 does not clamp)")
     ld_alpha: float | None = _opt(None, "LD-DPO's α in [0, 1]: the longer response's tokens past "
                                   "the shorter one's length count α times in its log-prob, "
                                   "for policy and reference (1 = DPO); none = off")

@@ -188,6 +188,15 @@ def test_alpha_divergence_agrees_with_trl_at_one_minus_alpha(loss_type, alpha):
              alpha_ours=alpha, label_smoothing=eps)
 
 
+def test_help_gives_the_trl_mapping_of_alpha_and_of_wpo():
+    from dpo.config import _build_parser
+
+    text = " ".join(_build_parser().format_help().split())
+    assert "f'(u) = (1 - u^(-α))/α (1 = forward_kl); TRL 1.16's f_alpha_divergence_coef is 1 - α" \
+        in text
+    assert "clamped at 1 as in the WPO authors' code; TRL 1.16 does not clamp" in text
+
+
 def test_alpha_divergence_differs_from_trl_without_the_mapping():
     batch, policy, reference = _batch()
     ours = _ours(batch, policy, reference, loss_type=["sigmoid"],

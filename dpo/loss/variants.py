@@ -15,8 +15,7 @@ import torch
 def wpo_weights(chosen_log_weights: torch.Tensor, rejected_log_weights: torch.Tensor
                 ) -> torch.Tensor:
     """WPO's per-pair weight (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference
-    Optimization", arXiv:2406.11827, with its weight alignment; Eq. 2 as TRL cites it), `(B,)`,
-    detached:
+    Optimization", arXiv:2406.11827, with its sampled weight alignment), `(B,)`, detached:
 
         log w(y) = (1/|y|)·Σ_t (log π(y_t|x, y_<t) − log Σ_v π(v|x, y_<t)²)
         weight   = min(1, w(y⁺)·w(y⁻))
@@ -25,9 +24,15 @@ def wpo_weights(chosen_log_weights: torch.Tensor, rejected_log_weights: torch.Te
     distribution at that position would give its own samples on average (Σ_v π(v)², so that a
     peaked distribution does not pass for an on-policy one): pairs the policy would not have
     written weigh less, simulating on-policy data with an off-policy set. The weight is computed
-    from the policy only, carries no gradient, and is clamped at 1, as TRL does
-    (`DPOTrainer` with `use_weighting`): w(y) can exceed 1 where a token is more likely than
-    the distribution's average, and one pair must not outweigh the mean.
+    from the policy only and carries no gradient.
+
+    It is clamped at 1, as in the WPO authors' released code (github.com/wzhouad/WPO,
+    `scripts/run_wpo.py`) and in TRL 0.x. The alignment puts the policy's own samples at about
+    1 (per token, E_{v~π}[π(v)/Σ_v π(v)²] = 1), the on-policy weight WPO simulates; w(y) exceeds
+    it only for responses likelier than the policy's own average (its greedy output, say),
+    which count as on-policy instead of outweighing the pairs it would sample. TRL 1.16
+    (`DPOTrainer` with `use_weighting`) does not clamp: there such a pair's loss is multiplied
+    by w > 1 (`tests/test_loss_trl.py`).
 
     Args:
         chosen_log_weights, rejected_log_weights: `(B,)` log w(y⁺), log w(y⁻)
@@ -53,10 +58,10 @@ def length_desensitised(logps: torch.Tensor, excess_logps: torch.Tensor, alpha: 
     at α = 1, to the bit.
 
     Applied to the policy and the reference alike, as the paper's objective compares π̂_θ with
-    π̂_ref (TRL's `ld_alpha` applies it to the policy only): so that π = π_ref still gives Δ = 0,
-    the loss ln 2 at step 0 and rewards that are log-ratios of the same quantity; with the
-    policy alone, each pair's Δ would carry a constant −(1 − α)·Σ_{t > ℓ_p} log π_ref of the
-    longer response, a margin that never moves.
+    π̂_ref, and as TRL 1.16's `ld_alpha` does (its precomputed reference log-probs too): so that
+    π = π_ref still gives Δ = 0, the loss ln 2 at step 0 and rewards that are log-ratios of the
+    same quantity; with the policy alone, each pair's Δ would carry a constant
+    −(1 − α)·Σ_{t > ℓ_p} log π_ref of the longer response, a margin that never moves.
 
     Args:
         logps: `(B,)` summed log-probs log π(y|x) of all response tokens.
