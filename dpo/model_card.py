@@ -15,11 +15,14 @@ from pathlib import Path
 from dpo.config import TrainConfig, default_of
 
 CARD = "README.md"
-# The settings of a loss that the card lists when they differ from their defaults.
-LOSS_SETTINGS = ("loss_weights", "label_smoothing", "simpo_gamma", "discopop_tau",
-                 "f_divergence_type", "f_alpha_divergence_coef", "bco_baseline",
-                 "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
-                 "precompute_ref_logps")
+# The settings that shape the objective, which the card lists when they differ from their
+# defaults, with the method each one turns on.
+LOSS_SETTINGS = {"loss_weights": "MPO", "label_smoothing": None, "simpo_gamma": None,
+                 "discopop_tau": None, "f_divergence_type": "f-DPO",
+                 "f_alpha_divergence_coef": None, "bco_baseline": None,
+                 "use_weighting": "WPO", "ld_alpha": "LD-DPO", "router_aux_loss_coef": None,
+                 "sync_ref_model": "TR-DPO", "ref_model_mixup_alpha": None,
+                 "ref_model_sync_steps": None, "precompute_ref_logps": None}
 OPTIM_SETTINGS = ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
                   "max_grad_norm", "batch_size", "gradient_accumulation_steps", "max_length",
                   "seed")
@@ -87,9 +90,7 @@ def model_card_text(cfg: TrainConfig, results: dict, *, steps: int, train_rows: 
         f"- Data: {', '.join(f'`{d}`' for d in cfg.dataset)} (split "
         f"{', '.join(cfg.split)}): {train_rows} training pairs, {eval_rows} held-out eval pairs"
         + (f" (weights {cfg.dataset_weights})" if cfg.dataset_weights else ""),
-        f"- Loss: {', '.join(cfg.loss_type)}, β = {cfg.beta}"
-        + "".join(f", {k} = {getattr(cfg, k)}" for k in LOSS_SETTINGS
-                  if getattr(cfg, k) != default_of(k)),
+        _loss_line(cfg),
         f"- Steps: {steps} optimizer steps, {num_processes} process(es); "
         + ", ".join(f"{k} = {getattr(cfg, k)}" for k in OPTIM_SETTINGS),
         "",
@@ -121,6 +122,20 @@ def model_card_text(cfg: TrainConfig, results: dict, *, steps: int, train_rows: 
         "",
     ]
     return "\n".join(lines)
+
+
+def _loss_line(cfg: TrainConfig) -> str:
+    """`- Loss: ...`: the loss types, β and every loss setting away from its default (a loss's
+    own default label smoothing too: it shapes the objective as much as a given one)."""
+    from dpo.loss import LOSSES
+
+    settings = [f"{k} = {getattr(cfg, k)}" + (f" ({tag})" if tag else "")
+                for k, tag in LOSS_SETTINGS.items() if getattr(cfg, k) != default_of(k)]
+    if cfg.label_smoothing is None:
+        settings += [f"label_smoothing = {LOSSES[t].default_smoothing} ({t}'s default)"
+                     for t in cfg.loss_type if LOSSES[t].default_smoothing]
+    return f"- Loss: {', '.join(cfg.loss_type)}, β = {cfg.beta}" + "".join(
+        f", {s}" for s in settings)
 
 
 def _needs_reference(cfg: TrainConfig) -> bool:

@@ -57,3 +57,23 @@ def test_card_beside_peft_keeps_both(tmp_path):
     again = (tmp_path / "README.md").read_text()
     assert "Reference: `Qwen/Qwen3-0.6B` with the adapter off" in again
     assert again.count("- PEFT ") == 1
+
+
+@pytest.mark.parametrize("options, texts", [
+    (dict(use_weighting=True), ["use_weighting = True (WPO)"]),
+    (dict(ld_alpha=0.5), ["ld_alpha = 0.5 (LD-DPO)"]),
+    (dict(loss_type=["sigmoid"], rpo_alpha=0.5, f_divergence_type="alpha_divergence",
+          f_alpha_divergence_coef=0.3),
+     ["Loss: sigmoid, sft, β = 0.1", "loss_weights = [1.0, 0.5] (MPO)",
+      "f_divergence_type = alpha_divergence (f-DPO)", "f_alpha_divergence_coef = 0.3"]),
+    (dict(loss_type=["exo_pair"]), ["label_smoothing = 0.001 (exo_pair's default)"]),
+    (dict(router_aux_loss_coef=0.01), ["router_aux_loss_coef = 0.01"]),
+])
+def test_the_loss_line_names_every_setting_that_shapes_the_objective(options, texts):
+    """A WPO or LD-DPO run is not "Loss: sigmoid" alone."""
+    cfg = TrainConfig(model="tiny", dataset="none", **options)
+    card = model_card.model_card_text(cfg, {}, steps=1, train_rows=1, eval_rows=0,
+                                      num_processes=1, argv=["train.py"])
+    line = next(x for x in card.splitlines() if x.startswith("- Loss: "))
+    for text in texts:
+        assert text in line, line
