@@ -219,3 +219,21 @@ def test_an_error_names_the_dataset_it_comes_from(three_sources, tiny_tokenizer)
     with pytest.raises(ConfigError, match=rf"dataset {root / 'c.jsonl'}: num_samples=40 but the "
                                           "split has 20 rows"):
         build_datasets(cfg, _Accelerator(), prepare_tokenizer(tiny_tokenizer))
+
+
+def test_an_eval_split_slice_applies_to_each_dataset(three_sources, tiny_tokenizer):
+    """--eval-split train[80%:] reads rows 16-19 of each dataset, beside its own training slice
+    (`a`'s rows 18 and 19 are identical pairs, dropped when tokenized); a dataset whose training split overlaps it is named in the one-line refusal."""
+    root = three_sources
+    tokenizer = prepare_tokenizer(tiny_tokenizer)
+    cfg = dict(dataset=[str(root / "a"), str(root / "c.jsonl")], eval_split="train[80%:]",
+               num_samples=None, max_length=64, tokenize_cache=False)
+    _, evals = build_datasets(TrainConfig(split=["train[:80%]", "train[:50%]"], **cfg),
+                              _Accelerator(), tokenizer)
+    assert evals["source"] == [0] * 2 + [1] * 4
+    assert sorted(evals["row_index"][:2]) == [16, 17]
+    assert sorted(evals["row_index"][2:]) == [16, 17, 18, 19]
+    with pytest.raises(ConfigError, match=rf"dataset {root / 'c.jsonl'}: eval_split "
+                                          r"'train\[80%:\]' overlaps split 'train'"):
+        build_datasets(TrainConfig(split=["train[:80%]", "train"], **cfg), _Accelerator(),
+                       tokenizer)
