@@ -223,7 +223,8 @@ def test_an_error_names_the_dataset_it_comes_from(three_sources, tiny_tokenizer)
 
 def test_an_eval_split_slice_applies_to_each_dataset(three_sources, tiny_tokenizer):
     """--eval-split train[80%:] reads rows 16-19 of each dataset, beside its own training slice
-    (`a`'s rows 18 and 19 are identical pairs, dropped when tokenized); a dataset whose training split overlaps it is named in the one-line refusal."""
+    (`a`'s rows 18 and 19 are identical pairs, dropped when tokenized); a dataset whose training
+    split overlaps it is named in the one-line refusal."""
     root = three_sources
     tokenizer = prepare_tokenizer(tiny_tokenizer)
     cfg = dict(dataset=[str(root / "a"), str(root / "c.jsonl")], eval_split="train[80%:]",
