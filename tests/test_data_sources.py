@@ -316,6 +316,36 @@ def test_build_datasets_warns_on_the_seed_layout_and_reads_data_dir(seed_layout,
     assert not any("warning" in line for line in accelerator.printed)
 
 
+def test_an_eval_set_that_filtering_empties_is_named_with_its_reasons(tmp_path, tiny_tokenizer):
+    """The training pairs are fine, the eval rows are all dropped: the line names the eval rows
+    (a test split; a slice) and the filter report's reasons, not the dataset as a whole."""
+    from dpo.data import prepare_tokenizer
+    from dpo.loaders import build_datasets
+
+    tokenizer = prepare_tokenizer(tiny_tokenizer)
+    pair = {"prompt": "q?", "chosen": "yes.", "rejected": "no."}
+    _jsonl(tmp_path / "d" / "train.jsonl", [pair] * 10)
+    _jsonl(tmp_path / "d" / "test.jsonl", [{**pair, "rejected": "yes."}] * 4)
+    cfg = TrainConfig(dataset=str(tmp_path / "d"), num_samples=None, eval_samples=4,
+                      max_length=16, tokenize_cache=False)
+    with pytest.raises(ConfigError, match=r"d: eval pairs: none is left of its test split: kept "
+                                          r"0 of 4 pairs .*identical 4 .*10 training pairs are "
+                                          r"kept.*--eval-samples 0") as e:
+        build_datasets(cfg, _Accelerator(), tokenizer)
+    assert "\n" not in str(e.value)
+    _jsonl(tmp_path / "e.jsonl", [pair] * 16 + [{**pair, "chosen": " "}] * 4)
+    cfg = TrainConfig(dataset=str(tmp_path / "e.jsonl"), split="train[:80%]", max_length=16,
+                      eval_split="train[80%:]", num_samples=None, tokenize_cache=False)
+    with pytest.raises(ConfigError, match=r"none is left of eval_split train\[80%:\]: .*"
+                                          r"empty 4 \(rows 16, 17, 18, 19\)"):
+        build_datasets(cfg, _Accelerator(), tokenizer)
+
+
+def _jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 def test_build_datasets_turns_an_unreachable_hub_dataset_into_one_line(monkeypatch,
                                                                         tiny_tokenizer):
     from dpo.loaders import build_datasets

@@ -198,7 +198,7 @@ def _take(source: IterableDataset, count: int, seed: int, buffer_size: int, what
     if len(rows) < count and not fewer_ok:
         raise ValueError(f"{what}={count} but the streamed split has only {len(rows)} rows; ask "
                          f"for at most {len(rows)}")
-    return Dataset.from_list(rows, features=source.features)
+    return Dataset.from_list(rows, features=source.features, split=source.split)
 
 
 def load_preference_splits(

@@ -104,6 +104,14 @@ class FilterReport:
         return f"{line}, dropped {self.total - self.kept}: " + "; ".join(reasons)
 
 
+class NoPairsLeft(ValueError):
+    """Every row was dropped; ``report`` says why, so a caller can name the rows' set."""
+
+    def __init__(self, report: FilterReport):
+        super().__init__(f"no usable preference pairs are left: {report}")
+        self.report = report
+
+
 class _PairTokenizer:
     """``Dataset.map`` function (batched) that turns normalised rows into token ids.
 
@@ -413,7 +421,8 @@ def tokenize_preferences(
     ``_PairTokenizer.truncate_and_label`` for the truncation rules.
 
     Returns the tokenized rows (see the module docstring for the columns) and a ``FilterReport``.
-    Raises ``ValueError`` when no row is left, and in ``strict`` mode for the first bad row.
+    Raises ``NoPairsLeft`` (a ``ValueError``) when no row is left, and ``ValueError`` in
+    ``strict`` mode for the first bad row.
     """
     if max_prompt_length is None:
         max_prompt_length = max_length // 2
@@ -451,7 +460,7 @@ def tokenize_preferences(
         row, problem = min((row, problem) for row, problem in zip(row_indices, problems) if problem)
         raise ValueError(f"row {row}: {problem} (strict mode)")
     if report.kept == 0:
-        raise ValueError(f"no usable preference pairs are left: {report}")
+        raise NoPairsLeft(report)
     kept = [i for i, problem in enumerate(problems) if not problem]
     return tokenized.select(kept).remove_columns(["problem", "truncated"]), report
 
