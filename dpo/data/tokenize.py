@@ -305,13 +305,19 @@ class _PairTokenizer:
         return [self.bos_id, *prompt_ids]
 
     def truncate_and_label(self, prompt: list[int], chosen: list[int], rejected: list[int]):
-        """Fit the pair into ``max_length`` and build ids and labels.
+        """Fit the pair into ``max_length`` and build ids and labels; a pair without prompt
+        tokens is skipped (``no_prompt_tokens``).
 
         Only a pair that does not fit is truncated: the prompt keeps its end (the last turns, and
         a leading BOS) up to ``max_prompt_length`` tokens, then each response keeps its start up
         to ``max_length`` minus the prompt's tokens, end token included: a cut response loses
         its end token, since it must not teach the model to stop mid-sentence.
         """
+        if not prompt:
+            # A causal LM scores each token from the ones before it: the first response token
+            # would have no logit, so the pair's log-prob would silently lack it.
+            raise RowProblem("no_prompt_tokens", "the prompt has no tokens and the tokenizer "
+                             "adds no BOS: the first response token cannot be scored")
         truncated = len(prompt) + max(len(chosen), len(rejected)) > self.max_length
         if truncated:
             if len(prompt) > self.max_prompt_length:
