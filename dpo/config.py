@@ -96,7 +96,9 @@ class TrainConfig:
     eval_data_dir: str | None = _opt(None, "its subfolder (default: --data-dir when eval_dataset "
                                      "is the same)")
     eval_split: str | None = _opt(None, "eval split, of every dataset (default: a "
-                                  "test/validation split if any, else rows held out of the draw)")
+                                  "test/validation split if any, else rows held out of the draw); "
+                                  "a slice of --split's split (train[80%%:]) is read whole and "
+                                  "must not overlap --split")
     streaming: bool | None = _opt(None, "stream the data and read only the rows drawn (default: "
                                   "on for a hub dataset when num_samples is set)")
     shuffle_buffer_size: int = _opt(10_000, "rows in the streamed shuffle's buffer: a draw reads "

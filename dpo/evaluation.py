@@ -95,6 +95,10 @@ def generate_answers(accelerator: Accelerator, cfg: TrainConfig, model, tokenize
     """
     if not prompts:
         return []
+    empty = next((i for i, prompt in enumerate(prompts) if not prompt), None)
+    if empty is not None:  # tokenizing drops such pairs (no_prompt_tokens): none should get here
+        raise ValueError(f"sample prompt {empty} has no tokens: a model without a BOS has "
+                         "nothing to generate its first token from")
     synced = (accelerator.distributed_type == DistributedType.FSDP
               or (accelerator.distributed_type == DistributedType.DEEPSPEED
                   and accelerator.state.deepspeed_plugin.zero_stage == 3))
@@ -118,9 +122,9 @@ def generate_answers(accelerator: Accelerator, cfg: TrainConfig, model, tokenize
             width = max(map(len, batch))
             # Left padding: every answer starts right after its prompt, at column `width`.
             ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch],
-                               device=accelerator.device)
+                               dtype=torch.long, device=accelerator.device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch],
-                                device=accelerator.device)
+                                dtype=torch.long, device=accelerator.device)
             with accelerator.autocast():
                 out = model.generate(ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
                                      pad_token_id=tokenizer.pad_token_id, synced_gpus=synced,

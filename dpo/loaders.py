@@ -24,6 +24,7 @@ from dpo.data.cache import default_cache_dir, tokenize_cached
 from dpo.data import mixture
 from dpo.data.mixture import PER_DATASET
 from dpo.data.sources import layout_warning
+from dpo.data.tokenize import NoPairsLeft
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".gz")
 
@@ -48,7 +49,7 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
                           cfg.dataset_weights or cfg.dataset_num_samples, len(datasets_))
     settings = [dict(zip(PER_DATASET, values))
                 for values in zip(*map(cfg.per_dataset, PER_DATASET))]
-    train_parts, eval_parts = [], []
+    train_parts, eval_parts, emptied = [], [], []
     # Under main_process_first the main process tokenizes and saves; the others load its result.
     with accelerator.main_process_first(), _quiet_datasets_logger():
         for i, name in enumerate(names):
@@ -56,12 +57,19 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
             train, evals, report = _load_one(
                 cfg, accelerator, tokenizer, datasets_[i], cfg.dataset[i], seed=cfg.seed + i,
                 num_samples=num_samples, eval_samples=eval_samples, eval_dataset=eval_dataset,
-                **settings[i])
+                mixed=len(names) > 1, **settings[i])
             accelerator.print(f"train pairs{f' ({name})' if len(names) > 1 else ''}: {report}")
             train_parts.append(train)
-            if evals is not None:
+            if isinstance(evals, EmptyEval):
+                accelerator.print(f"warning: eval pairs ({name}): {evals}; {name} is left out "
+                                  "of eval, the other datasets are evaluated")
+                emptied.append(f"{name}: {evals}")
+            elif evals is not None:
                 eval_parts.append(evals.add_column("source", [i] * len(evals))
                                   if len(names) > 1 else evals)
+    if emptied and not eval_parts:
+        raise ConfigError(f"no eval pair is left of any dataset ({'; '.join(emptied)}); choose "
+                          "other eval rows, or --eval-samples 0 to train without eval")
     if len(train_parts) > 1:
         accelerator.print(f"train pairs: {sum(map(len, train_parts))} from {len(names)} datasets "
                           f"({', '.join(f'{n} {len(p)}' for n, p in zip(names, train_parts))})")
@@ -86,9 +94,17 @@ def dataset_names(cfg: TrainConfig) -> list[str]:
                                  cfg.per_dataset("data_dir"), cfg.per_dataset("split"))
 
 
+class EmptyEval(str):
+    """Says which eval rows tokenizing dropped, every one, and why (the filter report)."""
+
+
 def _load_one(cfg: TrainConfig, accelerator: Accelerator, tokenizer, dataset: str, given: str,
-              **settings):
-    """One dataset's `(train pairs, eval pairs or None, filter report)`; errors name it."""
+              mixed: bool = False, **settings):
+    """One dataset's `(train pairs, eval pairs or None, filter report)`; errors name it.
+
+    Eval rows that tokenizing drops every one of stop a run of one dataset (the training pairs are
+    fine: the message names the eval rows and the reasons); in a mixture (`mixed`) they come back
+    as an `EmptyEval`, and the other datasets are evaluated."""
     tokenize = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                     chat_template=cfg.chat_template, prompt_template=cfg.prompt_template,
                     strict=cfg.strict_data, num_proc=cfg.num_proc,
@@ -101,15 +117,39 @@ def _load_one(cfg: TrainConfig, accelerator: Accelerator, tokenizer, dataset: st
             eval_data_dir=cfg.eval_data_dir, eval_split=cfg.eval_split,
             streaming=cfg.streaming, shuffle_buffer_size=cfg.shuffle_buffer_size, **settings)
         train, report = tokenize_cached(train_rows, tokenizer, **tokenize)
-        evals = tokenize_cached(eval_rows, tokenizer, **tokenize)[0] if len(eval_rows) else None
-        if evals is not None:  # a judge renders the prompts with its own chat template
-            evals = evals.add_column("prompt_messages", _prompts_of(eval_rows, evals),
-                                     feature=eval_rows.features["prompt"])
+        if not len(eval_rows):
+            return train, None, report
+        what = _eval_rows_named(cfg, settings["split"], eval_rows)
+        try:
+            evals = tokenize_cached(eval_rows, tokenizer, **tokenize)[0]
+        except NoPairsLeft as e:
+            empty = EmptyEval(f"none is left of {what}: {e.report}")
+            if mixed:
+                return train, empty, report
+            raise ValueError(f"eval pairs: {empty} (the {report.kept} training pairs are "
+                             "kept); choose other eval rows (--eval-split), or --eval-samples 0 "
+                             "to train without eval") from None
+        except ValueError as e:
+            raise ValueError(f"eval pairs ({what}): {e}") from None
+        # A judge renders the prompts with its own chat template.
+        evals = evals.add_column("prompt_messages", _prompts_of(eval_rows, evals),
+                                 feature=eval_rows.features["prompt"])
     except (DatasetGenerationError, FileNotFoundError) as e:
         raise ConfigError(f"dataset {given}: {_root_message(e)}") from None
     except ValueError as e:
         raise ConfigError(f"dataset {given}: {e}") from None
     return train, evals, report
+
+
+def _eval_rows_named(cfg: TrainConfig, split: str, eval_rows) -> str:
+    """Which rows `eval_rows` are, as the user chose them (or the defaults did)."""
+    if cfg.eval_dataset:
+        return f"eval_dataset {cfg.eval_dataset}, split {cfg.eval_split or eval_rows.split}"
+    if cfg.eval_split and cfg.eval_split != split:
+        return f"eval_split {cfg.eval_split}"
+    if str(eval_rows.split) != split.split("[")[0]:
+        return f"its {eval_rows.split} split"
+    return f"the {len(eval_rows)} rows held out of the draw"
 
 
 def _prompts_of(rows, tokenized) -> list[list[dict]]:

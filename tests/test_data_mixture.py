@@ -1,6 +1,7 @@
 """Mixtures (dpo.data.mixture): shares of num_samples and eval_samples, per-dataset settings and
 format detection, per-dataset filter reports and eval sources, and one line per bad input."""
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -219,3 +220,49 @@ def test_an_error_names_the_dataset_it_comes_from(three_sources, tiny_tokenizer)
     with pytest.raises(ConfigError, match=rf"dataset {root / 'c.jsonl'}: num_samples=40 but the "
                                           "split has 20 rows"):
         build_datasets(cfg, _Accelerator(), prepare_tokenizer(tiny_tokenizer))
+
+
+def test_an_eval_split_slice_applies_to_each_dataset(three_sources, tiny_tokenizer):
+    """--eval-split train[80%:] reads rows 16-19 of each dataset, beside its own training slice
+    (`a`'s rows 18 and 19 are identical pairs, dropped when tokenized); a dataset whose training
+    split overlaps it is named in the one-line refusal."""
+    root = three_sources
+    tokenizer = prepare_tokenizer(tiny_tokenizer)
+    cfg = dict(dataset=[str(root / "a"), str(root / "c.jsonl")], eval_split="train[80%:]",
+               num_samples=None, max_length=64, tokenize_cache=False)
+    _, evals = build_datasets(TrainConfig(split=["train[:80%]", "train[:50%]"], **cfg),
+                              _Accelerator(), tokenizer)
+    assert evals["source"] == [0] * 2 + [1] * 4
+    assert sorted(evals["row_index"][:2]) == [16, 17]
+    assert sorted(evals["row_index"][2:]) == [16, 17, 18, 19]
+    with pytest.raises(ConfigError, match=rf"dataset {root / 'c.jsonl'}: eval_split "
+                                          r"'train\[80%:\]' overlaps split 'train'"):
+        build_datasets(TrainConfig(split=["train[:80%]", "train"], **cfg), _Accelerator(),
+                       tokenizer)
+
+
+def test_a_dataset_whose_eval_rows_are_all_dropped_is_left_out_of_eval(three_sources, tmp_path,
+                                                                       tiny_tokenizer):
+    """`d`'s test split holds only identical pairs: one warning line names it and its reasons, and
+    `a` is evaluated alone; when no dataset has an eval pair left, the run stops in one line."""
+    tokenizer = prepare_tokenizer(tiny_tokenizer)
+    for name in ("d", "e"):
+        _jsonl(tmp_path / name / "train.jsonl", [{"prompt": f"{name} {i}?", "chosen": "Yes.",
+                                                  "rejected": "No."} for i in range(8)])
+        _jsonl(tmp_path / name / "test.jsonl", [{"prompt": f"{name}?", "chosen": "Same.",
+                                                 "rejected": "Same."}] * 3)
+    accelerator = _Accelerator()
+    cfg = dict(num_samples=None, max_length=64, tokenize_cache=False)
+    train, evals = build_datasets(TrainConfig(dataset=[str(three_sources / "a"),
+                                                       str(tmp_path / "d")], **cfg),
+                                  accelerator, tokenizer)
+    assert len(train) == 18 + 8 and evals["source"] == [0] * 2  # 10% of a's 20 rows
+    warnings = [line for line in accelerator.printed if line.startswith("warning")]
+    assert len(warnings) == 1 and re.fullmatch(
+        r"warning: eval pairs \(d\): none is left of its test split: kept 0 of 1 pairs \(0 "
+        r"truncated\), dropped 1: identical 1 \(rows \d\); d is left out of eval, the other "
+        r"datasets are evaluated", warnings[0])
+    with pytest.raises(ConfigError, match=r"no eval pair is left of any dataset \(d: none is "
+                                          r"left .*identical 1.*; e: none is left"):
+        build_datasets(TrainConfig(dataset=[str(tmp_path / "d"), str(tmp_path / "e")], **cfg),
+                       _Accelerator(), tokenizer)

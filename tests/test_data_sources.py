@@ -2,6 +2,7 @@
 the streamed seeded draw, and one clear line for each bad input — all on local files."""
 import json
 import os
+import re
 
 import datasets
 import pandas as pd
@@ -77,6 +78,55 @@ def test_split_slice_draws_only_from_the_slice(seed_layout):
                         eval_samples=0)
     assert len(train) == 15  # a quarter of 60 rows
     assert sorted(train["row_index"]) == list(range(15))
+
+
+@pytest.fixture(scope="module")
+def twenty_rows(tmp_path_factory):
+    """A 20-row JSONL file whose row i asks "q i?"."""
+    path = tmp_path_factory.mktemp("twenty") / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q {i}?", "chosen": f"good {i}.",
+                                        "rejected": f"bad {i}."}) + "\n" for i in range(20)))
+    return path
+
+
+def test_an_eval_slice_of_the_training_split_is_read_as_written(twenty_rows):
+    """train[:80%] trains on rows 0-15 and train[80%:] evaluates on rows 16-19, all four by
+    default; --num-samples draws from the training slice and --eval-samples from the eval one."""
+    train, eval_ = load(twenty_rows, num_samples=None, split="train[:80%]",
+                        eval_split="train[80%:]")
+    assert sorted(train["row_index"]) == list(range(16))
+    assert sorted(eval_["row_index"]) == [16, 17, 18, 19]
+    assert sorted(questions(eval_)) == [f"q {i}?" for i in range(16, 20)]
+    train, eval_ = load(twenty_rows, num_samples=6, split="train[:16]", eval_split="train[16:]",
+                        eval_samples=2)
+    assert len(train) == 6 and max(train["row_index"]) < 16
+    assert len(eval_) == 2 and min(eval_["row_index"]) >= 16
+    # Rows are named by their row in the split, also in a slice that does not start at 0.
+    train, _ = load(twenty_rows, num_samples=None, split="train[10:20]", eval_split="train[:10]")
+    assert sorted(train["row_index"]) == list(range(10, 20))
+    assert all(q == f"q {i}?" for q, i in zip(questions(train), train["row_index"]))
+    # The training split itself as eval split: rows are held out of the draw, as before.
+    train, eval_ = load(twenty_rows, num_samples=None, split="train[:80%]",
+                        eval_split="train[:80%]", eval_samples=3)
+    assert len(eval_) == 3 and len(train) == 13
+    assert max([*train["row_index"], *eval_["row_index"]]) < 16
+
+
+@pytest.mark.parametrize("split, eval_split", [("train[:80%]", "train[50%:]"),
+                                               ("train", "train[80%:]"),
+                                               ("train[:10%]+train[-10%:]", "train[90%:]")])
+def test_an_eval_slice_that_overlaps_the_training_slice_is_refused(twenty_rows, tiny_tokenizer,
+                                                                    split, eval_split):
+    from dpo.loaders import build_datasets
+
+    with pytest.raises(ValueError, match=rf"eval_split {re.escape(repr(eval_split))} overlaps "
+                                         rf"split {re.escape(repr(split))}") as e:
+        load(twenty_rows, num_samples=None, split=split, eval_split=eval_split)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="overlaps split"):
+        build_datasets(TrainConfig(dataset=str(twenty_rows), split=split, eval_split=eval_split,
+                                   num_samples=None, max_length=64, tokenize_cache=False),
+                       _Accelerator(), tiny_tokenizer)
 
 
 def test_eval_split_names_a_split_of_the_same_source(tmp_path):
@@ -264,6 +314,36 @@ def test_build_datasets_warns_on_the_seed_layout_and_reads_data_dir(seed_layout,
     train, eval_ = build_datasets(cfg, accelerator, tiny_tokenizer)
     assert (len(train), len(eval_)) == (10, 3)
     assert not any("warning" in line for line in accelerator.printed)
+
+
+def test_an_eval_set_that_filtering_empties_is_named_with_its_reasons(tmp_path, tiny_tokenizer):
+    """The training pairs are fine, the eval rows are all dropped: the line names the eval rows
+    (a test split; a slice) and the filter report's reasons, not the dataset as a whole."""
+    from dpo.data import prepare_tokenizer
+    from dpo.loaders import build_datasets
+
+    tokenizer = prepare_tokenizer(tiny_tokenizer)
+    pair = {"prompt": "q?", "chosen": "yes.", "rejected": "no."}
+    _jsonl(tmp_path / "d" / "train.jsonl", [pair] * 10)
+    _jsonl(tmp_path / "d" / "test.jsonl", [{**pair, "rejected": "yes."}] * 4)
+    cfg = TrainConfig(dataset=str(tmp_path / "d"), num_samples=None, eval_samples=4,
+                      max_length=16, tokenize_cache=False)
+    with pytest.raises(ConfigError, match=r"d: eval pairs: none is left of its test split: kept "
+                                          r"0 of 4 pairs .*identical 4 .*10 training pairs are "
+                                          r"kept.*--eval-samples 0") as e:
+        build_datasets(cfg, _Accelerator(), tokenizer)
+    assert "\n" not in str(e.value)
+    _jsonl(tmp_path / "e.jsonl", [pair] * 16 + [{**pair, "chosen": " "}] * 4)
+    cfg = TrainConfig(dataset=str(tmp_path / "e.jsonl"), split="train[:80%]", max_length=16,
+                      eval_split="train[80%:]", num_samples=None, tokenize_cache=False)
+    with pytest.raises(ConfigError, match=r"none is left of eval_split train\[80%:\]: .*"
+                                          r"empty 4 \(rows 16, 17, 18, 19\)"):
+        build_datasets(cfg, _Accelerator(), tokenizer)
+
+
+def _jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def test_build_datasets_turns_an_unreachable_hub_dataset_into_one_line(monkeypatch,

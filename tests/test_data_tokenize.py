@@ -81,6 +81,32 @@ def test_none_skips_conversations_as_not_raw_text(tiny_tokenizer):
                              strict=True)
 
 
+def test_a_pair_without_prompt_tokens_is_dropped_as_no_prompt_tokens(tiny_tokenizer_json,
+                                                                     tiny_tokenizer):
+    """A conversation that opens with the assistant, as raw text on a tokenizer that adds no BOS,
+    has no prompt token: a causal LM has no logit to score its first response token from, so the
+    pair is skipped and counted. With a BOS, the BOS is the prompt and the pair is kept."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tiny_tokenizer_json),
+                                     eos_token="<|endoftext|>")
+    ds = normalise(Dataset.from_list([
+        {"chosen": [assistant("hi there")], "rejected": [assistant("the dog")]},
+        {"chosen": [user("hello"), assistant("hi there")],
+         "rejected": [user("hello"), assistant("the dog")]},
+    ]))
+    assert ds[0]["prompt"] == []
+    rows, report = tokenize_preferences(ds, no_bos, max_length=64, chat_template="none")
+    assert report.dropped == {"no_prompt_tokens": 1} and report.examples == {
+        "no_prompt_tokens": [0]}
+    assert "no_prompt_tokens 1 (rows 0)" in str(report) and rows["row_index"] == [1]
+    assert rows[0]["chosen_labels"][0] == IGNORE_INDEX
+    rows, report = tokenize_preferences(ds, tiny_tokenizer, max_length=64, chat_template="none")
+    assert report.kept == 2 and rows[0]["chosen_input_ids"][0] == tiny_tokenizer.bos_token_id
+    assert rows[0]["chosen_labels"][0] == IGNORE_INDEX
+
+
 @pytest.mark.parametrize("template, message", [
     ("Question: {question}", "may hold only {prompt}, found {question}"),
     ("Question: {prompt} {", "found Single '{' encountered"),

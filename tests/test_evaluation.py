@@ -1,6 +1,7 @@
 """Sample generations: eval mode and the KV cache, whatever mode training left the model in."""
 from types import SimpleNamespace
 
+import pytest
 from accelerate import Accelerator
 
 from dpo.evaluation import generate_answers, log_samples, share, summary
@@ -55,6 +56,18 @@ def test_batched_generation_matches_one_prompt_at_a_time():
     assert len(alone) == 5 and len(set(alone)) > 1
     assert answers(3) == alone
     assert answers(8) == alone
+
+
+def test_a_prompt_without_tokens_is_refused_in_one_line():
+    """Tokenizing drops pairs without prompt tokens; should one still get here, alone or beside
+    others, it is refused by name rather than crashing (a float tensor) or generating from
+    padding."""
+    model = tiny_qwen3(64)
+    cfg = SimpleNamespace(max_new_tokens=2, generation_temperature=0.0, generation_top_p=1.0,
+                          generation_batch_size=8, seed=0)
+    for prompts, index in (([[]], 0), ([[1, 2], []], 1)):
+        with pytest.raises(ValueError, match=rf"sample prompt {index} has no tokens"):
+            generate_answers(Accelerator(cpu=True), cfg, model, _Tokenizer(), prompts)
 
 
 def test_shares_are_contiguous_and_cover_every_item():

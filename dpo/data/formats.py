@@ -66,6 +66,7 @@ DROP_REASONS = (
     "template_mismatch",  # the chat template renders the prompt differently once a response follows
     "template_error",  # the chat template raises on the conversation (Gemma: roles must alternate)
     "truncated_away",  # the prompt fills max_length: nothing of a response would remain
+    "no_prompt_tokens",  # no prompt token, no BOS: the first response token cannot be scored
     "not_raw_text",  # --chat-template none, but a prompt or response is several messages
 )
 

@@ -159,17 +159,29 @@ def _draw(num_rows: int, count: int | None, seed: int, what: str) -> list[int]:
     return np.random.default_rng(seed).permutation(num_rows)[:count].tolist()
 
 
-def _select(splits, split: str) -> Dataset:
-    """The rows of ``split`` (``train``, or a slice such as ``train[:5%]``) of loaded splits."""
+def _slice(split: str, num_rows: int) -> list[range]:
+    """The rows of ``split`` (``train``, or a slice such as ``train[80%:]``) of a split of
+    ``num_rows`` rows, as ranges of its row indices."""
     base = _split_name(split)
-    source = splits[base]
     if split == base:
-        return source
+        return [range(num_rows)]
     try:
-        parts = ReadInstruction.from_spec(split).to_absolute({base: len(source)})
+        parts = ReadInstruction.from_spec(split).to_absolute({base: num_rows})
     except (ValueError, AssertionError) as e:
         raise ValueError(f"split {split!r}: {e}") from None
-    return source.select([row for part in parts for row in range(part.from_, part.to)])
+    return [range(part.from_, part.to) for part in parts]
+
+
+def _check_disjoint(split: str, train: list[range], eval_split: str, evals: list[range]) -> None:
+    """ValueError when eval rows of the same split would also be drawn to train."""
+    shared = [range(max(a.start, b.start), min(a.stop, b.stop)) for a in train for b in evals]
+    shared = [r for r in shared if r]
+    if shared:
+        rows = sum(map(len, shared))
+        raise ValueError(
+            f"eval_split {eval_split!r} overlaps split {split!r} in {rows} rows (from row "
+            f"{min(r.start for r in shared)}); give slices that do not overlap (--split "
+            f"train[:80%] --eval-split train[80%:]), or the same split to hold out drawn rows")
 
 
 def _take(source: IterableDataset, count: int, seed: int, buffer_size: int, what: str,
@@ -186,7 +198,7 @@ def _take(source: IterableDataset, count: int, seed: int, buffer_size: int, what
     if len(rows) < count and not fewer_ok:
         raise ValueError(f"{what}={count} but the streamed split has only {len(rows)} rows; ask "
                          f"for at most {len(rows)}")
-    return Dataset.from_list(rows, features=source.features)
+    return Dataset.from_list(rows, features=source.features, split=source.split)
 
 
 def load_preference_splits(
@@ -220,8 +232,11 @@ def load_preference_splits(
     ``eval_dataset_config``, ``eval_data_dir``; by default the train source). Without
     ``eval_split``: the source's ``test`` (else ``validation``) split when it has one; otherwise
     ``eval_samples`` of the drawn rows are held out and never train (a separate eval source must
-    then name its split). ``eval_samples=None`` means ``default_eval_samples(num_samples)``; 0 means
-    no eval data. ``data_format`` (one of ``DATA_FORMATS``) overrides the detected format.
+    then name its split); so are they when ``eval_split`` equals ``split``. A slice of the training
+    split (``--split train[:80%] --eval-split train[80%:]``) is read as written, and refused where
+    it overlaps ``split``. ``eval_samples=None`` means ``default_eval_samples(num_samples)``, and
+    every row of an ``eval_split`` slice; 0 means no eval data. ``data_format`` (one of
+    ``DATA_FORMATS``) overrides the detected format.
 
     ``streaming`` (default: on for a hub dataset when ``num_samples`` is set, see
     ``uses_streaming``) reads rows as a stream, shuffled with ``seed`` over the shards and through
@@ -252,7 +267,8 @@ def load_preference_splits(
         if _split_name(eval_split) not in eval_splits:
             raise ValueError(f"{_where(eval_source)} has no split {eval_split!r} (eval_split); "
                              f"it has {sorted(eval_splits)}")
-        eval_name = None if same and _split_name(eval_split) == base else eval_split
+        # The training split itself: its eval rows are held out of the draw.
+        eval_name = None if same and eval_split == split else eval_split
     else:
         eval_name = next((name for name in EVAL_SPLITS
                           if name in eval_splits and not (same and name == base)), None)
@@ -264,18 +280,25 @@ def load_preference_splits(
                                 num_samples, eval_samples, seed, shuffle_buffer_size,
                                 data_format, num_proc, eval_name)
 
-    source = _select(splits, split)
+    source = splits[base]
     # Resolve once, so that the eval rows are read the same way as the train rows.
     data_format = resolve_format(source.features, data_format).name
-    train_rows = _draw(len(source), num_samples, seed, "num_samples")
+    # Rows are drawn by their place in the slice and named by their row in the split.
+    train_slice = _slice(split, len(source))
+    train_rows = _drawn_rows(train_slice, num_samples, seed, "num_samples")
     if not train_rows:
         raise ValueError(f"num_samples={num_samples} leaves nothing to train on")
 
     if eval_name is not None:
-        eval_source_rows = _select(eval_splits, eval_name)
-        if eval_samples is None:
+        eval_source_rows = eval_splits[_split_name(eval_name)]
+        eval_slice = _slice(eval_name, len(eval_source_rows))
+        if same and _split_name(eval_name) == base:
+            _check_disjoint(split, train_slice, eval_name, eval_slice)
+        if eval_samples is None and "[" in eval_name:  # a slice names its rows: all of them
+            eval_samples = sum(map(len, eval_slice))
+        elif eval_samples is None:
             eval_samples = min(len(eval_source_rows), default_eval_samples(len(train_rows)))
-        eval_rows = _draw(len(eval_source_rows), eval_samples, seed, f"eval_samples ({eval_name})")
+        eval_rows = _drawn_rows(eval_slice, eval_samples, seed, f"eval_samples ({eval_name})")
     else:
         eval_source_rows = source
         eval_samples = _held_out(eval_samples, len(train_rows))
@@ -288,6 +311,12 @@ def load_preference_splits(
         )
 
     return prepare(source, train_rows), prepare(eval_source_rows, eval_rows)
+
+
+def _drawn_rows(parts: list[range], count: int | None, seed: int, what: str) -> list[int]:
+    """``_draw`` from the rows of a slice (``_slice``): their row indices in the split."""
+    rows = parts[0] if len(parts) == 1 else list(itertools.chain(*parts))
+    return [rows[i] for i in _draw(len(rows), count, seed, what)]
 
 
 def _where(source: Source) -> str:

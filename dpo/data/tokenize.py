@@ -104,6 +104,14 @@ class FilterReport:
         return f"{line}, dropped {self.total - self.kept}: " + "; ".join(reasons)
 
 
+class NoPairsLeft(ValueError):
+    """Every row was dropped; ``report`` says why, so a caller can name the rows' set."""
+
+    def __init__(self, report: FilterReport):
+        super().__init__(f"no usable preference pairs are left: {report}")
+        self.report = report
+
+
 class _PairTokenizer:
     """``Dataset.map`` function (batched) that turns normalised rows into token ids.
 
@@ -297,13 +305,19 @@ class _PairTokenizer:
         return [self.bos_id, *prompt_ids]
 
     def truncate_and_label(self, prompt: list[int], chosen: list[int], rejected: list[int]):
-        """Fit the pair into ``max_length`` and build ids and labels.
+        """Fit the pair into ``max_length`` and build ids and labels; a pair without prompt
+        tokens is skipped (``no_prompt_tokens``).
 
         Only a pair that does not fit is truncated: the prompt keeps its end (the last turns, and
         a leading BOS) up to ``max_prompt_length`` tokens, then each response keeps its start up
         to ``max_length`` minus the prompt's tokens, end token included: a cut response loses
         its end token, since it must not teach the model to stop mid-sentence.
         """
+        if not prompt:
+            # A causal LM scores each token from the ones before it: the first response token
+            # would have no logit, so the pair's log-prob would silently lack it.
+            raise RowProblem("no_prompt_tokens", "the prompt has no tokens and the tokenizer "
+                             "adds no BOS: the first response token cannot be scored")
         truncated = len(prompt) + max(len(chosen), len(rejected)) > self.max_length
         if truncated:
             if len(prompt) > self.max_prompt_length:
@@ -413,7 +427,8 @@ def tokenize_preferences(
     ``_PairTokenizer.truncate_and_label`` for the truncation rules.
 
     Returns the tokenized rows (see the module docstring for the columns) and a ``FilterReport``.
-    Raises ``ValueError`` when no row is left, and in ``strict`` mode for the first bad row.
+    Raises ``NoPairsLeft`` (a ``ValueError``) when no row is left, and ``ValueError`` in
+    ``strict`` mode for the first bad row.
     """
     if max_prompt_length is None:
         max_prompt_length = max_length // 2
@@ -451,7 +466,7 @@ def tokenize_preferences(
         row, problem = min((row, problem) for row, problem in zip(row_indices, problems) if problem)
         raise ValueError(f"row {row}: {problem} (strict mode)")
     if report.kept == 0:
-        raise ValueError(f"no usable preference pairs are left: {report}")
+        raise NoPairsLeft(report)
     kept = [i for i, problem in enumerate(problems) if not problem]
     return tokenized.select(kept).remove_columns(["problem", "truncated"]), report
 
