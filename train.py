@@ -51,8 +51,6 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     if resume_dir is not None:
         changed = checkpoint.check_resume(resume_dir, cfg, accelerator.num_processes)
         cfg = checkpoint.inherit_start_up_choices(resume_dir, cfg)
-        if changed:
-            accelerator.print(f"warning: resuming with changed settings: {', '.join(changed)}")
     set_seed(cfg.seed)
     with accelerator.main_process_first():  # builds the offline demo model once
         model_path = demo.resolve_model(cfg.model)
@@ -73,6 +71,10 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     # After prepare, not before: ZeRO-3 loads the weights already sharded, and only the engine
     # gathers them for a forward.
     cfg = settle_logps_path(accelerator, cfg, policy)
+    if resume_dir is not None:  # what start-up settles is compared as settled
+        changed += checkpoint.settled_changes(resume_dir, cfg)
+        if changed:
+            accelerator.print(f"warning: resuming with changed settings: {', '.join(changed)}")
     collate = make_collator(cfg, tokenizer)  # packing or padding, now settled
     reference = prepare_reference(accelerator, reference)
     # Frozen and greedy, the reference answers the sample prompts alike at every eval: once.

@@ -82,10 +82,12 @@ def agree_on_resume(accelerator: Accelerator, cfg: TrainConfig) -> Path | None:
                       "node must hold it")
 
 
-# Settings whose unset value (None) start-up turns into a decision for the model at hand (see
-# dpo.forward.settle_logps_path): the settled value is what checkpoints hold, and what a resume
-# that leaves them unset inherits.
-SETTLED_AT_START = ("padding_free",)
+# Settings that start-up may decide or change for the model at hand (dpo.forward.
+# settle_logps_path): `router_aux_loss_coef` and `padding_free` when unset (None), `chunked_logps`
+# turned off for a head the chunked path cannot serve. Checkpoints hold the settled values; a
+# resume inherits those left unset, and compares the others once settled (`settled_changes`):
+# the value given is not yet the value the run computes with.
+SETTLED_AT_START = ("router_aux_loss_coef", "chunked_logps", "padding_free")
 # Settings that decide which pairs each optimizer step sees and how they are tokenized: a resume
 # that changed any of them would not continue the same run.
 RUN_IDENTITY = ("model", "dataset", "data_format", "num_samples", "eval_samples", "max_length",
@@ -115,7 +117,8 @@ def check_resume(path: Path, cfg: TrainConfig, num_processes: int) -> list[str]:
     """Refuse a resume that would not continue the same run; return the other changed settings.
 
     Raises ConfigError naming every changed setting of `RUN_IDENTITY` (model, data,
-    tokenization, batch geometry): training on would silently be a different run.
+    tokenization, batch geometry): training on would silently be a different run. Those of
+    `SETTLED_AT_START` are left to `settled_changes`.
     """
     try:
         saved = json.loads((path / STATE_FILE).read_text())["config"]
@@ -123,8 +126,8 @@ def check_resume(path: Path, cfg: TrainConfig, num_processes: int) -> list[str]:
         raise ConfigError(f"resume_from_checkpoint: {path / STATE_FILE} is unreadable ({e})")
     saved = _with_later_fields(saved)
     now = {**dataclasses.asdict(cfg), "num_processes": num_processes}
-    changed = [k for k in now if k not in RESUME_ONLY and saved.get(k) != now[k]
-               and not (k in SETTLED_AT_START and now[k] is None)]
+    changed = [k for k in now if k not in (*RESUME_ONLY, *SETTLED_AT_START)
+               and saved.get(k) != now[k]]
     fatal = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed if k in RUN_IDENTITY]
     if fatal:
         raise ConfigError(f"cannot resume from {path}: {'; '.join(fatal)} changed since it was "
@@ -138,6 +141,13 @@ def inherit_start_up_choices(path: Path, cfg: TrainConfig) -> TrainConfig:
     saved = _with_later_fields(json.loads((path / STATE_FILE).read_text())["config"])
     return dataclasses.replace(cfg, **{k: saved[k] for k in SETTLED_AT_START
                                        if getattr(cfg, k) is None})
+
+
+def settled_changes(path: Path, cfg: TrainConfig) -> list[str]:
+    """The settings of `SETTLED_AT_START` whose settled value differs from the checkpoint's run
+    (call with `cfg` as `settle_logps_path` returned it)."""
+    saved = _with_later_fields(json.loads((path / STATE_FILE).read_text())["config"])
+    return [k for k in SETTLED_AT_START if saved[k] != getattr(cfg, k)]
 
 
 def _with_later_fields(saved: dict) -> dict:

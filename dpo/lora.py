@@ -13,6 +13,7 @@ Either way the reference is the model the run starts from, as with full fine-tun
 
 The LM head is never adapted: the chunked log-prob path (`dpo.logprobs`) multiplies the last
 hidden state by the head's weight itself, so an adapter or a trained copy there would be ignored.
+A start adapter that adapts it is merged into its base (`--lora-r`), never trained further.
 What accelerate wraps and trains is the transformers model inside the `PeftModel` (its LoRA layers
 in place), so `dpo.forward` sees the usual body and head; the `PeftModel` is kept beside it to
 switch adapters and to save the adapter.
@@ -144,14 +145,14 @@ def load_peft_policy(cfg, model_path: str, load_causal_lm) -> tuple[nn.Module, n
         base_path = adapter_base(model_path)
         if cfg.lora_r:  # merge the start adapter, train a fresh one on top
             with _whole_weights():
-                base = load_causal_lm(cfg, base_path)
-                base = PeftModel.from_pretrained(base, model_path).merge_and_unload()
+                base = merge_into_base(load_causal_lm(cfg, base_path), model_path)
             peft_model, reference_adapter = _add_adapter(cfg, base, get_peft_model), None
             base_name, save_base = str(output_dir / "base"), True
         else:  # train the start adapter further; a frozen copy of it is the reference
             base = load_causal_lm(cfg, base_path)
             _prepare_base(cfg, base)
             peft_model = PeftModel.from_pretrained(base, model_path, is_trainable=True)
+            _check_adapter_leaves_head(model_path, peft_model)
             peft_model.load_adapter(model_path, adapter_name=REFERENCE_ADAPTER,
                                     is_trainable=False)
             reference_adapter = REFERENCE_ADAPTER
@@ -174,6 +175,47 @@ def load_peft_policy(cfg, model_path: str, load_causal_lm) -> tuple[nn.Module, n
         raise RuntimeError("the LM head was adapted; it must stay a plain nn.Linear")
     object.__setattr__(model, _PEFT_ATTR, peft_model)
     return model, AdapterOffReference(peft_model, reference_adapter)
+
+
+def _check_adapter_leaves_head(path: str, peft_model) -> None:
+    """ConfigError if the start adapter adapts the LM head (a LoRA on it, or a trained copy in
+    `modules_to_save`): trained further, the policy's head and the reference's would be two
+    adapter copies, and the chunked log-probs read one plain head's weight. Merged into its base
+    (`--lora-r`, or a merged model as --model), the adapter's head is that plain head."""
+    from dpo.config import ConfigError
+
+    model = peft_model.get_base_model()
+    if isinstance(model.get_output_embeddings(), nn.Linear):
+        return
+    name, config = head_name(model), peft_model.peft_config[DEFAULT_ADAPTER]
+    field = ("modules_to_save" if any(_names(e, name) for e in config.modules_to_save or [])
+             else "target_modules")
+    raise ConfigError(f"model {path}: the adapter adapts the LM head ({name}, in its {field}), "
+                      "which is never trained further here (the chunked log-probs read the "
+                      "head's weight directly); pass --lora-r R to merge the adapter into its "
+                      "base and train a new adapter on top, or pass the merged model as --model")
+
+
+def merge_into_base(base: nn.Module, path: str) -> nn.Module:
+    """`base` with the adapter folder `path` merged in (`merge_and_unload`), head included.
+
+    A head tied to the input embeddings is untied for the merge: a LoRA on the head (or a
+    trained copy of it, or of the embeddings) would otherwise be written into both, while the
+    adapter changes one. They are tied again if the adapter left them equal.
+    """
+    from peft import PeftModel
+
+    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    tied = head.weight is embed.weight
+    if tied:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+    model = PeftModel.from_pretrained(base, path).merge_and_unload()
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if tied and torch.equal(head.weight, embed.weight):
+        head.weight = embed.weight
+    else:  # saved and loaded as two weights, as they are now
+        model.config.tie_word_embeddings = False
+    return model
 
 
 def _prepare_base(cfg, base: nn.Module) -> None:

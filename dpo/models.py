@@ -120,10 +120,7 @@ def load_reference_model(cfg: TrainConfig, model_path: str) -> PreTrainedModel:
                           "tokens); the reference must score the same token ids")
     if not lora.is_adapter_dir(path):
         return load_causal_lm(cfg, path)
-    from peft import PeftModel
-
-    base = load_causal_lm(cfg, lora.adapter_base(path))
-    return PeftModel.from_pretrained(base, path).merge_and_unload()
+    return lora.merge_into_base(load_causal_lm(cfg, lora.adapter_base(path)), path)
 
 
 def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> nn.Module | None:

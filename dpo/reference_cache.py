@@ -15,15 +15,16 @@ processes; each row is computed by exactly one process, so the sum is exact and 
 with identical columns.
 
 The cache is one safetensors file per key under ``cache_dir``; the key hashes everything the
-values depend on: the caller's ``cache_key_parts`` (the reference model's files, see
-``reference_key_parts``), the token ids and labels of every row in order, the numerics settings,
-the source of ``dpo.forward`` and ``dpo.logprobs`` and the library versions. A file is written
-under a temporary name and renamed (atomic), and checked on load (key, row count, checksum,
-finite values); anything that does not check out is recomputed and rewritten.
+values depend on: the caller's ``cache_key_parts`` (the reference model's files, an adapter's
+with its base's: ``reference_key_parts``), the token ids and labels of every row in order, the
+numerics settings, the source of the modules in ``VALUE_CODE`` and the library versions. A
+file is written under a temporary name and renamed (atomic), and checked on load (key, row
+count, checksum, finite values); anything that does not check out is recomputed and rewritten.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -43,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from dpo import cache_root, forward, logprobs, packed_attention
+from dpo import cache_root
 from dpo.config import TrainConfig
 from dpo.data import REF_LOGPS_COLUMNS
 from dpo.forward import concatenated_forward
@@ -63,6 +64,18 @@ CACHE_FORMAT_VERSION = 1
 TOKEN_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 # Files a model directory is loaded from; their size and mtime stand in for their content.
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".py", ".model", ".txt")
+# The modules whose code shapes the cached numbers, all keyed by their source: any edit misses
+# (a comment costs one recomputation; a changed computation read back stale costs a wrong run).
+VALUE_CODE = (
+    "dpo.forward",  # the one model call for both halves, the packed and MoE paths
+    "dpo.logprobs",  # the summed response log-probs, full or chunked
+    "dpo.packed_attention",  # attention within each packed sequence
+    "dpo.loss.variants",  # LD-DPO's length-desensitised log-probs (ld_alpha)
+    "dpo.data.batching",  # the collator: padding, packing, positions, labels
+    "dpo.models",  # what is loaded: dtype, dropout off, a --ref-model adapter merged
+    "dpo.lora",  # an adapter start's reference: a frozen copy or the merge, the adapter switch
+    "dpo.reference_cache",  # this pass: batching, autocast, what is stored
+)
 
 
 def default_cache_dir() -> Path:
@@ -76,17 +89,20 @@ def reference_key_parts(model_path: str, **settings) -> dict | None:
     ``model_path`` is a local directory or a hub name already downloaded (a snapshot in the hub
     cache, whose path holds the commit hash). Each of its model files counts by name, size and
     modification time: a retrained or copied model misses the cache rather than hitting a stale
-    entry. ``settings`` are added as they are (e.g. ``dtype``, ``attn_implementation``). None
-    (caching off; the pass is still run) when the path is neither of the two.
+    entry. A PEFT adapter counts with the base model its ``adapter_config.json`` names, keyed
+    the same way (the adapter's values are its base's too). ``settings`` are added as they are
+    (e.g. ``dtype``, ``attn_implementation``). None (caching off; the pass is still run) when
+    the path, or an adapter's base, is neither of the two.
     """
-    directory = Path(model_path)
-    if not directory.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
+    parts = _model_parts(model_path, seen=())
+    return None if parts is None else {**parts, **settings}
 
-            directory = Path(snapshot_download(model_path, local_files_only=True))
-        except Exception:  # not a hub name, or not in the local cache: nothing to key on
-            return None
+
+def _model_parts(model_path: str, seen: tuple) -> dict | None:
+    directory = _model_dir(model_path)
+    # An adapter chain that loops back would recurse forever (and cannot be loaded either).
+    if directory is None or directory.resolve() in seen:
+        return None
     files = []
     for path in sorted(directory.iterdir()):
         if path.name.startswith(".") or not path.name.endswith(MODEL_FILE_SUFFIXES):
@@ -95,7 +111,30 @@ def reference_key_parts(model_path: str, **settings) -> dict | None:
         files.append([path.name, stat.st_size, stat.st_mtime_ns])
     if not files:
         return None
-    return {"model_dir": str(directory.resolve()), "model_files": files, **settings}
+    parts = {"model_dir": str(directory.resolve()), "model_files": files}
+    adapter_config = directory / "adapter_config.json"
+    if adapter_config.is_file():
+        try:
+            base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            return None
+        # The name as the loaders read it: a relative path from the working directory.
+        parts["base"] = base and _model_parts(base, (*seen, directory.resolve()))
+        if not parts["base"]:
+            return None
+    return parts
+
+
+def _model_dir(model_path: str) -> Path | None:
+    directory = Path(model_path).expanduser()
+    if directory.is_dir():
+        return directory
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_path, local_files_only=True))
+    except Exception:  # not a hub name, or not in the local cache: nothing to key on
+        return None
 
 
 def data_digest(dataset: Dataset) -> str:
@@ -119,8 +158,8 @@ def data_digest(dataset: Dataset) -> str:
 def cache_key(accelerator: Accelerator, dataset: Dataset, *, chunked: bool, chunk_size: int,
               batching: tuple, cache_key_parts: dict, ld_alpha: float | None = None) -> str:
     """The hex key of the values `precompute_reference_logps` would compute for `dataset`."""
-    code = "".join(Path(module.__file__).read_text()
-                   for module in (forward, logprobs, packed_attention))
+    code = "".join(Path(importlib.import_module(name).__file__).read_text()
+                   for name in VALUE_CODE)
     parts = {
         "format": CACHE_FORMAT_VERSION,
         "data": data_digest(dataset),
@@ -143,12 +182,9 @@ def precompute_for_run(accelerator: Accelerator, cfg: TrainConfig, reference, mo
                        train_ds: Dataset, eval_ds: Dataset | None, collator
                        ) -> tuple[Dataset, Dataset | None]:
     """The train (and eval) pairs with the reference's log-probs, as `train.py` needs them."""
-    from dpo.demo import resolve_model
-
-    # With LoRA the reference is --model (adapter off), or the start adapter on its base.
-    parts = reference_key_parts(resolve_model(cfg.ref_model) if cfg.ref_model else model_path,
-                                dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                                **({"load_in_4bit": True} if cfg.load_in_4bit else {}))
+    path, how = _reference_source(cfg, model_path)
+    parts = reference_key_parts(path, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                                **({"load_in_4bit": True} if cfg.load_in_4bit else {}), **how)
     settings = dict(batch_size=cfg.eval_batch_size or cfg.batch_size, chunked=cfg.chunked_logps,
                     chunk_size=cfg.logps_chunk_size, cache_dir=default_cache_dir(),
                     cache_key_parts=parts, full_mask=bool(cfg.router_aux_loss_coef),
@@ -160,6 +196,23 @@ def precompute_for_run(accelerator: Accelerator, cfg: TrainConfig, reference, mo
         eval_ds = precompute_reference_logps(accelerator, reference, eval_ds, collator,
                                              longest_first=False, **settings)
     return train_ds, eval_ds
+
+
+def _reference_source(cfg: TrainConfig, model_path: str) -> tuple[str, dict]:
+    """The path the reference is loaded from (as `dpo.models`/`dpo.lora` load it), and how an
+    adapter and peft enter it: merged into the base, or run beside it as a frozen copy."""
+    from dpo import lora
+    from dpo.demo import resolve_model
+
+    path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
+    how = {}
+    if lora.is_adapter_dir(path):  # a --ref-model adapter, or an adapter start merged (lora_r)
+        how["adapter"] = "merged" if cfg.ref_model or cfg.lora_r else "frozen copy"
+    if how or (lora.uses_peft(cfg) and not cfg.ref_model):  # peft computes the reference
+        import peft
+
+        how["peft"] = peft.__version__
+    return path, how
 
 
 def precompute_reference_logps(

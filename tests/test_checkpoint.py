@@ -313,7 +313,8 @@ def test_a_resume_inherits_what_start_up_decided(tmp_path):
     choice and reports no change, while one that sets the other value is told it changed."""
     import dataclasses
 
-    from dpo.checkpoint import STATE_FILE, check_resume, inherit_start_up_choices
+    from dpo.checkpoint import (STATE_FILE, check_resume, inherit_start_up_choices,
+                                settled_changes)
     from dpo.config import TrainConfig
 
     for settled in (True, False):
@@ -323,5 +324,60 @@ def test_a_resume_inherits_what_start_up_decided(tmp_path):
         assert check_resume(tmp_path, unset, num_processes=1) == []
         assert inherit_start_up_choices(tmp_path, unset).padding_free is settled
         other = TrainConfig(padding_free=not settled)
-        assert check_resume(tmp_path, other, num_processes=1) == ["padding_free"]
+        assert check_resume(tmp_path, other, num_processes=1) == []
         assert inherit_start_up_choices(tmp_path, other).padding_free is not settled
+        assert settled_changes(tmp_path, other) == ["padding_free"]
+
+
+def test_a_resume_compares_every_setting_start_up_settles_as_settled(tmp_path):
+    """A mixture of experts' run settled router_aux_loss_coef (None -> its config's 0.02) and
+    turned chunked_logps off (a head the chunked path cannot serve). A resume that leaves both
+    as they were given inherits the coefficient, settles chunked_logps off again, and is told
+    of no change; a real change of either is named once settled."""
+    import dataclasses
+
+    from dpo.checkpoint import (STATE_FILE, check_resume, inherit_start_up_choices,
+                                settled_changes)
+    from dpo.config import TrainConfig
+
+    ran = TrainConfig(router_aux_loss_coef=0.02, chunked_logps=False, padding_free=False)
+    saved = {**dataclasses.asdict(ran), "num_processes": 1}
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 1, "config": saved}))
+
+    def resume(given: TrainConfig, chunked_settles_to: bool) -> list[str]:
+        changed = check_resume(tmp_path, given, num_processes=1)
+        inherited = inherit_start_up_choices(tmp_path, given)
+        settled = dataclasses.replace(  # as settle_logps_path would leave it
+            inherited, chunked_logps=inherited.chunked_logps and chunked_settles_to)
+        return changed + settled_changes(tmp_path, settled)
+
+    assert resume(TrainConfig(), chunked_settles_to=False) == []
+    assert inherit_start_up_choices(tmp_path, TrainConfig()).router_aux_loss_coef == 0.02
+    assert resume(TrainConfig(router_aux_loss_coef=0.0), chunked_settles_to=False) == [
+        "router_aux_loss_coef"]
+    assert resume(TrainConfig(), chunked_settles_to=True) == ["chunked_logps"]
+
+
+def test_a_mixture_of_experts_resumes_with_its_settled_router_loss(tmp_path):
+    """train.py on a tiny Qwen3-MoE, whose router_aux_loss_coef start-up settles (0.02, from
+    its config); the resume leaves it unset and is warned of the one real change only."""
+    from transformers import AutoTokenizer
+
+    from dpo.demo import build_demo_model
+    from tests.test_forward import _tiny_moe
+
+    env = demo_env(tmp_path / "cache")
+    model_dir, out = tmp_path / "tiny-moe", tmp_path / "out"
+    shutil.copytree(build_demo_model(tmp_path / "cache" / "demo"), model_dir)
+    for weights in model_dir.glob("*.safetensors"):
+        weights.unlink()
+    _tiny_moe("qwen3_moe", vocab=len(AutoTokenizer.from_pretrained(model_dir))).save_pretrained(
+        model_dir)
+    run = ["--model", str(model_dir), "--dataset", "builtin:demo-preferences", "--num-samples",
+           "8", "--eval-samples", "0", "--max-length", "48", "--batch-size", "2",
+           "--save-steps", "1", "--seed", "3", "--output-dir", str(out)]
+    run_train(env, *run, "--max-steps", "1")
+    assert json.loads((checkpoints(out)[-1] / "trainer_state.json").read_text())[
+        "config"]["router_aux_loss_coef"] == 0.02
+    result = run_train(env, *run, "--max-steps", "2", "--resume-from-checkpoint", "latest")
+    assert "warning: resuming with changed settings: max_steps\n" in result.stdout

@@ -232,6 +232,44 @@ def test_adapter_start_with_lora_r_merges_it_and_trains_a_new_one(sft_adapter, t
     assert {p.shape[0] for k, p in policy.named_parameters() if "lora_A" in k} == {2}
 
 
+@pytest.mark.parametrize("field", ["modules_to_save", "target_modules"])
+def test_an_adapter_that_adapts_the_head_is_merged_not_trained_further(base_dir, tmp_path,
+                                                                       tiny_tokenizer, field):
+    """An SFT adapter that trained a copy of the LM head (or a LoRA on it): trained further, one
+    line says why not and what to do; with --lora-r, as it says, the adapter is merged and the
+    policy and the reference are the SFT model, head included (chunked and full log-probs; with
+    tied embeddings the head is untied for the merge), as is the adapter as --ref-model."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = {"modules_to_save": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+            "target_modules": dict(target_modules=["q_proj", "lm_head"])}[field]
+    model = get_peft_model(load_base(base_dir), LoraConfig(r=4, **lora))
+    perturb_adapter(model, seed=5)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "modules_to_save" in key:
+                p.mul_(1.5)
+    model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    path = save_model(model, tmp_path / "sft", tiny_tokenizer)
+    batch, sft = make_batch(), model.get_base_model().eval()
+
+    with pytest.raises(ConfigError) as error:
+        load_policy_and_reference(make_cfg(path, tmp_path), str(path))
+    assert str(error.value) == (
+        f"model {path}: the adapter adapts the LM head (lm_head, in its {field}), which is never "
+        "trained further here (the chunked log-probs read the head's weight directly); pass "
+        "--lora-r R to merge the adapter into its base and train a new adapter on top, or pass "
+        "the merged model as --model")
+    policy, reference = load_policy_and_reference(make_cfg(path, tmp_path, lora_r=2), str(path))
+    _, ref_model = load_policy_and_reference(make_cfg(base_dir, tmp_path, ref_model=str(path)),
+                                             str(base_dir))  # --ref-model merges it too
+    want = logps(sft, batch, chunked=False)
+    assert (want - logps(load_base(base_dir), batch, chunked=False)).abs().max() > 1e-2
+    for model in (policy, reference, ref_model):
+        for chunked in (True, False):
+            torch.testing.assert_close(logps(model, batch, chunked), want, rtol=1e-5, atol=1e-5)
+
+
 # --- Bad inputs: one line each -------------------------------------------------------------
 
 @pytest.mark.parametrize("field", ["lora_target_modules", "lora_modules_to_save"])

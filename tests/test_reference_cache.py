@@ -1,5 +1,8 @@
 """Precomputed reference log-probs: equal to the on-the-fly reference, cached, never stale."""
+import importlib
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from dpo.config import ConfigError, TrainConfig
 from dpo.data import IGNORE_INDEX, REF_LOGPS_COLUMNS, PreferenceCollator
 from dpo.forward import concatenated_forward
 from dpo.reference_cache import (
+    cache_key,
     data_digest,
     precompute_reference_logps,
     reference_key_parts,
@@ -241,6 +245,40 @@ def test_reference_key_parts_follow_the_model_files(tmp_path):
     assert reference_key_parts(str(tmp_path / "missing")) is None
 
 
+def test_an_adapter_is_keyed_with_its_base(tmp_path):
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    tiny_qwen3(VOCAB, seed=3).save_pretrained(base)
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    config = adapter / "adapter_config.json"
+    config.write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    parts = reference_key_parts(str(adapter), dtype="float32")
+    assert parts["base"] == reference_key_parts(str(base))
+    for unidentifiable in (str(tmp_path / "missing"), None, str(adapter)):  # the last: a loop
+        config.write_text(json.dumps({"base_model_name_or_path": unidentifiable}))
+        assert reference_key_parts(str(adapter)) is None
+
+
+# Every module whose code computes or arranges the cached values (not one fewer).
+VALUE_MODULES = ["dpo.forward", "dpo.logprobs", "dpo.packed_attention", "dpo.loss.variants",
+                 "dpo.data.batching", "dpo.models", "dpo.lora", "dpo.reference_cache"]
+
+
+@pytest.mark.parametrize("name", VALUE_MODULES)
+def test_the_key_covers_the_code_that_shapes_the_values(accelerator, tmp_path, monkeypatch,
+                                                        name):
+    """An edit to any of these modules misses the cache."""
+    def key():
+        return cache_key(accelerator, pairs_dataset(2), chunked=True, chunk_size=5,
+                         batching=(3,), cache_key_parts={"model": "m"})
+
+    before, module = key(), importlib.import_module(name)
+    edited = tmp_path / "edited.py"
+    edited.write_text(Path(module.__file__).read_text() + "\n# edited\n")
+    monkeypatch.setattr(module, "__file__", str(edited))
+    assert key() != before
+
+
 def test_data_digest_needs_tokenized_rows_and_sees_order():
     ds = pairs_dataset()
     assert data_digest(ds) == data_digest(pairs_dataset())
@@ -272,3 +310,59 @@ def test_a_restart_reuses_the_cache_and_trains_the_same(tmp_path):
     assert again.stdout.count("pairs from cache") == 2
     assert len(list((tmp_path / "cache" / "ref-logps").glob("ref-logps-*.safetensors"))) == 2
     assert weights_equal(tmp_path / "b", tmp_path / "a")
+
+
+# --- An adapter's base is part of what the reference is ---------------------------------------
+
+def save_adapter_on(base_dir, adapter_dir, tokenizer):
+    """A LoRA adapter (B random: it changes the model) on the model saved at `base_dir`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+
+
+# How the adapter enters the run: `--model A` (a frozen copy of A is the reference), `--model A
+# --lora-r 2` (A merged into its base), `--ref-model A` (A merged, beside another policy).
+ADAPTER_USES = {"start": {}, "start+lora": {"lora_r": 2}, "ref-model": {"ref_model": "adapter"}}
+
+
+@pytest.mark.parametrize("use", list(ADAPTER_USES))
+def test_an_adapter_reference_misses_when_its_base_is_rewritten(accelerator, tmp_path,
+                                                                  monkeypatch, tiny_tokenizer,
+                                                                  use):
+    """The base rewritten with other weights at the same path: the values are recomputed (and
+    equal a run without a cache), not read back from the first run's file."""
+    pytest.importorskip("peft")
+    from dpo.models import load_policy_and_reference
+    from dpo.reference_cache import precompute_for_run
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    tiny_qwen3(VOCAB, seed=3).save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    save_adapter_on(base, adapter, tiny_tokenizer)
+    settings = {k: str(adapter) if v == "adapter" else v for k, v in ADAPTER_USES[use].items()}
+    cfg = TrainConfig(model=str(base if "ref_model" in settings else adapter),
+                      precompute_ref_logps=True, output_dir=str(tmp_path / "out"), **settings)
+
+    def values(cache):
+        monkeypatch.setenv("DPO_CACHE_DIR", str(tmp_path / cache))
+        _, reference = load_policy_and_reference(cfg, cfg.model)
+        ds, _ = precompute_for_run(accelerator, cfg, reference, cfg.model, pairs_dataset(4),
+                                   None, PreferenceCollator(PAD))
+        return ref_columns(ds)
+
+    first = values("cache")
+    tiny_qwen3(VOCAB, seed=4).save_pretrained(base)  # other weights, same path and size
+    again = values("cache")
+    assert (again - first).abs().max() > 1e-2
+    assert torch.equal(again, values("fresh-cache"))
