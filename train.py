@@ -72,9 +72,10 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     policy, optimizer = accelerator.prepare(policy, optimizer)
     # After prepare, not before: ZeRO-3 loads the weights already sharded, and only the engine
     # gathers them for a forward.
-    cfg = settle_logps_path(accelerator, cfg, policy)
-    collate = make_collator(cfg, tokenizer)  # packing or padding, now settled
+    # The reference placed first: the padding-free probe runs it as it will run (ZeRO-3 shards).
     reference = prepare_reference(accelerator, reference)
+    cfg = settle_logps_path(accelerator, cfg, policy, reference)
+    collate = make_collator(cfg, tokenizer)  # packing or padding, now settled
     # Frozen and greedy, the reference answers the sample prompts alike at every eval: once.
     prompts = sample_prompts(cfg, eval_ds)
     ref_answers = (None if reference is None  # reference-free loss
