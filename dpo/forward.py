@@ -269,9 +269,11 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
     unwrapped, rtol, vocab_size, generator = _probe_setup(model, rtol)
     pairs = [(12, 20, 9), (7, 14, 25)]
     longest = probe_length(unwrapped, max_length)
-    if longest is not None:
-        prompt = max(1, attention_span(unwrapped.config) - 8)
-        pairs.append((prompt, longest - prompt, max(1, longest - prompt - 3)))
+    if longest is not None:  # responses from just before the limit to past it
+        span = attention_span(unwrapped.config)
+        prompt = max(1, span - 8)
+        chosen = min(span + PROBE_MARGIN, longest) - prompt
+        pairs.append((prompt, chosen, max(1, longest - prompt - (longest == chosen + prompt))))
     rows = []
     for prompt, chosen, rejected in pairs:
         row = {}
@@ -304,19 +306,21 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
             f"relative (tolerance {rtol:.0e})")
 
 
-# Tokens past an attention limit in the probe's long pair: enough that a dropped limit moves
-# its summed log-probs beyond the tolerance (`test_the_probe_catches_a_dropped_window`).
+# The probe's long pair: its chosen response ends this many tokens past the model's attention
+# limit w, its rejected one at 2w (a random model's log-probs move by 3e-5 to 4e-3 relative
+# when either drops the window, unpredictably which more).
 PROBE_MARGIN = 24
 
 
 def probe_length(model: nn.Module, max_length: int | None) -> int | None:
-    """The long probe sequence for `model` (unwrapped): `PROBE_MARGIN` tokens past its
-    `attention_span`, at most `max_length` (the run's rows never get longer); None where the
-    model has no limit or the run's sequences never pass it."""
+    """The longest probe sequence for `model` (unwrapped): twice its `attention_span` (at least
+    `PROBE_MARGIN` past it), at most `max_length`, as the run's rows never get longer; None
+    where the model has no limit or the run's sequences never pass it."""
     span = attention_span(model.config)
     if span is None or (max_length is not None and max_length <= span):
         return None
-    return span + PROBE_MARGIN if max_length is None else min(span + PROBE_MARGIN, max_length)
+    longest = span + max(span, PROBE_MARGIN)
+    return longest if max_length is None else min(longest, max_length)
 
 
 @contextmanager
