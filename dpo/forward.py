@@ -21,8 +21,8 @@ from torch import nn
 from dpo.config import ConfigError, TrainConfig
 from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_response_sums, response_sums
 from dpo.loss.variants import length_desensitised
-from dpo.packed_attention import (DENSE_MASK_ONLY, PACKED_SDPA, attention_span, use_dense_mask,
-                                  use_packed_sdpa)
+from dpo.packed_attention import (DENSE_MASK_ONLY, PACKED_SDPA, PROBE_MARGIN, attention_span,
+                                  probe_length, use_dense_mask, use_packed_sdpa)
 
 
 @dataclass
@@ -304,23 +304,6 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
         return None
     return (f"packed sequences' summed log-probs differ from separate ones' by {diff:.1e} "
             f"relative (tolerance {rtol:.0e})")
-
-
-# The probe's long pair: its chosen response ends this many tokens past the model's attention
-# limit w, its rejected one at 2w (a random model's log-probs move by 3e-5 to 4e-3 relative
-# when either drops the window, unpredictably which more).
-PROBE_MARGIN = 24
-
-
-def probe_length(model: nn.Module, max_length: int | None) -> int | None:
-    """The longest probe sequence for `model` (unwrapped): twice its `attention_span` (at least
-    `PROBE_MARGIN` past it), at most `max_length`, as the run's rows never get longer; None
-    where the model has no limit or the run's sequences never pass it."""
-    span = attention_span(model.config)
-    if span is None or (max_length is not None and max_length <= span):
-        return None
-    longest = span + max(span, PROBE_MARGIN)
-    return longest if max_length is None else min(longest, max_length)
 
 
 @contextmanager

@@ -226,3 +226,20 @@ def attention_span(config) -> int | None:
     limits = [getattr(text, name, None) for name in ("sliding_window", "attention_chunk_size")]
     limits = [limit for limit in limits if isinstance(limit, int) and limit > 0]
     return max(limits) if limits else None
+
+
+# The probe's long pair: its chosen response ends this many tokens past the model's attention
+# limit w, its rejected one at 2w (a random model's log-probs move by 3e-5 to 4e-3 relative
+# when either drops the window, unpredictably which more).
+PROBE_MARGIN = 24
+
+
+def probe_length(model: nn.Module, max_length: int | None) -> int | None:
+    """The longest probe sequence for `model` (unwrapped): twice its `attention_span` (at least
+    `PROBE_MARGIN` past it), at most `max_length`, as the run's rows never get longer; None
+    where the model has no limit or the run's sequences never pass it."""
+    span = attention_span(model.config)
+    if span is None or (max_length is not None and max_length <= span):
+        return None
+    longest = span + max(span, PROBE_MARGIN)
+    return longest if max_length is None else min(longest, max_length)

@@ -7,8 +7,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo.data.batching import PreferenceCollator
 from dpo import packed_attention
-from dpo.forward import check_chunked_head, check_padding_free, concatenated_forward, probe_length
-from dpo.packed_attention import DENSE_MASK_ONLY, use_dense_mask
+from dpo.forward import check_chunked_head, check_padding_free, concatenated_forward
+from dpo.packed_attention import DENSE_MASK_ONLY, probe_length, use_dense_mask
 from dpo.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
 from tests.test_forward import logps_row_by_row
 
