@@ -69,14 +69,15 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     optimizer = make_optimizer(cfg, policy)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     # After prepare, not before: ZeRO-3 loads the weights already sharded, and only the engine
-    # gathers them for a forward.
-    cfg = settle_logps_path(accelerator, cfg, policy)
+    # gathers them for a forward. The reference is placed first, so that the padding-free probe
+    # runs it as it will run.
+    reference = prepare_reference(accelerator, reference)
+    cfg = settle_logps_path(accelerator, cfg, policy, reference)
     if resume_dir is not None:  # what start-up settles is compared as settled
         changed += checkpoint.settled_changes(resume_dir, cfg)
         if changed:
             accelerator.print(f"warning: resuming with changed settings: {', '.join(changed)}")
     collate = make_collator(cfg, tokenizer)  # packing or padding, now settled
-    reference = prepare_reference(accelerator, reference)
     # Frozen and greedy, the reference answers the sample prompts alike at every eval: once.
     prompts = sample_prompts(cfg, eval_ds)
     ref_answers = (None if reference is None  # reference-free loss

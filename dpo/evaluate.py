@@ -139,9 +139,9 @@ def run(cfg: TrainConfig, source: Source) -> dict:
                           "above)")
     policy, reference = load_models(cfg, source, base)
     policy = policy.to(accelerator.device)
-    cfg = settle_logps_path(accelerator, cfg, policy)
-    collate = make_collator(cfg, tokenizer)  # packing or padding, as training settled it
     reference = prepare_reference(accelerator, reference)
+    cfg = settle_logps_path(accelerator, cfg, policy, reference)
+    collate = make_collator(cfg, tokenizer)  # packing or padding, as training settled it
     eval_loader = accelerator.prepare(eval_loader_of(cfg, eval_ds, collate))
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:

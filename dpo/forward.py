@@ -21,8 +21,8 @@ from torch import nn
 from dpo.config import ConfigError, TrainConfig
 from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_response_sums, response_sums
 from dpo.loss.variants import length_desensitised
-from dpo.packed_attention import (DENSE_MASK_ONLY, PACKED_SDPA, use_dense_mask,
-                                  use_packed_sdpa)
+from dpo.packed_attention import (DENSE_MASK_ONLY, PACKED_SDPA, PROBE_MARGIN, attention_span,
+                                  probe_length, use_dense_mask, use_packed_sdpa)
 
 
 @dataclass
@@ -243,28 +243,39 @@ def check_chunked_head(model: nn.Module, *, device: torch.device | str | None = 
 
 
 def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device | str | None = None,
-                       rtol: float | None = None) -> str | None:
+                       rtol: float | None = None, max_length: int | None = None) -> str | None:
     """Do packed sequences give `model` the log-probs they get apart? None if so, else why not.
 
-    Two seeded probe pairs of random tokens, of four different lengths, go through
-    `concatenated_forward` (eval mode, no gradient) as a right-padded batch and packed in one
-    row (`PreferenceCollator(padding_free=True)`). An attention implementation that ignores
-    the position ids' boundaries lets each sequence see the ones before it, and its log-probs
-    move far beyond rounding; so does a model that does not pass position ids down, or one
-    whose positions do not restart. Under sdpa the packed batch runs on `packed_sdpa`; a model
-    that then disagrees (its code asks for sdpa by name) is put back on transformers' sdpa
+    Seeded probe pairs of random tokens, of different lengths, go through `concatenated_forward`
+    (eval mode, no gradient) as a right-padded batch and packed in one row
+    (`PreferenceCollator(padding_free=True)`). An attention implementation that ignores the
+    position ids' boundaries lets each sequence see the ones before it, and its log-probs move
+    far beyond rounding; so does a model that does not pass position ids down, or one whose
+    positions do not restart. A model whose attention is limited (`attention_span`: a sliding
+    window, attention chunks) gets a third pair of `probe_length` tokens, past the limit, its
+    responses after it, which a packed path that drops the limit gets wrong. Every layer type of
+    the model runs on every pair. Under sdpa the packed batch runs on `packed_sdpa`; a model that
+    then disagrees (its code asks for sdpa by name) is put back on transformers' sdpa
     (`use_dense_mask`) and probed again. Collective under ZeRO-3/FSDP: every process must call
     it, and takes the same path.
 
     Args:
         chunked: the log-prob path the run uses (`cfg.chunked_logps`, settled).
         rtol: as for `check_chunked_head`: 1e-4 for fp32 weights, 1e-2 otherwise.
+        max_length: the run's longest sequence (`cfg.max_length`), which caps the long pair.
     """
     from dpo.data.batching import PreferenceCollator  # dpo.data imports the tokenizers
 
     unwrapped, rtol, vocab_size, generator = _probe_setup(model, rtol)
+    pairs = [(12, 20, 9), (7, 14, 25)]
+    longest = probe_length(unwrapped, max_length)
+    if longest is not None:  # responses from just before the limit to past it
+        span = attention_span(unwrapped.config)
+        prompt = max(1, span - 8)
+        chosen = min(span + PROBE_MARGIN, longest) - prompt
+        pairs.append((prompt, chosen, max(1, longest - prompt - (longest == chosen + prompt))))
     rows = []
-    for prompt, chosen, rejected in ((12, 20, 9), (7, 14, 25)):
+    for prompt, chosen, rejected in pairs:
         row = {}
         ids = torch.randint(vocab_size, (prompt,), generator=generator).tolist()
         for side, length in (("chosen", chosen), ("rejected", rejected)):
@@ -325,53 +336,71 @@ def _max_relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(((got - want).abs() / want.abs().clamp(min=1e-6)).max())
 
 
-def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module
-                      ) -> TrainConfig:
+def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module,
+                      reference: nn.Module | None = None) -> TrainConfig:
     """`cfg` settled for the policy at hand: `router_aux_loss_coef` resolved (`settle_router_aux`),
     `chunked_logps` off if `check_chunked_head` rejects the policy's head (the warning printed
-    once), and `padding_free` True or False (`_settle_padding_free`). Every process takes the
-    same path: under ZeRO-3 a process on the chunked path and one on the full path would call
-    the sharded LM head unequally often.
+    once), and `padding_free` True or False (`_settle_padding_free`, for `reference` too, placed
+    as it will run: the check stands for the policy's adapter-off view, which runs on the policy,
+    not for a separate model). Every process takes the same path: under
+    ZeRO-3 a process on the chunked path and one on the full path would call the sharded LM head
+    unequally often.
     """
     cfg = settle_router_aux(cfg, extract_model_from_parallel(policy))
     cfg = _settle_chunked_head(accelerator, cfg, policy)
-    return _settle_padding_free(accelerator, cfg, policy)
+    return _settle_padding_free(accelerator, cfg, policy, reference)
 
 
-def _settle_padding_free(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module
-                         ) -> TrainConfig:
-    """`padding_free` decided. Asked for (True): `check_padding_free` on the settled path, and a
-    ConfigError (on every process) if packing would change the policy's log-probs. Left to us
-    (None): on where it was measured to win (sdpa: packed rows run `packed_sdpa`, 1.4× the
-    tokens/s of padded batches on CPU, 1.5× on an H100) and the check passes; else off, in one
-    line saying why. The reference is a copy of the policy, so the check stands for both.
+def _settle_padding_free(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module,
+                         reference: nn.Module | None = None) -> TrainConfig:
+    """`padding_free` decided. Asked for (True): `check_padding_free` on the settled path, for
+    the policy and a separate `reference` alike (a `--ref-model` may be another class), and a
+    ConfigError (on every process) naming the model if packing would change its log-probs. Left
+    to us (None): on where it was measured to win (sdpa: packed rows run `packed_sdpa`, 1.4× the
+    tokens/s of padded batches on CPU, 1.5× on an H100) and both checks pass; else off, in one
+    line saying why.
     """
     if cfg.padding_free is False:
         return cfg
     unwrapped = extract_model_from_parallel(policy)
-    implementation = unwrapped.config._attn_implementation
     if cfg.padding_free is None:
         why_not = _not_by_default(cfg, unwrapped)
         if why_not is not None:
             accelerator.print(f"padding-free batches: off ({why_not})")
             return dataclasses.replace(cfg, padding_free=False)
-    # Outside autocast (see _without_autocast): the tightest comparison.
-    reason = check_padding_free(policy, chunked=cfg.chunked_logps, device=accelerator.device)
-    flags = accelerator.gather(torch.tensor([reason is not None], device=accelerator.device))
-    if not flags.any():
+    from dpo.lora import AdapterOffReference  # dpo.lora imports peft lazily, not this module
+
+    models = [(policy, type(unwrapped).__name__)]
+    if reference is not None and not isinstance(reference, AdapterOffReference):
+        ref = type(extract_model_from_parallel(reference)).__name__
+        models.append((reference, f"the reference {cfg.ref_model} ({ref})" if cfg.ref_model
+                       else f"the reference ({ref})"))
+    for model, name in models:
+        # Read before the probe, which switches sdpa to packed_sdpa.
+        implementation = extract_model_from_parallel(model).config._attn_implementation
+        # Outside autocast (see _without_autocast): the tightest comparison.
+        reason = check_padding_free(model, chunked=cfg.chunked_logps, device=accelerator.device,
+                                    max_length=cfg.max_length)
+        flags = accelerator.gather(torch.tensor([reason is not None], device=accelerator.device))
+        if not flags.any():
+            continue
+        reason = reason or "so says another process"
         if cfg.padding_free is None:
-            accelerator.print(f"padding-free batches: on (rows of up to "
-                              f"{cfg.padding_free_max_tokens} tokens; --no-padding-free pads)")
-        return dataclasses.replace(cfg, padding_free=True)
-    reason = reason or "so says another process"
+            accelerator.print(f"padding-free batches: off ({name} does not keep packed "
+                              f"sequences apart: {reason})")
+            return dataclasses.replace(cfg, padding_free=False)
+        raise ConfigError(
+            f"padding_free: {name} with attn_implementation {implementation} does not keep "
+            f"packed sequences apart: {reason}; use sdpa, eager or flex_attention, or drop "
+            "--padding-free")
     if cfg.padding_free is None:
-        accelerator.print(f"padding-free batches: off ({type(unwrapped).__name__} does not keep "
-                          f"packed sequences apart: {reason})")
-        return dataclasses.replace(cfg, padding_free=False)
-    raise ConfigError(
-        f"padding_free: {type(unwrapped).__name__} with attn_implementation {implementation} "
-        f"does not keep packed sequences apart: {reason}; use sdpa, eager or flex_attention, "
-        "or drop --padding-free")
+        longest = probe_length(unwrapped, cfg.max_length)
+        probed = "" if longest is None else (
+            f", probed at {longest} tokens past its {attention_span(unwrapped.config)}-token "
+            "attention window")
+        accelerator.print(f"padding-free batches: on (rows of up to "
+                          f"{cfg.padding_free_max_tokens} tokens{probed}; --no-padding-free pads)")
+    return dataclasses.replace(cfg, padding_free=True)
 
 
 def _not_by_default(cfg: TrainConfig, model: nn.Module) -> str | None:

@@ -251,6 +251,46 @@ def test_settle_refuses_padding_free_for_attention_that_mixes_sequences(causal_o
     assert settle_logps_path(accelerator, cfg, causal_only_qwen3) == cfg
 
 
+def _causal_only_llama():
+    """A reference of another class than the policy (Llama), on the causal-only kernel."""
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+
+    AttentionInterface.register("causal_only", _causal_only_attention)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, pad_token_id=0))
+    model.config._attn_implementation = "causal_only"
+    return model.eval().requires_grad_(False)
+
+
+def test_the_padding_free_probe_covers_a_separate_reference(capsys):
+    """A `--ref-model` of another class is probed too, before any packed batch reaches it: one
+    that mixes packed sequences turns packing off when it was left unset (one line naming the
+    reference), and is a ConfigError naming it when asked for; a reference that keeps them
+    apart (or none) leaves the policy's decision standing."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    policy = tiny_qwen3(VOCAB)
+    policy.config._attn_implementation = "sdpa"
+    reference = _causal_only_llama()
+    settled = settle_logps_path(accelerator, TrainConfig(ref_model="other/ref"), policy, reference)
+    assert settled.padding_free is False
+    printed = [line for line in capsys.readouterr().out.splitlines()  # (not DeepSpeed's)
+               if line.startswith("padding-free")]
+    assert len(printed) == 1 and printed[0].startswith(
+        "padding-free batches: off (the reference other/ref (LlamaForCausalLM) does not keep "
+        "packed sequences apart: packed sequences' summed log-probs differ"), printed
+    with pytest.raises(ConfigError, match=r"^padding_free: the reference other/ref "
+                       r"\(LlamaForCausalLM\) with attn_implementation causal_only does not keep "
+                       r"packed sequences apart: .*; use sdpa"):
+        settle_logps_path(accelerator, TrainConfig(padding_free=True, ref_model="other/ref"),
+                          policy, reference)
+    reference.config._attn_implementation = "sdpa"
+    assert settle_logps_path(accelerator, TrainConfig(), policy, reference).padding_free is True
+
+
 def test_packed_batches_under_gradient_checkpointing():
     """Under gradient checkpointing, where each layer runs again in the backward, a packed
     batch on packed_sdpa still gets the padded batch's gradients."""

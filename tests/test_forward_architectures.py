@@ -6,7 +6,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo.data.batching import PreferenceCollator
+from dpo import packed_attention
 from dpo.forward import check_chunked_head, check_padding_free, concatenated_forward
+from dpo.packed_attention import DENSE_MASK_ONLY, probe_length, use_dense_mask
 from dpo.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
 from tests.test_forward import logps_row_by_row
 
@@ -27,14 +29,27 @@ ARCHS = {
 }
 TRANSFORMED = {"gemma2", "gemma3_text", "cohere", "granite"}
 LOGIT_STD = 6.0
+# Sliding windows shorter than every sequence of `pair_batch` (19 to 40 tokens), as
+# "<model type>/window": every layer windowed, or (/mixed) windowed and full layers alike.
+WINDOW = 16
+WINDOWED = {
+    "mistral/window": {"sliding_window": WINDOW},
+    "gemma2/mixed": {"sliding_window": WINDOW},  # layers alternate: windowed, full
+    "gemma3_text/window": {"sliding_window": WINDOW},  # 2 layers of a 5:1 pattern: both windowed
+    "gemma3_text/mixed": {"sliding_window": WINDOW,
+                          "layer_types": ["sliding_attention", "full_attention"]},
+    "qwen2/mixed": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
+    "phi3/window": {"sliding_window": WINDOW},
+}
 
 
 def tiny_model(arch: str, dtype: torch.dtype = torch.float32):
     """A 2-layer random `arch` model whose logits have std ~LOGIT_STD, as a trained model's do
     (a random init's are ~0.2, where no soft-capping or scaling would show)."""
-    fields = {**COMMON, **ARCHS[arch]}
+    model_type = arch.split("/")[0]
+    fields = {**COMMON, **ARCHS[model_type], **WINDOWED.get(arch, {})}
     fields = {k: v for k, v in fields.items() if v is not None}
-    config = AutoConfig.for_model(arch, **fields)
+    config = AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     for module in model.modules():  # as dpo.models does: no random masks between two calls
@@ -146,8 +161,8 @@ def pair_rows(batch: dict[str, torch.Tensor]) -> list[dict]:
 
 
 # sdpa refuses Gemma-2's attention soft-capping (transformers sends it to eager or flex).
-PACKED_CASES = [(arch, impl) for arch in ARCHS for impl in ("eager", "sdpa")
-                if (arch, impl) != ("gemma2", "sdpa")]
+PACKED_CASES = [(arch, impl) for arch in [*ARCHS, *WINDOWED] for impl in ("eager", "sdpa")
+                if not (arch.startswith("gemma2") and impl == "sdpa")]
 
 
 @pytest.mark.parametrize("arch,impl", PACKED_CASES)
@@ -157,10 +172,14 @@ def test_packed_equals_padded(arch, impl):
     parameter to 1e-5 relative, on the chunked head and on the full logits; in this batch a
     sequence that saw its row's earlier sequences, or a label predicted across a boundary,
     would be off by far more. Under sdpa the packed rows run `packed_sdpa`, one causal call per
-    sequence, except for a model the probe puts back on the dense block mask (Falcon)."""
+    sequence, except for a model the probe puts back on the dense block mask (Falcon). Windowed
+    models (`WINDOWED`) keep their window on every sequence longer than it, on packed_sdpa
+    (`sliding_window=`) as in transformers' mask."""
     model = tiny_model(arch)
     model.config._attn_implementation = impl
     assert check_padding_free(model, chunked=True) is None  # as train.py does first
+    if impl == "sdpa" and arch in WINDOWED:
+        assert type(model) not in DENSE_MASK_ONLY  # the window is packed_sdpa's, not the mask's
     rows = pair_rows(pair_batch())
     padded = PreferenceCollator(0)(rows)
     layouts = {"one row": PreferenceCollator(0, padding_free=True)(rows),
@@ -181,3 +200,56 @@ def test_packed_equals_padded(arch, impl):
                 scale = g.abs().max().clamp(min=1e-12)
                 torch.testing.assert_close(got_grads[param] / scale, g / scale, rtol=1e-5,
                                            atol=1e-5, msg=f"{where}: gradient of {param}")
+
+
+def packed_and_padded_logps(model) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = pair_rows(pair_batch())
+    with torch.no_grad():
+        return tuple(torch.cat([out.chosen_logps, out.rejected_logps]) for out in (
+            concatenated_forward(model.eval(), PreferenceCollator(0, padding_free=packed)(rows),
+                                 chunked=True) for packed in (True, False)))
+
+
+def test_the_dense_mask_keeps_the_window():
+    """The fallback for a class the probe puts on transformers' sdpa (`use_dense_mask`): its
+    block mask, built from the packed position ids, keeps the window too."""
+    model = tiny_model("mistral/window")
+    model.config._attn_implementation = "sdpa"
+    try:
+        use_dense_mask(model)
+        packed, padded = packed_and_padded_logps(model)
+    finally:
+        DENSE_MASK_ONLY.discard(type(model))
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
+    model.config.sliding_window = None  # the same model without its window differs
+    assert ((packed_and_padded_logps(model)[1] - padded).abs() / padded.abs()).max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["mistral/window", "gemma3_text/mixed", "qwen2/mixed"])
+def test_the_probe_catches_a_dropped_window(monkeypatch, arch):
+    """A packed path that ignores the window (here packed_sdpa with its window mask taken
+    away) is caught by the probe, whose long pair passes the window, unlike its short pairs:
+    the model goes back to transformers' sdpa, whose dense mask keeps the window."""
+    model = tiny_model(arch)
+    model.config.sliding_window = 48  # beyond the short pairs' 39 tokens
+    model.config._attn_implementation = "sdpa"
+    monkeypatch.setattr(packed_attention, "_window_mask", lambda *a: None, raising=False)
+    DENSE_MASK_ONLY.discard(type(model))  # as no earlier probe left it
+    try:
+        assert check_padding_free(model, chunked=True) is None
+        assert type(model) in DENSE_MASK_ONLY
+        packed, padded = packed_and_padded_logps(model)
+    finally:
+        DENSE_MASK_ONLY.discard(type(model))
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
+
+
+def test_the_probe_reaches_past_the_window_within_max_length():
+    """The long probe pair: twice the window (at least 24 tokens past it), capped at the run's
+    max_length; none where max_length never passes the window or there is none."""
+    model = tiny_model("mistral/window")
+    assert probe_length(model, None) == 16 + 24
+    model.config.sliding_window = 48
+    assert probe_length(model, None) == 96 and probe_length(model, 4096) == 96
+    assert probe_length(model, 60) == 60 and probe_length(model, 48) is None
+    assert probe_length(tiny_model("llama"), None) is None
