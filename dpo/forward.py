@@ -19,7 +19,8 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from dpo.config import ConfigError, TrainConfig
-from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_response_sums, response_sums
+from dpo.logprobs import (IGNORE_INDEX, LogitsTransform, _call_as_forward, _chunked_head,
+                          _token_logps, chunked_response_sums, response_sums)
 from dpo.loss.variants import length_desensitised
 from dpo.packed_attention import (DENSE_MASK_ONLY, PACKED_SDPA, PROBE_MARGIN, attention_span,
                                   probe_length, use_dense_mask, use_packed_sdpa)
@@ -80,19 +81,8 @@ def concatenated_forward(
         weighting: also return WPO's per-sequence log-weights (`chosen_log_weights`, ...).
         Both come from the same pass over the logits (or chunks) as the log-probs.
     """
-    labels = batch["labels"]
     packed = batch.get("packed_sequences")  # (2B, 3): a padding-free batch (PreferenceCollator)
-    if packed is None:
-        mask = batch["attention_mask"]
-        inputs = dict(input_ids=batch["input_ids"], attention_mask=mask if router_aux or full_mask
-                      else causal_attention_mask(mask))
-    else:
-        # No attention mask and no cache: transformers then reads the sequences' boundaries off
-        # the position ids, which restart at each one, and keeps them apart; sdpa does it
-        # sequence by sequence instead of with a dense block mask (see dpo.packed_attention).
-        use_packed_sdpa(extract_model_from_parallel(model))
-        inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
-        index, labels = _unpack(packed, labels)
+    inputs, index, labels = _model_inputs(model, batch, router_aux or full_mask)
     if labels.shape[0] % 2:
         raise ValueError(f"a [chosen; rejected] batch has an even number of rows, got "
                          f"{labels.shape[0]}")
@@ -139,6 +129,24 @@ def concatenated_forward(
         log_weights = sums.wpo_sums / lengths.clamp(min=1)
         pair.chosen_log_weights, pair.rejected_log_weights = log_weights[:half], log_weights[half:]
     return pair
+
+
+def _model_inputs(model: nn.Module, batch: dict[str, torch.Tensor], mask: bool
+                  ) -> tuple[dict, torch.Tensor | None, torch.Tensor]:
+    """The model's inputs for `batch` (`concatenated_forward`'s), and for a packed batch the
+    `_unpack` index (else None), with the labels laid out as a padded batch's. `mask`: pass the
+    real attention mask of a padded batch, not the mask-free fast path."""
+    packed = batch.get("packed_sequences")
+    if packed is None:
+        attention_mask = batch["attention_mask"]
+        return (dict(input_ids=batch["input_ids"], attention_mask=attention_mask if mask
+                     else causal_attention_mask(attention_mask)), None, batch["labels"])
+    # No attention mask and no cache: transformers then reads the sequences' boundaries off the
+    # position ids, which restart at each one, and keeps them apart; sdpa does it sequence by
+    # sequence instead of with a dense block mask (see dpo.packed_attention).
+    use_packed_sdpa(extract_model_from_parallel(model))
+    index, labels = _unpack(packed, batch["labels"])
+    return dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"]), index, labels
 
 
 def excess_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -243,34 +251,105 @@ def check_chunked_head(model: nn.Module, *, device: torch.device | str | None = 
 
 
 def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device | str | None = None,
-                       rtol: float | None = None, max_length: int | None = None) -> str | None:
+                       max_length: int | None = None) -> str | None:
     """Do packed sequences give `model` the log-probs they get apart? None if so, else why not.
 
-    Seeded probe pairs of random tokens, of different lengths, go through `concatenated_forward`
-    (eval mode, no gradient) as a right-padded batch and packed in one row
-    (`PreferenceCollator(padding_free=True)`). An attention implementation that ignores the
-    position ids' boundaries lets each sequence see the ones before it, and its log-probs move
-    far beyond rounding; so does a model that does not pass position ids down, or one whose
-    positions do not restart. A model whose attention is limited (`attention_span`: a sliding
-    window, attention chunks) gets a third pair of `probe_length` tokens, past the limit, its
-    responses after it, which a packed path that drops the limit gets wrong. Every layer type of
-    the model runs on every pair. Under sdpa the packed batch runs on `packed_sdpa`; a model that
-    then disagrees (its code asks for sdpa by name) is put back on transformers' sdpa
-    (`use_dense_mask`) and probed again. Collective under ZeRO-3/FSDP: every process must call
-    it, and takes the same path.
+    Seeded probe pairs of random tokens, of different lengths, go through the model (eval mode,
+    no gradient, `concatenated_forward`'s inputs and log-prob path) as a right-padded batch and
+    packed in one row (`PreferenceCollator(padding_free=True)`), and the log-prob of every
+    response token is compared, not their sums, which would dilute an error confined to a few
+    tokens. An attention implementation that ignores the position ids' boundaries lets each
+    sequence see the ones before it; so does a model that does not pass position ids down, or
+    one whose positions do not restart. A model whose attention is limited (`attention_span`: a
+    sliding window, attention chunks) gets a third pair of `probe_length` tokens, past the
+    limit, its responses after it, which a packed path that drops the limit gets wrong. Every
+    layer type of the model runs on every pair.
+
+    The tolerance is the model's own rounding noise, measured: `PROBE_NUDGE_FACTOR` times the
+    largest change of a token's log-prob when the padded batch runs again with its input
+    embeddings nudged by one unit of the precision's rounding (`_nudged_inputs`), plus
+    `PROBE_ATOL`. A different layout rounds differently, by no more than that; a dropped window
+    or a leak moves tokens by nats (see `PROBE_NUDGE_FACTOR`).
+
+    Under sdpa the packed batch runs on `packed_sdpa`; a model that then disagrees (its code
+    asks for sdpa by name) is put back on transformers' sdpa (`use_dense_mask`) and probed
+    again. Collective under ZeRO-3/FSDP: every process must call it, and takes the same path.
 
     Args:
         chunked: the log-prob path the run uses (`cfg.chunked_logps`, settled).
-        rtol: as for `check_chunked_head`: 1e-4 for fp32 weights, 1e-2 otherwise.
         max_length: the run's longest sequence (`cfg.max_length`), which caps the long pair.
     """
     from dpo.data.batching import PreferenceCollator  # dpo.data imports the tokenizers
 
-    unwrapped, rtol, vocab_size, generator = _probe_setup(model, rtol)
+    unwrapped, _, vocab_size, generator = _probe_setup(model, None)
+    rows = _probe_rows(unwrapped, max_length, vocab_size, generator)
+    device = device if device is not None else next(unwrapped.parameters()).device
+    padded, packed = (_to(PreferenceCollator(0, padding_free=packed)(rows), device)
+                      for packed in (False, True))
+
+    def compare() -> tuple[float, float]:
+        want = _response_token_logps(model, padded, chunked)
+        got = _response_token_logps(model, packed, chunked)
+        with _nudged_inputs(unwrapped):
+            nudged = _response_token_logps(model, padded, chunked)
+        noise = float((nudged - want).abs().max())
+        return float((got - want).abs().max()), PROBE_NUDGE_FACTOR * noise + PROBE_ATOL
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _without_autocast(unwrapped):
+            diff, tolerance = compare()
+            if diff > tolerance and unwrapped.config._attn_implementation == PACKED_SDPA:
+                # A model that tests for sdpa by name: transformers' sdpa, with its block mask
+                # (both layouts again: its padded path was not sdpa's under our name either).
+                use_dense_mask(unwrapped)
+                diff, tolerance = compare()
+    finally:
+        model.train(was_training)
+    if diff <= tolerance:
+        return None
+    return (f"packed sequences' token log-probs differ from separate ones' by up to {diff:.2g} "
+            f"nats (tolerance {tolerance:.1g}: {PROBE_NUDGE_FACTOR}x its rounding noise + "
+            f"{PROBE_ATOL:g})")
+
+
+# check_padding_free's tolerance: this many times the rounding noise, plus PROBE_ATOL nats.
+# Measured on tiny random models (tests/test_forward_architectures.py, CPU): a packed layout
+# moves a token by at most ~0.4x the noise, a dropped window by >= 6x, a leak by >= 20x.
+PROBE_NUDGE_FACTOR = 4
+PROBE_ATOL = 1e-4
+
+
+@contextmanager
+def _nudged_inputs(model: nn.Module) -> Iterator[None]:
+    """`model`'s (unwrapped) input embeddings scaled by 1 ± ε per hidden dimension (alternating
+    signs, the same on every process), ε the relative rounding unit its matmuls work in: the
+    dtype's, or TF32's / bf16's for fp32 weights where torch's matmul precision is lowered."""
+    dtype = next(model.parameters()).dtype
+    precision = torch.get_float32_matmul_precision()
+    if dtype == torch.float32 and precision != "highest":
+        dtype = torch.bfloat16 if precision == "medium" else None
+    epsilon = 2.0 ** -10 if dtype is None else torch.finfo(dtype).eps
+
+    def nudge(module, args, output):
+        signs = 1 - 2 * (torch.arange(output.shape[-1], device=output.device) % 2)
+        return output * (1 + epsilon * signs).to(output.dtype)
+
+    handle = model.get_input_embeddings().register_forward_hook(nudge)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _probe_rows(model: nn.Module, max_length: int | None, vocab_size: int,
+                generator: torch.Generator) -> list[dict]:
+    """`check_padding_free`'s tokenized probe pairs for `model` (unwrapped)."""
     pairs = [(12, 20, 9), (7, 14, 25)]
-    longest = probe_length(unwrapped, max_length)
+    longest = probe_length(model, max_length)
     if longest is not None:  # responses from just before the limit to past it
-        span = attention_span(unwrapped.config)
+        span = attention_span(model.config)
         prompt = max(1, span - 8)
         chosen = min(span + PROBE_MARGIN, longest) - prompt
         pairs.append((prompt, chosen, max(1, longest - prompt - (longest == chosen + prompt))))
@@ -283,27 +362,7 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
             row[f"{side}_input_ids"] = ids + response
             row[f"{side}_labels"] = [IGNORE_INDEX] * prompt + response
         rows.append(row)
-    device = device if device is not None else next(unwrapped.parameters()).device
-    batches = [_to(PreferenceCollator(0, padding_free=packed)(rows), device)
-               for packed in (False, True)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), _without_autocast(unwrapped):
-            want, got = (_summed_logps(model, batch, chunked) for batch in batches)
-            diff = _max_relative_difference(got, want)
-            if diff > rtol and unwrapped.config._attn_implementation == PACKED_SDPA:
-                # A model that tests for sdpa by name: transformers' sdpa, with its block mask
-                # (both layouts again: its padded path was not sdpa's under our name either).
-                use_dense_mask(unwrapped)
-                want, got = (_summed_logps(model, batch, chunked) for batch in batches)
-                diff = _max_relative_difference(got, want)
-    finally:
-        model.train(was_training)
-    if diff <= rtol:
-        return None
-    return (f"packed sequences' summed log-probs differ from separate ones' by {diff:.1e} "
-            f"relative (tolerance {rtol:.0e})")
+    return rows
 
 
 @contextmanager
@@ -327,13 +386,25 @@ def _to(batch: dict, device) -> dict:
     return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
-def _summed_logps(model: nn.Module, batch: dict, chunked: bool) -> torch.Tensor:
-    out = concatenated_forward(model, batch, chunked=chunked, chunk_size=16)
-    return torch.cat([out.chosen_logps, out.rejected_logps])
-
-
-def _max_relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float(((got - want).abs() / want.abs().clamp(min=1e-6)).max())
+def _response_token_logps(model: nn.Module, batch: dict, chunked: bool) -> torch.Tensor:
+    """log π(y_t) of every response token of `batch`, `(N,)` float32, in the order of a padded
+    batch's labels (row by row) for a packed batch too: `concatenated_forward`'s inputs and
+    log-prob path, before its sums."""
+    unwrapped = extract_model_from_parallel(model)
+    inputs, index, labels = _model_inputs(model, batch, False)
+    if not chunked:
+        logits = model(**inputs, use_cache=False).logits
+        token_logps, mask = _token_logps(logits if index is None
+                                         else logits.flatten(0, 1)[index], labels, IGNORE_INDEX)
+        return token_logps[mask]
+    with _last_hidden_state(unwrapped) as captured:
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    hidden = captured.hidden if index is None else captured.hidden.flatten(0, 1)[index]
+    mask = labels[:, 1:] != IGNORE_INDEX
+    token_logps, _, _ = _call_as_forward(
+        unwrapped.get_output_embeddings(), _chunked_head, hidden[:, :-1][mask],
+        labels[:, 1:][mask], 16, LogitsTransform.from_config(unwrapped.config))
+    return token_logps
 
 
 def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module,

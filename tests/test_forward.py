@@ -231,7 +231,7 @@ def test_padding_free_probe_catches_attention_that_mixes_packed_sequences(causal
     torch.testing.assert_close(torch.cat([out.chosen_logps, out.rejected_logps]), alone,
                                rtol=1e-5, atol=1e-5)
     reason = check_padding_free(causal_only_qwen3, chunked=True)
-    assert reason is not None and "packed sequences' summed log-probs differ" in reason
+    assert reason is not None and "packed sequences' token log-probs differ" in reason
 
 
 def test_settle_refuses_padding_free_for_attention_that_mixes_sequences(causal_only_qwen3):
@@ -281,7 +281,7 @@ def test_the_padding_free_probe_covers_a_separate_reference(capsys):
                if line.startswith("padding-free")]
     assert len(printed) == 1 and printed[0].startswith(
         "padding-free batches: off (the reference other/ref (LlamaForCausalLM) does not keep "
-        "packed sequences apart: packed sequences' summed log-probs differ"), printed
+        "packed sequences apart: packed sequences' token log-probs differ"), printed
     with pytest.raises(ConfigError, match=r"^padding_free: the reference other/ref "
                        r"\(LlamaForCausalLM\) with attn_implementation causal_only does not keep "
                        r"packed sequences apart: .*; use sdpa"):
