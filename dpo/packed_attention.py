@@ -229,8 +229,7 @@ def attention_span(config) -> int | None:
 
 
 # The probe's long pair: its chosen response ends this many tokens past the model's attention
-# limit w, its rejected one at 2w (a random model's log-probs move by 3e-5 to 4e-3 relative
-# when either drops the window, unpredictably which more).
+# limit w, its rejected one at 2w (either may show a dropped window more, unpredictably which).
 PROBE_MARGIN = 24
 
 
