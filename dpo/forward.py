@@ -289,9 +289,9 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
 
     def compare() -> tuple[float, float]:
         want = _response_token_logps(model, padded, chunked)
-        got = _response_token_logps(model, packed, chunked)
-        with _nudged_inputs(unwrapped):
+        with _nudged_inputs(unwrapped):  # before the packed batch switches sdpa to packed_sdpa
             nudged = _response_token_logps(model, padded, chunked)
+        got = _response_token_logps(model, packed, chunked)
         noise = float((nudged - want).abs().max())
         return float((got - want).abs().max()), PROBE_NUDGE_FACTOR * noise + PROBE_ATOL
 
