@@ -10,7 +10,7 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(dpo.__path__, prefix="dpo
 
 
 def test_package_has_the_core_modules():
-    assert {"dpo.loss", "dpo.logprobs", "dpo.forward"} <= set(MODULES)
+    assert {"dpo.loss", "dpo.model.logprobs", "dpo.model.forward"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -25,7 +25,7 @@ What is built:
 
 - `build_demo_model` — a byte-level BPE tokenizer trained with the `tokenizers` library on the
   demo corpus (ChatML special tokens and chat template, as Qwen's), and a randomly initialised
-  `Qwen3ForCausalLM` from `dpo.tiny` whose vocabulary is exactly that tokenizer's.
+  `Qwen3ForCausalLM` from `dpo.demo.tiny` whose vocabulary is exactly that tokenizer's.
 - `build_demo_chat_model` — that model after the supervised phase, beside it in the cache.
 - `build_demo_dataset` — `train.jsonl` and `test.jsonl` in the standard
   ``{"prompt", "chosen", "rejected"}`` format; no test pair occurs in the training split.
@@ -44,7 +44,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from dpo import cache_root
+from dpo.paths import cache_root
 
 BUILTIN_MODEL = "builtin:tiny-qwen3"  # randomly initialised: fast to build, for tests
 BUILTIN_CHAT_MODEL = "builtin:tiny-qwen3-chat"  # the same after the supervised phase: the demo's
@@ -337,7 +337,7 @@ def _tokenizer_corpus() -> list[str]:
 def _write_model(directory: Path) -> None:
     import torch
 
-    from dpo.tiny import tiny_qwen3
+    from dpo.demo.tiny import tiny_qwen3
 
     tokenizer = build_tokenizer(_tokenizer_corpus())
     # fork_rng: tiny_qwen3 seeds the global generator; the caller's random stream stays untouched.

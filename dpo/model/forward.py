@@ -19,9 +19,9 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from dpo.config import ConfigError, TrainConfig
-from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_response_sums, response_sums
+from dpo.model.logprobs import IGNORE_INDEX, LogitsTransform, chunked_response_sums, response_sums
 from dpo.loss.variants import length_desensitised
-from dpo.packed_attention import (DENSE_MASK_ONLY, PACKED_SDPA, PROBE_MARGIN, attention_span,
+from dpo.model.packed_attention import (DENSE_MASK_ONLY, PACKED_SDPA, PROBE_MARGIN, attention_span,
                                   probe_length, use_dense_mask, use_packed_sdpa)
 
 
@@ -89,7 +89,7 @@ def concatenated_forward(
     else:
         # No attention mask and no cache: transformers then reads the sequences' boundaries off
         # the position ids, which restart at each one, and keeps them apart; sdpa does it
-        # sequence by sequence instead of with a dense block mask (see dpo.packed_attention).
+        # sequence by sequence instead of with a dense block mask (see dpo.model.packed_attention).
         use_packed_sdpa(extract_model_from_parallel(model))
         inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
         index, labels = _unpack(packed, labels)
@@ -368,7 +368,7 @@ def _settle_padding_free(accelerator: Accelerator, cfg: TrainConfig, policy: nn.
         if why_not is not None:
             accelerator.print(f"padding-free batches: off ({why_not})")
             return dataclasses.replace(cfg, padding_free=False)
-    from dpo.lora import AdapterOffReference  # dpo.lora imports peft lazily, not this module
+    from dpo.model.lora import AdapterOffReference  # peft lazily, not this module
 
     models = [(policy, type(unwrapped).__name__)]
     if reference is not None and not isinstance(reference, AdapterOffReference):
