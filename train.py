@@ -24,7 +24,7 @@ from dpo.eval import model_card
 from dpo.train import checkpoint
 from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.eval.evaluation import Evaluator, generate_answers, sample_prompts
-from dpo.model.forward import settle_logps_path
+from dpo.model.probes import settle_logps_path
 from dpo.train.loaders import build_dataloaders, build_datasets, make_collator
 from dpo.train.metrics import MetricsLogger, TrainMetrics, pair_keys, pair_stats
 from dpo.model.loading import (check_reference_layout, load_policy_and_reference, load_tokenizer,

@@ -155,7 +155,7 @@ def run(args, variant: str) -> dict:
 
     from dpo import data
     from dpo.config import TrainConfig
-    from dpo.model.forward import settle_logps_path
+    from dpo.model.probes import settle_logps_path
     from dpo.model.loading import prepare_reference
     from dpo.train.runtime import make_accelerator, make_optimizer
     from dpo.train.step import dpo_step

@@ -29,7 +29,7 @@ from dpo.model import lora
 from dpo.train import checkpoint
 from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.eval.evaluation import Evaluator, generate_answers, sample_prompts
-from dpo.model.forward import settle_logps_path
+from dpo.model.probes import settle_logps_path
 from dpo.train.loaders import build_datasets, eval_loader_of, make_collator
 from dpo.loss import needs_reference
 from dpo.train.metrics import MetricsLogger

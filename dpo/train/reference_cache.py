@@ -68,6 +68,7 @@ MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".py", ".model", 
 # (a comment costs one recomputation; a changed computation read back stale costs a wrong run).
 VALUE_CODE = (
     "dpo.model.forward",  # the one model call for both halves, the packed and MoE paths
+    "dpo.model.probes",  # the path the probes settle: packed attention or a dense mask
     "dpo.model.logprobs",  # the summed response log-probs, full or chunked
     "dpo.model.packed_attention",  # attention within each packed sequence
     "dpo.loss.variants",  # LD-DPO's length-desensitised log-probs (ld_alpha)

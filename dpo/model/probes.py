@@ -1,0 +1,302 @@
+"""The start-up probes that decide the forward's path for the model at hand.
+
+`settle_logps_path` runs them once, before training or evaluation: `check_chunked_head` (does the
+chunked LM head give the model's own log-probs?), `check_padding_free` (do packed sequences give
+what separate ones do?) and `settle_router_aux` (a mixture of experts' router loss). Each probe
+feeds a seeded pair through `dpo.model.forward.concatenated_forward` both ways and compares.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import extract_model_from_parallel
+from torch import nn
+
+from dpo.config import ConfigError, TrainConfig
+from dpo.model.forward import ChunkedHeadUnsupported, concatenated_forward
+from dpo.model.logprobs import IGNORE_INDEX
+from dpo.model.packed_attention import (DENSE_MASK_ONLY, PACKED_SDPA, PROBE_MARGIN, attention_span,
+                                        probe_length, use_dense_mask)
+
+
+def check_chunked_head(model: nn.Module, *, device: torch.device | str | None = None,
+                       rtol: float | None = None, length: int = 64) -> str | None:
+    """Does the chunked path give `model`'s own log-probs? None if so, else one warning line.
+
+    One seeded probe pair of `length` random tokens (the rejected row right-padded, half of each
+    row response) goes through `concatenated_forward` twice, without gradient and in eval mode:
+    on the model's full logits, and on the chunked head. The chunked head redoes the logit
+    transforms it knows (`LogitsTransform`); a model that does something else after its LM head,
+    or whose body hides its last hidden state, is caught here instead of training on wrong
+    log-probs. Collective under ZeRO-3/FSDP: every process must call it.
+
+    Args:
+        model: the policy, possibly wrapped (DDP, DeepSpeed, FSDP).
+        device: where the probe's inputs go; default that of the model's first parameter.
+        rtol: largest relative difference of the summed log-probs that passes. Default: 1e-4
+            for fp32 weights; 1e-2 otherwise, above 16-bit rounding of the logits (on either
+            path), far below what any logit scaling or capping changes.
+    """
+    unwrapped, rtol, vocab_size, generator = _probe_setup(model, rtol)
+    input_ids = torch.randint(vocab_size, (2, length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :length // 2] = IGNORE_INDEX
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -length // 4:] = 0
+    labels[1, -length // 4:] = IGNORE_INDEX
+    device = device if device is not None else next(unwrapped.parameters()).device
+    batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+             "labels": labels.to(device)}
+
+    arch = f"{type(unwrapped).__name__} ({unwrapped.config.model_type})"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = concatenated_forward(model, batch, chunked=False)
+            try:
+                chunked = concatenated_forward(model, batch, chunked=True, chunk_size=length // 4)
+            except ChunkedHeadUnsupported as e:
+                reason = str(e)
+            else:
+                want = torch.cat([full.chosen_logps, full.rejected_logps])
+                got = torch.cat([chunked.chosen_logps, chunked.rejected_logps])
+                diff = float(((got - want).abs() / want.abs().clamp(min=1e-6)).max())
+                if diff <= rtol:
+                    return None
+                reason = (f"its summed log-probs differ from its own logits' by {diff:.1e} "
+                          f"relative (tolerance {rtol:.0e}): its logits are not lm_head of its "
+                          "body's last hidden state, nor a known transform of that")
+    finally:
+        model.train(was_training)
+    return (f"warning: chunked log-probs are not available for {arch}: {reason}; computing "
+            "the full logits instead (chunked_logps off)")
+
+
+def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device | str | None = None,
+                       rtol: float | None = None, max_length: int | None = None) -> str | None:
+    """Do packed sequences give `model` the log-probs they get apart? None if so, else why not.
+
+    Seeded probe pairs of random tokens, of different lengths, go through `concatenated_forward`
+    (eval mode, no gradient) as a right-padded batch and packed in one row
+    (`PreferenceCollator(padding_free=True)`). An attention implementation that ignores the
+    position ids' boundaries lets each sequence see the ones before it, and its log-probs move
+    far beyond rounding; so does a model that does not pass position ids down, or one whose
+    positions do not restart. A model whose attention is limited (`attention_span`: a sliding
+    window, attention chunks) gets a third pair of `probe_length` tokens, past the limit, its
+    responses after it, which a packed path that drops the limit gets wrong. Every layer type of
+    the model runs on every pair. Under sdpa the packed batch runs on `packed_sdpa`; a model that
+    then disagrees (its code asks for sdpa by name) is put back on transformers' sdpa
+    (`use_dense_mask`) and probed again. Collective under ZeRO-3/FSDP: every process must call
+    it, and takes the same path.
+
+    Args:
+        chunked: the log-prob path the run uses (`cfg.chunked_logps`, settled).
+        rtol: as for `check_chunked_head`: 1e-4 for fp32 weights, 1e-2 otherwise.
+        max_length: the run's longest sequence (`cfg.max_length`), which caps the long pair.
+    """
+    from dpo.data.batching import PreferenceCollator  # dpo.data imports the tokenizers
+
+    unwrapped, rtol, vocab_size, generator = _probe_setup(model, rtol)
+    pairs = [(12, 20, 9), (7, 14, 25)]
+    longest = probe_length(unwrapped, max_length)
+    if longest is not None:  # responses from just before the limit to past it
+        span = attention_span(unwrapped.config)
+        prompt = max(1, span - 8)
+        chosen = min(span + PROBE_MARGIN, longest) - prompt
+        pairs.append((prompt, chosen, max(1, longest - prompt - (longest == chosen + prompt))))
+    rows = []
+    for prompt, chosen, rejected in pairs:
+        row = {}
+        ids = torch.randint(vocab_size, (prompt,), generator=generator).tolist()
+        for side, length in (("chosen", chosen), ("rejected", rejected)):
+            response = torch.randint(vocab_size, (length,), generator=generator).tolist()
+            row[f"{side}_input_ids"] = ids + response
+            row[f"{side}_labels"] = [IGNORE_INDEX] * prompt + response
+        rows.append(row)
+    device = device if device is not None else next(unwrapped.parameters()).device
+    batches = [_to(PreferenceCollator(0, padding_free=packed)(rows), device)
+               for packed in (False, True)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _without_autocast(unwrapped):
+            want, got = (_summed_logps(model, batch, chunked) for batch in batches)
+            diff = _max_relative_difference(got, want)
+            if diff > rtol and unwrapped.config._attn_implementation == PACKED_SDPA:
+                # A model that tests for sdpa by name: transformers' sdpa, with its block mask
+                # (both layouts again: its padded path was not sdpa's under our name either).
+                use_dense_mask(unwrapped)
+                want, got = (_summed_logps(model, batch, chunked) for batch in batches)
+                diff = _max_relative_difference(got, want)
+    finally:
+        model.train(was_training)
+    if diff <= rtol:
+        return None
+    return (f"packed sequences' summed log-probs differ from separate ones' by {diff:.1e} "
+            f"relative (tolerance {rtol:.0e})")
+
+
+@contextmanager
+def _without_autocast(model: nn.Module) -> Iterator[None]:
+    """`model` (unwrapped) computing in its weights' dtype: Accelerate's mixed precision wraps its
+    forward in autocast, under which padded and packed rows would take different half-precision
+    kernels and differ by their rounding, far more than a tolerance that catches a leak between
+    sequences allows."""
+    autocast = model.__dict__.get("_original_forward")
+    if autocast is None:
+        yield
+        return
+    wrapped, model.forward = model.forward, autocast
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
+def _to(batch: dict, device) -> dict:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+def _summed_logps(model: nn.Module, batch: dict, chunked: bool) -> torch.Tensor:
+    out = concatenated_forward(model, batch, chunked=chunked, chunk_size=16)
+    return torch.cat([out.chosen_logps, out.rejected_logps])
+
+
+def _max_relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(((got - want).abs() / want.abs().clamp(min=1e-6)).max())
+
+
+def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module,
+                      reference: nn.Module | None = None) -> TrainConfig:
+    """`cfg` settled for the policy at hand: `router_aux_loss_coef` resolved (`settle_router_aux`),
+    `chunked_logps` off if `check_chunked_head` rejects the policy's head (the warning printed
+    once), and `padding_free` True or False (`_settle_padding_free`, for `reference` too, placed
+    as it will run: the check stands for the policy's adapter-off view, which runs on the policy,
+    not for a separate model). Every process takes the same path: under
+    ZeRO-3 a process on the chunked path and one on the full path would call the sharded LM head
+    unequally often.
+    """
+    cfg = settle_router_aux(cfg, extract_model_from_parallel(policy))
+    cfg = _settle_chunked_head(accelerator, cfg, policy)
+    return _settle_padding_free(accelerator, cfg, policy, reference)
+
+
+def _settle_padding_free(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module,
+                         reference: nn.Module | None = None) -> TrainConfig:
+    """`padding_free` decided. Asked for (True): `check_padding_free` on the settled path, for
+    the policy and a separate `reference` alike (a `--ref-model` may be another class), and a
+    ConfigError (on every process) naming the model if packing would change its log-probs. Left
+    to us (None): on where it was measured to win (sdpa: packed rows run `packed_sdpa`, 1.4× the
+    tokens/s of padded batches on CPU, 1.5× on an H100) and both checks pass; else off, in one
+    line saying why.
+    """
+    if cfg.padding_free is False:
+        return cfg
+    unwrapped = extract_model_from_parallel(policy)
+    if cfg.padding_free is None:
+        why_not = _not_by_default(cfg, unwrapped)
+        if why_not is not None:
+            accelerator.print(f"padding-free batches: off ({why_not})")
+            return dataclasses.replace(cfg, padding_free=False)
+    from dpo.model.lora import AdapterOffReference  # peft lazily, not this module
+
+    models = [(policy, type(unwrapped).__name__)]
+    if reference is not None and not isinstance(reference, AdapterOffReference):
+        ref = type(extract_model_from_parallel(reference)).__name__
+        models.append((reference, f"the reference {cfg.ref_model} ({ref})" if cfg.ref_model
+                       else f"the reference ({ref})"))
+    for model, name in models:
+        # Read before the probe, which switches sdpa to packed_sdpa.
+        implementation = extract_model_from_parallel(model).config._attn_implementation
+        # Outside autocast (see _without_autocast): the tightest comparison.
+        reason = check_padding_free(model, chunked=cfg.chunked_logps, device=accelerator.device,
+                                    max_length=cfg.max_length)
+        flags = accelerator.gather(torch.tensor([reason is not None], device=accelerator.device))
+        if not flags.any():
+            continue
+        reason = reason or "so says another process"
+        if cfg.padding_free is None:
+            accelerator.print(f"padding-free batches: off ({name} does not keep packed "
+                              f"sequences apart: {reason})")
+            return dataclasses.replace(cfg, padding_free=False)
+        raise ConfigError(
+            f"padding_free: {name} with attn_implementation {implementation} does not keep "
+            f"packed sequences apart: {reason}; use sdpa, eager or flex_attention, or drop "
+            "--padding-free")
+    if cfg.padding_free is None:
+        longest = probe_length(unwrapped, cfg.max_length)
+        probed = "" if longest is None else (
+            f", probed at {longest} tokens past its {attention_span(unwrapped.config)}-token "
+            "attention window")
+        accelerator.print(f"padding-free batches: on (rows of up to "
+                          f"{cfg.padding_free_max_tokens} tokens{probed}; --no-padding-free pads)")
+    return dataclasses.replace(cfg, padding_free=True)
+
+
+def _not_by_default(cfg: TrainConfig, model: nn.Module) -> str | None:
+    """Why packing stays off when left unset, before any probe; None if nothing says so."""
+    implementation = model.config._attn_implementation
+    if implementation not in ("sdpa", PACKED_SDPA) or type(model) in DENSE_MASK_ONLY:
+        return f"attn_implementation {implementation}, measured only with sdpa"
+    if cfg.router_aux_loss_coef:
+        return "a mixture of experts' router loss needs the attention mask"
+    if cfg.max_length > cfg.padding_free_max_tokens:
+        return (f"max_length {cfg.max_length} exceeds padding_free_max_tokens "
+                f"{cfg.padding_free_max_tokens}")
+    return None
+
+
+def _settle_chunked_head(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module
+                         ) -> TrainConfig:
+    if not cfg.chunked_logps:
+        return cfg
+    # Under mixed precision the model's own head runs under autocast, the chunked one in fp32.
+    warning = check_chunked_head(policy, device=accelerator.device,
+                                 rtol=None if accelerator.mixed_precision == "no" else 1e-2)
+    flags = accelerator.gather(torch.tensor([warning is not None], device=accelerator.device))
+    if not flags.any():
+        return cfg
+    accelerator.print(warning or "warning: chunked log-probs disagree with the model's logits "
+                      "on another process; computing the full logits instead")
+    return dataclasses.replace(cfg, chunked_logps=False)
+
+
+def settle_router_aux(cfg: TrainConfig, model: nn.Module) -> TrainConfig:
+    """`cfg` with `router_aux_loss_coef` set for `model`: for a mixture of experts (a model whose
+    forward takes `output_router_logits` and whose config has `router_aux_loss_coef`) the
+    config's value unless one was given; for a dense model `cfg` as it is (None or 0: no router
+    loss), and a ConfigError if a non-zero one was given."""
+    coef = getattr(model.config, "router_aux_loss_coef", None)
+    moe = (coef is not None
+           and "output_router_logits" in inspect.signature(type(model).forward).parameters)
+    if moe:
+        if cfg.router_aux_loss_coef is None:
+            cfg = dataclasses.replace(cfg, router_aux_loss_coef=float(coef))
+        if cfg.padding_free and cfg.router_aux_loss_coef:
+            # A packed row gets no attention mask, so the padding at the end of its shorter rows
+            # would enter the balance.
+            raise ConfigError("padding_free: the router loss of a mixture of experts needs the "
+                              "attention mask that packed rows go without; drop --padding-free "
+                              "or pass --router-aux-loss-coef 0")
+        return cfg
+    if cfg.router_aux_loss_coef:
+        raise ConfigError(f"router_aux_loss_coef: {type(model).__name__} is not a mixture of "
+                          "experts (it has no router); drop the flag")
+    return cfg
+
+
+def _probe_setup(model: nn.Module, rtol: float | None):
+    """What both start-up probes share: the unwrapped model, the tolerance for its dtype (1e-4
+    in fp32, else 1e-2), the vocabulary both embeddings cover, and a seeded generator."""
+    unwrapped = extract_model_from_parallel(model)
+    if rtol is None:
+        rtol = 1e-4 if unwrapped.dtype == torch.float32 else 1e-2
+    vocab_size = min(unwrapped.get_input_embeddings().num_embeddings,
+                     unwrapped.get_output_embeddings().out_features)
+    return unwrapped, rtol, vocab_size, torch.Generator().manual_seed(0)
