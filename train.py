@@ -19,18 +19,20 @@ from accelerate.utils import set_seed
 from accelerate.utils.memory import clear_device_cache
 from transformers import get_scheduler
 
-from dpo import checkpoint, demo, model_card
+from dpo import demo
+from dpo.eval import model_card
+from dpo.train import checkpoint
 from dpo.config import ConfigError, TrainConfig, load_config
-from dpo.evaluation import Evaluator, generate_answers, sample_prompts
-from dpo.forward import settle_logps_path
-from dpo.loaders import build_dataloaders, build_datasets, make_collator
-from dpo.metrics import MetricsLogger, TrainMetrics, pair_keys, pair_stats
-from dpo.models import (check_reference_layout, load_policy_and_reference, load_tokenizer,
+from dpo.eval.evaluation import Evaluator, generate_answers, sample_prompts
+from dpo.model.probes import settle_logps_path
+from dpo.train.loaders import build_dataloaders, build_datasets, make_collator
+from dpo.train.metrics import MetricsLogger, TrainMetrics, pair_keys, pair_stats
+from dpo.model.loading import (check_reference_layout, load_policy_and_reference, load_tokenizer,
                         prepare_reference)
-from dpo.reference_cache import precompute_for_run
-from dpo.runtime import make_accelerator, make_optimizer
-from dpo.safety import NonFiniteGuard, StopRequest
-from dpo.step import Objective
+from dpo.train.reference_cache import precompute_for_run
+from dpo.train.runtime import make_accelerator, make_optimizer
+from dpo.train.safety import NonFiniteGuard, StopRequest
+from dpo.train.step import Objective
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,11 +23,11 @@ Implementations (`--impl`):
 - plain: the textbook implementation (`plain_dpo_step`): full `[2B, T, V]` logits and a
   log-softmax over all of them, the padding mask passed to attention, no length grouping,
   torch's default AdamW;
-- optimized: the defaults of `train.py` (`dpo.step.dpo_step`): chunked LM head on response
+- optimized: the defaults of `train.py` (`dpo.train.step.dpo_step`): chunked LM head on response
   tokens only, mask-free causal attention on right-padded batches, length grouping, fused
-  AdamW (`dpo.runtime.make_optimizer`);
+  AdamW (`dpo.train.runtime.make_optimizer`);
 - precomputed: optimized, with the reference's log-probs computed in one pass before training
-  (`dpo.reference_cache`) and the reference model freed; the pass is timed separately.
+  (`dpo.train.reference_cache`) and the reference model freed; the pass is timed separately.
 
 The timed steps are one epoch over the same pairs for every implementation (the warm-up steps run
 first on the epoch's first batches), so plain and optimized see exactly the same pairs.
@@ -130,11 +130,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_config(shape: str, vocab_size: int | None):
-    """The transformers config of a named shape, dropout off as in `dpo.models`."""
+    """The transformers config of a named shape, dropout off as in `dpo.model.loading`."""
     from transformers import LlamaConfig, Qwen3Config
 
     from dpo.demo import MODEL_CONFIG
-    from dpo.tiny import tiny_qwen3_config
+    from dpo.demo.tiny import tiny_qwen3_config
 
     if shape == "tiny":
         return tiny_qwen3_config(vocab_size or 1024, **MODEL_CONFIG)
@@ -275,10 +275,10 @@ def run(args, impl: str) -> dict:
 
     from dpo import data
     from dpo.config import TrainConfig
-    from dpo.models import prepare_reference
-    from dpo.reference_cache import precompute_reference_logps
-    from dpo.runtime import make_accelerator, make_optimizer
-    from dpo.step import dpo_step
+    from dpo.model.loading import prepare_reference
+    from dpo.train.reference_cache import precompute_reference_logps
+    from dpo.train.runtime import make_accelerator, make_optimizer
+    from dpo.train.step import dpo_step
 
     os.environ["ACCELERATE_MIXED_PRECISION"] = args.mixed_precision
     output_dir = tempfile.mkdtemp(prefix="bench_train_")
@@ -397,9 +397,9 @@ def plain_dpo_step(accelerator, cfg, policy, reference, batch):
     `losses` are all the benchmark reads)."""
     import torch
 
-    from dpo.logprobs import sequence_logps
+    from dpo.model.logprobs import sequence_logps
     from dpo.loss import dpo_loss
-    from dpo.step import StepOutput
+    from dpo.train.step import StepOutput
 
     def logps(model):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

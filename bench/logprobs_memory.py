@@ -22,8 +22,8 @@ def measure(path: str, args: argparse.Namespace) -> dict:
     """Run one forward + backward of `path` and return its peak memory in MiB."""
     import torch
 
-    from dpo.forward import concatenated_forward
-    from dpo.tiny import tiny_qwen3
+    from dpo.model.forward import concatenated_forward
+    from dpo.demo.tiny import tiny_qwen3
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_qwen3(args.vocab_size, hidden_size=args.hidden_size).to(device)

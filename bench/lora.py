@@ -6,8 +6,8 @@ real training step (`dpo_step`, `accelerator.backward`, clipping, AdamW, as `tra
 
 - full: the policy and a frozen copy as the reference (two models), AdamW over every weight;
 - lora: the policy with a rank-r adapter on every linear layer of the body (peft "all-linear"),
-  the reference the same model with its adapter off (`dpo.lora.AdapterOffReference`), AdamW over
-  the adapter only.
+  the reference the same model with its adapter off (`dpo.model.lora.AdapterOffReference`),
+  AdamW over the adapter only.
 
 Peak RSS is the whole process's high-water mark (models, optimizer state and steps), read from
 /proc/self/status. s/step is the median of the timed steps after the warm-up.
@@ -62,8 +62,8 @@ def run(args, shape: str, mode: str) -> dict:
     from bench_train import model_config, peak_memory, synthetic_pairs
     from dpo import data
     from dpo.config import TrainConfig
-    from dpo.runtime import make_accelerator, make_optimizer
-    from dpo.step import dpo_step
+    from dpo.train.runtime import make_accelerator, make_optimizer
+    from dpo.train.step import dpo_step
 
     length, batch_size, accumulation, steps = SETTINGS[shape]
     length, steps = args.max_length or length, args.steps or steps
@@ -82,7 +82,7 @@ def run(args, shape: str, mode: str) -> dict:
     else:
         from peft import get_peft_model
 
-        from dpo.lora import AdapterOffReference, lora_config
+        from dpo.model.lora import AdapterOffReference, lora_config
 
         peft_model = get_peft_model(policy, lora_config(cfg))
         policy, reference = peft_model.get_base_model(), AdapterOffReference(peft_model)

@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_train import model_config  # noqa: E402
 
-from dpo import packed_attention  # noqa: E402
+from dpo.model import packed_attention  # noqa: E402
 from dpo.data.batching import PreferenceCollator  # noqa: E402
-from dpo.forward import concatenated_forward  # noqa: E402
+from dpo.model.forward import concatenated_forward  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -155,10 +155,10 @@ def run(args, variant: str) -> dict:
 
     from dpo import data
     from dpo.config import TrainConfig
-    from dpo.forward import settle_logps_path
-    from dpo.models import prepare_reference
-    from dpo.runtime import make_accelerator, make_optimizer
-    from dpo.step import dpo_step
+    from dpo.model.probes import settle_logps_path
+    from dpo.model.loading import prepare_reference
+    from dpo.train.runtime import make_accelerator, make_optimizer
+    from dpo.train.step import dpo_step
 
     interleaved = variant == "interleaved"
     padding_free, checkpointing = VARIANTS["padding-free" if interleaved else variant]

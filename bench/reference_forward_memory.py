@@ -42,8 +42,8 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     from accelerate.utils import extract_model_from_parallel
     from transformers import AutoModelForCausalLM
 
-    from dpo.forward import causal_attention_mask, concatenated_forward
-    from dpo.logprobs import chunked_sequence_logps
+    from dpo.model.forward import causal_attention_mask, concatenated_forward
+    from dpo.model.logprobs import chunked_sequence_logps
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

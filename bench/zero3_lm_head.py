@@ -8,7 +8,7 @@ different lengths on each process, and prints per process the LM-head module cal
 median seconds per step.
 
 Launch it with 2 processes (CPU: gloo; `--use_deepspeed` selects the gloo handler in
-`dpo.runtime`):
+`dpo.train.runtime`):
 
     accelerate launch --use_deepspeed --zero_stage 3 --num_processes 2 \\
         bench/zero3_lm_head.py --vocab-size 65536 --hidden-size 512 --chunk-size 128
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from dpo.config import TrainConfig  # noqa: E402
-from dpo.forward import concatenated_forward  # noqa: E402
-from dpo.logprobs import IGNORE_INDEX  # noqa: E402
-from dpo.runtime import make_accelerator, make_optimizer  # noqa: E402
-from dpo.tiny import tiny_qwen3  # noqa: E402
+from dpo.model.forward import concatenated_forward  # noqa: E402
+from dpo.model.logprobs import IGNORE_INDEX  # noqa: E402
+from dpo.train.runtime import make_accelerator, make_optimizer  # noqa: E402
+from dpo.demo.tiny import tiny_qwen3  # noqa: E402
 
 
 def main() -> None:

@@ -250,7 +250,7 @@ class TrainConfig:
         if self.generation_top_p < 1 and self.generation_temperature == 0:
             raise ConfigError("generation_top_p samples, but generation_temperature is 0 "
                               "(greedy): set a temperature > 0, or drop top-p")
-        from dpo.judges import check_judge
+        from dpo.eval.judges import check_judge
 
         check_judge(self)
         if self.judge is not None and self.num_sample_generations == 0:
@@ -310,7 +310,7 @@ class TrainConfig:
                           eval_dataset=self.eval_dataset)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        from dpo.lora import check_lora_settings
+        from dpo.model.lora import check_lora_settings
 
         check_lora_settings(self)
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
@@ -326,7 +326,7 @@ class TrainConfig:
             return
         if not needs_reference(self.loss_type):
             raise ConfigError(f"sync_ref_model: loss_type {types} uses no reference to update")
-        from dpo.lora import uses_peft
+        from dpo.model.lora import uses_peft
 
         if uses_peft(self):
             raise ConfigError("sync_ref_model: with LoRA the reference is the policy with its "

@@ -24,16 +24,18 @@ from pathlib import Path
 
 from accelerate.utils import DistributedType, set_seed
 
-from dpo import checkpoint, demo, lora
+from dpo import demo
+from dpo.model import lora
+from dpo.train import checkpoint
 from dpo.config import ConfigError, TrainConfig, load_config
-from dpo.evaluation import Evaluator, generate_answers, sample_prompts
-from dpo.forward import settle_logps_path
-from dpo.loaders import build_datasets, eval_loader_of, make_collator
+from dpo.eval.evaluation import Evaluator, generate_answers, sample_prompts
+from dpo.model.probes import settle_logps_path
+from dpo.train.loaders import build_datasets, eval_loader_of, make_collator
 from dpo.loss import needs_reference
-from dpo.metrics import MetricsLogger
-from dpo.models import (load_causal_lm, load_reference_model, load_tokenizer,
+from dpo.train.metrics import MetricsLogger
+from dpo.model.loading import (load_causal_lm, load_reference_model, load_tokenizer,
                         prepare_reference)
-from dpo.runtime import make_accelerator
+from dpo.train.runtime import make_accelerator
 
 RUN_CONFIG = "training_config.yaml"
 RESULTS = ("eval_results.json", "metrics.jsonl", "samples.jsonl")  # what a rerun replaces

@@ -1,7 +1,7 @@
 """Training curves of a run: `python -m dpo.plot <output_dir>` writes `<output_dir>/curves.png`.
 
-It reads `<output_dir>/metrics.jsonl` (one JSON object per log, see `dpo.metrics`) and draws, over
-optimizer steps, the loss, the reward margin, the reward accuracy, the chosen and rejected
+It reads `<output_dir>/metrics.jsonl` (one JSON object per log, see `dpo.train.metrics`) and draws,
+over optimizer steps, the loss, the reward margin, the reward accuracy, the chosen and rejected
 rewards, the chosen and rejected log-probs and the gradient norm, and the sample answers' win
 rate against the reference when a judge scored them (`--judge`); train logs as solid lines, eval
 logs (keys prefixed `eval/`) as dashed ones. Every point gets a marker, so a run with a single log

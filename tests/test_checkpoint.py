@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dpo.checkpoint import checkpoints
+from dpo.train.checkpoint import checkpoints
 from tests.conftest import ROOT
 from tests.e2e import (ACCELERATE, PYTHON, assert_same_logs, demo_env, free_port, read_metrics,
                        run_train, train_logs, weights_equal)
@@ -169,7 +169,7 @@ def test_a_checkpoint_saved_before_later_settings_resumes(tmp_path):
     and `use_chat_template: true` is `chat_template: auto`. A real change is still refused."""
     import dataclasses
 
-    from dpo.checkpoint import STATE_FILE, check_resume
+    from dpo.train.checkpoint import STATE_FILE, check_resume
     from dpo.config import ConfigError, TrainConfig
 
     cfg = TrainConfig()
@@ -203,7 +203,7 @@ def _node_worker(rank: int, port: int, base: str, shared: bool, results: dict) -
 
     from accelerate import Accelerator
 
-    from dpo.checkpoint import (STATE_FILE, agree_on_resume, detect_shared_output_dir,
+    from dpo.train.checkpoint import (STATE_FILE, agree_on_resume, detect_shared_output_dir,
                                 load_checkpoint, save_checkpoint)
     from dpo.config import ConfigError, TrainConfig
 
@@ -313,7 +313,7 @@ def test_a_resume_inherits_what_start_up_decided(tmp_path):
     choice and reports no change, while one that sets the other value is told it changed."""
     import dataclasses
 
-    from dpo.checkpoint import (STATE_FILE, check_resume, inherit_start_up_choices,
+    from dpo.train.checkpoint import (STATE_FILE, check_resume, inherit_start_up_choices,
                                 settled_changes)
     from dpo.config import TrainConfig
 
@@ -336,7 +336,7 @@ def test_a_resume_compares_every_setting_start_up_settles_as_settled(tmp_path):
     of no change; a real change of either is named once settled."""
     import dataclasses
 
-    from dpo.checkpoint import (STATE_FILE, check_resume, inherit_start_up_choices,
+    from dpo.train.checkpoint import (STATE_FILE, check_resume, inherit_start_up_choices,
                                 settled_changes)
     from dpo.config import TrainConfig
 

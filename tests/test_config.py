@@ -190,7 +190,7 @@ def test_loss_mixtures_and_the_rpo_alias():
 def test_an_old_checkpoint_with_rpo_alpha_resumes_as_the_mixture(tmp_path):
     import json
 
-    from dpo.checkpoint import STATE_FILE, check_resume, trainer_state
+    from dpo.train.checkpoint import STATE_FILE, check_resume, trainer_state
 
     cfg = TrainConfig(rpo_alpha=0.5, output_dir=str(tmp_path))
     state = trainer_state(cfg, 1, step=2)

@@ -11,7 +11,8 @@ import pytest
 from accelerate import Accelerator
 from datasets import Dataset
 
-from dpo import data, loaders
+from dpo import data
+from dpo.train import loaders
 from dpo.config import TrainConfig
 from dpo.data import cache, prepare_tokenizer
 from dpo.data import tokenize as tokenize_module
@@ -231,11 +232,12 @@ def test_build_datasets_uses_the_cache_unless_turned_off(enabled, tiny_chat_toke
 
 SCRIPT = textwrap.dedent("""
     import json, sys
-    from dpo import data, demo, loaders
+    from dpo import data, demo
+    from dpo.train import loaders
     from dpo.config import TrainConfig
     from dpo.data import tokenize
-    from dpo.models import load_tokenizer
-    from dpo.runtime import make_accelerator
+    from dpo.model.loading import load_tokenizer
+    from dpo.train.runtime import make_accelerator
 
     calls = []
     original = tokenize.tokenize_preferences

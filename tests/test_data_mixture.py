@@ -6,11 +6,11 @@ import re
 import pandas as pd
 import pytest
 
-from dpo.checkpoint import STATE_FILE, check_resume, trainer_state
+from dpo.train.checkpoint import STATE_FILE, check_resume, trainer_state
 from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.data import prepare_tokenizer
 from dpo.data.mixture import apportion, dataset_name, dataset_names, plan
-from dpo.loaders import build_datasets
+from dpo.train.loaders import build_datasets
 from tests.test_data_sources import _Accelerator
 
 

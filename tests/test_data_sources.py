@@ -8,7 +8,7 @@ import datasets
 import pandas as pd
 import pytest
 
-from dpo.checkpoint import RUN_IDENTITY
+from dpo.train.checkpoint import RUN_IDENTITY
 from dpo.config import ConfigError, TrainConfig
 from dpo.data.sources import layout_warning, load_preference_splits, uses_streaming
 
@@ -117,7 +117,7 @@ def test_an_eval_slice_of_the_training_split_is_read_as_written(twenty_rows):
                                                ("train[:10%]+train[-10%:]", "train[90%:]")])
 def test_an_eval_slice_that_overlaps_the_training_slice_is_refused(twenty_rows, tiny_tokenizer,
                                                                     split, eval_split):
-    from dpo.loaders import build_datasets
+    from dpo.train.loaders import build_datasets
 
     with pytest.raises(ValueError, match=rf"eval_split {re.escape(repr(eval_split))} overlaps "
                                          rf"split {re.escape(repr(split))}") as e:
@@ -248,7 +248,7 @@ def test_flags_reach_the_config():
 
 
 def test_resume_that_changes_the_draw_is_refused(tmp_path):
-    from dpo.checkpoint import STATE_FILE, check_resume, trainer_state
+    from dpo.train.checkpoint import STATE_FILE, check_resume, trainer_state
 
     saved = TrainConfig(data_dir="data/rl", output_dir=str(tmp_path))
     (tmp_path / STATE_FILE).write_text(json.dumps(trainer_state(saved, 1, global_step=3)))
@@ -300,7 +300,7 @@ class _Accelerator:
 
 def test_build_datasets_warns_on_the_seed_layout_and_reads_data_dir(seed_layout, tiny_tokenizer):
     from dpo.data import prepare_tokenizer
-    from dpo.loaders import build_datasets
+    from dpo.train.loaders import build_datasets
 
     tiny_tokenizer = prepare_tokenizer(tiny_tokenizer)
     accelerator = _Accelerator()
@@ -320,7 +320,7 @@ def test_an_eval_set_that_filtering_empties_is_named_with_its_reasons(tmp_path, 
     """The training pairs are fine, the eval rows are all dropped: the line names the eval rows
     (a test split; a slice) and the filter report's reasons, not the dataset as a whole."""
     from dpo.data import prepare_tokenizer
-    from dpo.loaders import build_datasets
+    from dpo.train.loaders import build_datasets
 
     tokenizer = prepare_tokenizer(tiny_tokenizer)
     pair = {"prompt": "q?", "chosen": "yes.", "rejected": "no."}
@@ -348,7 +348,7 @@ def _jsonl(path, rows):
 
 def test_build_datasets_turns_an_unreachable_hub_dataset_into_one_line(monkeypatch,
                                                                         tiny_tokenizer):
-    from dpo.loaders import build_datasets
+    from dpo.train.loaders import build_datasets
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)

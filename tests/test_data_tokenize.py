@@ -9,7 +9,7 @@ import re
 import pytest
 from datasets import Dataset
 
-from dpo.checkpoint import STATE_FILE, check_resume, trainer_state
+from dpo.train.checkpoint import STATE_FILE, check_resume, trainer_state
 from dpo.config import ConfigError, TrainConfig
 from dpo.data import IGNORE_INDEX, tokenize_preferences
 from dpo.data.formats import normalise

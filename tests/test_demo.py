@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dpo import demo
+from dpo.demo import build, facts, rule, sft
 from tests.e2e import demo_run, shared_chat_model
 
 PROMPT = [{"role": "user", "content": "Tell me about cats."}]
@@ -25,7 +26,7 @@ def cache(tmp_path_factory):
 @pytest.fixture
 def short_sft(monkeypatch):
     """A supervised phase of a few steps, for the tests that build chat models of their own."""
-    monkeypatch.setattr(demo, "SFT_STEPS", 3)
+    monkeypatch.setattr(sft, "SFT_STEPS", 3)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_dataset_splits_and_rule(cache):
         assert row["prompt"] and row["chosen"] and row["rejected"]
         assert row["chosen"] != row["rejected"]
         assert demo.rule_holds(row), row
-        kinds.add("off-topic" if demo._is_polite(row["rejected"]) else "rude")
+        kinds.add("off-topic" if rule._is_polite(row["rejected"]) else "rude")
     assert kinds == {"off-topic", "rude"}  # both kinds of rejected reply occur
     # Held out: no test pair was seen in training.
     train_pairs = {(r["prompt"], r["chosen"], r["rejected"]) for r in train}
@@ -148,8 +149,8 @@ def test_second_call_reuses_the_cache(cache, monkeypatch):
     def fail(directory):
         raise AssertionError("rebuilt although the cache is complete")
 
-    monkeypatch.setattr(demo, "_write_model", fail)
-    monkeypatch.setattr(demo, "_write_dataset", fail)
+    monkeypatch.setattr(build, "_write_model", fail)
+    monkeypatch.setattr(build, "_write_dataset", fail)
     assert demo.build_demo_model(cache) == model_dir
     assert demo.build_demo_dataset(cache) == data_dir
     after = {p: p.stat().st_mtime_ns for d in (model_dir, data_dir) for p in d.iterdir()}
@@ -190,7 +191,7 @@ def test_concurrent_builders_publish_one_complete_directory(tmp_path):
 
     results = []
     threads = [threading.Thread(target=lambda: results.append(
-        demo._build_atomically(target, slow_write))) for _ in range(4)]
+        build._build_atomically(target, slow_write))) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -206,7 +207,7 @@ def test_incomplete_directory_is_replaced(tmp_path):
     target.mkdir()
     (target / "half-written").write_text("x")  # e.g. copied in by hand, without the marker
 
-    assert demo._build_atomically(target, lambda d: (d / "ok").write_text("y")) == target
+    assert build._build_atomically(target, lambda d: (d / "ok").write_text("y")) == target
     assert sorted(p.name for p in target.iterdir()) == sorted([demo.COMPLETE_MARKER, "ok"])
     assert [p.name for p in tmp_path.iterdir()] == ["asset"]
 
@@ -215,8 +216,8 @@ def test_incomplete_directory_is_replaced(tmp_path):
 
 def demo_words() -> set[str]:
     """Every word the demo's texts use (prompts, facts, openers, closers), lower case."""
-    texts = [*demo.PROMPT_TEMPLATES, *demo.TOPICS, *(f for fs in demo.TOPICS.values() for f in fs),
-             *demo.POLITE_OPENERS, *demo.POLITE_CLOSERS, *demo.RUDE_OPENERS, *demo.RUDE_CLOSERS]
+    texts = [*facts.PROMPT_TEMPLATES, *facts.TOPICS, *(f for fs in facts.TOPICS.values() for f in fs),
+             *facts.POLITE_OPENERS, *facts.POLITE_CLOSERS, *facts.RUDE_OPENERS, *facts.RUDE_CLOSERS]
     return {w for text in texts for w in words(text)}
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo.forward import PairLogps
+from dpo.model.forward import PairLogps
 from dpo.loss import dpo_loss
-from dpo.metrics import PAIR_KEYS, pair_stats
-from dpo.step import StepOutput
+from dpo.train.metrics import PAIR_KEYS, pair_stats
+from dpo.train.step import StepOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "dpo.md"

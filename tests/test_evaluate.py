@@ -163,7 +163,7 @@ def _save_wide_model(directory):
     from transformers import AutoTokenizer
 
     from dpo import demo
-    from dpo.tiny import tiny_qwen3
+    from dpo.demo.tiny import tiny_qwen3
     from tests.e2e import shared_chat_model
 
     tokenizer = AutoTokenizer.from_pretrained(shared_chat_model())
@@ -180,7 +180,7 @@ def test_checkpoint_of_a_tied_model_loads(tmp_path):
 
     from dpo import evaluate as ev
     from dpo.config import TrainConfig
-    from dpo.tiny import tiny_qwen3
+    from dpo.demo.tiny import tiny_qwen3
 
     base = tmp_path / "tied"
     tiny_qwen3(64, tie_word_embeddings=True).save_pretrained(base)

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import pytest
 from accelerate import Accelerator
 
-from dpo.evaluation import generate_answers, log_samples, share, summary
-from dpo.tiny import tiny_qwen3
+from dpo.eval.evaluation import generate_answers, log_samples, share, summary
+from dpo.demo.tiny import tiny_qwen3
 
 
 class _Tokenizer:

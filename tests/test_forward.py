@@ -9,10 +9,10 @@ from transformers import Qwen3ForCausalLM
 
 from dpo.config import TrainConfig
 from dpo.config import ConfigError
-from dpo.forward import (causal_attention_mask, check_chunked_head, check_padding_free,
-                         concatenated_forward, settle_logps_path)
-from dpo.logprobs import IGNORE_INDEX, sequence_logps
-from dpo.tiny import tiny_qwen3, tiny_qwen3_config
+from dpo.model.forward import causal_attention_mask, concatenated_forward
+from dpo.model.probes import check_chunked_head, check_padding_free, settle_logps_path
+from dpo.model.logprobs import IGNORE_INDEX, sequence_logps
+from dpo.demo.tiny import tiny_qwen3, tiny_qwen3_config
 from tests.e2e import demo_env, run_train, train_logs
 
 VOCAB = 50
@@ -400,7 +400,7 @@ def test_router_loss_coefficient_is_settled_per_model():
     """Default: the MoE config's coefficient; a given one wins; a dense model keeps the config
     (no router loss), and a given non-zero one is one error line."""
     from dpo.config import ConfigError
-    from dpo.forward import settle_router_aux
+    from dpo.model.probes import settle_router_aux
 
     cfg = TrainConfig(model="tiny", dataset="none")
     assert settle_router_aux(cfg, _tiny_moe("mixtral")).router_aux_loss_coef == 0.02
@@ -425,7 +425,7 @@ def test_dpo_step_adds_the_weighted_router_loss():
 
     from accelerate import Accelerator
 
-    from dpo.step import dpo_step
+    from dpo.train.step import dpo_step
 
     policy = _tiny_moe("qwen3_moe")
     reference = copy.deepcopy(policy)
@@ -493,7 +493,7 @@ def test_padding_free_is_on_by_default_where_sdpa_passes_the_probe(capsys, monke
     error). Either way the settled config holds a bool, as the collator needs."""
     from accelerate import Accelerator
 
-    from dpo import forward
+    from dpo.model import probes
 
     accelerator = Accelerator(cpu=True)
     model = tiny_qwen3(VOCAB)
@@ -519,7 +519,7 @@ def test_padding_free_is_on_by_default_where_sdpa_passes_the_probe(capsys, monke
     assert off(TrainConfig(), eager) == (
         "padding-free batches: off (attn_implementation eager, measured only with sdpa)")
     assert "router loss" in off(TrainConfig(), _tiny_moe("qwen3_moe"))
-    monkeypatch.setattr(forward, "check_padding_free", lambda *a, **k: "a made-up mismatch")
+    monkeypatch.setattr(probes, "check_padding_free", lambda *a, **k: "a made-up mismatch")
     assert off(TrainConfig(), model) == ("padding-free batches: off (Qwen3ForCausalLM does not "
                                          "keep packed sequences apart: a made-up mismatch)")
     with pytest.raises(ConfigError, match="a made-up mismatch; use sdpa"):
@@ -542,7 +542,7 @@ def test_excess_tokens_by_hand():
     """`_pair_batch`: pair 0 has |y⁺| = 5 (positions 3–7), |y⁻| = 7 (positions 3–9), so ℓ_p = 5
     and positions 8, 9 of the rejected row are excess; pair 1 has |y⁺| = 6 (positions 4–9),
     |y⁻| = 3, so ℓ_p = 3 and positions 7, 8, 9 of its chosen row are."""
-    from dpo.forward import excess_tokens
+    from dpo.model.forward import excess_tokens
 
     excess = excess_tokens(_pair_batch()["labels"])
     assert [row.nonzero().flatten().tolist() for row in excess] == [[], [7, 8, 9], [8, 9], []]

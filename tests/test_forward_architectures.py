@@ -6,10 +6,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo.data.batching import PreferenceCollator
-from dpo import packed_attention
-from dpo.forward import check_chunked_head, check_padding_free, concatenated_forward
-from dpo.packed_attention import DENSE_MASK_ONLY, probe_length, use_dense_mask
-from dpo.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
+from dpo.model import packed_attention
+from dpo.model.forward import concatenated_forward
+from dpo.model.probes import check_chunked_head, check_padding_free
+from dpo.model.packed_attention import DENSE_MASK_ONLY, probe_length, use_dense_mask
+from dpo.model.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
 from tests.test_forward import logps_row_by_row
 
 VOCAB = 1000
@@ -52,7 +53,7 @@ def tiny_model(arch: str, dtype: torch.dtype = torch.float32):
     config = AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    for module in model.modules():  # as dpo.models does: no random masks between two calls
+    for module in model.modules():  # as dpo.model.loading does: no random masks between two calls
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     ids = torch.randint(3, VOCAB, (2, 32))

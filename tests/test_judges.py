@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dpo import demo, judges
+from dpo import demo
+from dpo.eval import judges
 from dpo.config import ConfigError
 from tests.conftest import TINY_CHAT_TEMPLATE, _build_tiny_tokenizer
 
@@ -20,7 +21,7 @@ def save_reward_model(directory, tokenizer, seed=0):
     """A tiny random Qwen3 reward model (one label) saved with `tokenizer`; its directory."""
     from transformers import AutoModelForSequenceClassification
 
-    from dpo.tiny import tiny_qwen3_config
+    from dpo.demo.tiny import tiny_qwen3_config
 
     config = tiny_qwen3_config(len(tokenizer), hidden_size=32, num_layers=1)
     config.num_labels = 1

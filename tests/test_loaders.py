@@ -114,7 +114,7 @@ def test_template_that_refuses_a_row_is_reported_or_one_strict_line(tmp_path, ca
     from accelerate import Accelerator
 
     from dpo.config import ConfigError, TrainConfig
-    from dpo.loaders import build_datasets
+    from dpo.train.loaders import build_datasets
     from tests.conftest import GEMMA3_TOKENIZER, load_shared_tokenizer
 
     tokenizer = load_shared_tokenizer(GEMMA3_TOKENIZER)

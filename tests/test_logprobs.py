@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo.logprobs import IGNORE_INDEX, LogitsTransform, chunked_sequence_logps, sequence_logps
-from dpo.tiny import tiny_qwen3
+from dpo.model.logprobs import IGNORE_INDEX, LogitsTransform, chunked_sequence_logps, sequence_logps
+from dpo.demo.tiny import tiny_qwen3
 from tests.conftest import QWEN3_VOCAB
 
 
@@ -126,7 +126,7 @@ def test_chunked_with_no_response_tokens():
 def test_token_logps_backward_is_exact():
     """The hand-written backward of the chunk's log-softmax-and-gather against autograd's
     numerical differentiation, in float64 (targets repeat within the chunk on purpose)."""
-    from dpo.logprobs import _TokenLogps
+    from dpo.model.logprobs import _TokenLogps
 
     logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 6, 3, 3, 1])
@@ -181,7 +181,7 @@ def test_wpo_sums_by_hand():
     """V = 2, logits (0, ln 3) at position 0: π = (1/4, 3/4), Σ_v π(v)² = 1/16 + 9/16 = 5/8,
     so a label 1 scores log(3/4) − log(5/8) = log 1.2 = 0.18232156 and a label 0
     log(1/4) − log(5/8) = log 0.4 = −0.91629073. Same on both paths."""
-    from dpo.logprobs import chunked_response_sums, response_sums
+    from dpo.model.logprobs import chunked_response_sums, response_sums
 
     logits = torch.tensor([[[0.0, math.log(3)], [100.0, -100.0]]]).repeat(2, 1, 1)
     labels = torch.tensor([[-100, 1], [-100, 0]])
@@ -198,7 +198,7 @@ def test_wpo_sums_by_hand():
 
 def _extras(model, input_ids, labels, excess, chunked, chunk_size=5):
     """(logps, excess_logps, wpo_sums, grads of Σ excess_logps·w) of one path."""
-    from dpo.logprobs import chunked_response_sums, response_sums
+    from dpo.model.logprobs import chunked_response_sums, response_sums
 
     model.zero_grad()
     out = model(input_ids, output_hidden_states=True)
@@ -240,8 +240,8 @@ def test_chunked_excess_and_wpo_sums_match_the_full_logits():
 def test_wpo_logsumexp_runs_in_the_same_pass_and_only_when_asked(monkeypatch, weighting):
     """Per chunk the forward takes logsumexp(z) once, and logsumexp(2·z) once more only with
     weighting; the backward's recomputation of each chunk takes neither."""
-    from dpo import logprobs
-    from dpo.logprobs import chunked_response_sums
+    from dpo.model import logprobs
+    from dpo.model.logprobs import chunked_response_sums
 
     model = tiny_qwen3(31)
     input_ids, labels = _batch(31)

@@ -1,6 +1,6 @@
-"""LoRA through peft (`dpo.lora`): the reference as the policy with its adapter off, `--ref-model`,
-adapter starts, outputs, resume and bad inputs. Every equality is checked on log-probs, on two
-model families (a tiny Qwen3, and a tiny Llama with tied embeddings)."""
+"""LoRA through peft (`dpo.model.lora`): the reference as the policy with its adapter off,
+`--ref-model`, adapter starts, outputs, resume and bad inputs. Every equality is checked on
+log-probs, on two model families (a tiny Qwen3, and a tiny Llama with tied embeddings)."""
 import json
 import math
 import signal
@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dpo.config import ConfigError, TrainConfig
-from dpo.forward import concatenated_forward
-from dpo.models import load_policy_and_reference
-from dpo.tiny import tiny_qwen3
+from dpo.model.forward import concatenated_forward
+from dpo.model.loading import load_policy_and_reference
+from dpo.demo.tiny import tiny_qwen3
 from tests.e2e import demo_env, run_train
 
 peft = pytest.importorskip("peft")
@@ -91,8 +91,8 @@ def load_base(path):
 @pytest.mark.parametrize("chunked", [True, False])
 def test_step0_is_ln2_and_the_reference_is_the_base_with_the_adapter_off(base_dir, tmp_path,
                                                                           chunked):
-    from dpo.lora import AdapterOffReference
-    from dpo.step import dpo_step
+    from dpo.model.lora import AdapterOffReference
+    from dpo.train.step import dpo_step
 
     cfg = make_cfg(base_dir, tmp_path, lora_r=4, chunked_logps=chunked, logps_chunk_size=8)
     set_seed(0)
@@ -122,7 +122,7 @@ def test_precomputed_and_generated_reference_is_the_base(base_dir, tmp_path):
     from datasets import Dataset
 
     from dpo.data import PreferenceCollator
-    from dpo.reference_cache import precompute_reference_logps
+    from dpo.train.reference_cache import precompute_reference_logps
 
     cfg = make_cfg(base_dir, tmp_path, lora_r=4)
     policy, reference = load_policy_and_reference(cfg, str(base_dir))

@@ -26,7 +26,7 @@ from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: E402
 from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
 
 from dpo.config import ConfigError, TrainConfig  # noqa: E402
-from dpo.step import dpo_step  # noqa: E402
+from dpo.train.step import dpo_step  # noqa: E402
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 VOCAB, BETA = 7, 0.5

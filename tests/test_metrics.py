@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from dpo.metrics import PAIR_KEYS, TrainMetrics
+from dpo.train.metrics import PAIR_KEYS, TrainMetrics
 
 
 def test_grad_norm_is_the_mean_over_steps_that_updated():

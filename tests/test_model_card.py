@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from dpo import model_card
+from dpo.eval import model_card
 from dpo.config import TrainConfig
 from tests.e2e import demo_run
 
@@ -34,7 +34,7 @@ def test_card_beside_peft_keeps_both(tmp_path):
     written after it and keeps what peft wrote; a later peft save keeps the card."""
     from peft import LoraConfig, get_peft_model
 
-    from dpo.tiny import tiny_qwen3
+    from dpo.demo.tiny import tiny_qwen3
 
     model = get_peft_model(tiny_qwen3(64), LoraConfig(r=2, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path)

@@ -26,9 +26,9 @@ def _fsdp_worker(rank: int, port: int, results: dict) -> None:
     from torch.distributed.tensor import DTensor, Shard
 
     from dpo.config import ConfigError
-    from dpo.forward import concatenated_forward
-    from dpo.models import prepare_reference
-    from dpo.tiny import tiny_qwen3
+    from dpo.model.forward import concatenated_forward
+    from dpo.model.loading import prepare_reference
+    from dpo.demo.tiny import tiny_qwen3
 
     accelerator = Accelerator(cpu=True)
     # configs/accelerate/fsdp.yaml's settings: one unit per decoder layer, rank 0 loads the

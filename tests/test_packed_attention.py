@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from dpo import packed_attention
-from dpo.packed_attention import packed_sdpa
+from dpo.model import packed_attention
+from dpo.model.packed_attention import packed_sdpa
 
 # Two packed rows of 24 positions: row 0 holds sequences of 10, 9 and 5 tokens; row 1 holds 7 and
 # 11, then a 6-position tail of padding (its position ids restart too, as the collator's do).

@@ -1,12 +1,12 @@
-"""TR-DPO's reference updates (dpo/ref_sync.py) on one process: the soft and the hard update by
-their formula, only at sync steps, and the reference's weights through a checkpoint."""
+"""TR-DPO's reference updates (dpo/train/ref_sync.py) on one process: the soft and the hard update
+by their formula, only at sync steps, and the reference's weights through a checkpoint."""
 from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
 
-from dpo.ref_sync import ReferenceSync
-from dpo.tiny import tiny_qwen3
+from dpo.train.ref_sync import ReferenceSync
+from dpo.demo.tiny import tiny_qwen3
 
 
 def _sync(alpha, every=2):

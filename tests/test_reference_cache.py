@@ -13,15 +13,15 @@ from torch.utils.data import DataLoader
 
 from dpo.config import ConfigError, TrainConfig
 from dpo.data import IGNORE_INDEX, REF_LOGPS_COLUMNS, PreferenceCollator
-from dpo.forward import concatenated_forward
-from dpo.reference_cache import (
+from dpo.model.forward import concatenated_forward
+from dpo.train.reference_cache import (
     cache_key,
     data_digest,
     precompute_reference_logps,
     reference_key_parts,
 )
-from dpo.step import dpo_step
-from dpo.tiny import tiny_qwen3
+from dpo.train.step import dpo_step
+from dpo.demo.tiny import tiny_qwen3
 from tests.e2e import demo_env, run_train, weights_equal
 
 VOCAB = 97
@@ -260,8 +260,9 @@ def test_an_adapter_is_keyed_with_its_base(tmp_path):
 
 
 # Every module whose code computes or arranges the cached values (not one fewer).
-VALUE_MODULES = ["dpo.forward", "dpo.logprobs", "dpo.packed_attention", "dpo.loss.variants",
-                 "dpo.data.batching", "dpo.models", "dpo.lora", "dpo.reference_cache"]
+VALUE_MODULES = ["dpo.model.forward", "dpo.model.probes", "dpo.model.logprobs",
+                 "dpo.model.packed_attention", "dpo.loss.variants", "dpo.data.batching",
+                 "dpo.model.loading", "dpo.model.lora", "dpo.train.reference_cache"]
 
 
 @pytest.mark.parametrize("name", VALUE_MODULES)
@@ -343,8 +344,8 @@ def test_an_adapter_reference_misses_when_its_base_is_rewritten(accelerator, tmp
     """The base rewritten with other weights at the same path: the values are recomputed (and
     equal a run without a cache), not read back from the first run's file."""
     pytest.importorskip("peft")
-    from dpo.models import load_policy_and_reference
-    from dpo.reference_cache import precompute_for_run
+    from dpo.model.loading import load_policy_and_reference
+    from dpo.train.reference_cache import precompute_for_run
 
     base, adapter = tmp_path / "base", tmp_path / "adapter"
     tiny_qwen3(VOCAB, seed=3).save_pretrained(base)

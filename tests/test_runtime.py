@@ -3,7 +3,7 @@ import pytest
 from accelerate.utils import DistributedType
 
 from dpo.config import ConfigError, load_config
-from dpo.runtime import check_precision, make_accelerator
+from dpo.train.runtime import check_precision, make_accelerator
 
 NO, MULTI_GPU, DEEPSPEED = DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.DEEPSPEED
 

@@ -10,8 +10,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch import nn
 
-from dpo.checkpoint import checkpoints
-from dpo.safety import MIN_LOSS_SCALE, NonFiniteError, NonFiniteGuard
+from dpo.train.checkpoint import checkpoints
+from dpo.train.safety import MIN_LOSS_SCALE, NonFiniteError, NonFiniteGuard
 from tests.e2e import ACCELERATE, demo_env, free_port, run_train, train_logs, weights_equal
 from tests.test_checkpoint import RUN, start, wait_for
 

@@ -9,9 +9,9 @@ from accelerate import Accelerator
 from datasets import Dataset
 
 from dpo.config import TrainConfig
-from dpo.metrics import pair_keys, pair_stats
-from dpo.step import chosen_token_counts, dpo_step, sft_num_tokens
-from dpo.tiny import tiny_qwen3
+from dpo.train.metrics import pair_keys, pair_stats
+from dpo.train.step import chosen_token_counts, dpo_step, sft_num_tokens
+from dpo.demo.tiny import tiny_qwen3
 from tests.test_forward import VOCAB, _pair_batch
 
 LABELS = [[-100, -100, 5, 6, 7], [-100, 1, 2], [-100, 9], [3, 4, -100, 5]]

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from dpo.metrics import PAIR_KEYS
+from dpo.train.metrics import PAIR_KEYS
 from tests.e2e import (assert_same_logs, demo_env, read_metrics, run_train, train_logs,
                        weights_equal)
 

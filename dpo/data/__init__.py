@@ -16,7 +16,7 @@ The pipeline, in the order the trainer calls it:
 Tokenized rows have the columns ``chosen_input_ids``/``rejected_input_ids`` (prompt + response),
 ``chosen_labels``/``rejected_labels`` (the same ids with -100 on the prompt), ``length`` (the
 longer of the two sequences, for length grouping) and ``row_index`` (the row in the source split).
-``dpo.reference_cache`` may add ``ref_chosen_logps``/``ref_rejected_logps``, the reference's
+``dpo.train.reference_cache`` may add ``ref_chosen_logps``/``ref_rejected_logps``, the reference's
 precomputed summed log-probs.
 """
 from dpo.data.batching import (REF_LOGPS_COLUMNS, LengthGroupedBatchSampler,

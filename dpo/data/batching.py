@@ -10,7 +10,8 @@ import torch
 
 from dpo.data.tokenize import IGNORE_INDEX
 
-# Float columns of precomputed reference log-probs (dpo.reference_cache), passed on by the collator.
+# Float columns of precomputed reference log-probs (dpo.train.reference_cache), passed on by
+# the collator.
 REF_LOGPS_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 

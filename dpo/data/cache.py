@@ -33,7 +33,7 @@ import transformers
 from datasets import Dataset, load_from_disk
 from datasets.fingerprint import Hasher
 
-from dpo import cache_root
+from dpo.paths import cache_root
 from dpo.data import formats
 from dpo.data import tokenize as tokenize_module
 from dpo.data.tokenize import FilterReport

@@ -25,7 +25,7 @@ def sft(s: Scores, o: LossOptions) -> torch.Tensor:
     The token mean over the batch needs only summed log-probs and token counts, since
     −Σ_i Σ_t log π(y⁺_it) / Σ_i |y⁺_i| = −Σ_i log π(y⁺_i) / N. For the caller's mean over pairs
     to give it, pair i gets −log π(y⁺_i)·B/N. N is `num_tokens` when given — the optimizer step's
-    chosen tokens per micro-batch (`dpo.step.sft_num_tokens`), so that the step's loss is the
+    chosen tokens per micro-batch (`dpo.train.step.sft_num_tokens`), so that the step's loss is the
     token mean over all its micro-batches and processes — else this batch's Σ_i |y⁺_i|.
     """
     num_tokens = s.chosen_lengths.sum() if o.num_tokens is None else o.num_tokens

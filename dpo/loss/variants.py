@@ -5,7 +5,7 @@
 - LD-DPO (`--ld-alpha`): a sequence's log-prob counts the tokens of the longer response past
   the shorter one's length α times (length desensitisation).
 
-Both are pure functions of what `dpo.forward.concatenated_forward` returns for them.
+Both are pure functions of what `dpo.model.forward.concatenated_forward` returns for them.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def length_desensitised(logps: torch.Tensor, excess_logps: torch.Tensor, alpha: 
     Args:
         logps: `(B,)` summed log-probs log π(y|x) of all response tokens.
         excess_logps: `(B,)` the part of that sum over the tokens past ℓ_p
-            (`dpo.forward.excess_tokens`; 0 for the shorter response).
+            (`dpo.model.forward.excess_tokens`; 0 for the shorter response).
         alpha: α in [0, 1].
 
     E.g. a chosen response of 5 tokens with log-probs −1, −2, −1, −3, −1 and a rejected one of 3:

@@ -11,11 +11,11 @@ the adapter switched off, so one model sits in memory and only the adapter has o
 Either way the reference is the model the run starts from, as with full fine-tuning, and at step
 0 the policy equals it exactly (peft initialises B = 0): loss ln 2, margins 0.
 
-The LM head is never adapted: the chunked log-prob path (`dpo.logprobs`) multiplies the last
+The LM head is never adapted: the chunked log-prob path (`dpo.model.logprobs`) multiplies the last
 hidden state by the head's weight itself, so an adapter or a trained copy there would be ignored.
 A start adapter that adapts it is merged into its base (`--lora-r`), never trained further.
 What accelerate wraps and trains is the transformers model inside the `PeftModel` (its LoRA layers
-in place), so `dpo.forward` sees the usual body and head; the `PeftModel` is kept beside it to
+in place), so `dpo.model.forward` sees the usual body and head; the `PeftModel` is kept beside it to
 switch adapters and to save the adapter.
 """
 from __future__ import annotations
@@ -301,8 +301,8 @@ class AdapterOffReference(nn.Module):
         with self.active():
             return self._model.generate(*args, **kwargs)
 
-    # What dpo.forward reads off a model: its body (hooked for the last hidden state), its head
-    # and its config.
+    # What dpo.model.forward reads off a model: its body (hooked for the last hidden state), its
+    # head and its config.
     @property
     def base_model(self) -> nn.Module:
         return self._model.base_model

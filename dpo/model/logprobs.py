@@ -253,7 +253,7 @@ class LogitsTransform:
 
         Read by field name, so the model families that share these fields (Cohere-2, Granite
         MoE, VaultGemma, ...) are covered too; a model that names a field but does something
-        else is caught by `dpo.forward.check_chunked_head`'s probe.
+        else is caught by `dpo.model.probes.check_chunked_head`'s probe.
         """
         transform = cls(multiply=getattr(config, "logit_scale", None) or 1.0,
                         divide=getattr(config, "logits_scaling", None) or 1.0,

@@ -44,10 +44,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from dpo import cache_root
+from dpo.paths import cache_root
 from dpo.config import TrainConfig
 from dpo.data import REF_LOGPS_COLUMNS
-from dpo.forward import concatenated_forward
+from dpo.model.forward import concatenated_forward
 
 __all__ = [
     "REF_LOGPS_COLUMNS",
@@ -67,14 +67,15 @@ MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".py", ".model", 
 # The modules whose code shapes the cached numbers, all keyed by their source: any edit misses
 # (a comment costs one recomputation; a changed computation read back stale costs a wrong run).
 VALUE_CODE = (
-    "dpo.forward",  # the one model call for both halves, the packed and MoE paths
-    "dpo.logprobs",  # the summed response log-probs, full or chunked
-    "dpo.packed_attention",  # attention within each packed sequence
+    "dpo.model.forward",  # the one model call for both halves, the packed and MoE paths
+    "dpo.model.probes",  # the path the probes settle: packed attention or a dense mask
+    "dpo.model.logprobs",  # the summed response log-probs, full or chunked
+    "dpo.model.packed_attention",  # attention within each packed sequence
     "dpo.loss.variants",  # LD-DPO's length-desensitised log-probs (ld_alpha)
     "dpo.data.batching",  # the collator: padding, packing, positions, labels
-    "dpo.models",  # what is loaded: dtype, dropout off, a --ref-model adapter merged
-    "dpo.lora",  # an adapter start's reference: a frozen copy or the merge, the adapter switch
-    "dpo.reference_cache",  # this pass: batching, autocast, what is stored
+    "dpo.model.loading",  # what is loaded: dtype, dropout off, a --ref-model adapter merged
+    "dpo.model.lora",  # an adapter start's reference: a frozen copy or the merge, the switch
+    "dpo.train.reference_cache",  # this pass: batching, autocast, what is stored
 )
 
 
@@ -199,9 +200,9 @@ def precompute_for_run(accelerator: Accelerator, cfg: TrainConfig, reference, mo
 
 
 def _reference_source(cfg: TrainConfig, model_path: str) -> tuple[str, dict]:
-    """The path the reference is loaded from (as `dpo.models`/`dpo.lora` load it), and how an
-    adapter and peft enter it: merged into the base, or run beside it as a frozen copy."""
-    from dpo import lora
+    """The path the reference is loaded from (as `dpo.model.loading`/`dpo.model.lora` load it), and
+    how an adapter and peft enter it: merged into the base, or run beside it as a frozen copy."""
+    from dpo.model import lora
     from dpo.demo import resolve_model
 
     path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path

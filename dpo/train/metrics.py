@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from dpo.step import StepOutput
+from dpo.train.step import StepOutput
 
 # Per-pair statistics, in the column order of `pair_stats`.
 PAIR_KEYS = (

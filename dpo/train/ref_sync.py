@@ -23,8 +23,8 @@ from dpo.config import ConfigError, TrainConfig
 class ReferenceSync:
     """Moves the reference towards the policy at every `ref_model_sync_steps`-th optimizer step.
 
-    Works on the layouts the reference can take (`dpo.models.prepare_reference`): a replica in
-    every process (one process, DDP, ZeRO-1/2: each process updates its copy from its policy,
+    Works on the layouts the reference can take (`dpo.model.loading.prepare_reference`): a
+    replica in every process (one process, DDP, ZeRO-1/2: each process updates its copy from its policy,
     which DDP and DeepSpeed keep identical) and a ZeRO-3 engine, whose shards are gathered one
     parameter pair at a time, updated on rank 0 and scattered back. Its `state_dict` is the
     reference's weights, so a checkpoint (`accelerator.register_for_checkpointing`) holds the

@@ -68,7 +68,7 @@ class NonFiniteGuard:
       `check_loss` looks at the step's losses before that backward; `check` then sees the
       gradient norm DeepSpeed measured: its fp16 overflow skip is fine, any other non-finite
       gradient stops the run (DeepSpeed skipped it, unless bf16's `check_grad_overflow` is off).
-      `skip` is refused there at start-up (`dpo.runtime`): the step cannot be undone.
+      `skip` is refused there at start-up (`dpo.train.runtime`): the step cannot be undone.
     """
 
     def __init__(self, accelerator: Accelerator, skip: bool):

@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_tokenizer(cfg: TrainConfig, path: str) -> PreTrainedTokenizerBase:
     """The model's tokenizer, ready for DPO (a pad token); ConfigError if `path` has none."""
-    from dpo import lora
+    from dpo.model import lora
 
     if lora.is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").is_file():
         path = lora.adapter_base(path)  # an adapter saved without its tokenizer
@@ -78,13 +78,13 @@ def load_policy_and_reference(
 ) -> tuple[PreTrainedModel, nn.Module | None]:
     """The trainable policy and the frozen reference, both initialised from `path` unless
     `--ref-model` names another reference; no reference for a reference-free loss (SimPO), so it
-    costs no memory. With LoRA (`dpo.lora`) the policy is the model with its adapter and the
+    costs no memory. With LoRA (`dpo.model.lora`) the policy is the model with its adapter and the
     reference, a view of it with the adapter off, adds no second model.
 
     The reference is loaded separately rather than deep-copied: under DeepSpeed ZeRO-3,
     `from_pretrained` partitions parameters as it loads them, which a copy would bypass.
     """
-    from dpo import lora
+    from dpo.model import lora
 
     if lora.uses_peft(cfg):
         policy, reference = lora.load_peft_policy(cfg, path, load_causal_lm)
@@ -109,7 +109,9 @@ def load_policy_and_reference(
 def load_reference_model(cfg: TrainConfig, model_path: str) -> PreTrainedModel:
     """`--ref-model`: a full model, or a PEFT adapter folder merged into its base; ConfigError
     unless its tokenizer is `--model`'s (the reference scores the policy's token ids)."""
-    from dpo import demo, lora
+    from dpo import demo
+
+    from dpo.model import lora
 
     path = demo.resolve_model(cfg.ref_model)
     mine, theirs = load_tokenizer(cfg, model_path), load_tokenizer(cfg, path)
@@ -137,7 +139,7 @@ def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> 
       policy's weights (bf16/fp16 mode).
     Call after `accelerator.prepare(policy, ...)`, so DeepSpeed's "auto" values are resolved.
     """
-    from dpo.lora import AdapterOffReference
+    from dpo.model.lora import AdapterOffReference
 
     state = accelerator.state
     if reference is None:

@@ -11,10 +11,10 @@ from accelerate.utils import DistributedType, gather_object
 
 from dpo.config import TrainConfig
 from dpo.data import IGNORE_INDEX
-from dpo.judges import load_judge, win_rate
-from dpo.loaders import dataset_names
-from dpo.metrics import pair_keys, pair_stats
-from dpo.step import Objective, chosen_token_counts, dpo_step
+from dpo.eval.judges import load_judge, win_rate
+from dpo.train.loaders import dataset_names
+from dpo.train.metrics import pair_keys, pair_stats
+from dpo.train.step import Objective, chosen_token_counts, dpo_step
 
 SHOWN_SAMPLES = 2  # sample answers printed at each eval; samples.jsonl has them all
 

@@ -82,7 +82,7 @@ def agree_on_resume(accelerator: Accelerator, cfg: TrainConfig) -> Path | None:
                       "node must hold it")
 
 
-# Settings that start-up may decide or change for the model at hand (dpo.forward.
+# Settings that start-up may decide or change for the model at hand (dpo.model.forward.
 # settle_logps_path): `router_aux_loss_coef` and `padding_free` when unset (None), `chunked_logps`
 # turned off for a head the chunked path cannot serve. Checkpoints hold the settled values; a
 # resume inherits those left unset, and compares the others once settled (`settled_changes`):
@@ -257,12 +257,12 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
 def save_final(accelerator: Accelerator, policy, tokenizer: PreTrainedTokenizerBase,
                output_dir: Path, merge_adapter: bool = False) -> None:
     """`save_pretrained` model (safetensors) and tokenizer, loadable with `from_pretrained`; with
-    LoRA the adapter instead (`dpo.lora.save_adapter`; `merge_adapter`: also merged).
+    LoRA the adapter instead (`dpo.model.lora.save_adapter`; `merge_adapter`: also merged).
 
     `get_state_dict` gathers the full weights when they are sharded (ZeRO-3, FSDP); every process
     must take part in that, only the main one writes.
     """
-    from dpo import lora
+    from dpo.model import lora
 
     if lora.peft_of(accelerator.unwrap_model(policy)) is not None:
         lora.save_adapter(accelerator, policy, tokenizer, output_dir, merge_adapter)

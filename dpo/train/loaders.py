@@ -81,7 +81,7 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
 
 def make_collator(cfg: TrainConfig, tokenizer) -> data.PreferenceCollator:
     """The run's collator, padding or packing as `cfg.padding_free` settled (a bool by then:
-    `dpo.forward.settle_logps_path` decides the default once the model is loaded)."""
+    `dpo.model.probes.settle_logps_path` decides the default once the model is loaded)."""
     if cfg.padding_free is None:
         raise ValueError("padding_free is not settled yet: call settle_logps_path first")
     return data.PreferenceCollator(tokenizer.pad_token_id, padding_free=cfg.padding_free,

@@ -10,11 +10,11 @@ import torch
 from accelerate import Accelerator
 
 from dpo.config import TrainConfig
-from dpo.forward import PairLogps, concatenated_forward
-from dpo.logprobs import IGNORE_INDEX
+from dpo.model.forward import PairLogps, concatenated_forward
+from dpo.model.logprobs import IGNORE_INDEX
 from dpo.loss import BCOBaseline, dpo_loss
 from dpo.loss.variants import wpo_weights
-from dpo.ref_sync import ReferenceSync
+from dpo.train.ref_sync import ReferenceSync
 
 
 @dataclass
@@ -34,9 +34,10 @@ def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batc
     """The policy's log-probs, the per-pair losses and the implicit rewards of one batch.
 
     Both forwards run under `accelerator.autocast()`: with `--mixed_precision bf16` the matmuls
-    run in bf16 while the log-probs are summed in fp32 (see `dpo.logprobs`). A batch that carries
-    precomputed reference log-probs (`ref_chosen_logps`, `ref_rejected_logps`; see
-    `dpo.reference_cache`) uses them and runs no reference forward; `reference` may then be None.
+    run in bf16 while the log-probs are summed in fp32 (see `dpo.model.logprobs`). A batch that
+    carries precomputed reference log-probs (`ref_chosen_logps`, `ref_rejected_logps`; see
+    `dpo.train.reference_cache`) uses them and runs no reference forward; `reference` may then
+    be None.
     `bco_delta` and `num_tokens` are the loss state that outlives a batch (`Objective`). With
     `router_aux_loss_coef` > 0 (a mixture of experts) the policy's router load-balancing loss,
     times the coefficient, is added to every pair's loss, so the batch mean carries it once.
@@ -91,8 +92,8 @@ class Objective:
       by the sampler's global batches;
     - ``bco_pair``'s baseline δ (`BCOBaseline`) moves once per optimizer step and is saved in
       checkpoints;
-    - with `--sync-ref-model` (TR-DPO, `dpo.ref_sync`) the reference follows the policy every few
-      steps, and is saved in checkpoints too.
+    - with `--sync-ref-model` (TR-DPO, `dpo.train.ref_sync`) the reference follows the policy every
+      few steps, and is saved in checkpoints too.
     Create it before a resume loads its checkpoint, which restores what it registers.
     """
 
@@ -140,7 +141,7 @@ class Objective:
 
 def chosen_token_counts(dataset) -> np.ndarray:
     """`(rows,)` number of chosen-response tokens of each tokenized pair: the label positions
-    that `dpo.logprobs` sums (the causal shift leaves out position 0)."""
+    that `dpo.model.logprobs` sums (the causal shift leaves out position 0)."""
     labels = dataset.with_format("arrow")["chosen_labels"]  # honours a select()'s indices
     labels = labels.combine_chunks() if hasattr(labels, "combine_chunks") else labels
     offsets = labels.offsets.to_numpy()
