@@ -12,10 +12,10 @@ one line naming the field, raised before any model or dataset is loaded.
 - `schema.py`: `TrainConfig`, the sections' fields side by side, and the checks across them;
 - `cli.py`: `load_config`, the YAML file and the flags.
 """
-from dpo.config.cli import _build_parser, load_config
+from dpo.config.cli import _build_parser, load_config  # noqa: F401 (the parser: for tests)
 from dpo.config.fields import ConfigError, as_field_value
 from dpo.config.loss import fold_rpo
 from dpo.config.schema import SECTIONS, TrainConfig, default_of, field_types
 
-__all__ = ["SECTIONS", "ConfigError", "TrainConfig", "_build_parser", "as_field_value",
-           "default_of", "field_types", "fold_rpo", "load_config"]
+__all__ = ["SECTIONS", "ConfigError", "TrainConfig", "as_field_value", "default_of", "field_types",
+           "fold_rpo", "load_config"]

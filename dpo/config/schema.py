@@ -25,7 +25,8 @@ SECTIONS = (ModelSection, DataSection, LossSection, OptimisationSection, Evaluat
             RunSection)
 
 
-# A dataclass takes its bases' fields in reverse order of its bases: the first section last.
+# A dataclass collects its bases' fields from the last base to the first: ModelSection's come
+# first, as in SECTIONS.
 @dataclass
 class TrainConfig(RunSection, EvaluationSection, OptimisationSection, LossSection, DataSection,
                   ModelSection):
