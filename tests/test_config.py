@@ -223,3 +223,39 @@ def test_list_fields_check_their_elements(tmp_path, yaml_value, message):
     with pytest.raises(ConfigError) as error:
         load_config(["--config", str(path)])
     assert str(error.value) == message
+
+
+def test_help_lists_the_flags_section_by_section():
+    """`--help` prints one group per section of TrainConfig, each with its own fields' flags,
+    and every field belongs to exactly one section."""
+    from dpo.config import SECTIONS, _build_parser
+
+    fields = [f.name for section in SECTIONS for f in dataclasses.fields(section)]
+    assert fields == [f.name for f in dataclasses.fields(TrainConfig)]
+    help_text = _build_parser().format_help()
+    titles = [section.__doc__.partition(":")[0] for section in SECTIONS]
+    assert titles[:2] == ["model", "data"] and len(titles) == 6
+    starts = [help_text.index(f"\n{title}:\n") for title in titles] + [len(help_text)]
+    for section, start, end in zip(SECTIONS, starts, starts[1:]):
+        group = help_text[start:end]
+        flags = {word.rstrip(",") for word in group.split() if word.startswith("--")}
+        own = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(section)}
+        assert own <= flags, f"{section.__name__} lacks {own - flags} in --help"
+
+
+def test_config_imports_only_from_layers_below():
+    """The config is validated before anything loads: it imports from dpo.data, dpo.loss and
+    itself only, never from the model, training or eval code (no import circle with them)."""
+    import ast
+
+    paths = sorted((ROOT / "dpo" / "config").glob("*.py"))
+    assert paths
+    allowed = ("dpo.config", "dpo.data", "dpo.loss", "dpo.paths")
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module
+                     else [])
+            for name in names:
+                if name.split(".")[0] == "dpo":
+                    assert ".".join(name.split(".")[:2]) in allowed, f"{path.name} imports {name}"

@@ -10,15 +10,12 @@ scores 0.5 under any deterministic judge.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from jinja2 import TemplateError
 
+# What a judge may be is checked with the config, before anything loads; loading reuses it.
 from dpo.config import ConfigError
-
-DEMO_RULE = "builtin:demo-rule"
-PROBE = [{"role": "user", "content": "Hi."}]  # a conversation every chat template must render
+from dpo.config.judge import (DEMO_RULE, check_judge, check_labels, first_line, render,
+                              reward_tokenizer)
 
 
 class DemoRuleJudge:
@@ -46,8 +43,8 @@ class RewardModelJudge:
                 path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise ConfigError(f"judge {path}: cannot load it as a reward model "
-                              f"(AutoModelForSequenceClassification): {_first_line(e)}") from None
-        _check_labels(path, self.model.config)
+                              f"(AutoModelForSequenceClassification): {first_line(e)}") from None
+        check_labels(path, self.model.config)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(device).eval().requires_grad_(False)
 
@@ -64,67 +61,6 @@ class RewardModelJudge:
                                    add_special_tokens=False, return_tensors="pt").to(self.device)
             scores += self.model(**batch).logits[:, 0].float().tolist()
         return scores
-
-
-def check_judge(cfg) -> None:
-    """ConfigError, before anything loads, for a `--judge` that names nothing loadable; a local
-    reward model's config and tokenizer are read (not its weights) and its template tried."""
-    judge = cfg.judge
-    if judge is None or judge == DEMO_RULE:
-        return
-    if judge.startswith("builtin:"):
-        raise ConfigError(f"judge {judge}: no such builtin judge (there is {DEMO_RULE})")
-    path = Path(judge).expanduser()
-    if judge.startswith(("/", ".", "~")) and not path.is_dir():
-        raise ConfigError(f"judge {judge}: no such directory (give a reward model's directory "
-                          f"or hub name, or {DEMO_RULE})")
-    if path.is_dir():  # a hub name is checked as it loads (no download here)
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(judge, trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"judge {judge}: cannot load it as a reward model (its config): "
-                              f"{_first_line(e)}") from None
-        _check_labels(judge, config)
-        reward_tokenizer(judge, cfg.trust_remote_code)
-
-
-def reward_tokenizer(path: str, trust_remote_code: bool = False):
-    """A reward model's tokenizer, padding on the right, checked to render a conversation."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"judge {path}: cannot load it as a reward model (its tokenizer): "
-                          f"{_first_line(e)}") from None
-    if tokenizer.chat_template is None:
-        raise ConfigError(f"judge {path}: its tokenizer has no chat template to render the "
-                          "conversation with; give a reward model that has one")
-    if tokenizer.pad_token is None:  # batches are padded; the padding is masked out
-        tokenizer.pad_token = tokenizer.eos_token
-    # Right padding: the model reads its score at the last non-pad token of each row.
-    tokenizer.padding_side = "right"
-    render(path, tokenizer, PROBE, "Hello.")  # a template that cannot render fails now
-    return tokenizer
-
-
-def render(name: str, tokenizer, prompt: list[dict], answer: str) -> str:
-    """The conversation `prompt + [answer]` as the judge's chat template writes it."""
-    conversation = [*prompt, {"role": "assistant", "content": answer}]
-    try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False)
-    except (TemplateError, ValueError, TypeError) as e:
-        raise ConfigError(f"judge {name}: its tokenizer cannot render the conversation "
-                          f"({_first_line(e)}); give a reward model whose chat template takes "
-                          "user and assistant turns") from None
-
-
-def _check_labels(path: str, config) -> None:
-    if config.num_labels != 1:
-        raise ConfigError(f"judge {path}: a reward model gives one score, this one "
-                          f"{config.num_labels} labels")
 
 
 def load_judge(cfg, device: torch.device):
@@ -148,7 +84,3 @@ def win_rate(policy: list[float], reference: list[float]) -> float:
 
 def _last_user_turn(prompt: list[dict]) -> str:
     return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

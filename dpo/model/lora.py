@@ -21,73 +21,19 @@ switch adapters and to save the adapter.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-PEFT_EXTRA = 'pip install -e ".[peft]"'
-ADAPTER_CONFIG = "adapter_config.json"
+from dpo.config import ConfigError
+# What an adapter folder is, and whether a run uses peft, the config decides before anything
+# loads; the callers of dpo.model.lora read them here too.
+from dpo.config.model import adapter_base, is_adapter_dir, uses_peft  # noqa: F401
+
 DEFAULT_ADAPTER, REFERENCE_ADAPTER = "default", "reference"
 _PEFT_ATTR = "_dpo_peft"  # the PeftModel, on the transformers model it wraps (not a submodule)
-
-
-def is_adapter_dir(path: str) -> bool:
-    """Whether `path` is a local PEFT adapter folder (it holds `adapter_config.json`)."""
-    return (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
-
-
-def adapter_base(path: str) -> str:
-    """The base model an adapter folder names (`base_model_name_or_path`)."""
-    return json.loads((Path(path).expanduser() / ADAPTER_CONFIG).read_text())[
-        "base_model_name_or_path"]
-
-
-def uses_peft(cfg) -> bool:
-    return bool(cfg.lora_r) or is_adapter_dir(cfg.model)
-
-
-def check_lora_settings(cfg) -> None:
-    """ConfigError (one line) for LoRA settings that cannot work, before anything loads."""
-    from dpo.config import ConfigError
-
-    if cfg.lora_r < 0:
-        raise ConfigError(f"lora_r must be >= 0 (0 = full fine-tuning), got {cfg.lora_r}")
-    if not cfg.lora_alpha > 0:
-        raise ConfigError(f"lora_alpha must be > 0, got {cfg.lora_alpha}")
-    if not 0 <= cfg.lora_dropout < 1:
-        raise ConfigError(f"lora_dropout must lie in [0, 1), got {cfg.lora_dropout}")
-    for name in ("lora_target_modules", "lora_modules_to_save"):
-        for module in getattr(cfg, name) or []:
-            if module == "lm_head" or module.endswith(".lm_head"):
-                raise ConfigError(f"{name}: {module!r} is the LM head, which is never adapted "
-                                  "(the chunked log-probs read its weight directly); drop it")
-        if getattr(cfg, name) and not cfg.lora_r:
-            raise ConfigError(f"{name} is set but lora_r is 0: pass --lora-r to train an "
-                              "adapter")
-    adapter_start = is_adapter_dir(cfg.model)
-    if cfg.merge_adapter and not (cfg.lora_r or adapter_start):
-        raise ConfigError("merge_adapter: there is no adapter to merge (pass --lora-r, or an "
-                          "adapter folder as --model)")
-    if cfg.load_in_4bit and not cfg.lora_r:
-        raise ConfigError("load_in_4bit (QLoRA) needs --lora-r > 0: 4-bit weights are not "
-                          "trained themselves")
-    needs = (cfg.lora_r or adapter_start or (cfg.ref_model and is_adapter_dir(cfg.ref_model)))
-    if needs and not peft_installed():
-        raise ConfigError(f"LoRA and PEFT adapters need the peft package: {PEFT_EXTRA}")
-    if cfg.load_in_4bit and not torch.cuda.is_available():
-        raise ConfigError("load_in_4bit needs a GPU: bitsandbytes' 4-bit weights run on CUDA "
-                          "only; drop the flag (plain LoRA runs on CPU)")
-
-
-def peft_installed() -> bool:
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _names(entry: str, module_name: str) -> bool:
@@ -103,8 +49,6 @@ def head_name(model: nn.Module) -> str:
 
 def check_head_untouched(cfg, model: nn.Module) -> None:
     """ConfigError if a LoRA setting names this model's LM head (whatever it is called)."""
-    from dpo.config import ConfigError
-
     name = head_name(model)
     for field in ("lora_target_modules", "lora_modules_to_save"):
         for entry in getattr(cfg, field) or []:
@@ -182,8 +126,6 @@ def _check_adapter_leaves_head(path: str, peft_model) -> None:
     `modules_to_save`): trained further, the policy's head and the reference's would be two
     adapter copies, and the chunked log-probs read one plain head's weight. Merged into its base
     (`--lora-r`, or a merged model as --model), the adapter's head is that plain head."""
-    from dpo.config import ConfigError
-
     model = peft_model.get_base_model()
     if isinstance(model.get_output_embeddings(), nn.Linear):
         return
