@@ -17,8 +17,8 @@ full `[2B, T, V]` logits, a log-softmax over all of them, a gather, masked sums,
 loss, backward. The training step (`dpo.step.dpo_step` on `dpo.forward.concatenated_forward`)
 computes the same numbers faster: an LM head on response tokens only, in chunks; packed
 (padding-free) rows; reference log-probs computed once before training; LoRA. Tests
-(tests/test_textbook.py) hold it, and one optimizer step of `train.py`, equal to this function
-to 1e-5 relative. `bench/bench_train.py --compare` times this step as "plain".
+(tests/test_textbook.py) hold that step, and one optimizer step of `train.py`, equal to this
+function: loss, log-probs, rewards and every gradient to 1e-5 relative. `bench/bench_train.py --compare` times this step as "plain".
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class TextbookStep:
     rejected_rewards: torch.Tensor  # r̂⁻
 
 
-def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def response_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """`(2B,)` log π(y|x) of each row of a right-padded batch: Σ_t log π(y_t | x, y_<t).
 
     `batch` holds `input_ids`, `attention_mask` and `labels`, each `[2B, T]`; `labels` repeats
@@ -85,10 +85,10 @@ def textbook_dpo_step(policy: nn.Module, reference: nn.Module, batch: dict[str, 
         raise ValueError(f"a [chosen; rejected] batch has an even number of rows, got "
                          f"{batch['input_ids'].shape[0]}")
     half = batch["input_ids"].shape[0] // 2
-    policy_logps = sequence_logps(policy, batch)
+    policy_logps = response_logps(policy, batch)
     # π_ref is a constant of the loss: no graph, no gradient, no activations kept for backward.
     with torch.no_grad():
-        ref_logps = sequence_logps(reference, batch)
+        ref_logps = response_logps(reference, batch)
     chosen_logps, rejected_logps = policy_logps[:half], policy_logps[half:]
     ref_chosen, ref_rejected = ref_logps[:half], ref_logps[half:]
 

@@ -3,9 +3,7 @@ rewards and every parameter's gradient to 1e-5 relative, on four architectures, 
 packed, full logits and chunked head, a precomputed reference, LoRA; and one optimizer step of
 `train.py` ends at the weights of one textbook step with AdamW on the same pairs."""
 import copy
-import json
 import math
-import sys
 
 import pytest
 import torch
@@ -17,8 +15,9 @@ from dpo.config import TrainConfig
 from dpo.data.batching import PreferenceCollator
 from dpo.reference_cache import precompute_reference_logps
 from dpo.step import dpo_step
-from dpo.textbook import textbook_dpo_step
+from dpo.textbook import response_logps, textbook_dpo_step
 from tests.e2e import demo_env, run_train, train_logs
+from tests.test_forward import logps_row_by_row
 from tests.test_forward_architectures import pair_batch, pair_rows, tiny_model
 
 # Gemma-2 with its logit soft-capping (eager: sdpa refuses it), and Mistral with a 16-token
@@ -104,6 +103,17 @@ def assert_same_step(got, got_grads, want, want_grads, where: str):
                                    msg=f"{where}: gradient of {name}")
 
 
+def test_the_textbook_log_probs_are_each_response_alone(models):
+    """The spec itself: log π(y|x) of each row of a padded batch is that of the row run alone,
+    without its padding, summed over the response tokens only."""
+    arch, policy, _ = models
+    batch = pair_batch()
+    with torch.no_grad():
+        got = response_logps(policy, batch)
+    torch.testing.assert_close(got, logps_row_by_row(policy, batch), rtol=RTOL, atol=0,
+                               msg=arch)
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["full-logits", "chunked"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_training_step_equals_the_textbook(accelerator, models, rows, packed, chunked):
@@ -171,3 +181,82 @@ def test_lora_step_equals_the_textbook(accelerator, models, rows, packed, tmp_pa
 
 # --- One optimizer step of train.py -----------------------------------------------------------
 
+# The whole run is one batch: 4 pairs, one micro-batch, one optimizer step, no eval. The
+# reference is the model moved off itself (`--ref-model`): step 1 then has non-zero rewards and
+# a loss other than ln 2, which a policy that starts as its reference would not show.
+TRAIN_FLAGS = ["--model", "builtin:tiny-qwen3", "--dataset", "builtin:demo-preferences",
+               "--num-samples", "4", "--eval-samples", "0", "--max-length", "64",
+               "--batch-size", "4", "--gradient-accumulation-steps", "1", "--max-steps", "1",
+               "--learning-rate", "1e-3", "--beta", "0.1", "--logging-steps", "1",
+               "--num-sample-generations", "0", "--seed", "3"]
+METRICS = {"loss": "losses", "rewards/chosen": "chosen_rewards",
+           "rewards/rejected": "rejected_rewards", "logps/chosen": "chosen_logps",
+           "logps/rejected": "rejected_logps"}
+
+
+@pytest.mark.slow
+def test_one_train_py_step_is_one_textbook_step(tmp_path, monkeypatch):
+    """`train.py` (its defaults: the chunked head, packed rows where the probe allows, length
+    grouping, fused AdamW) for one step, against `textbook_dpo_step` on the same 4 pairs, then
+    the clipping and AdamW that train.py applies, in this process: the logged loss, rewards,
+    log-probs and gradient norm agree to 1e-5, and so does every saved weight's update."""
+    from transformers import AutoTokenizer
+
+    from dpo import demo
+    from dpo.config import load_config
+    from dpo.loaders import build_datasets
+    from dpo.models import load_causal_lm, load_tokenizer
+
+    env = demo_env(tmp_path / "cache")
+    monkeypatch.setenv("DPO_CACHE_DIR", env["DPO_CACHE_DIR"])  # the same demo model and data
+    model_path = demo.resolve_model(demo.BUILTIN_MODEL)
+    flags = [*TRAIN_FLAGS, "--ref-model", str(tmp_path / "ref"), "--output-dir",
+             str(tmp_path / "out")]
+    cfg = load_config(flags)
+    reference = perturbed(load_causal_lm(cfg, model_path)).eval().requires_grad_(False)
+    reference.save_pretrained(tmp_path / "ref")
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp_path / "ref")
+    run_train(env, *flags)
+    logged = train_logs(tmp_path / "out")
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+
+    tokenizer = load_tokenizer(cfg, model_path)
+    pairs, _ = build_datasets(cfg, Accelerator(cpu=True), tokenizer)
+    # All of them: train.py's one batch holds them in its own order, which a batch mean ignores.
+    assert len(pairs) == 4
+    policy = load_causal_lm(cfg, model_path).train()
+    step = textbook_dpo_step(policy, reference, PreferenceCollator(tokenizer.pad_token_id)(
+        list(pairs)), cfg.beta)
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    # torch's AdamW with train.py's settings (train.py runs the fused kernel of the same update);
+    # the linear schedule without warm-up is at the full learning rate on step 1.
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters()}  # clipped, as it steps
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    optimizer.step()
+
+    assert [log["step"] for log in logged] == [1]
+    logged = logged[0]
+    size = cfg.beta * max(float(getattr(step, v).detach().abs().max()) for v in
+                          ("chosen_logps", "rejected_logps", "ref_chosen_logps",
+                           "ref_rejected_logps"))
+    for key, field in METRICS.items():  # rewards as in `assert_same_step`
+        want = float(getattr(step, field).detach().mean())
+        assert logged[key] == pytest.approx(want, rel=RTOL, abs=2 * RTOL * size), key
+    assert logged["grad_norm"] == pytest.approx(float(grad_norm), rel=RTOL)
+    assert abs(logged["loss"] - math.log(2)) > 1e-4 and logged["rewards/chosen"] != 0
+    # Adam's first update is lr·g/(|g| + ε) (m̂ = g, v̂ = g²): a sign where |g| ≫ ε, its magnitude
+    # held by the gradient norm above. It maps a gradient off by δ to an update off by at most
+    # lr·ε·δ/(|g| − δ + ε)², which bites only where |g| is near ε. Each weight must lie within
+    # that of the textbook's, for δ = 1e-5 of the tensor's largest gradient entry (with 1e-7 it
+    # would not: the check resolves the gradient), plus two float32 roundings of the weight and
+    # the fused kernel's rounding of the update.
+    lr, eps = cfg.learning_rate, optimizer.defaults["eps"]
+    assert saved.keys() == dict(policy.named_parameters()).keys()
+    for name, p in policy.named_parameters():
+        g = grads[name].abs()
+        delta = RTOL * g.max()
+        allowed = (lr * eps * delta / ((g - delta).clamp(min=0) + eps) ** 2
+                   + 2 * torch.finfo(torch.float32).eps * p.detach().abs() + 1e-6 * lr)
+        off = (saved[name] - p.detach()).abs()
+        assert (off <= allowed).all(), f"{name}: {float((off / allowed).max()):.2f}× the bound"
