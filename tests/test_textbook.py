@@ -145,12 +145,11 @@ def test_precomputed_reference_equals_the_textbook(accelerator, models, rows, pa
     assert_same_step(got, got_grads, want, want_grads, f"{arch}, precomputed, packed={packed}")
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_lora_step_equals_the_textbook(accelerator, models, rows, packed, tmp_path):
+@pytest.fixture(scope="module")
+def lora_models(models, tmp_path_factory):
     """LoRA as train.py loads it (`load_policy_and_reference`: a rank-4 adapter on every linear
-    layer, the reference a view of the policy with the adapter off), the adapter moved off zero:
-    the textbook's step with the base model, loaded on its own, as the reference. Only the
-    adapter's weights have gradients."""
+    layer, the reference a view of the policy with the adapter off), the adapter moved off zero;
+    and the base model loaded on its own, the textbook's reference."""
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
@@ -158,11 +157,12 @@ def test_lora_step_equals_the_textbook(accelerator, models, rows, packed, tmp_pa
     from dpo.models import load_policy_and_reference
 
     arch, _, base = models
-    base.save_pretrained(tmp_path / "base")
-    cfg = dict(lora_r=4, attn_implementation=ARCHS[arch], chunked_logps=True)
+    root = tmp_path_factory.mktemp("lora")
+    base.save_pretrained(root / "base")
+    settings = dict(lora_r=4, attn_implementation=ARCHS[arch], chunked_logps=True)
     policy, view = load_policy_and_reference(
-        TrainConfig(model=str(tmp_path / "base"), output_dir=str(tmp_path / "out"), **cfg),
-        str(tmp_path / "base"))
+        TrainConfig(model=str(root / "base"), output_dir=str(root / "out"), **settings),
+        str(root / "base"))
     assert isinstance(view, AdapterOffReference)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():  # B is zero at init: give the adapter a direction of its own
@@ -170,11 +170,18 @@ def test_lora_step_equals_the_textbook(accelerator, models, rows, packed, tmp_pa
             if "lora_B." in name:
                 p.copy_(0.3 * torch.randn(p.shape, generator=generator))
     reference = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base", attn_implementation=ARCHS[arch]).eval().requires_grad_(False)
-    policy.train()
+        root / "base", attn_implementation=ARCHS[arch]).eval().requires_grad_(False)
+    return arch, policy.train(), view, reference, settings
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_lora_step_equals_the_textbook(accelerator, lora_models, rows, packed):
+    """The LoRA policy against its adapter-off view: the textbook's step with the base model as
+    the reference. Only the adapter's weights have gradients."""
+    arch, policy, view, reference, settings = lora_models
     want, want_grads = textbook(policy, reference, rows)
     batch = PreferenceCollator(0, padding_free=packed, max_packed_tokens=45)(rows)
-    got, got_grads = optimised(accelerator, policy, view, batch, **cfg)
+    got, got_grads = optimised(accelerator, policy, view, batch, **settings)
     assert want_grads and all("lora_" in name for name in want_grads)
     assert_same_step(got, got_grads, want, want_grads, f"{arch}, LoRA, packed={packed}")
 
