@@ -17,8 +17,9 @@ full `[2B, T, V]` logits, a log-softmax over all of them, a gather, masked sums,
 loss, backward. The training step (`dpo.step.dpo_step` on `dpo.forward.concatenated_forward`)
 computes the same numbers faster: an LM head on response tokens only, in chunks; packed
 (padding-free) rows; reference log-probs computed once before training; LoRA. Tests
-(tests/test_textbook.py) hold that step, and one optimizer step of `train.py`, equal to this
-function: loss, log-probs, rewards and every gradient to 1e-5 relative. `bench/bench_train.py --compare` times this step as "plain".
+(tests/test_textbook.py) hold that step equal to this function (loss, log-probs, rewards,
+every gradient, to 1e-5 relative) and one optimizer step of `train.py` to this function followed
+by AdamW. `bench/bench_train.py --compare` times this step as "plain".
 """
 from __future__ import annotations
 
