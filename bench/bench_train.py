@@ -20,7 +20,7 @@ is downloaded) and prints a table and one JSON line:
 
 Implementations (`--impl`):
 
-- plain: the textbook implementation (`plain_dpo_step`): full `[2B, T, V]` logits and a
+- plain: the textbook step (`dpo.textbook.textbook_dpo_step`): full `[2B, T, V]` logits and a
   log-softmax over all of them, the padding mask passed to attention, no length grouping,
   torch's default AdamW;
 - optimized: the defaults of `train.py` (`dpo.train.step.dpo_step`): chunked LM head on response
@@ -279,6 +279,7 @@ def run(args, impl: str) -> dict:
     from dpo.train.reference_cache import precompute_reference_logps
     from dpo.train.runtime import make_accelerator, make_optimizer
     from dpo.train.step import dpo_step
+    from dpo.textbook import textbook_dpo_step
 
     os.environ["ACCELERATE_MIXED_PRECISION"] = args.mixed_precision
     output_dir = tempfile.mkdtemp(prefix="bench_train_")
@@ -330,8 +331,12 @@ def run(args, impl: str) -> dict:
         tokens, positions, model_flops = 0, 0, 0.0  # tensors on the device after the first batch
         for batch in batches:
             with accelerator.accumulate(policy):
-                step = plain_dpo_step if impl == "plain" else dpo_step
-                loss = step(accelerator, cfg, policy, reference, batch).losses.mean()
+                if impl == "plain":  # under the autocast that dpo_step sets itself
+                    with accelerator.autocast():
+                        loss = textbook_dpo_step(policy, reference, batch, cfg.beta,
+                                                 backward=False).loss
+                else:
+                    loss = dpo_step(accelerator, cfg, policy, reference, batch).losses.mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -390,30 +395,6 @@ def run(args, impl: str) -> dict:
         "precompute_s": None if precompute_s is None else round(precompute_s, 2),
         "loss_last": round(loss, 6),
     }
-
-
-def plain_dpo_step(accelerator, cfg, policy, reference, batch):
-    """The DPO step as a textbook writes it, for comparison; returns what `dpo_step` does (its
-    `losses` are all the benchmark reads)."""
-    import torch
-
-    from dpo.model.logprobs import sequence_logps
-    from dpo.loss import dpo_loss
-    from dpo.train.step import StepOutput
-
-    def logps(model):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits  # [2B, T, V]
-        return sequence_logps(logits, batch["labels"])[0]  # (2B,)
-
-    half = batch["input_ids"].shape[0] // 2
-    with accelerator.autocast():
-        policy_logps = logps(policy)
-        with torch.no_grad():
-            ref_logps = logps(reference)
-        losses, chosen, rejected = dpo_loss(policy_logps[:half], policy_logps[half:],
-                                            ref_logps[:half], ref_logps[half:], beta=cfg.beta)
-    return StepOutput(policy_logps, losses, chosen, rejected, {"sigmoid": losses})
 
 
 def compute_dtype(args, device):

@@ -207,6 +207,12 @@ def test_doc_links_only_to_existing_files():
     assert not missing, f"docs/dpo.md names files that do not exist: {missing}"
 
 
+def test_doc_sends_readers_to_the_textbook_step_first():
+    """Before §1, and before any other file of the package, the doc links `dpo/textbook.py`."""
+    intro = _doc()[:_doc().index("## 1. ")]
+    assert re.findall(r"\(\.\./(dpo/[\w/]+\.py)\)", intro)[:1] == ["dpo/textbook.py"]
+
+
 def test_doc_symbol_links_point_to_definitions():
     """A link [`name`](../dpo/file.py) promises that `name` is defined in that file."""
     links = SYMBOL_LINK.findall(_doc())
