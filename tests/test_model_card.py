@@ -21,7 +21,7 @@ def test_demo_run_has_a_model_card():
     assert card.startswith("---\n") and "- dpo" in card  # hub metadata (tags)
     for text in ("Base model: `builtin:tiny-qwen3-chat`", "Reference: `builtin:tiny-qwen3-chat`",
                  "`builtin:demo-preferences` (split train): 4000 training pairs, 256 held-out",
-                 "Loss: sigmoid, β = 0.3", "250 optimizer steps", "learning_rate = 0.001",
+                 "Loss: sigmoid, β = 0.3", "250 optimizer steps", "learning_rate = 0.0003",
                  f"| eval/win_rate | {final['eval/win_rate']:.4f} |",
                  f"| eval/rewards/accuracies | {final['eval/rewards/accuracies']:.4f} |",
                  "scored by `builtin:demo-rule`",
