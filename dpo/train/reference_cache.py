@@ -18,8 +18,9 @@ The cache is one safetensors file per key under ``cache_dir``; the key
 (``dpo.train.reference_key``) hashes everything the values depend on: the caller's
 ``cache_key_parts`` (the reference model's files, an adapter's with its base's:
 ``reference_key_parts``), the token ids and labels of every row in order, the numerics
-settings, the source of the modules in ``VALUE_CODE`` and the library versions. A file is written under a temporary name and renamed (atomic), and checked on load (key, row
-count, checksum, finite values); anything that does not check out is recomputed and rewritten.
+settings, the source of the modules in ``VALUE_CODE`` and the library versions. A file is
+written under a temporary name and renamed (atomic), and checked on load (key, row count,
+checksum, finite values); anything that does not check out is recomputed and rewritten.
 """
 from __future__ import annotations
 
