@@ -256,8 +256,9 @@ def test_an_adapter_is_keyed_with_its_base(tmp_path):
 
 
 # Every module whose code computes or arranges the cached values (not one fewer).
-VALUE_MODULES = ["dpo.model.forward", "dpo.model.probes", "dpo.model.logprobs",
-                 "dpo.model.packed_attention", "dpo.loss.variants", "dpo.data.batching",
+VALUE_MODULES = ["dpo.model.forward", "dpo.model.probes", "dpo.model.padding_probe",
+                 "dpo.model.logprobs", "dpo.model.packed_attention", "dpo.loss.variants",
+                 "dpo.data.batching",
                  "dpo.model.loading", "dpo.model.lora", "dpo.train.reference_cache",
                  "dpo.train.reference_key"]
 

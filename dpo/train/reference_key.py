@@ -31,6 +31,7 @@ MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".py", ".model", 
 VALUE_CODE = (
     "dpo.model.forward",  # the one model call for both halves, the packed and MoE paths
     "dpo.model.probes",  # the path the probes settle: packed attention or a dense mask
+    "dpo.model.padding_probe",  # the padding-free probe, which may switch to a dense mask
     "dpo.model.logprobs",  # the summed response log-probs, full or chunked
     "dpo.model.packed_attention",  # attention within each packed sequence
     "dpo.loss.variants",  # LD-DPO's length-desensitised log-probs (ld_alpha)
