@@ -10,7 +10,8 @@ from transformers import Qwen3ForCausalLM
 from dpo.config import TrainConfig
 from dpo.config import ConfigError
 from dpo.model.forward import causal_attention_mask, concatenated_forward
-from dpo.model.probes import check_chunked_head, check_padding_free, settle_logps_path
+from dpo.model.padding_probe import check_padding_free
+from dpo.model.probes import check_chunked_head, settle_logps_path
 from dpo.model.logprobs import IGNORE_INDEX, sequence_logps
 from dpo.demo.tiny import tiny_qwen3, tiny_qwen3_config
 from tests.e2e import demo_env, run_train, train_logs

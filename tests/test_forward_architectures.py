@@ -8,7 +8,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from dpo.data.batching import PreferenceCollator
 from dpo.model import packed_attention
 from dpo.model.forward import concatenated_forward
-from dpo.model.probes import check_chunked_head, check_padding_free
+from dpo.model.padding_probe import check_padding_free
+from dpo.model.probes import check_chunked_head
 from dpo.model.packed_attention import DENSE_MASK_ONLY, probe_length, use_dense_mask
 from dpo.model.logprobs import IGNORE_INDEX, chunked_sequence_logps, sequence_logps
 from tests.test_forward import logps_row_by_row

@@ -14,12 +14,8 @@ from torch.utils.data import DataLoader
 from dpo.config import ConfigError, TrainConfig
 from dpo.data import IGNORE_INDEX, REF_LOGPS_COLUMNS, PreferenceCollator
 from dpo.model.forward import concatenated_forward
-from dpo.train.reference_cache import (
-    cache_key,
-    data_digest,
-    precompute_reference_logps,
-    reference_key_parts,
-)
+from dpo.train.reference_cache import precompute_reference_logps
+from dpo.train.reference_key import cache_key, data_digest, reference_key_parts
 from dpo.train.step import dpo_step
 from dpo.demo.tiny import tiny_qwen3
 from tests.e2e import demo_env, run_train, weights_equal
@@ -260,9 +256,11 @@ def test_an_adapter_is_keyed_with_its_base(tmp_path):
 
 
 # Every module whose code computes or arranges the cached values (not one fewer).
-VALUE_MODULES = ["dpo.model.forward", "dpo.model.probes", "dpo.model.logprobs",
-                 "dpo.model.packed_attention", "dpo.loss.variants", "dpo.data.batching",
-                 "dpo.model.loading", "dpo.model.lora", "dpo.train.reference_cache"]
+VALUE_MODULES = ["dpo.model.forward", "dpo.model.probes", "dpo.model.padding_probe",
+                 "dpo.model.logprobs", "dpo.model.packed_attention", "dpo.loss.variants",
+                 "dpo.data.batching",
+                 "dpo.model.loading", "dpo.model.lora", "dpo.train.reference_cache",
+                 "dpo.train.reference_key"]
 
 
 @pytest.mark.parametrize("name", VALUE_MODULES)

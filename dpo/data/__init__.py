@@ -22,7 +22,8 @@ precomputed summed log-probs.
 from dpo.data.batching import (REF_LOGPS_COLUMNS, LengthGroupedBatchSampler,
                                 PreferenceCollator, padding_fraction)
 from dpo.data.formats import DATA_FORMATS, DROP_REASONS
-from dpo.data.sources import default_eval_samples, load_preference_splits
+from dpo.data.draw import default_eval_samples
+from dpo.data.sources import load_preference_splits
 from dpo.data.tokenize import IGNORE_INDEX, FilterReport, prepare_tokenizer, tokenize_preferences
 
 __all__ = [

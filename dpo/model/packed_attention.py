@@ -198,7 +198,7 @@ AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 
 
 # Model classes whose code tests for the name "sdpa" itself (Falcon) and so would take another
-# path under ours: `dpo.model.probes.check_padding_free` finds them and adds them here.
+# path under ours: `dpo.model.padding_probe.check_padding_free` finds them and adds them here.
 DENSE_MASK_ONLY: set[type] = set()
 
 

@@ -1,0 +1,189 @@
+"""The padding-free probe: do packed sequences give the model the log-probs they get apart?
+
+`check_padding_free` feeds seeded pairs through the model padded and packed in one row and
+compares every response token's log-prob within the model's own measured rounding noise.
+`dpo.model.probes.settle_logps_path` runs it once, at start-up.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from torch import nn
+
+from dpo.model.forward import _last_hidden_state, _model_inputs
+from dpo.model.logprobs import (IGNORE_INDEX, LogitsTransform, _call_as_forward, _chunked_head,
+                                _token_logps)
+from dpo.model.packed_attention import (PACKED_SDPA, PROBE_MARGIN, attention_span, probe_length,
+                                        use_dense_mask)
+
+
+def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device | str | None = None,
+                       max_length: int | None = None) -> str | None:
+    """Do packed sequences give `model` the log-probs they get apart? None if so, else why not.
+
+    Seeded probe pairs of random tokens, of different lengths, go through the model (eval mode,
+    no gradient, `concatenated_forward`'s inputs and log-prob path) as a right-padded batch and
+    packed in one row (`PreferenceCollator(padding_free=True)`), and the log-prob of every
+    response token is compared, not their sums, which would dilute an error confined to a few
+    tokens. An attention implementation that ignores the position ids' boundaries lets each
+    sequence see the ones before it; so does a model that does not pass position ids down, or
+    one whose positions do not restart. A model whose attention is limited (`attention_span`: a
+    sliding window, attention chunks) gets a third pair of `probe_length` tokens, past the
+    limit, its responses after it, which a packed path that drops the limit gets wrong. Every
+    layer type of the model runs on every pair.
+
+    The tolerance is the model's own rounding noise, measured: `PROBE_NUDGE_FACTOR` times the
+    largest change of a token's log-prob when the padded batch runs again with its input
+    embeddings nudged by one unit of the precision's rounding (`_nudged_inputs`), plus
+    `PROBE_ATOL`. A different layout rounds differently, by no more than that; a dropped window
+    or a leak moves tokens by nats (see `PROBE_NUDGE_FACTOR`).
+
+    Under sdpa the packed batch runs on `packed_sdpa`; a model that then disagrees (its code
+    asks for sdpa by name) is put back on transformers' sdpa (`use_dense_mask`) and probed
+    again. Collective under ZeRO-3/FSDP: every process must call it, and takes the same path.
+
+    Args:
+        chunked: the log-prob path the run uses (`cfg.chunked_logps`, settled).
+        max_length: the run's longest sequence (`cfg.max_length`), which caps the long pair.
+    """
+    from dpo.data.batching import PreferenceCollator  # dpo.data imports the tokenizers
+
+    unwrapped, _, vocab_size, generator = _probe_setup(model, None)
+    rows = _probe_rows(unwrapped, max_length, vocab_size, generator)
+    device = device if device is not None else next(unwrapped.parameters()).device
+    padded, packed = (_to(PreferenceCollator(0, padding_free=packed)(rows), device)
+                      for packed in (False, True))
+
+    def compare() -> tuple[float, float]:
+        want = _response_token_logps(model, padded, chunked)
+        with _nudged_inputs(unwrapped):  # before the packed batch switches sdpa to packed_sdpa
+            nudged = _response_token_logps(model, padded, chunked)
+        got = _response_token_logps(model, packed, chunked)
+        noise = float((nudged - want).abs().max())
+        return float((got - want).abs().max()), PROBE_NUDGE_FACTOR * noise + PROBE_ATOL
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _without_autocast(unwrapped):
+            diff, tolerance = compare()
+            if diff > tolerance and unwrapped.config._attn_implementation == PACKED_SDPA:
+                # A model that tests for sdpa by name: transformers' sdpa, with its block mask
+                # (both layouts again: its padded path was not sdpa's under our name either).
+                use_dense_mask(unwrapped)
+                diff, tolerance = compare()
+    finally:
+        model.train(was_training)
+    if diff <= tolerance:
+        return None
+    return (f"packed sequences' token log-probs differ from separate ones' by up to {diff:.2g} "
+            f"nats (tolerance {tolerance:.1g}: {PROBE_NUDGE_FACTOR}x its rounding noise + "
+            f"{PROBE_ATOL:g})")
+
+
+# check_padding_free's tolerance: this many times the rounding noise, plus PROBE_ATOL nats.
+# Measured on tiny random models (tests/test_forward_architectures.py; CPU, bf16): a correct
+# packed layout moves a token by at most 0.6x the noise, a dropped window by >= 8x, a leak
+# between sequences by >= 17x; in fp32 PROBE_ATOL sits between 1e-5 and >= 1.3 nats.
+PROBE_NUDGE_FACTOR = 4
+PROBE_ATOL = 1e-4
+
+
+@contextmanager
+def _nudged_inputs(model: nn.Module) -> Iterator[None]:
+    """`model`'s (unwrapped) input embeddings scaled by 1 ± ε per hidden dimension (alternating
+    signs, the same on every process), ε the relative rounding unit its matmuls work in: the
+    dtype's, or TF32's / bf16's for fp32 weights where torch's matmul precision is lowered."""
+    dtype = next(model.parameters()).dtype
+    precision = torch.get_float32_matmul_precision()
+    if dtype == torch.float32 and precision != "highest":
+        dtype = torch.bfloat16 if precision == "medium" else None
+    epsilon = 2.0 ** -10 if dtype is None else torch.finfo(dtype).eps
+
+    def nudge(module, args, output):
+        signs = 1 - 2 * (torch.arange(output.shape[-1], device=output.device) % 2)
+        return output * (1 + epsilon * signs).to(output.dtype)
+
+    handle = model.get_input_embeddings().register_forward_hook(nudge)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _probe_rows(model: nn.Module, max_length: int | None, vocab_size: int,
+                generator: torch.Generator) -> list[dict]:
+    """`check_padding_free`'s tokenized probe pairs for `model` (unwrapped)."""
+    pairs = [(12, 20, 9), (7, 14, 25)]
+    longest = probe_length(model, max_length)
+    if longest is not None:  # responses from just before the limit to past it
+        span = attention_span(model.config)
+        prompt = max(1, span - 8)
+        chosen = min(span + PROBE_MARGIN, longest) - prompt
+        pairs.append((prompt, chosen, max(1, longest - prompt - (longest == chosen + prompt))))
+    rows = []
+    for prompt, chosen, rejected in pairs:
+        row = {}
+        ids = torch.randint(vocab_size, (prompt,), generator=generator).tolist()
+        for side, length in (("chosen", chosen), ("rejected", rejected)):
+            response = torch.randint(vocab_size, (length,), generator=generator).tolist()
+            row[f"{side}_input_ids"] = ids + response
+            row[f"{side}_labels"] = [IGNORE_INDEX] * prompt + response
+        rows.append(row)
+    return rows
+
+
+@contextmanager
+def _without_autocast(model: nn.Module) -> Iterator[None]:
+    """`model` (unwrapped) computing in its weights' dtype: Accelerate's mixed precision wraps its
+    forward in autocast, under which padded and packed rows would take different half-precision
+    kernels and differ by their rounding, far more than a tolerance that catches a leak between
+    sequences allows."""
+    autocast = model.__dict__.get("_original_forward")
+    if autocast is None:
+        yield
+        return
+    wrapped, model.forward = model.forward, autocast
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
+def _to(batch: dict, device) -> dict:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+def _response_token_logps(model: nn.Module, batch: dict, chunked: bool) -> torch.Tensor:
+    """log π(y_t) of every response token of `batch`, `(N,)` float32, in the order of a padded
+    batch's labels (row by row) for a packed batch too: `concatenated_forward`'s inputs and
+    log-prob path, before its sums."""
+    unwrapped = extract_model_from_parallel(model)
+    inputs, index, labels = _model_inputs(model, batch, False)
+    if not chunked:
+        logits = model(**inputs, use_cache=False).logits
+        token_logps, mask = _token_logps(logits if index is None
+                                         else logits.flatten(0, 1)[index], labels, IGNORE_INDEX)
+        return token_logps[mask]
+    with _last_hidden_state(unwrapped) as captured:
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    hidden = captured.hidden if index is None else captured.hidden.flatten(0, 1)[index]
+    mask = labels[:, 1:] != IGNORE_INDEX
+    token_logps, _, _ = _call_as_forward(
+        unwrapped.get_output_embeddings(), _chunked_head, hidden[:, :-1][mask],
+        labels[:, 1:][mask], 16, LogitsTransform.from_config(unwrapped.config))
+    return token_logps
+
+
+def _probe_setup(model: nn.Module, rtol: float | None):
+    """What both start-up probes share: the unwrapped model, the tolerance for its dtype (1e-4
+    in fp32, else 1e-2), the vocabulary both embeddings cover, and a seeded generator."""
+    unwrapped = extract_model_from_parallel(model)
+    if rtol is None:
+        rtol = 1e-4 if unwrapped.dtype == torch.float32 else 1e-2
+    vocab_size = min(unwrapped.get_input_embeddings().num_embeddings,
+                     unwrapped.get_output_embeddings().out_features)
+    return unwrapped, rtol, vocab_size, torch.Generator().manual_seed(0)
