@@ -28,6 +28,7 @@ from dpo import demo
 from dpo.model import lora
 from dpo.train import checkpoint
 from dpo.config import ConfigError, TrainConfig, load_config
+from dpo.config.model import adapter_base, is_adapter_dir, uses_peft
 from dpo.eval.evaluation import Evaluator, generate_answers, sample_prompts
 from dpo.model.probes import settle_logps_path
 from dpo.train.loaders import build_datasets, eval_loader_of, make_collator
@@ -59,7 +60,7 @@ class Source:
                            and (path / checkpoint.STATE_FILE).is_file() else None)
         run_dir = path.parent if self.checkpoint else path
         self.run_dir = run_dir if (run_dir / RUN_CONFIG).is_file() else None
-        self.adapter = lora.is_adapter_dir(model)
+        self.adapter = is_adapter_dir(model)
         self.step = (json.loads((path / checkpoint.STATE_FILE).read_text())["step"]
                      if self.checkpoint else _last_step(self.run_dir))
         self.trained: TrainConfig | None = None  # the run's own config
@@ -117,8 +118,8 @@ def training_reference(trained: TrainConfig) -> str | None:
     further had that adapter as it started; full fine-tuning, the model it started from."""
     if trained.ref_model is not None:
         return trained.ref_model
-    if lora.uses_peft(trained):
-        return trained.model if lora.is_adapter_dir(trained.model) and not trained.lora_r \
+    if uses_peft(trained):
+        return trained.model if is_adapter_dir(trained.model) and not trained.lora_r \
             else None
     return trained.model
 
@@ -173,12 +174,12 @@ def load_models(cfg: TrainConfig, source: Source, base: str):
     from safetensors.torch import load_file
 
     trained = source.trained
-    if source.checkpoint and lora.uses_peft(trained):
+    if source.checkpoint and uses_peft(trained):
         policy, reference = lora.load_peft_policy(trained, base, load_causal_lm)
     elif source.adapter:
         from peft import PeftModel
 
-        peft_model = PeftModel.from_pretrained(load_causal_lm(cfg, lora.adapter_base(base)),
+        peft_model = PeftModel.from_pretrained(load_causal_lm(cfg, adapter_base(base)),
                                                base)
         policy, reference = peft_model.get_base_model(), lora.AdapterOffReference(peft_model)
     else:

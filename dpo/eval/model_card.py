@@ -60,7 +60,7 @@ def write(output_dir: Path, cfg: TrainConfig, results: dict, steps: int, num_pro
 
 def model_card_text(cfg: TrainConfig, results: dict, *, steps: int, train_rows: int,
                     eval_rows: int, num_processes: int, argv: list[str]) -> str:
-    from dpo.model.lora import is_adapter_dir, uses_peft
+    from dpo.config.model import is_adapter_dir, uses_peft
 
     peft = uses_peft(cfg)
     name = Path(cfg.output_dir).name

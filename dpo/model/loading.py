@@ -13,6 +13,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTr
                           PreTrainedTokenizerBase)
 
 from dpo.config import ConfigError, TrainConfig
+from dpo.config.model import adapter_base, is_adapter_dir, uses_peft
 from dpo.data import prepare_tokenizer
 from dpo.loss import needs_reference
 
@@ -21,10 +22,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_tokenizer(cfg: TrainConfig, path: str) -> PreTrainedTokenizerBase:
     """The model's tokenizer, ready for DPO (a pad token); ConfigError if `path` has none."""
-    from dpo.model import lora
-
-    if lora.is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").is_file():
-        path = lora.adapter_base(path)  # an adapter saved without its tokenizer
+    if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").is_file():
+        path = adapter_base(path)  # an adapter saved without its tokenizer
     if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
         raise ConfigError(f"model {path}: no such directory (give a local model directory "
                           "or a hub name)")
@@ -86,7 +85,7 @@ def load_policy_and_reference(
     """
     from dpo.model import lora
 
-    if lora.uses_peft(cfg):
+    if uses_peft(cfg):
         policy, reference = lora.load_peft_policy(cfg, path, load_causal_lm)
     else:
         policy, reference = load_causal_lm(cfg, path), None
@@ -120,9 +119,9 @@ def load_reference_model(cfg: TrainConfig, model_path: str) -> PreTrainedModel:
         raise ConfigError(f"ref_model {cfg.ref_model}: its tokenizer differs from --model's "
                           f"({len(theirs)} vs {len(mine)} tokens, or other ids or special "
                           "tokens); the reference must score the same token ids")
-    if not lora.is_adapter_dir(path):
+    if not is_adapter_dir(path):
         return load_causal_lm(cfg, path)
-    return lora.merge_into_base(load_causal_lm(cfg, lora.adapter_base(path)), path)
+    return lora.merge_into_base(load_causal_lm(cfg, adapter_base(path)), path)
 
 
 def prepare_reference(accelerator: Accelerator, reference: nn.Module | None) -> nn.Module | None:

@@ -28,9 +28,7 @@ import torch
 from torch import nn
 
 from dpo.config import ConfigError
-# What an adapter folder is, and whether a run uses peft, the config decides before anything
-# loads; the callers of dpo.model.lora read them here too.
-from dpo.config.model import adapter_base, is_adapter_dir, uses_peft  # noqa: F401
+from dpo.config.model import adapter_base, is_adapter_dir
 
 DEFAULT_ADAPTER, REFERENCE_ADAPTER = "default", "reference"
 _PEFT_ATTR = "_dpo_peft"  # the PeftModel, on the transformers model it wraps (not a submodule)

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 
 from dpo.paths import cache_root
 from dpo.config import TrainConfig
+from dpo.config.model import is_adapter_dir, uses_peft
 from dpo.data import REF_LOGPS_COLUMNS
 from dpo.model.forward import concatenated_forward
 from dpo.train.reference_key import CACHE_FORMAT_VERSION, cache_key, reference_key_parts
@@ -83,14 +84,13 @@ def precompute_for_run(accelerator: Accelerator, cfg: TrainConfig, reference, mo
 def _reference_source(cfg: TrainConfig, model_path: str) -> tuple[str, dict]:
     """The path the reference is loaded from (as `dpo.model.loading`/`dpo.model.lora` load it), and
     how an adapter and peft enter it: merged into the base, or run beside it as a frozen copy."""
-    from dpo.model import lora
     from dpo.demo import resolve_model
 
     path = resolve_model(cfg.ref_model) if cfg.ref_model else model_path
     how = {}
-    if lora.is_adapter_dir(path):  # a --ref-model adapter, or an adapter start merged (lora_r)
+    if is_adapter_dir(path):  # a --ref-model adapter, or an adapter start merged (lora_r)
         how["adapter"] = "merged" if cfg.ref_model or cfg.lora_r else "frozen copy"
-    if how or (lora.uses_peft(cfg) and not cfg.ref_model):  # peft computes the reference
+    if how or (uses_peft(cfg) and not cfg.ref_model):  # peft computes the reference
         import peft
 
         how["peft"] = peft.__version__
