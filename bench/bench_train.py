@@ -46,10 +46,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,26 +55,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-IMPLS = ("plain", "optimized", "precomputed")
-# The issue's targets, printed beside the measured ratios.
-TARGET_SPEEDUP = 1.3  # optimized tokens/s over plain
-TARGET_PRECOMPUTED = 1.25  # optimized s/step over precomputed s/step
-TARGET_MEMORY = 0.6  # optimized peak over plain, at Qwen3's vocabulary
-TARGET_UTILISATION_CPU, TARGET_UTILISATION_GPU = 0.60, 0.45
+from benchlib.common import (SHAPES, FlopCounter, compute_dtype, load_pairs, matmul_flops,
+                             model_config, peak_memory, reset_peak_memory, sync)
+from benchlib.train_report import IMPLS, print_ratios, print_table, ratios
 
-# Published shapes; the weights are random. SmolLM2-135M is a Llama, Qwen3-0.6B a Qwen3.
-SHAPES = {
-    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                   tie_word_embeddings=True, max_position_embeddings=8192,
-                                   rms_norm_eps=1e-5, rope_theta=100000.0)),
-    "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                                 vocab_size=151936, tie_word_embeddings=True,
-                                 max_position_embeddings=40960, rms_norm_eps=1e-6,
-                                 rope_theta=1000000.0)),
-}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,141 +106,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--impls: unknown {sorted(unknown)}; choose from {', '.join(IMPLS)}")
     return args
 
-
-# --------------------------------------------------------------------------------------------
-# Model, data, FLOPs
-# --------------------------------------------------------------------------------------------
-
-
-def model_config(shape: str, vocab_size: int | None):
-    """The transformers config of a named shape, dropout off as in `dpo.model.loading`."""
-    from transformers import LlamaConfig, Qwen3Config
-
-    from dpo.demo import MODEL_CONFIG
-    from dpo.demo.tiny import tiny_qwen3_config
-
-    if shape == "tiny":
-        return tiny_qwen3_config(vocab_size or 1024, **MODEL_CONFIG)
-    family, dims = SHAPES[shape]
-    dims = {**dims, "vocab_size": vocab_size or dims["vocab_size"]}
-    return (LlamaConfig if family == "llama" else Qwen3Config)(**dims, attention_dropout=0.0)
-
-
-def synthetic_pairs(num_pairs: int, vocab_size: int, max_length: int, seed: int):
-    """Tokenized pairs of random tokens; prompt and responses each in [L/16, L/2] tokens."""
-    import numpy as np
-    from datasets import Dataset
-
-    rng = np.random.default_rng(seed)
-    low, high = max(1, max_length // 16), max_length // 2
-    rows = []
-    for i in range(num_pairs):
-        prompt = rng.integers(0, vocab_size, rng.integers(low, high + 1)).tolist()
-        chosen, rejected = (rng.integers(0, vocab_size, rng.integers(low, high + 1)).tolist()
-                            for _ in range(2))
-        rows.append({"chosen_input_ids": prompt + chosen,
-                     "chosen_labels": [-100] * len(prompt) + chosen,
-                     "rejected_input_ids": prompt + rejected,
-                     "rejected_labels": [-100] * len(prompt) + rejected,
-                     "length": len(prompt) + max(len(chosen), len(rejected)), "row_index": i})
-    return Dataset.from_list(rows)
-
-
-def load_pairs(args, num_pairs: int):
-    """(tokenized pairs, pad id, vocab size the data needs)."""
-    from transformers import AutoTokenizer
-
-    from dpo import data, demo
-
-    if args.synthetic:
-        vocab = model_config(args.shape, args.vocab_size).vocab_size
-        return synthetic_pairs(num_pairs, vocab, args.max_length, args.seed), 0, vocab
-    tokenizer_path = args.tokenizer or (demo.resolve_model(demo.BUILTIN_MODEL)
-                                        if args.dataset == demo.BUILTIN_DATASET else None)
-    if tokenizer_path is None:
-        sys.exit("error: --dataset other than the demo needs --tokenizer")
-    tokenizer = data.prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer_path))
-    rows, _ = data.load_preference_splits(demo.resolve_dataset(args.dataset),
-                                          num_samples=num_pairs, eval_samples=0, seed=args.seed)
-    pairs, _ = data.tokenize_preferences(rows, tokenizer, max_length=args.max_length)
-    if len(pairs) < num_pairs:
-        sys.exit(f"error: {args.dataset} has {len(pairs)} usable pairs, the run needs "
-                 f"{num_pairs}; lower --steps or --batch-size")
-    return pairs, tokenizer.pad_token_id, len(tokenizer)
-
-
-class FlopCounter:
-    """Useful model FLOPs of a batch (see the module docstring)."""
-
-    def __init__(self, model):
-        from torch import nn
-
-        head = model.get_output_embeddings()
-        config = model.config
-        self.matmul_params = sum(m.weight.numel() for m in model.modules()
-                                 if isinstance(m, nn.Linear) and m is not head)
-        self.head_params = head.weight.numel()
-        head_dim = getattr(config, "head_dim", None) or (config.hidden_size
-                                                         // config.num_attention_heads)
-        self.attention = 2 * config.num_hidden_layers * config.num_attention_heads * head_dim
-
-    def forward(self, batch):
-        """FLOPs of one forward over `batch`, a device scalar: no host sync inside the step."""
-        lengths = batch["attention_mask"].sum(1).double()
-        responses = (batch["labels"][:, 1:] != -100).sum().double()
-        return (2 * self.matmul_params * lengths.sum() + 2 * self.head_params * responses
-                + self.attention * (lengths ** 2).sum())
-
-
-def matmul_flops(device, dtype, size: int, repeats: int = 5) -> float:
-    """Dense matmul FLOP/s of the device: best of `repeats` timings of a few n×n×n products."""
-    import torch
-
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first round warms up
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(3):
-            torch.mm(a, b)
-        sync(device)
-        best = min(best, (time.perf_counter() - start) / 3)
-    return 2 * size ** 3 / best
-
-
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device) -> None:
-    """Start a new peak: the reset makes VmHWM the current RSS (Linux); GPU stats likewise."""
-    import torch
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap (e.g. the reference) back
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # not Linux: the peak then covers the whole process
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device) -> tuple[float, float | None]:
-    """(peak RSS MiB since the last reset, peak allocated GPU MiB or None)."""
-    import torch
-
-    try:
-        status = Path("/proc/self/status").read_text()
-        rss = int(next(line for line in status.splitlines()
-                       if line.startswith("VmHWM")).split()[1]) / 1024
-    except (OSError, StopIteration):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return rss, gpu
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,12 +245,6 @@ def run(args, impl: str) -> dict:
     }
 
 
-def compute_dtype(args, device):
-    """The dtype the step's matmuls run in: bf16 under bf16 autocast, else fp32."""
-    import torch
-
-    return torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-
 
 def profile_step(optimizer_step, batches, device) -> None:
     """Print the top operators of one optimizer step by self time (to stderr)."""
@@ -416,81 +258,6 @@ def profile_step(optimizer_step, batches, device) -> None:
     print(prof.key_averages().table(sort_by=sort, row_limit=30), file=sys.stderr)
 
 
-# --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
-
-COLUMNS = (("impl", "impl", "{}"), ("s/step", "s_per_step", "{:.3f}"),
-           ("tokens/s", "tokens_per_s", "{:.0f}"), ("padding", "padding_fraction", "{:.1%}"),
-           ("peak RSS MiB", "peak_rss_mib", "{:.0f}"), ("GFLOP/step", "model_gflop_per_step",
-                                                         "{:.1f}"),
-           ("GFLOP/s", "achieved_gflops", "{:.1f}"), ("matmul GFLOP/s", "matmul_gflops",
-                                                      "{:.1f}"),
-           ("FLOP util", "flop_utilisation", "{:.1%}"), ("precompute s", "precompute_s", "{}"))
-MFU_COLUMN = ("MFU vs peak", "mfu_vs_peak", "{:.1%}")
-
-
-def print_table(results: list[dict]) -> None:
-    first = results[0]
-    print(f"shape {first['shape']} ({first['params_m']}M params, vocab {first['vocab_size']}), "
-          f"device {first['device']} x{first['threads']} threads, mixed precision "
-          f"{first['mixed_precision']}, attention {first['attn']}, max length "
-          f"{first['max_length']}, {first['pairs_per_step']} pairs/step, {first['steps']} timed "
-          f"steps")
-    columns = list(COLUMNS)
-    if first["peak_gpu_mib"] is not None:
-        columns.insert(5, ("peak GPU MiB", "peak_gpu_mib", "{:.0f}"))
-    if first["mfu_vs_peak"] is not None:
-        columns.append(MFU_COLUMN)
-    cells = [[name for name, _, _ in columns]]
-    for r in results:
-        cells.append(["-" if r[key] is None else fmt.format(r[key]) for _, key, fmt in columns])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    for row in cells:
-        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
-
-
-def ratios(results: dict[str, dict]) -> dict:
-    """The issue's ratios, where the runs needed for each were made."""
-    out = {}
-    plain, opt, pre = (results.get(name) for name in IMPLS)
-    if plain and opt:
-        out["speedup_tokens_per_s_vs_plain"] = round(opt["tokens_per_s"] / plain["tokens_per_s"],
-                                                     3)
-        out["peak_rss_vs_plain"] = round(opt["peak_rss_mib"] / plain["peak_rss_mib"], 3)
-        if opt["peak_gpu_mib"] is not None:
-            out["peak_gpu_vs_plain"] = round(opt["peak_gpu_mib"] / plain["peak_gpu_mib"], 3)
-    if opt:
-        out["optimized_flop_utilisation"] = opt["flop_utilisation"]
-    if opt and pre:
-        out["precomputed_step_speedup"] = round(opt["s_per_step"] / pre["s_per_step"], 3)
-    if plain and pre:
-        out["precomputed_tokens_per_s_vs_plain"] = round(
-            pre["tokens_per_s"] / plain["tokens_per_s"], 3)
-    return out
-
-
-def print_ratios(values: dict, device: str) -> None:
-    targets = {"speedup_tokens_per_s_vs_plain": (">=", TARGET_SPEEDUP),
-               "precomputed_step_speedup": (">=", TARGET_PRECOMPUTED),
-               "peak_rss_vs_plain": ("<=", TARGET_MEMORY),
-               "peak_gpu_vs_plain": ("<=", TARGET_MEMORY)}
-    for key, value in values.items():
-        if key == "optimized_flop_utilisation":
-            continue
-        line = f"{key}: {value:.3f}"
-        if key in targets:
-            op, target = targets[key]
-            met = value >= target if op == ">=" else value <= target
-            line += f"  (target {op} {target}: {'met' if met else 'NOT met'})"
-            if key.startswith("peak"):
-                line += " [the target is for Qwen3's vocabulary, 151669]"
-        print(line)
-    target = TARGET_UTILISATION_GPU if device == "cuda" else TARGET_UTILISATION_CPU
-    if "optimized_flop_utilisation" in values:
-        value = values["optimized_flop_utilisation"]
-        print(f"optimized FLOP utilisation {value:.1%} of the measured matmul rate (target >= "
-              f"{target:.0%} on {device}: {'met' if value >= target else 'NOT met'})")
 
 
 def main(argv=None) -> None:

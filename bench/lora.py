@@ -1,8 +1,8 @@
 """Full fine-tuning against LoRA: peak memory and seconds per optimizer step, side by side.
 
 Each (shape, mode) runs in its own subprocess, so each peak RSS is its own: a randomly initialised
-model of a published shape (`bench_train.SHAPES`; nothing is downloaded), synthetic pairs, the
-real training step (`dpo_step`, `accelerator.backward`, clipping, AdamW, as `train.py`).
+model of a published shape (`benchlib.common.SHAPES`; nothing is downloaded), synthetic pairs,
+the real training step (`dpo_step`, `accelerator.backward`, clipping, AdamW, as `train.py`).
 
 - full: the policy and a frozen copy as the reference (two models), AdamW over every weight;
 - lora: the policy with a rank-r adapter on every linear layer of the body (peft "all-linear"),
@@ -59,7 +59,7 @@ def run(args, shape: str, mode: str) -> dict:
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM
 
-    from bench_train import model_config, peak_memory, synthetic_pairs
+    from benchlib.common import model_config, peak_memory, synthetic_pairs
     from dpo import data
     from dpo.config import TrainConfig
     from dpo.train.runtime import make_accelerator, make_optimizer

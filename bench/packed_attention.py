@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_train import model_config  # noqa: E402
+from benchlib.common import model_config  # noqa: E402
 
 from dpo.model import packed_attention  # noqa: E402
 from dpo.data.batching import PreferenceCollator  # noqa: E402

@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_train import SHAPES, model_config, peak_memory, reset_peak_memory  # noqa: E402
+from benchlib.common import (SHAPES, enable_checkpointing, model_config,  # noqa: E402
+                             peak_memory, reset_peak_memory)
 
 SHARED = Path(os.environ.get("DPO_SHARED") or ROOT.parent / "shared")
 DATA = SHARED / "data" / "hh_rlhf_helpful_base_test.jsonl.gz"
@@ -121,25 +122,6 @@ def model_flops(config, batch) -> float:
     responses = float((batch["labels"] != -100).sum())
     attention_flops = 2 * layers * attention * float(lengths.square().sum())
     return 8 * body * tokens + 8 * hidden * config.vocab_size * responses + 4 * attention_flops
-
-
-def enable_checkpointing(model, mode: str) -> None:
-    """Recompute in the backward: every decoder layer (full), every other one (alternate), or
-    only each layer's MLP block (mlp)."""
-    import functools
-
-    from torch.utils.checkpoint import checkpoint
-
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = model.model.layers
-    if mode == "alternate":
-        for layer in layers[1::2]:
-            layer.gradient_checkpointing = False
-    elif mode == "mlp":
-        for layer in layers:
-            layer.gradient_checkpointing = False
-            mlp = layer.mlp
-            mlp.forward = functools.partial(checkpoint, mlp.forward, use_reentrant=False)
 
 
 def run(args, variant: str) -> dict:

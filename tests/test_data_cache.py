@@ -2,6 +2,7 @@
 the result misses, a half-written entry is never read, and under a launcher every process after
 the first loads the first's result."""
 import contextlib
+import importlib
 import json
 import subprocess
 import textwrap
@@ -149,6 +150,31 @@ def test_every_setting_is_keyed_except_the_process_count(rows, tiny_chat_tokeniz
     # A setting tokenize_preferences gains later is keyed without a change to the cache.
     assert cache.cache_key(rows, tiny_chat_tokenizer, {**SETTINGS, "new_setting": 1}) != key
     assert cache.cache_key(rows, tiny_chat_tokenizer, {**SETTINGS, "num_proc": 4}) == key
+
+
+# Every module whose code decides the tokenized rows or the report (not one fewer).
+TOKENS_MODULES = ["dpo.data.formats", "dpo.data.render", "dpo.data.report", "dpo.data.tokenize"]
+
+
+@pytest.mark.parametrize("name", TOKENS_MODULES)
+def test_an_edit_to_the_code_that_shapes_the_tokens_misses(name, rows, tiny_chat_tokenizer,
+                                                          tmp_path, monkeypatch):
+    """Both keys, this cache's and the one datasets' map cache is given, see any edit."""
+    from dpo.data.tokenize import _fingerprint, _PairTokenizer
+
+    pair_tokenizer = _PairTokenizer(tiny_chat_tokenizer, max_length=64, max_prompt_length=32,
+                                    mode="auto")
+
+    def keys():
+        return (cache.cache_key(rows, tiny_chat_tokenizer, SETTINGS),
+                _fingerprint(rows, pair_tokenizer))
+
+    before, module = keys(), importlib.import_module(name)
+    edited = tmp_path / "edited.py"
+    edited.write_text(Path(module.__file__).read_text() + "\n# edited\n")
+    monkeypatch.setattr(module, "__file__", str(edited))
+    after = keys()
+    assert after[0] != before[0] and after[1] != before[1]
 
 
 def test_a_crash_while_writing_leaves_nothing_to_read(rows, tiny_chat_tokenizer, calls,

@@ -9,13 +9,13 @@ from dpo.config.fields import ConfigError, _opt, check_at_least
 from dpo.data import DATA_FORMATS
 from dpo.data.mixture import PER_DATASET, check_mixture
 from dpo.data.sources import check_streaming
-from dpo.data.tokenize import check_text_settings
+from dpo.data.render import check_text_settings
 
 
 @dataclass
 class DataSection:
     """data: datasets and mixtures (dpo.data.mixture), which rows (dpo.data.sources), and
-    tokenisation (dpo.data.tokenize)"""
+    tokenisation (dpo.data.render, dpo.data.tokenize)"""
 
     dataset: list[str] = _opt(["lvwerra/stack-exchange-paired"], "hub name, or a local file or "
                               "folder; several make a mixture (see dataset_weights)")

@@ -8,8 +8,9 @@ The pipeline, in the order the trainer calls it:
    (``formats``: columns ``prompt``, ``chosen``, ``rejected``, ``row_index``, ``problem``).
    A mixture of datasets (``mixture``) shares ``num_samples`` out among them and loads each so.
 2. ``prepare_tokenizer`` (``tokenize``) gives a tokenizer without a pad token its EOS as pad token.
-3. ``tokenize_preferences`` renders each pair (chat template or plain text), tokenizes, truncates
-   and validates it with ``Dataset.map``, skips bad rows and counts them in a ``FilterReport``.
+3. ``tokenize_preferences`` (``tokenize``) renders each pair (``render``: chat template or plain
+   text), tokenizes, truncates and validates it with ``Dataset.map``, skips bad rows and counts
+   them in a ``FilterReport`` (``report``); ``cache`` keeps the result on disk.
 4. ``LengthGroupedBatchSampler`` (``batching``) groups pairs of similar length into
    micro-batches, and ``PreferenceCollator`` pads them into one ``[chosen; rejected]`` batch.
 
@@ -24,7 +25,8 @@ from dpo.data.batching import (REF_LOGPS_COLUMNS, LengthGroupedBatchSampler,
 from dpo.data.formats import DATA_FORMATS, DROP_REASONS
 from dpo.data.draw import default_eval_samples
 from dpo.data.sources import load_preference_splits
-from dpo.data.tokenize import IGNORE_INDEX, FilterReport, prepare_tokenizer, tokenize_preferences
+from dpo.data.report import FilterReport
+from dpo.data.tokenize import IGNORE_INDEX, prepare_tokenizer, tokenize_preferences
 
 __all__ = [
     "DATA_FORMATS",

@@ -4,9 +4,10 @@
 trainer tokenizes are drawn (``select``) and normalised in memory, so every run, resume and
 process would tokenize them again. ``tokenize_cached`` keys the result on the content of the rows
 (an in-memory dataset's ``_fingerprint`` is random), the tokenizer, every setting passed to
-``tokenize_preferences`` and the source of the modules that decide the tokens, and keeps it under
-``$DPO_CACHE_DIR/tokenized`` (else ``~/.cache/dpo/tokenized``): a ``Dataset.save_to_disk`` folder
-and the ``FilterReport`` as JSON, so a hit reports the same rows kept and dropped.
+``tokenize_preferences`` and the source of the modules that decide the tokens and the report
+(``dpo.data.tokenize.TOKENS_CODE``), and keeps it under ``$DPO_CACHE_DIR/tokenized`` (else
+``~/.cache/dpo/tokenized``): a ``Dataset.save_to_disk`` folder and the ``FilterReport`` as JSON,
+so a hit reports the same rows kept and dropped.
 
 An entry is written into a temporary folder and renamed into place (atomic): a reader sees the
 whole entry or none. A folder that does not check out on load (key, format, row count) is
@@ -34,9 +35,8 @@ from datasets import Dataset, load_from_disk
 from datasets.fingerprint import Hasher
 
 from dpo.paths import cache_root
-from dpo.data import formats
 from dpo.data import tokenize as tokenize_module
-from dpo.data.tokenize import FilterReport
+from dpo.data.report import FilterReport
 
 # Bump when the layout of an entry changes: older entries then miss.
 CACHE_FORMAT_VERSION = 1
@@ -109,13 +109,12 @@ def tokenizer_digest(tokenizer) -> str:
 
 def cache_key(ds: Dataset, tokenizer, settings: dict) -> str:
     """The hex key of what ``tokenize_preferences(ds, tokenizer, **settings)`` returns."""
-    code = "".join(Path(module.__file__).read_text() for module in (tokenize_module, formats))
     parts = {
         "format": CACHE_FORMAT_VERSION,
         "rows": rows_digest(ds),
         "tokenizer": tokenizer_digest(tokenizer),
         "settings": {k: v for k, v in settings.items() if k not in UNKEYED_SETTINGS},
-        "code": hashlib.sha256(code.encode()).hexdigest(),
+        "code": hashlib.sha256(tokenize_module.code_source().encode()).hexdigest(),
         "versions": [transformers.__version__, tokenizers.__version__, jinja2.__version__,
                      datasets.__version__],
     }

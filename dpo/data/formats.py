@@ -71,15 +71,9 @@ DROP_REASONS = (
 )
 
 MESSAGE = {"role": Value("string"), "content": Value("string")}
-NORMALISED_FEATURES = Features(
-    {
-        "prompt": List(MESSAGE),
-        "chosen": List(MESSAGE),
-        "rejected": List(MESSAGE),
-        "row_index": Value("int64"),
-        "problem": Value("string"),
-    }
-)
+NORMALISED_FEATURES = Features({"prompt": List(MESSAGE), "chosen": List(MESSAGE),
+                                "rejected": List(MESSAGE), "row_index": Value("int64"),
+                                "problem": Value("string")})
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -247,13 +241,8 @@ def normalise_row(row: dict, spec: FormatSpec) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "problem": ""}
 
 
-def normalise(
-    ds: Dataset,
-    *,
-    data_format: str | None = None,
-    row_indices: list[int] | None = None,
-    num_proc: int | None = None,
-) -> Dataset:
+def normalise(ds: Dataset, *, data_format: str | None = None,
+              row_indices: list[int] | None = None, num_proc: int | None = None) -> Dataset:
     """Normalise a raw preference dataset (see the module docstring) with ``Dataset.map``.
 
     ``row_indices`` are the rows' indices in the source split (default: their positions in

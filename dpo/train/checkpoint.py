@@ -257,15 +257,15 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
 def save_final(accelerator: Accelerator, policy, tokenizer: PreTrainedTokenizerBase,
                output_dir: Path, merge_adapter: bool = False) -> None:
     """`save_pretrained` model (safetensors) and tokenizer, loadable with `from_pretrained`; with
-    LoRA the adapter instead (`dpo.model.lora.save_adapter`; `merge_adapter`: also merged).
+    LoRA the adapter instead (`dpo.model.lora_save.save_adapter`; `merge_adapter`: also merged).
 
     `get_state_dict` gathers the full weights when they are sharded (ZeRO-3, FSDP); every process
     must take part in that, only the main one writes.
     """
-    from dpo.model import lora
+    from dpo.model import lora, lora_save
 
     if lora.peft_of(accelerator.unwrap_model(policy)) is not None:
-        lora.save_adapter(accelerator, policy, tokenizer, output_dir, merge_adapter)
+        lora_save.save_adapter(accelerator, policy, tokenizer, output_dir, merge_adapter)
         return
     state_dict = accelerator.get_state_dict(policy)
     model = accelerator.unwrap_model(policy)

@@ -24,7 +24,7 @@ from dpo.data.cache import default_cache_dir, tokenize_cached
 from dpo.data import mixture
 from dpo.data.mixture import PER_DATASET
 from dpo.data.sources import layout_warning
-from dpo.data.tokenize import NoPairsLeft
+from dpo.data.report import NoPairsLeft
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".gz")
 
