@@ -253,16 +253,17 @@ RUN_BY = {
     'pip install -e ".[test]"': [(*CI, 'pip install -q -e ".[test,plot]"')],
     "python -m pytest -q -rs": [(*CI, "\npython -m pytest -q -rs\n")],
     "python train.py --config configs/demo.yaml": [
-        ("tests/e2e.py", "demo_run", '"--config", "configs/demo.yaml"'),
+        ("tests/e2e.py", "demo_run",
+         '"--config", "configs/demo.yaml", "--output-dir", str(out))'),
         ("tests/test_demo.py", "test_demo_teaches_the_rule_to_its_answers", "demo_run()")],
     "python -m dpo.plot outputs/demo": [
         ("tests/test_readme.py", "test_the_quickstart_runs_as_the_readme_shows", '"dpo.plot"')],
     "python -m dpo.evaluate --model outputs/demo": [
         ("tests/test_evaluate.py", "test_output_dir_gives_the_runs_final_eval",
-         'evaluate(env, "--model", str(run)')],
+         'evaluate(env, "--model", str(run), "--output-dir", str(tmp_path / "eval"))')],
     "python -m dpo.evaluate --model outputs/demo/checkpoint-125": [
         ("tests/test_evaluate.py", "test_checkpoint_gives_the_runs_eval_at_its_step",
-         'evaluate(env, "--model", str(run / "checkpoint-125")')],
+         'evaluate(env, "--model", str(run / "checkpoint-125"), "--output-dir", str(tmp_path))')],
 }
 # The quick tier: a subset of what CI runs, with markers that exist (running it from a test
 # would run the tests twice).
