@@ -223,35 +223,7 @@ def test_doc_symbol_links_point_to_definitions():
     assert not missing, f"docs/dpo.md links to names its files do not define: {missing}"
 
 
-# --- The README's code tour -----------------------------------------------------------------
-
-def _definitions() -> dict[str, list[tuple[int, int]]]:
-    """Line ranges (decorators included) of every function, class and module-level name."""
-    found: dict[str, list[tuple[int, int]]] = {}
-    for path in [*sorted((ROOT / "dpo").rglob("*.py")), ROOT / "train.py"]:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-                found.setdefault(node.name, []).append((start, node.end_lineno))
-            elif isinstance(node, ast.Assign) and node.col_offset == 0:
-                for target in node.targets:
-                    if isinstance(target, ast.Name):
-                        found.setdefault(target.id, []).append((node.lineno, node.end_lineno))
-    return found
-
-
-def test_code_tour_line_numbers_point_at_their_definitions():
-    """Every "`name` (lines a–b)" or "`name` (a–b)" of the README's code tour spans exactly the
-    definition of `name`: the tour's line numbers cannot silently go stale."""
-    readme = (ROOT / "README.md").read_text()
-    tour = readme[readme.index("## Code tour"):readme.index("## Performance")]
-    definitions = _definitions()
-    refs = re.findall(r"`(\w+)` \((?:`[^`]+` )?(?:lines )?(\d+)–(\d+)", tour)
-    assert len(refs) > 30
-    wrong = [f"{name} ({a}–{b}): defined at {definitions.get(name)}" for name, a, b in refs
-             if (int(a), int(b)) not in definitions.get(name, [])]
-    assert not wrong, wrong
-
+# --- The real pair of §1 ---------------------------------------------------------------------
 
 def test_the_real_pair_of_section_1_is_in_the_hh_test_split():
     """docs/dpo.md §1 quotes one real HH-RLHF pair as chosen / rejected: it is there, that way."""
