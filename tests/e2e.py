@@ -7,9 +7,11 @@ import json
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,6 +45,76 @@ def shared_chat_model() -> Path:
         torch.set_num_threads(threads)
 
 
+# The environment at session start: the zygote (tests/zygote.py) imports its libraries under it.
+_BASE_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# Variables read when used, not when a library is imported: a run may differ from the zygote's
+# environment in these and still be forked. PYTHONUNBUFFERED only changes when output is flushed;
+# pytest sets PYTEST_CURRENT_TEST per test.
+_READ_AT_RUN_TIME = ("DPO_", "PYTHONUNBUFFERED", "PYTEST_")
+
+
+@functools.cache
+def _zygote() -> str | None:
+    """The socket of this session's zygote, started on first use; None where it cannot start
+    (then every run starts a fresh interpreter, which is only slower)."""
+    if os.environ.get("DPO_TEST_FRESH_PROCESSES") == "1" or not hasattr(os, "fork"):
+        return None
+    root = Path(tempfile.mkdtemp(prefix="dpo-zygote-"))
+    path = root / "socket"
+    with open(root / "log", "wb") as log:
+        proc = subprocess.Popen([*PYTHON, "-m", "tests.zygote", str(path)], cwd=ROOT,
+                                env=_BASE_ENV, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    atexit.register(proc.kill)
+    try:
+        proc.wait(timeout=0.1)
+    except subprocess.TimeoutExpired:
+        pass
+    while proc.poll() is None and not path.exists():
+        try:
+            proc.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            pass
+    if not path.exists():
+        warnings.warn(f"the test zygote did not start ({(root / 'log').read_text()[-500:]}); "
+                      "runs start fresh interpreters")
+        return None
+    return str(path)
+
+
+def _forkable(env: dict) -> bool:
+    keys = env.keys() | _BASE_ENV.keys()
+    return all(env.get(k) == _BASE_ENV.get(k) or k.startswith(_READ_AT_RUN_TIME) for k in keys)
+
+
+def run_python(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python <args>` (a script or `-m module`, then its flags) from the repo root, as
+    `subprocess.run(..., capture_output=True, text=True)` reports it: in a child forked from the
+    zygote where the environment allows (see tests/zygote.py), else in a fresh interpreter."""
+    zygote = _zygote()
+    if zygote is None or not _forkable(env):
+        return subprocess.run([*PYTHON, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="dpo-run-") as tmp, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        stdout, stderr = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        conn.connect(zygote)
+        stream = conn.makefile("rw")
+        stream.write(json.dumps({"argv": args, "env": env, "cwd": str(ROOT),
+                                 "stdout": str(stdout), "stderr": str(stderr)}) + "\n")
+        stream.flush()
+        pid = int(stream.readline().split()[1])
+        conn.settimeout(timeout)
+        try:
+            returncode = int(stream.readline().split()[1])
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            raise subprocess.TimeoutExpired([*PYTHON, *args], timeout,
+                                            stdout.read_text(), stderr.read_text()) from None
+        return subprocess.CompletedProcess([*PYTHON, *args], returncode, stdout.read_text(),
+                                           stderr.read_text())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,9 +123,13 @@ def free_port() -> int:
 
 def run_train(env: dict, *flags: str, launcher: list[str] = PYTHON, check: bool = True,
               timeout: int = 600) -> subprocess.CompletedProcess:
-    """`<launcher> train.py <flags>` from the repo root; on failure show the end of stderr."""
-    out = subprocess.run([*launcher, "train.py", *flags], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    """`<launcher> train.py <flags>` from the repo root; on failure show the end of stderr.
+    A one-process run (`launcher` PYTHON) is forked from the zygote where it can be."""
+    if launcher == PYTHON:
+        out = run_python(["train.py", *flags], env, timeout)
+    else:
+        out = subprocess.run([*launcher, "train.py", *flags], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=timeout)
     if check and out.returncode != 0:
         raise AssertionError(f"train.py failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return out

@@ -5,13 +5,13 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 
 import pytest
 import yaml
 
 from tests.conftest import ROOT, TINY_CHAT_TEMPLATE, _build_tiny_tokenizer
-from tests.e2e import ACCELERATE, demo_env, demo_run, free_port, read_metrics, run_train
+from tests.e2e import (ACCELERATE, PYTHON, demo_env, demo_run, free_port, read_metrics,
+                       run_python, run_train)
 from tests.test_judges import save_reward_model
 
 pytestmark = pytest.mark.slow
@@ -33,9 +33,12 @@ def reward_model(tmp_path_factory, tiny_tokenizer_json):
     return save_reward_model(tmp_path_factory.mktemp("rm") / "rm", tokenizer, seed=3)
 
 
-def evaluate(env, *flags, launcher=(sys.executable,), check=True):
-    out = subprocess.run([*launcher, "-m", "dpo.evaluate", *flags], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+def evaluate(env, *flags, launcher=PYTHON, check=True):
+    if launcher == PYTHON:
+        out = run_python(["-m", "dpo.evaluate", *flags], env)
+    else:
+        out = subprocess.run([*launcher, "-m", "dpo.evaluate", *flags], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
     if check and out.returncode != 0:
         raise AssertionError(f"dpo.evaluate failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return out

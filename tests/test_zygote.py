@@ -1,0 +1,63 @@
+"""The forked runs of tests/zygote.py behave as `python <script>` does: argv, environment, working
+directory, both streams and the exit code; and a run whose environment the zygote cannot give
+starts a fresh interpreter."""
+import os
+import sys
+
+import pytest
+
+from tests import e2e
+from tests.conftest import ROOT
+
+SCRIPT = """
+import os, sys
+print("argv", sys.argv[1:], "cwd", os.getcwd(), "var", os.environ.get("DPO_PROBE"))
+print("preloaded", "torch" in sys.modules, "path0", sys.path[0])
+print("to stderr", file=sys.stderr)
+{ending}
+"""
+
+
+@pytest.fixture
+def script(tmp_path):
+    def write(ending):
+        path = tmp_path / "probe.py"
+        path.write_text(SCRIPT.format(ending=ending))
+        return str(path)
+    return write
+
+
+def run(args, **env):
+    return e2e.run_python(args, {**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=60)
+
+
+@pytest.mark.skipif(e2e._zygote() is None, reason="no zygote here (DPO_TEST_FRESH_PROCESSES=1)")
+def test_a_forked_run_is_the_script_with_its_own_argv_env_cwd_streams_and_code(script):
+    path = script("sys.exit(3)")
+    out = run([path, "a", "--b"], DPO_PROBE="x")
+    assert out.returncode == 3
+    assert out.stdout.splitlines() == [f"argv ['a', '--b'] cwd {ROOT} var x",
+                                       f"preloaded True path0 {os.path.dirname(path)}"]
+    assert out.stderr == "to stderr\n"
+    assert run([path], DPO_PROBE="y").stdout.startswith("argv [] cwd")  # nothing carried over
+
+
+@pytest.mark.parametrize("ending, code, tail", [
+    ("raise ValueError('boom')", 1, "ValueError: boom\n"),
+    ("sys.exit('a message')", 1, "a message\n"),
+    ("pass", 0, "to stderr\n"),
+])
+def test_endings_give_the_interpreters_exit_code_and_stderr(script, ending, code, tail):
+    out = run([script(ending)])
+    assert out.returncode == code and out.stderr.endswith(tail), out.stderr
+
+
+def test_an_environment_read_at_import_starts_a_fresh_interpreter(script):
+    out = run([script("pass")], HF_HOME=os.environ.get("HF_HOME", "") + "-elsewhere")
+    assert "preloaded False" in out.stdout
+    assert sys.executable in out.args
+
+
+def test_a_module_runs_as_main():
+    out = run(["-m", "dpo.evaluate"])
+    assert out.returncode == 1 and out.stderr.startswith("error: model: give --model"), out.stderr

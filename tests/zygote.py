@@ -1,0 +1,116 @@
+"""A parent process that has imported torch, transformers, accelerate and datasets once, and forks a
+child per end-to-end run: the child runs `train.py` (or `-m dpo.evaluate`) as `__main__` with the
+run's own argv, environment, working directory, stdout, stderr and exit code.
+
+Why: on the 2-core CI machine a fresh interpreter spends ~6 s importing those libraries before
+`train.py` reads its first flag, and the suite starts well over a hundred single-process runs.
+A forked child starts in a fraction of a second and imports `dpo` itself, fresh.
+
+What a child shares with its parent, and so with other runs: the libraries' import-time state
+(environment variables they read on import, so `tests/e2e.py` only forks for a run whose
+environment differs from the parent's in variables read at run time) and Python's hash seed.
+Nothing else: memory is copied on fork, so no run sees another's state. Multi-process launches
+(`accelerate launch`, `torchrun`) and runs that a test signals or kills start fresh interpreters;
+`DPO_TEST_FRESH_PROCESSES=1` makes every run do so.
+
+Protocol, one connection per run over a Unix socket: the client sends one JSON line
+`{"argv", "env", "cwd", "stdout", "stderr"}` (argv as after `python`: a script path or `-m`
+module, then its arguments; stdout/stderr are file paths), and reads back `pid N` and, when the
+child has ended, `rc N` (negative: killed by that signal, as `subprocess` reports it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+# What `train.py` and `dpo.evaluate` import before they parse a flag, less `dpo` itself.
+PRELOAD = ("torch", "transformers", "transformers.optimization", "accelerate", "accelerate.utils",
+           "accelerate.utils.memory", "datasets", "safetensors.torch", "yaml", "tqdm")
+
+
+def _child(request: dict) -> None:
+    """Become the run: never returns."""
+    import atexit
+    import runpy
+    import traceback
+
+    code = 1
+    try:
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, fd)
+            os.close(target)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        argv = request["argv"]
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(argv)
+            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+            runpy.run_path(argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:  # sys.exit("message") prints the message and exits 1, as the interpreter does
+            print(stop.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # an uncaught exception: the traceback and exit 1, as the interpreter
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def serve(path: str) -> None:
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path + ".tmp")
+    os.rename(path + ".tmp", path)  # the client waits for this name: the parent is ready
+    server.listen()
+    while True:
+        conn, _ = server.accept()
+        with conn, conn.makefile("rw") as stream:
+            line = stream.readline()
+            if not line:
+                continue
+            request = json.loads(line)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                server.close()
+                conn.close()
+                _child(request)
+            try:
+                stream.write(f"pid {pid}\n")
+                stream.flush()
+            except OSError:
+                pass
+            _, status = os.waitpid(pid, 0)
+            try:
+                stream.write(f"rc {os.waitstatus_to_exitcode(status)}\n")
+                stream.flush()
+            except OSError:  # the client gave up (a timeout): the child is reaped all the same
+                pass
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
