@@ -151,9 +151,15 @@ def llamafactory_with_bad_turns(tmp_path_factory):
     return train
 
 
+# The quick tier (not `slow`) keeps one case per tokenizer: each EOS setting, and Gemma's refusals.
+QUICK_REAL = {("gemma3", True), ("llama3_1", True), ("qwen3", False)}
+
+
 @pytest.mark.shared
-@pytest.mark.parametrize("base_eos", [False, True], ids=["as_shipped", "base_eos"])
-@pytest.mark.parametrize("name", list(REAL))
+@pytest.mark.parametrize("name,base_eos", [
+    pytest.param(name, base_eos, id=f"{name}-{'base_eos' if base_eos else 'as_shipped'}",
+                 marks=() if (name, base_eos) in QUICK_REAL else pytest.mark.slow)
+    for name in REAL for base_eos in (False, True)])
 def test_real_templates_end_each_response_with_their_end_of_turn_once(
     llamafactory_with_bad_turns, name, base_eos, request
 ):
