@@ -14,6 +14,19 @@ LLAMA3_1_TOKENIZER = SHARED / "tokenizers" / "llama3_1"
 QWEN3_VOCAB = 151_669  # len(tokenizer) of the real Qwen3 tokenizer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """In-process tests run torch on one thread, as the runs they start do (`OMP_NUM_THREADS=1`):
+    their tiny models gain nothing from a second one, and on 2 cores shared with those runs
+    OpenMP's waiting threads made tests/test_forward_architectures.py 9x slower (230 s, not 25)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def require_shared(path: Path) -> Path:
     """Skip (with the reason) when a file from ../shared is missing: a user's clone has none."""
     if not path.exists():

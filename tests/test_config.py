@@ -114,6 +114,7 @@ def test_bad_values_raise_config_error(flags, message):
         load_config(flags)
 
 
+@pytest.mark.slow  # 3 runs of train.py; test_bad_values_raise_config_error is the in-process part
 def test_bad_flag_is_one_line_and_nonzero_exit(tmp_path):
     """Before any model loads: one line on stderr, no traceback, exit code != 0."""
     for flags in (["--batch-size", "two"], ["--beta", "-1"], ["--no-such-flag"]):

@@ -187,14 +187,23 @@ def test_streaming_is_on_by_default_for_hub_names_only(tmp_path):
     assert uses_streaming(str(tmp_path), True, 1000)
 
 
-def test_streamed_draw_is_the_same_rows_for_the_same_seed(seed_layout):
+STREAMED = dict(data_dir="data/rl", streaming=True, shuffle_buffer_size=8, num_samples=12,
+                eval_samples=2)
+
+
+@pytest.fixture(scope="module")
+def streamed_draw(seed_layout):
+    """`STREAMED`'s draw, made once: each streamed draw of parquet shards takes 5 s (datasets
+    5.2 sleeps `config.SLEEP_TIME_ON_THREADS_SHUTDOWN` as its reading threads end)."""
+    return load(seed_layout, **STREAMED)
+
+
+def test_streamed_draw_is_the_same_rows_for_the_same_seed(seed_layout, streamed_draw):
     """Every process draws the rows itself; the rows depend only on the seed and the data."""
-    kw = dict(data_dir="data/rl", streaming=True, shuffle_buffer_size=8, num_samples=12,
-              eval_samples=2)
-    first, second = load(seed_layout, **kw), load(seed_layout, **kw)
+    first, second = streamed_draw, load(seed_layout, **STREAMED)
     assert questions(first[0]) == questions(second[0])
     assert questions(first[1]) == questions(second[1])
-    other = load(seed_layout, **{**kw, "seed": 1})
+    other = load(seed_layout, **{**STREAMED, "seed": 1})
     assert questions(other[0]) != questions(first[0])
     drawn = questions(first[0]) + questions(first[1])
     assert len(set(drawn)) == 12 and not set(questions(first[0])) & set(questions(first[1]))
@@ -269,15 +278,14 @@ print(json.dumps([r["prompt"][-1]["content"] for r in train]))
 """
 
 
-def test_another_process_draws_the_same_streamed_rows(seed_layout):
+def test_another_process_draws_the_same_streamed_rows(seed_layout, streamed_draw):
     """What each process of a launch does: draw the rows itself, and get the same ones."""
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    here = questions(load(seed_layout, data_dir="data/rl", streaming=True, shuffle_buffer_size=8,
-                          num_samples=12, eval_samples=2)[0])
+    here = questions(streamed_draw[0])  # CHILD_DRAW's arguments
     env = {**os.environ, "PYTHONHASHSEED": "123", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", CHILD_DRAW, str(seed_layout)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300, check=True)

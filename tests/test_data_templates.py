@@ -151,17 +151,25 @@ def llamafactory_with_bad_turns(tmp_path_factory):
     return train
 
 
+# The quick tier (not `slow`) keeps one case per tokenizer: each EOS setting, and Gemma's refusals.
+QUICK_REAL = {("gemma3", True), ("llama3_1", True), ("qwen3", False)}
+
+
 @pytest.mark.shared
-@pytest.mark.parametrize("base_eos", [False, True], ids=["as_shipped", "base_eos"])
-@pytest.mark.parametrize("name", list(REAL))
+@pytest.mark.parametrize("name,base_eos", [
+    pytest.param(name, base_eos, id=f"{name}-{'base_eos' if base_eos else 'as_shipped'}",
+                 marks=() if (name, base_eos) in QUICK_REAL else pytest.mark.slow)
+    for name in REAL for base_eos in (False, True)])
 def test_real_templates_end_each_response_with_their_end_of_turn_once(
-    llamafactory_with_bad_turns, name, base_eos
+    llamafactory_with_bad_turns, name, base_eos, request
 ):
     """Every kept row is the template's exact rendering (BOS once), and its responses' labels
     end with the template's end-of-turn id, once, never followed or replaced by the EOS. Gemma
     skips the rows its template refuses as template_error, with its message."""
     directory, end_token, eos = REAL[name]
-    tokenizer = load_shared_tokenizer(directory, **({"eos_token": eos} if base_eos else {}))
+    # as shipped: the session's (tokenize_preferences leaves the tokenizer as it is)
+    tokenizer = (load_shared_tokenizer(directory, eos_token=eos) if base_eos
+                 else request.getfixturevalue(f"{name}_tokenizer"))
     assert (tokenizer.eos_token == end_token) != base_eos
     end = tokenizer.convert_tokens_to_ids(end_token)
     train = llamafactory_with_bad_turns
@@ -194,20 +202,20 @@ def test_real_templates_end_each_response_with_their_end_of_turn_once(
 
 
 @pytest.mark.shared
-def test_gemma3_strict_data_stops_on_the_first_refused_row(llamafactory_with_bad_turns):
+def test_gemma3_strict_data_stops_on_the_first_refused_row(llamafactory_with_bad_turns,
+                                                           gemma3_tokenizer):
     """strict mode: one line with the row and the template's message."""
-    tokenizer = load_shared_tokenizer(GEMMA3_TOKENIZER)
     with pytest.raises(ValueError) as raised:
-        tokenize_preferences(llamafactory_with_bad_turns, tokenizer, max_length=32_768,
+        tokenize_preferences(llamafactory_with_bad_turns, gemma3_tokenizer, max_length=32_768,
                              strict=True)
     assert str(raised.value) == f"row 300: template_error: {ROLES_MUST_ALTERNATE} (strict mode)"
 
 
 @pytest.mark.shared
-def test_gemma3_folds_the_system_prompt_into_the_first_user_turn():
+def test_gemma3_folds_the_system_prompt_into_the_first_user_turn(gemma3_tokenizer):
     """Gemma 3's template writes the system prompt into the first user turn: that is prompt,
     unlabelled; an empty prompt (the reply would open the conversation) is template_error."""
-    tokenizer = load_shared_tokenizer(GEMMA3_TOKENIZER)
+    tokenizer = gemma3_tokenizer
     ds = messages_dataset([([system("Be brief."), user("Hi")], [assistant("Hello.")],
                             [assistant("Go.")]),
                            ([], [assistant("Hello.")], [assistant("Go.")])])

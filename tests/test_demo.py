@@ -233,6 +233,7 @@ def assert_words(answer: str, vocabulary: set[str]):
     assert max(found.count(w) for w in found) <= len(found) / 2, answer
 
 
+@pytest.mark.slow  # a supervised phase, then 64 greedy answers of 48 tokens
 def test_chat_model_answers_in_words_and_mostly_against_the_rule(tokenizer):
     """Before DPO, the supervised model answers in the demo's words, and rudely for the most
     part: the rule accepts at most 0.2 of its greedy answers to 64 held-out prompts."""

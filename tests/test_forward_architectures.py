@@ -174,9 +174,14 @@ def pair_rows(batch: dict[str, torch.Tensor]) -> list[dict]:
 # sdpa refuses Gemma-2's attention soft-capping (transformers sends it to eager or flex).
 PACKED_CASES = [(arch, impl) for arch in [*ARCHS, *WINDOWED] for impl in ("eager", "sdpa")
                 if not (arch.startswith("gemma2") and impl == "sdpa")]
+# The quick tier (not `slow`) packs a plain model, one with logit soft-capping, one windowed on
+# every layer, one with windowed and full layers, and Falcon (the dense mask under sdpa).
+QUICK_PACKED = {"llama", "gemma2", "mistral/window", "gemma3_text/mixed", "falcon"}
 
 
-@pytest.mark.parametrize("arch,impl", PACKED_CASES)
+@pytest.mark.parametrize("arch,impl", [
+    pytest.param(arch, impl, marks=() if arch in QUICK_PACKED else pytest.mark.slow)
+    for arch, impl in PACKED_CASES])
 def test_packed_equals_padded(arch, impl):
     """`--padding-free`: the same pairs packed in one row, and in three rows of at most 45
     tokens, give the padded batch's summed log-probs, logit means and gradients of every
