@@ -45,8 +45,6 @@ def shared_chat_model() -> Path:
         torch.set_num_threads(threads)
 
 
-# The environment at session start: the zygote (tests/zygote.py) imports its libraries under it.
-_BASE_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # Variables read when used, not when a library is imported: a run may differ from the zygote's
 # environment in these and still be forked. PYTHONUNBUFFERED only changes when output is flushed;
 # pytest sets PYTEST_CURRENT_TEST per test.
@@ -54,16 +52,18 @@ _READ_AT_RUN_TIME = ("DPO_", "PYTHONUNBUFFERED", "PYTEST_")
 
 
 @functools.cache
-def _zygote() -> str | None:
-    """The socket of this session's zygote, started on first use; None where it cannot start
-    (then every run starts a fresh interpreter, which is only slower)."""
+def _zygote() -> tuple[str, dict] | None:
+    """The socket of this session's zygote, started on first use (after collection, so with the
+    environment that test modules set on import), and the environment it imported its libraries
+    under; None where it cannot start (then every run starts a fresh interpreter, only slower)."""
     if os.environ.get("DPO_TEST_FRESH_PROCESSES") == "1" or not hasattr(os, "fork"):
         return None
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     root = Path(tempfile.mkdtemp(prefix="dpo-zygote-"))
     path = root / "socket"
     with open(root / "log", "wb") as log:
         proc = subprocess.Popen([*PYTHON, "-m", "tests.zygote", str(path)], cwd=ROOT,
-                                env=_BASE_ENV, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     atexit.register(proc.kill)
     try:
@@ -79,12 +79,12 @@ def _zygote() -> str | None:
         warnings.warn(f"the test zygote did not start ({(root / 'log').read_text()[-500:]}); "
                       "runs start fresh interpreters")
         return None
-    return str(path)
+    return str(path), env
 
 
-def _forkable(env: dict) -> bool:
-    keys = env.keys() | _BASE_ENV.keys()
-    return all(env.get(k) == _BASE_ENV.get(k) or k.startswith(_READ_AT_RUN_TIME) for k in keys)
+def _forkable(env: dict, base: dict) -> bool:
+    return all(env.get(k) == base.get(k) or k.startswith(_READ_AT_RUN_TIME)
+               for k in env.keys() | base.keys())
 
 
 def run_python(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -92,13 +92,13 @@ def run_python(args: list[str], env: dict, timeout: int = 600) -> subprocess.Com
     `subprocess.run(..., capture_output=True, text=True)` reports it: in a child forked from the
     zygote where the environment allows (see tests/zygote.py), else in a fresh interpreter."""
     zygote = _zygote()
-    if zygote is None or not _forkable(env):
+    if zygote is None or not _forkable(env, zygote[1]):
         return subprocess.run([*PYTHON, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="dpo-run-") as tmp, \
             socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         stdout, stderr = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        conn.connect(zygote)
+        conn.connect(zygote[0])
         stream = conn.makefile("rw")
         stream.write(json.dumps({"argv": args, "env": env, "cwd": str(ROOT),
                                  "stdout": str(stdout), "stderr": str(stderr)}) + "\n")

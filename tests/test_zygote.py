@@ -31,8 +31,11 @@ def run(args, **env):
     return e2e.run_python(args, {**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=60)
 
 
-@pytest.mark.skipif(e2e._zygote() is None, reason="no zygote here (DPO_TEST_FRESH_PROCESSES=1)")
 def test_a_forked_run_is_the_script_with_its_own_argv_env_cwd_streams_and_code(script):
+    """Also, as the last test module of the suite: the runs of the session are still forked
+    (a test module that sets a variable on import once made every run start fresh)."""
+    if e2e._zygote() is None:
+        pytest.skip("no zygote here (DPO_TEST_FRESH_PROCESSES=1)")
     path = script("sys.exit(3)")
     out = run([path, "a", "--b"], DPO_PROBE="x")
     assert out.returncode == 3
