@@ -7,6 +7,8 @@ Cheap by design: nothing here trains; the commands are run by the tests `RUN_BY`
 import ast
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -265,8 +267,8 @@ RUN_BY = {
         ("tests/test_evaluate.py", "test_checkpoint_gives_the_runs_eval_at_its_step",
          'evaluate(env, "--model", str(run / "checkpoint-125"), "--output-dir", str(tmp_path))')],
 }
-# The quick tier: a subset of what CI runs, with markers that exist (running it from a test
-# would run the tests twice).
+# The quick tier: a subset of what CI runs. A test runs it with --collect-only (running its tests
+# from a test would run them twice).
 QUICK = 'python -m pytest -q -m "not slow and not parallel"'
 # Files the README's GPU recipes name as the reader's own.
 OWN_FILES = {"my_run.yaml": "model: Qwen/Qwen3-0.6B\ndataset: my_pairs.jsonl\n"}
@@ -320,6 +322,18 @@ def test_every_readme_command_is_run_or_parsed(tmp_path):
             assert fragment in source_of(path, function), (command, path, function)
     markers = text(ROOT / "setup.cfg").split("markers =")[1]
     assert {"slow:", "parallel:"} <= set(markers.split())
+
+
+def test_the_quick_tier_selects_tests_that_are_neither_slow_nor_parallel():
+    args = shlex.split(QUICK)[1:]  # after `python`
+    out = subprocess.run([sys.executable, *args, "--collect-only", "-p", "no:cacheprovider"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    quick = {line for line in out.stdout.splitlines() if "::" in line}
+    assert len(quick) > 500, out.stdout[-2000:]
+    assert any(line.startswith("tests/test_loss.py::") for line in quick)
+    assert not any("test_demo_teaches_the_rule_to_its_answers" in line
+                   or "test_two_processes_match_one" in line for line in quick)
 
 
 def test_the_gpu_recipes_parse_to_the_settings_they_promise(tmp_path):
