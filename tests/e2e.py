@@ -51,54 +51,61 @@ def shared_chat_model() -> Path:
 _READ_AT_RUN_TIME = ("DPO_", "PYTHONUNBUFFERED", "PYTEST_")
 
 
-@functools.cache
-def _zygote() -> tuple[str, dict] | None:
-    """The socket of this session's zygote, started on first use (after collection, so with the
-    environment that test modules set on import), and the environment it imported its libraries
-    under; None where it cannot start (then every run starts a fresh interpreter, only slower)."""
+_ZYGOTES: dict[frozenset, tuple[str, subprocess.Popen]] = {}  # newest last; at most 2 alive
+
+
+def _import_env(env: dict) -> frozenset:
+    """The part of an environment that libraries may read when imported."""
+    return frozenset((k, v) for k, v in env.items() if not k.startswith(_READ_AT_RUN_TIME))
+
+
+def _zygote(env: dict) -> str | None:
+    """The socket of a zygote whose libraries were imported under `env` (OMP_NUM_THREADS, which
+    OpenMP reads on load, included), started on first need: a test or a library that changes the
+    session's environment gets a zygote of its own. None where none can start (then each run
+    starts a fresh interpreter, only slower)."""
     if os.environ.get("DPO_TEST_FRESH_PROCESSES") == "1" or not hasattr(os, "fork"):
         return None
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    key = _import_env(env)
+    if key in _ZYGOTES:
+        path, proc = _ZYGOTES[key]
+        return path if proc.poll() is None else None
+    while len(_ZYGOTES) >= 2:  # each holds its imported libraries in memory
+        _ZYGOTES.pop(next(iter(_ZYGOTES)))[1].kill()
     root = Path(tempfile.mkdtemp(prefix="dpo-zygote-"))
     path = root / "socket"
     with open(root / "log", "wb") as log:
         proc = subprocess.Popen([*PYTHON, "-m", "tests.zygote", str(path)], cwd=ROOT,
-                                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                                env={**env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log)
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     atexit.register(proc.kill)
-    try:
-        proc.wait(timeout=0.1)
-    except subprocess.TimeoutExpired:
-        pass
     while proc.poll() is None and not path.exists():
         try:
             proc.wait(timeout=0.1)
         except subprocess.TimeoutExpired:
             pass
+    _ZYGOTES[key] = str(path), proc
     if not path.exists():
         warnings.warn(f"the test zygote did not start ({(root / 'log').read_text()[-500:]}); "
                       "runs start fresh interpreters")
         return None
-    return str(path), env
-
-
-def _forkable(env: dict, base: dict) -> bool:
-    return all(env.get(k) == base.get(k) or k.startswith(_READ_AT_RUN_TIME)
-               for k in env.keys() | base.keys())
+    return str(path)
 
 
 def run_python(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python <args>` (a script or `-m module`, then its flags) from the repo root, as
     `subprocess.run(..., capture_output=True, text=True)` reports it: in a child forked from the
-    zygote where the environment allows (see tests/zygote.py), else in a fresh interpreter."""
-    zygote = _zygote()
-    if zygote is None or not _forkable(env, zygote[1]):
+    zygote started under the run's environment (see tests/zygote.py), else in a fresh
+    interpreter."""
+    zygote = _zygote(env)
+    if zygote is None:
         return subprocess.run([*PYTHON, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="dpo-run-") as tmp, \
             socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         stdout, stderr = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        conn.connect(zygote[0])
+        conn.connect(zygote)
         stream = conn.makefile("rw")
         stream.write(json.dumps({"argv": args, "env": env, "cwd": str(ROOT),
                                  "stdout": str(stdout), "stderr": str(stderr)}) + "\n")

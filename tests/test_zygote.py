@@ -1,8 +1,6 @@
 """The forked runs of tests/zygote.py behave as `python <script>` does: argv, environment, working
-directory, both streams and the exit code; and a run whose environment the zygote cannot give
-starts a fresh interpreter."""
+directory, both streams and the exit code, and libraries imported under the run's environment."""
 import os
-import sys
 
 import pytest
 
@@ -34,7 +32,7 @@ def run(args, **env):
 def test_a_forked_run_is_the_script_with_its_own_argv_env_cwd_streams_and_code(script):
     """Also, as the last test module of the suite: the runs of the session are still forked
     (a test module that sets a variable on import once made every run start fresh)."""
-    if e2e._zygote() is None:
+    if e2e._zygote({**os.environ, "OMP_NUM_THREADS": "1"}) is None:
         pytest.skip("no zygote here (DPO_TEST_FRESH_PROCESSES=1)")
     path = script("sys.exit(3)")
     out = run([path, "a", "--b"], DPO_PROBE="x")
@@ -55,10 +53,16 @@ def test_endings_give_the_interpreters_exit_code_and_stderr(script, ending, code
     assert out.returncode == code and out.stderr.endswith(tail), out.stderr
 
 
-def test_an_environment_read_at_import_starts_a_fresh_interpreter(script):
-    out = run([script("pass")], HF_HOME=os.environ.get("HF_HOME", "") + "-elsewhere")
-    assert "preloaded False" in out.stdout
-    assert sys.executable in out.args
+def test_a_run_gets_the_libraries_imported_under_its_own_environment(tmp_path):
+    """HF_HOME is read when huggingface_hub is imported: a run that changes it is forked from a
+    zygote started under it, never from one that imported the library under another value."""
+    probe = tmp_path / "hf_home.py"
+    probe.write_text("import sys, huggingface_hub.constants as c\n"
+                     "print('torch' in sys.modules, c.HF_HOME)\n")
+    forked = str(os.environ.get("DPO_TEST_FRESH_PROCESSES") != "1")
+    for home in ("one", "two", "one"):
+        out = run([str(probe)], HF_HOME=str(tmp_path / home))
+        assert out.stdout.split() == [forked, str(tmp_path / home)], out.stderr
 
 
 def test_a_module_runs_as_main():
