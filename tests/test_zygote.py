@@ -30,8 +30,8 @@ def run(args, **env):
 
 
 def test_a_forked_run_is_the_script_with_its_own_argv_env_cwd_streams_and_code(script):
-    """Also, as the last test module of the suite: the runs of the session are still forked
-    (a test module that sets a variable on import once made every run start fresh)."""
+    """Also, as the last test module of the suite: runs late in the session still fork, whatever
+    earlier tests and libraries did to the process environment."""
     if e2e._zygote({**os.environ, "OMP_NUM_THREADS": "1"}) is None:
         pytest.skip("no zygote here (DPO_TEST_FRESH_PROCESSES=1)")
     path = script("sys.exit(3)")

@@ -7,8 +7,8 @@ Why: on the 2-core CI machine a fresh interpreter spends ~6 s importing those li
 A forked child starts in a fraction of a second and imports `dpo` itself, fresh.
 
 What a child shares with its parent, and so with other runs: the libraries' import-time state
-(environment variables they read on import, so `tests/e2e.py` only forks for a run whose
-environment differs from the parent's in variables read at run time) and Python's hash seed.
+(the environment variables they read on import: `tests/e2e.py` forks a run only from a zygote
+started under the same environment, less variables read at run time) and Python's hash seed.
 Nothing else: memory is copied on fork, so no run sees another's state. Multi-process launches
 (`accelerate launch`, `torchrun`) and runs that a test signals or kills start fresh interpreters;
 `DPO_TEST_FRESH_PROCESSES=1` makes every run do so.
