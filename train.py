@@ -26,7 +26,7 @@ from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.eval.evaluation import Evaluator, generate_answers, sample_prompts
 from dpo.model.probes import settle_logps_path
 from dpo.train.loaders import build_dataloaders, build_datasets, make_collator
-from dpo.train.metrics import MetricsLogger, TrainMetrics, pair_keys, pair_stats
+from dpo.train.metrics import MetricsLogger, TrainMetrics, log_train, pair_keys, pair_stats
 from dpo.model.loading import (check_reference_layout, load_policy_and_reference, load_tokenizer,
                         prepare_reference)
 from dpo.train.reference_cache import precompute_for_run
@@ -122,63 +122,64 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     policy.train()
     timer = time.perf_counter()
 
-    while step < total_steps:
-        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        # Accelerate re-seeds a sampler by its loader's own epoch count, which a resumed run's
-        # fresh loaders restart at 0, and does not reach ours behind its multi-process shard.
-        batches.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        objective.start_epoch(sampler)
-        for batch_index, batch in enumerate(batches, start=skip + 1):
-            with accelerator.accumulate(policy):
-                out = objective.train_step(policy, reference, batch, batch_index)
-                loss = out.losses.mean()
-                guard.add_loss(loss)
-                if accelerator.sync_gradients:  # where a NaN is reported: step and micro-batches
-                    at = dict(step=step + 1, epoch=epoch, batches=range(
-                        batch_index - cfg.gradient_accumulation_steps + 1, batch_index + 1))
-                    guard.check_loss(**at)  # DeepSpeed steps inside backward
-                accelerator.backward(loss)
-                update = True
-                if accelerator.sync_gradients:  # clip (inf: only measure) and check the norm
-                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(),
-                                                            cfg.max_grad_norm or math.inf)
-                    metrics.add_grad_norm(grad_norm)
-                    update = guard.check(grad_norm, **at)
-                if update:
-                    optimizer.step()
-                    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                        scheduler.step()
-                optimizer.zero_grad()
-            metrics.add_batch(pair_stats(out), batch["attention_mask"])
-            if not accelerator.sync_gradients:
-                continue
-            # One optimizer step is done: count, log, evaluate and save here, and only here.
-            step += 1
-            objective.end_step(step)
-            logger.progress.update(1)
-            end_of_epoch = batch_index == len(train_loader)
-            if step % cfg.logging_steps == 0 or step == total_steps:
-                timer = log_train(accelerator, logger, metrics, scheduler, step, timer,
-                                  epoch + batch_index / len(train_loader), guard.skipped)
-            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
-                evaluator.run(policy, reference, step)
-            stopping = stop.requested()
-            if stopping or (cfg.save_steps and step % cfg.save_steps == 0):
-                state = checkpoint.trainer_state(
-                    cfg, accelerator.num_processes, step=step, epoch=epoch + end_of_epoch,
-                    batches_in_epoch=0 if end_of_epoch else batch_index)
-                checkpoint.save_checkpoint(accelerator, output_dir, step, state,
-                                           cfg.save_total_limit)
-            if stopping:
-                accelerator.print(f"{stop.signal_name}: saved checkpoint-{step} in "
-                                  f"{time.perf_counter() - stop.received_at:.1f}s; continue "
-                                  "with --resume-from-checkpoint latest")
-                accelerator.end_training()
-                return
-            if step >= total_steps:
-                break
-        epoch, skip = epoch + 1, 0
+    with logger.progress:  # closed first: a stopping error's one line is the last one printed
+        while step < total_steps:
+            batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            # Accelerate re-seeds a sampler by its loader's own epoch count, which a resumed run's
+            # fresh loaders restart at 0, and does not reach ours behind its multi-process shard.
+            batches.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            objective.start_epoch(sampler)
+            for batch_index, batch in enumerate(batches, start=skip + 1):
+                with accelerator.accumulate(policy):
+                    out = objective.train_step(policy, reference, batch, batch_index)
+                    loss = out.losses.mean()
+                    guard.add_loss(loss)
+                    if accelerator.sync_gradients:  # where a NaN is reported: step, batches
+                        at = dict(step=step + 1, epoch=epoch, batches=range(
+                            batch_index - cfg.gradient_accumulation_steps + 1, batch_index + 1))
+                        guard.check_loss(**at)  # DeepSpeed steps inside backward
+                    accelerator.backward(loss)
+                    update = True
+                    if accelerator.sync_gradients:  # clip (inf: only measure) and check the norm
+                        grad_norm = accelerator.clip_grad_norm_(policy.parameters(),
+                                                                cfg.max_grad_norm or math.inf)
+                        metrics.add_grad_norm(grad_norm)
+                        update = guard.check(grad_norm, **at)
+                    if update:
+                        optimizer.step()
+                    optimizer.zero_grad()
+                metrics.add_batch(pair_stats(out), batch["attention_mask"])
+                if not accelerator.sync_gradients:
+                    continue
+                # One optimizer step is done: count, log, evaluate and save here, and only here.
+                step += 1
+                if update and not accelerator.optimizer_step_was_skipped:  # fp16 scaler skips
+                    scheduler.step()
+                objective.end_step(step)
+                logger.progress.update(1)
+                end_of_epoch = batch_index == len(train_loader)
+                if step % cfg.logging_steps == 0 or step == total_steps:
+                    timer = log_train(accelerator, logger, metrics, scheduler, step, timer,
+                                      epoch + batch_index / len(train_loader), guard.skipped)
+                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
+                    evaluator.run(policy, reference, step)
+                stopping = stop.requested()
+                if stopping or (cfg.save_steps and step % cfg.save_steps == 0):
+                    state = checkpoint.trainer_state(
+                        cfg, accelerator.num_processes, step=step, epoch=epoch + end_of_epoch,
+                        batches_in_epoch=0 if end_of_epoch else batch_index)
+                    checkpoint.save_checkpoint(accelerator, output_dir, step, state,
+                                               cfg.save_total_limit)
+                if stopping:
+                    accelerator.print(f"{stop.signal_name}: saved checkpoint-{step} in "
+                                      f"{time.perf_counter() - stop.received_at:.1f}s; continue "
+                                      "with --resume-from-checkpoint latest")
+                    accelerator.end_training()
+                    return
+                if step >= total_steps:
+                    break
+            epoch, skip = epoch + 1, 0
 
     final = evaluator.run(policy, reference, step)
     checkpoint.save_final(accelerator, policy, tokenizer, output_dir, cfg.merge_adapter)
@@ -186,16 +187,7 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
         (output_dir / "eval_results.json").write_text(json.dumps(final, indent=2))
         model_card.write(output_dir, cfg, final, step, accelerator.num_processes, train_ds, eval_ds)
         print(evaluator.summary(before, final), flush=True)
-    logger.progress.close()
     accelerator.end_training()
-
-
-def log_train(accelerator, logger, metrics, scheduler, step, timer, epoch, skipped) -> float:
-    """Reduce the metrics since the last log across processes and write them; restart the timer."""
-    values = metrics.compute(accelerator, time.perf_counter() - timer)
-    values.update(lr=scheduler.get_last_lr()[0], epoch=round(epoch, 4))
-    logger.log(step, {**values, "skipped_steps": skipped} if skipped else values)
-    return time.perf_counter()
 
 
 if __name__ == "__main__":

@@ -360,18 +360,14 @@ def _logged_keys(monkeypatch) -> tuple[set, set, set]:
     """(per-pair keys, other train keys, eval keys) as the trainer logs them, with every option
     that adds a key switched on: a mixture, a mixture of experts, WPO, a skipped step, two
     datasets and a judge."""
-    import importlib.util
     import time
     from types import SimpleNamespace
 
     from datasets import Dataset
 
     from dpo.eval import evaluation
-    from dpo.train.metrics import TrainMetrics, pair_keys
+    from dpo.train.metrics import TrainMetrics, log_train, pair_keys
 
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
 
     cfg = SimpleNamespace(loss_type=("sigmoid", "bco_pair"), router_aux_loss_coef=0.01,
                           use_weighting=True)
@@ -381,8 +377,7 @@ def _logged_keys(monkeypatch) -> tuple[set, set, set]:
     metrics.add_batch(pair_stats(_step_output(cfg, 2)), torch.tensor([[1, 1, 0], [1, 1, 1]]))
     metrics.add_grad_norm(torch.tensor(1.0))
     scheduler = SimpleNamespace(get_last_lr=lambda: [1e-4])
-    train_script.log_train(accelerator, logger, metrics, scheduler, 1, time.perf_counter(), 0.5,
-                           1)
+    log_train(accelerator, logger, metrics, scheduler, 1, time.perf_counter(), 0.5, 1)
 
     monkeypatch.setattr(evaluation, "dpo_step", lambda *a, **k: _step_output(cfg, 2))
     batches = [{"input_ids": torch.zeros(4, 3), "source": torch.tensor([0, 1])}]

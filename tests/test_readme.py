@@ -396,9 +396,11 @@ def expand(keys: str) -> set[str]:
 
 def logged_keys() -> set[str]:
     """What train.py and the evaluator can write to metrics.jsonl (beyond `step`)."""
+    from types import SimpleNamespace
+
     import torch
 
-    from dpo.train.metrics import PAIR_KEYS, TrainMetrics
+    from dpo.train.metrics import PAIR_KEYS, TrainMetrics, log_train
 
     class Reduce:  # one process
         def reduce(self, tensor, reduction):
@@ -407,9 +409,13 @@ def logged_keys() -> set[str]:
     metrics = TrainMetrics(torch.device("cpu"))
     metrics.add_batch(torch.zeros(2, len(PAIR_KEYS)), torch.ones(4, 8))
     metrics.add_grad_norm(1.0)
-    train = set(metrics.compute(Reduce(), 1.0))
-    train |= set(re.findall(r"values\.update\((\w+)=.*?, (\w+)=", text(ROOT / "train.py"))[0])
-    train |= set(re.findall(r'"(skipped_steps)"', text(ROOT / "train.py")))
+    class Logger:
+        def log(self, step, values):
+            self.keys = set(values)
+
+    logger, scheduler = Logger(), SimpleNamespace(get_last_lr=lambda: [1e-4])
+    log_train(Reduce(), logger, metrics, scheduler, 1, 0.0, 0.5, 1)  # a skipped step
+    train = logger.keys
     judged = set(re.findall(r'results\["(eval/[\w/]+)"\]',
                             text(ROOT / "dpo" / "eval" / "evaluation.py")))
     return train | {f"eval/{k}" for k in PAIR_KEYS} | judged

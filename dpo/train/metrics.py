@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -132,3 +133,11 @@ class MetricsLogger:
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
+
+
+def log_train(accelerator, logger, metrics, scheduler, step, timer, epoch, skipped) -> float:
+    """Reduce the metrics since the last log across processes and write them; restart the timer."""
+    values = metrics.compute(accelerator, time.perf_counter() - timer)
+    values.update(lr=scheduler.get_last_lr()[0], epoch=round(epoch, 4))
+    logger.log(step, {**values, "skipped_steps": skipped} if skipped else values)
+    return time.perf_counter()
