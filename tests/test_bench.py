@@ -7,15 +7,14 @@ import sys
 import pytest
 
 from tests.conftest import LLAMA3_1_TOKENIZER, ROOT, SHARED_DATA, require_shared
-from tests.e2e import demo_env
+from tests.e2e import demo_env, run_python
 
 SCRIPTS = sorted((ROOT / "bench").glob("*.py"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_answers_help(script):
-    out = subprocess.run([sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+def test_answers_help(script, tmp_path):
+    out = run_python([str(script), "--help"], demo_env(tmp_path), timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("usage:")
 

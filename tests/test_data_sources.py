@@ -198,6 +198,7 @@ def streamed_draw(seed_layout):
     return load(seed_layout, **STREAMED)
 
 
+@pytest.mark.slow  # datasets waits ~5 s after each streamed draw
 def test_streamed_draw_is_the_same_rows_for_the_same_seed(seed_layout, streamed_draw):
     """Every process draws the rows itself; the rows depend only on the seed and the data."""
     first, second = streamed_draw, load(seed_layout, **STREAMED)
@@ -211,6 +212,7 @@ def test_streamed_draw_is_the_same_rows_for_the_same_seed(seed_layout, streamed_
     assert len({q.split()[0] for q in drawn}) > 1
 
 
+@pytest.mark.slow  # datasets waits ~5 s after each streamed draw
 def test_streamed_eval_split_is_drawn_from_that_split(seed_layout):
     train, eval_ = load(seed_layout, data_dir="data/rl", eval_data_dir="data/evaluation",
                         eval_split="train", streaming=True, eval_samples=3)
@@ -218,6 +220,7 @@ def test_streamed_eval_split_is_drawn_from_that_split(seed_layout):
     assert all(q.startswith("evaluation") for q in questions(eval_))
 
 
+@pytest.mark.slow  # datasets waits ~5 s after each streamed draw
 def test_streamed_split_with_fewer_rows_than_asked_is_one_line(seed_layout):
     with pytest.raises(ValueError, match="num_samples=61 but the streamed split has only 60"):
         load(seed_layout, data_dir="data/rl", streaming=True, num_samples=61)
@@ -278,6 +281,7 @@ print(json.dumps([r["prompt"][-1]["content"] for r in train]))
 """
 
 
+@pytest.mark.slow  # datasets waits ~5 s after each streamed draw
 def test_another_process_draws_the_same_streamed_rows(seed_layout, streamed_draw):
     """What each process of a launch does: draw the rows itself, and get the same ones."""
     import subprocess

@@ -324,6 +324,7 @@ def test_every_readme_command_is_run_or_parsed(tmp_path):
     assert {"slow:", "parallel:"} <= set(markers.split())
 
 
+@pytest.mark.slow  # a pytest subprocess collecting the whole suite
 def test_the_quick_tier_selects_tests_that_are_neither_slow_nor_parallel():
     args = shlex.split(QUICK)[1:]  # after `python`
     out = subprocess.run([sys.executable, *args, "--collect-only", "-p", "no:cacheprovider"],

@@ -7,6 +7,8 @@ import pytest
 from tests import e2e
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # the test harness itself: each case starts zygotes
+
 SCRIPT = """
 import os, sys
 print("argv", sys.argv[1:], "cwd", os.getcwd(), "var", os.environ.get("DPO_PROBE"))
