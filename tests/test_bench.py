@@ -1,8 +1,6 @@
 """The benchmark scripts stay runnable: each answers --help, and the training benchmark measures
 one tiny step of every implementation. (They print timings; nothing here asserts one.)"""
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -21,10 +19,10 @@ def test_answers_help(script, tmp_path):
 
 @pytest.mark.slow
 def test_bench_train_compares_the_three_implementations(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "bench/bench_train.py", "--compare", "--steps", "1", "--warmup", "1",
+    out = run_python(
+        ["bench/bench_train.py", "--compare", "--steps", "1", "--warmup", "1",
          "--max-length", "48", "--matmul-size", "256"],
-        cwd=ROOT, env=demo_env(tmp_path), capture_output=True, text=True, timeout=600)
+        demo_env(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     runs = {run["impl"]: run for run in summary["runs"]}
@@ -44,10 +42,10 @@ def test_padding_free_bench_runs_the_same_steps_packed(tmp_path):
     checkpointing mix trains to the same losses too."""
     require_shared(SHARED_DATA / "hh_rlhf_helpful_base_test.jsonl.gz")
     require_shared(LLAMA3_1_TOKENIZER)
-    out = subprocess.run(
-        [sys.executable, "bench/padding_free.py", "--shape", "tiny", "--steps", "2", "--warmup",
+    out = run_python(
+        ["bench/padding_free.py", "--shape", "tiny", "--steps", "2", "--warmup",
          "0", "--batch-size", "2", "--variants", "padded,padding-free,ckpt-mlp,ckpt-alternate"],
-        cwd=ROOT, env=demo_env(tmp_path), capture_output=True, text=True, timeout=600)
+        demo_env(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     runs = {run["variant"]: run for run in summary["runs"]}
@@ -62,10 +60,10 @@ def test_lora_bench_measures_full_and_lora(tmp_path):
     """bench/lora.py at a small length and vocabulary: a row for full fine-tuning and one for
     LoRA, LoRA training a small share of the parameters, both at loss ln 2 after their one step
     (the step's loss is taken before its update, and the policy starts as the reference)."""
-    out = subprocess.run(
-        [sys.executable, "bench/lora.py", "--shapes", "smollm2-135m", "--modes", "full,lora",
+    out = run_python(
+        ["bench/lora.py", "--shapes", "smollm2-135m", "--modes", "full,lora",
          "--steps", "1", "--warmup", "0", "--max-length", "32", "--vocab-size", "512"],
-        cwd=ROOT, env=demo_env(tmp_path), capture_output=True, text=True, timeout=600)
+        demo_env(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [row["mode"] for row in rows] == ["full", "lora r=16"]
