@@ -410,6 +410,7 @@ def logged_keys() -> set[str]:
     metrics = TrainMetrics(torch.device("cpu"))
     metrics.add_batch(torch.zeros(2, len(PAIR_KEYS)), torch.ones(4, 8))
     metrics.add_grad_norm(1.0)
+
     class Logger:
         def log(self, step, values):
             self.keys = set(values)
