@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -19,10 +21,10 @@ from safetensors.torch import load_file
 
 from dpo import demo
 from tests.conftest import ROOT
+# ACCELERATE and TORCHRUN are the launchers the tests name, from here
+from tests.launch import ACCELERATE, LAUNCH_VARIABLES, TORCHRUN, worker_processes
 
 PYTHON = [sys.executable]
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def demo_env(cache_dir: Path) -> dict:
@@ -47,8 +49,9 @@ def shared_chat_model() -> Path:
 
 # Variables read when used, not when a library is imported: a run may differ from the zygote's
 # environment in these and still be forked. PYTHONUNBUFFERED only changes when output is flushed;
-# pytest sets PYTEST_CURRENT_TEST per test.
-_READ_AT_RUN_TIME = ("DPO_", "PYTHONUNBUFFERED", "PYTEST_")
+# pytest sets PYTEST_CURRENT_TEST per test; launchers set theirs per process; the zygote applies a
+# run's PYTHONPATH to the child's sys.path.
+_READ_AT_RUN_TIME = ("DPO_", "PYTHONUNBUFFERED", "PYTEST_", "PYTHONPATH", *LAUNCH_VARIABLES)
 
 
 _ZYGOTES: dict[frozenset, tuple[str, subprocess.Popen]] = {}  # newest last; at most 2 alive
@@ -93,6 +96,44 @@ def _zygote(env: dict) -> str | None:
     return str(path)
 
 
+def _forked(zygote: str, argv: list[str], envs: list[dict], timeout: int,
+            ) -> subprocess.CompletedProcess:
+    """`python <argv>` once per environment, all forked at once from `zygote`, as a launcher
+    starts them; when one fails the others are stopped, as torchrun's agent does (SIGTERM, then
+    SIGKILL). Streams are each process's in turn; the exit code is the process's own for one,
+    else 1 if any failed (the launchers' exit code)."""
+    with tempfile.TemporaryDirectory(prefix="dpo-run-") as tmp, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        streams = [(Path(tmp) / f"stdout{i}", Path(tmp) / f"stderr{i}") for i in range(len(envs))]
+        conn.connect(zygote)
+        stream = conn.makefile("rw")
+        processes = [{"env": env, "stdout": str(out), "stderr": str(err)}
+                     for env, (out, err) in zip(envs, streams)]
+        stream.write(json.dumps({"argv": argv, "cwd": str(ROOT), "processes": processes}) + "\n")
+        stream.flush()
+        running = [int(pid) for pid in stream.readline().split()[1:]]
+        codes, deadline, stopping = {}, time.monotonic() + timeout, False
+        try:
+            while len(codes) < len(running):
+                conn.settimeout(max(deadline - time.monotonic(), 0.01))
+                _, pid, code = stream.readline().split()
+                codes[int(pid)] = int(code)
+                if int(code) != 0 and not stopping:
+                    stopping, deadline = True, min(deadline, time.monotonic() + 10)
+                    for other in set(running) - codes.keys():
+                        os.kill(other, signal.SIGTERM)
+        except (TimeoutError, ValueError):  # past the deadline, or the zygote is gone
+            for pid in set(running) - codes.keys():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if not stopping:
+                raise subprocess.TimeoutExpired([*PYTHON, *argv], timeout, *(
+                    "".join(p.read_text() for p in ps) for ps in zip(*streams))) from None
+        stdout, stderr = ("".join(p.read_text() for p in ps) for ps in zip(*streams))
+        returncode = codes[running[0]] if len(running) == 1 else int(any(codes.values()))
+        return subprocess.CompletedProcess([*PYTHON, *argv], returncode, stdout, stderr)
+
+
 def run_python(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python <args>` (a script or `-m module`, then its flags) from the repo root, as
     `subprocess.run(..., capture_output=True, text=True)` reports it: in a child forked from the
@@ -102,24 +143,21 @@ def run_python(args: list[str], env: dict, timeout: int = 600) -> subprocess.Com
     if zygote is None:
         return subprocess.run([*PYTHON, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=timeout)
-    with tempfile.TemporaryDirectory(prefix="dpo-run-") as tmp, \
-            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        stdout, stderr = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        conn.connect(zygote)
-        stream = conn.makefile("rw")
-        stream.write(json.dumps({"argv": args, "env": env, "cwd": str(ROOT),
-                                 "stdout": str(stdout), "stderr": str(stderr)}) + "\n")
-        stream.flush()
-        pid = int(stream.readline().split()[1])
-        conn.settimeout(timeout)
-        try:
-            returncode = int(stream.readline().split()[1])
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
-            raise subprocess.TimeoutExpired([*PYTHON, *args], timeout,
-                                            stdout.read_text(), stderr.read_text()) from None
-        return subprocess.CompletedProcess([*PYTHON, *args], returncode, stdout.read_text(),
-                                           stderr.read_text())
+    return _forked(zygote, args, [env], timeout)
+
+
+def run_launched(command: list[str], env: dict, timeout: int = 600, fork: bool = True,
+                 ) -> subprocess.CompletedProcess:
+    """`command` (a launcher, its flags, the script and its arguments) from the repo root: its
+    processes forked from the zygote, each with the environment the launcher would give it
+    (tests/launch.py), where that can be done and `fork` is on (off: the test's claim is the
+    launcher); else the real launcher."""
+    workers = worker_processes(command, env) if fork else None
+    zygote = _zygote(env) if workers else None
+    if zygote and all(_import_env(w) == _import_env(env) for w in workers[1]):
+        return _forked(zygote, *workers, timeout)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def free_port() -> int:
@@ -129,14 +167,14 @@ def free_port() -> int:
 
 
 def run_train(env: dict, *flags: str, launcher: list[str] = PYTHON, check: bool = True,
-              timeout: int = 600) -> subprocess.CompletedProcess:
+              timeout: int = 600, fork: bool = True) -> subprocess.CompletedProcess:
     """`<launcher> train.py <flags>` from the repo root; on failure show the end of stderr.
-    A one-process run (`launcher` PYTHON) is forked from the zygote where it can be."""
+    Its processes are forked from the zygote where they can be (`fork=False`: the real
+    launcher)."""
     if launcher == PYTHON:
         out = run_python(["train.py", *flags], env, timeout)
     else:
-        out = subprocess.run([*launcher, "train.py", *flags], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=timeout)
+        out = run_launched([*launcher, "train.py", *flags], env, timeout, fork)
     if check and out.returncode != 0:
         raise AssertionError(f"train.py failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return out

@@ -4,7 +4,6 @@ the first loads the first's result."""
 import contextlib
 import importlib
 import json
-import subprocess
 import textwrap
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from dpo.config import TrainConfig
 from dpo.data import cache, prepare_tokenizer
 from dpo.data import tokenize as tokenize_module
 from tests.conftest import ROOT
-from tests.e2e import ACCELERATE, demo_env
+from tests.e2e import ACCELERATE, demo_env, run_launched
 
 SETTINGS = dict(max_length=64, max_prompt_length=None, chat_template="auto", strict=False,
                 num_proc=None)
@@ -289,9 +288,8 @@ def test_every_process_after_the_first_loads_its_result(tmp_path):
     script = tmp_path / "build.py"
     script.write_text(SCRIPT)
     env = {**demo_env(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([*ACCELERATE, "--multi_gpu", "--num_processes", "2", str(script),
-                          str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = run_launched([*ACCELERATE, "--multi_gpu", "--num_processes", "2", str(script),
+                        str(tmp_path)], env, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     main, other = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert main["calls"] == 2 and other["calls"] == 0  # train and eval, on the main process

@@ -4,14 +4,13 @@ to its reference wins half; bad inputs are one line each."""
 import json
 import math
 import shutil
-import subprocess
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT, TINY_CHAT_TEMPLATE, _build_tiny_tokenizer
+from tests.conftest import TINY_CHAT_TEMPLATE, _build_tiny_tokenizer
 from tests.e2e import (ACCELERATE, PYTHON, demo_env, demo_run, free_port, read_metrics,
-                       run_python, run_train)
+                       run_launched, run_python, run_train)
 from tests.test_judges import save_reward_model
 
 pytestmark = pytest.mark.slow
@@ -37,8 +36,7 @@ def evaluate(env, *flags, launcher=PYTHON, check=True):
     if launcher == PYTHON:
         out = run_python(["-m", "dpo.evaluate", *flags], env)
     else:
-        out = subprocess.run([*launcher, "-m", "dpo.evaluate", *flags], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=600)
+        out = run_launched([*launcher, "-m", "dpo.evaluate", *flags], env)
     if check and out.returncode != 0:
         raise AssertionError(f"dpo.evaluate failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return out

@@ -78,8 +78,10 @@ def runs(env, tmp_path_factory):
             else:
                 port = [PORT_FLAG.get(layout, "--main_process_port"), str(free_port())]
                 launcher, geometry = [*LAYOUTS[layout], *port], GEOMETRY[2]
+            # torchrun's own processes: test_torchrun_equals_accelerate_launch holds the forked
+            # launches (tests/launch.py) to them
             result = run_train(env, *COMMON, *geometry, *extra, "--output-dir", str(out),
-                               launcher=launcher)
+                               launcher=launcher, fork=layout != "torchrun")
             done[name] = out, result.stdout + result.stderr
         return done[name]
 
@@ -278,6 +280,8 @@ def test_fsdp_config_reaches_accelerate(env, tmp_path):
 
 
 def test_torchrun_equals_accelerate_launch(runs):
+    """A real torchrun launch equals `accelerate launch --multi_gpu` as the tests run it, its
+    processes forked with the environment accelerate builds (tests/launch.py)."""
     assert_same_logs(train_logs(runs("torchrun")[0]), train_logs(runs("ddp")[0]), rel=1e-6)
     assert_same_weights(runs("torchrun")[0], runs("ddp")[0], rel=1e-6)
 

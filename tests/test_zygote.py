@@ -70,3 +70,63 @@ def test_a_run_gets_the_libraries_imported_under_its_own_environment(tmp_path):
 def test_a_module_runs_as_main():
     out = run(["-m", "dpo.evaluate"])
     assert out.returncode == 1 and out.stderr.startswith("error: model: give --model"), out.stderr
+
+
+DUMP_ENV = """
+import json, os, sys
+preloaded = "torch" in sys.modules
+with open(os.path.join(sys.argv[1], os.environ.get("RANK", "0") + ".json"), "w") as f:
+    json.dump({**os.environ, "preloaded": str(preloaded), "sys.path": sys.path}, f)
+"""
+# Differ between any two launches, or on purpose (tests/launch.py): the agent's run id and error
+# file, and who hosts the rendezvous store; whether torch was imported before the script.
+UNIQUE = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_USE_AGENT_STORE",
+          "preloaded")
+
+
+@pytest.mark.parallel
+@pytest.mark.parametrize("launcher", [
+    [*e2e.ACCELERATE, "--multi_gpu", "--num_processes", "2"],
+    [*e2e.ACCELERATE, "--config_file", "configs/accelerate/zero3.yaml", "--num_processes", "2"],
+    [*e2e.ACCELERATE, "--use_deepspeed", "--zero_stage", "2", "--num_processes", "1",
+     "--mixed_precision", "bf16"],
+    [*e2e.ACCELERATE, "--num_processes", "1", "--mixed_precision", "bf16"],
+    [*e2e.TORCHRUN, "--nproc_per_node", "2"],
+], ids=["ddp", "zero3_config", "zero2_flags_bf16", "simple_bf16", "torchrun"])
+def test_forked_processes_get_the_environment_the_launcher_gives(tmp_path, launcher):
+    """Each process of a forked launch (tests/launch.py) gets, key by key, the environment and
+    the sys.path the real launcher gives the process of the same rank, less what differs between
+    any two launches."""
+    from tests.launch import worker_processes
+
+    script = tmp_path / "dump_env.py"
+    script.write_text(DUMP_ENV)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = ["--main_process_port" if launcher[2].startswith("accelerate") else "--master_port",
+            str(e2e.free_port())]
+    command = [*launcher, *port, str(script), str(tmp_path)]
+
+    def dumped():
+        envs = [e2e.json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
+        for p in tmp_path.glob("*.json"):
+            p.unlink()
+        return envs
+
+    def common(envs):
+        return [{k: v for k, v in e.items() if k not in UNIQUE} for e in envs]
+
+    real = e2e.subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert real.returncode == 0, real.stderr[-2000:]
+    launched = dumped()
+    assert [e["preloaded"] for e in launched] == ["False"] * len(launched)
+    argv, envs = worker_processes(command, env)
+    assert argv == [str(script), str(tmp_path)]
+    assert common(envs) == [{k: v for k, v in e.items() if k != "sys.path"}
+                            for e in common(launched)]
+    forked = e2e.run_launched(command, env)
+    assert forked.returncode == 0, forked.stderr[-2000:]
+    forked = dumped()
+    assert common(forked) == common(launched)
+    fresh = os.environ.get("DPO_TEST_FRESH_PROCESSES") == "1"
+    assert [e["preloaded"] for e in forked] == [str(not fresh)] * len(launched)

@@ -1,6 +1,6 @@
 """A parent process that has imported torch, transformers, accelerate and datasets once, and forks a
-child per end-to-end run: the child runs `train.py` (or `-m dpo.evaluate`) as `__main__` with the
-run's own argv, environment, working directory, stdout, stderr and exit code.
+child per process of an end-to-end run: the child runs `train.py` (or `-m dpo.evaluate`) as
+`__main__` with the run's own argv, environment, working directory, stdout, stderr and exit code.
 
 Why: on the 2-core CI machine a fresh interpreter spends ~6 s importing those libraries before
 `train.py` reads its first flag, and the suite starts well over a hundred single-process runs.
@@ -9,14 +9,16 @@ A forked child starts in a fraction of a second and imports `dpo` itself, fresh.
 What a child shares with its parent, and so with other runs: the libraries' import-time state
 (the environment variables they read on import: `tests/e2e.py` forks a run only from a zygote
 started under the same environment, less variables read at run time) and Python's hash seed.
-Nothing else: memory is copied on fork, so no run sees another's state. Multi-process launches
-(`accelerate launch`, `torchrun`) and runs that a test signals or kills start fresh interpreters;
-`DPO_TEST_FRESH_PROCESSES=1` makes every run do so.
+Nothing else: memory is copied on fork, so no run sees another's state. A launch of N processes
+(`accelerate launch`, `torchrun`) forks N children, each with the environment the launcher would
+give it (tests/launch.py). Runs that a test signals or kills, and tests whose claim is the
+launcher itself, start fresh interpreters; `DPO_TEST_FRESH_PROCESSES=1` makes every run do so.
 
-Protocol, one connection per run over a Unix socket: the client sends one JSON line
-`{"argv", "env", "cwd", "stdout", "stderr"}` (argv as after `python`: a script path or `-m`
-module, then its arguments; stdout/stderr are file paths), and reads back `pid N` and, when the
-child has ended, `rc N` (negative: killed by that signal, as `subprocess` reports it).
+Protocol, one connection per launch over a Unix socket: the client sends one JSON line
+`{"argv", "cwd", "processes": [{"env", "stdout", "stderr"}, ...]}` (argv as after `python`: a
+script path or `-m` module, then its arguments; stdout/stderr are file paths; one entry per
+process, each forked at once, as a launcher starts them), and reads back `pids N...` and, as
+each child ends, `rc PID N` (N negative: killed by that signal, as `subprocess` reports it).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ PRELOAD = ("torch", "transformers", "transformers.optimization", "accelerate", "
            "accelerate.utils.memory", "datasets", "safetensors.torch", "yaml", "tqdm")
 
 
-def _child(request: dict) -> None:
+def _child(argv: list[str], cwd: str, process: dict) -> None:
     """Become the run: never returns."""
     import atexit
     import runpy
@@ -38,17 +40,21 @@ def _child(request: dict) -> None:
 
     code = 1
     try:
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        for fd, path in ((1, process["stdout"]), (2, process["stderr"])):
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(target, fd)
             os.close(target)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
-        os.chdir(request["cwd"])
+        os.chdir(cwd)
         os.environ.clear()
-        os.environ.update(request["env"])
-        argv = request["argv"]
+        os.environ.update(process["env"])
+        # PYTHONPATH is read at start-up: entries a run adds (accelerate's DeepSpeed launcher
+        # adds the working directory) go after the script's folder, as the interpreter puts them.
+        added = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                 if p and p not in sys.path[1:]]
+        sys.path[1:1] = added
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]
             sys.path[0] = os.getcwd()
@@ -94,22 +100,26 @@ def serve(path: str) -> None:
             request = json.loads(line)
             sys.stdout.flush()
             sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                server.close()
-                conn.close()
-                _child(request)
+            pids = []
+            for process in request["processes"]:
+                pid = os.fork()
+                if pid == 0:
+                    server.close()
+                    conn.close()
+                    _child(request["argv"], request["cwd"], process)
+                pids.append(pid)
             try:
-                stream.write(f"pid {pid}\n")
+                stream.write(f"pids {' '.join(map(str, pids))}\n")
                 stream.flush()
             except OSError:
                 pass
-            _, status = os.waitpid(pid, 0)
-            try:
-                stream.write(f"rc {os.waitstatus_to_exitcode(status)}\n")
-                stream.flush()
-            except OSError:  # the client gave up (a timeout): the child is reaped all the same
-                pass
+            for _ in pids:  # the zygote has no other children: each launch's are all reaped
+                pid, status = os.wait()
+                try:
+                    stream.write(f"rc {pid} {os.waitstatus_to_exitcode(status)}\n")
+                    stream.flush()
+                except OSError:  # the client gave up (a timeout): reaped all the same
+                    pass
 
 
 if __name__ == "__main__":
