@@ -37,12 +37,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # (max length, pairs per micro-batch, micro-batches per step, timed steps) per shape: the
 # 0.6B shape is kept small, its full fine-tuning alone needs ~15 GB.
-SETTINGS = {"smollm2-135m": (256, 4, 2, 3), "qwen3-0.6b": (256, 2, 1, 2)}
+SETTINGS = {"smollm2-135m": (256, 4, 2, 3), "qwen3-0.6b": (256, 2, 1, 2), "tiny": (64, 2, 2, 1)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=",".join(SETTINGS), help="comma-separated shapes")
+    parser.add_argument("--shapes", default="smollm2-135m,qwen3-0.6b",
+                        help=f"comma-separated shapes of {', '.join(SETTINGS)} (tiny: the demo's "
+                             "model, for a quick check)")
     parser.add_argument("--modes", default="full,lora", help="full, lora or both")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--steps", type=int, help="timed steps (default: per shape)")

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import os
+import select
 import shutil
 import socket
 import signal
@@ -146,6 +147,65 @@ def run_python(args: list[str], env: dict, timeout: int = 600) -> subprocess.Com
     return _forked(zygote, args, [env], timeout)
 
 
+class Started:
+    """`python <args>` started and left running, as `subprocess.Popen(..., stdout=PIPE,
+    stderr=STDOUT)` gives it to a test that signals or kills it: `pid`, `poll()`, `wait()`,
+    `send_signal()`, and `lines`, its output so far, line by line. Forked from the zygote where
+    one runs (a forked child takes signals as a fresh interpreter does), else a fresh one."""
+
+    def __init__(self, args: list[str], env: dict):
+        self._tmp = tempfile.TemporaryDirectory(prefix="dpo-run-")
+        self._output = Path(self._tmp.name) / "output"
+        self._output.touch()
+        self._proc = self._conn = None
+        self._read, self._lines = 0, []
+        zygote = _zygote(env)
+        if zygote is None:
+            with open(self._output, "wb") as output:
+                self._proc = subprocess.Popen([*PYTHON, *args], cwd=ROOT, env=env,
+                                              stdout=output, stderr=subprocess.STDOUT)
+            self.pid = self._proc.pid
+            return
+        self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._conn.connect(zygote)
+        self._stream = self._conn.makefile("rb", buffering=0)  # nothing read ahead of select
+        process = {"env": env, "stdout": str(self._output), "stderr": str(self._output)}
+        self._conn.sendall(json.dumps({"argv": args, "cwd": str(ROOT),
+                                       "processes": [process]}).encode() + b"\n")
+        self.pid = int(self._stream.readline().split()[1])
+        self.returncode = None
+
+    @property
+    def lines(self) -> list[str]:
+        """Complete lines so far (read from where the last call stopped: tests poll this)."""
+        with open(self._output, "rb") as output:
+            output.seek(self._read)
+            new = output.read()
+        end = new.rfind(b"\n") + 1
+        self._read += end
+        self._lines += new[:end].decode(errors="replace").splitlines(keepends=True)
+        return self._lines
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self._proc is not None:
+            return self._proc.wait(timeout)
+        if self.returncode is None:
+            self._conn.settimeout(timeout)
+            self.returncode = int(self._stream.readline().split()[2])
+            self._conn.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        if self._proc is not None:
+            return self._proc.poll()
+        if self.returncode is None and select.select([self._conn], [], [], 0)[0]:
+            return self.wait()
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+
 def run_launched(command: list[str], env: dict, timeout: int = 600, fork: bool = True,
                  ) -> subprocess.CompletedProcess:
     """`command` (a launcher, its flags, the script and its arguments) from the repo root: its
@@ -225,14 +285,20 @@ def weights_equal(output_dir: Path, expected_dir: Path) -> bool:
     return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def chat_model_cache(cache_dir: Path) -> Path:
+    """`cache_dir`, a demo cache holding a copy of `shared_chat_model` (for `DPO_CACHE_DIR`)."""
+    shutil.copytree(shared_chat_model(), cache_dir / f"demo-v{demo.DEMO_FORMAT_VERSION}"
+                    / demo.CHAT_MODEL_DIR_NAME)
+    return cache_dir
+
+
 @functools.cache
 def demo_run() -> tuple[Path, str]:
     """The offline demo as the README runs it (`configs/demo.yaml`), once per test session:
     `(output dir, stdout)`. Its chat model comes from `shared_chat_model`."""
     root = Path(tempfile.mkdtemp(prefix="dpo-demo-run-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
-    out, cache = root / "out", root / "cache"
-    shutil.copytree(shared_chat_model(), cache / f"demo-v{demo.DEMO_FORMAT_VERSION}"
-                    / demo.CHAT_MODEL_DIR_NAME)
-    result = run_train(demo_env(cache), "--config", "configs/demo.yaml", "--output-dir", str(out))
+    out = root / "out"
+    result = run_train(demo_env(chat_model_cache(root / "cache")), "--config", "configs/demo.yaml",
+                       "--output-dir", str(out))
     return out, result.stdout

@@ -57,16 +57,16 @@ def test_padding_free_bench_runs_the_same_steps_packed(tmp_path):
 
 @pytest.mark.slow
 def test_lora_bench_measures_full_and_lora(tmp_path):
-    """bench/lora.py at a small length and vocabulary: a row for full fine-tuning and one for
-    LoRA, LoRA training a small share of the parameters, both at loss ln 2 after their one step
-    (the step's loss is taken before its update, and the policy starts as the reference)."""
+    """bench/lora.py on the demo's tiny shape: a row for full fine-tuning and one for LoRA, LoRA
+    training a small share of the parameters, both at loss ln 2 after their one step (the
+    step's loss is taken before its update, and the policy starts as the reference)."""
     out = run_python(
-        ["bench/lora.py", "--shapes", "smollm2-135m", "--modes", "full,lora",
-         "--steps", "1", "--warmup", "0", "--max-length", "32", "--vocab-size", "512"],
+        ["bench/lora.py", "--shapes", "tiny", "--modes", "full,lora", "--lora-r", "4",
+         "--steps", "1", "--warmup", "0"],
         demo_env(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert [row["mode"] for row in rows] == ["full", "lora r=16"]
+    assert [row["mode"] for row in rows] == ["full", "lora r=4"]
     full, lora = rows
     assert lora["trainable_m"] < 0.1 * full["trainable_m"]
     for row in rows:

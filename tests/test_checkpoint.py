@@ -11,7 +11,6 @@ import random
 import shutil
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
@@ -20,8 +19,8 @@ import torch.multiprocessing as mp
 
 from dpo.train.checkpoint import checkpoints
 from tests.conftest import ROOT
-from tests.e2e import (ACCELERATE, PYTHON, assert_same_logs, demo_env, free_port, read_metrics,
-                       run_train, train_logs, weights_equal)
+from tests.e2e import (ACCELERATE, Started, assert_same_logs, demo_env, free_port, read_metrics,
+                       run_python, run_train, train_logs, weights_equal)
 
 pytestmark = pytest.mark.slow
 
@@ -45,18 +44,14 @@ def reference(env, tmp_path_factory):
     return out
 
 
-def start(env, out, *extra):
-    proc = subprocess.Popen([*PYTHON, "train.py", *RUN, "--output-dir", str(out), *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    return proc, lines
+def start(env, out, *extra) -> Started:
+    return Started(["train.py", *RUN, "--output-dir", str(out), *extra], env)
 
 
-def wait_for(proc, condition, timeout=300):
+def wait_for(proc: Started, line_start: str, timeout=300):
+    """Until a line of the run's output starts with `line_start`."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not any(line.startswith(line_start) for line in proc.lines):
         assert proc.poll() is None, "the run ended before the kill point"
         assert time.monotonic() < deadline, "kill point never reached"
         time.sleep(0.001)
@@ -73,8 +68,8 @@ def resume_and_compare(env, out, reference, *extra):
 def test_sigkill_then_resume_is_exact(env, reference, tmp_path, kill_step):
     """SIGKILL as soon as step `kill_step` is logged (its checkpoint may be half-written)."""
     out = tmp_path / "out"
-    proc, lines = start(env, out)
-    wait_for(proc, lambda: any(line.startswith(f"step {kill_step}:") for line in lines))
+    proc = start(env, out)
+    wait_for(proc, f"step {kill_step}:")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert checkpoints(out), "at least one complete checkpoint before the kill"
@@ -88,8 +83,8 @@ def test_sigkill_then_resume_is_exact_with_precomputed_reference(env, tmp_path):
     reference = tmp_path / "reference"
     run_train(env, *RUN, "--output-dir", str(reference), precompute)
     out = tmp_path / "out"
-    proc, lines = start(env, out, precompute)
-    wait_for(proc, lambda: any(line.startswith(f"step {KILL_STEPS[-1]}:") for line in lines))
+    proc = start(env, out, precompute)
+    wait_for(proc, f"step {KILL_STEPS[-1]}:")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resume_and_compare(env, out, reference, precompute)
@@ -104,8 +99,8 @@ def test_sigkill_then_resume_is_exact_with_bco_baseline_and_a_synced_reference(e
     reference = tmp_path / "reference"
     run_train(env, *RUN, "--output-dir", str(reference), *extra)
     out = tmp_path / "out"
-    proc, lines = start(env, out, *extra)
-    wait_for(proc, lambda: any(line.startswith(f"step {KILL_STEPS[2]}:") for line in lines))
+    proc = start(env, out, *extra)
+    wait_for(proc, f"step {KILL_STEPS[2]}:")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     last = checkpoints(out)[-1]
@@ -124,9 +119,8 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(env, reference, tmp_pa
     never appears under its final name, the previous one is `latest`, and resuming from it is
     still exact."""
     out = tmp_path / "out"
-    killed = subprocess.run([*PYTHON, "tests/kill_during_save.py", str(save_step), point, *RUN,
-                             "--output-dir", str(out)], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    killed = run_python(["tests/kill_during_save.py", str(save_step), point, *RUN,
+                         "--output-dir", str(out)], env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert (out / f".tmp-checkpoint-{save_step}").is_dir()  # the half-written save
     assert [p.name for p in checkpoints(out)][-1] == f"checkpoint-{save_step - 1}"

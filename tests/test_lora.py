@@ -457,8 +457,8 @@ def test_sigkill_then_resume_is_exact_with_lora(env, tmp_path):
     reference = tmp_path / "reference"
     run_train(env, *RUN, *lora, "--output-dir", str(reference))
     out = tmp_path / "out"
-    proc, lines = start(env, out, *lora)
-    wait_for(proc, lambda: any(line.startswith("step 9:") for line in lines))
+    proc = start(env, out, *lora)
+    wait_for(proc, "step 9:")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     run_train(env, *RUN, *lora, "--output-dir", str(out), "--resume-from-checkpoint", "latest")

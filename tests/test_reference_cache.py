@@ -18,7 +18,7 @@ from dpo.train.reference_cache import precompute_reference_logps
 from dpo.train.reference_key import cache_key, data_digest, reference_key_parts
 from dpo.train.step import dpo_step
 from dpo.demo.tiny import tiny_qwen3
-from tests.e2e import demo_env, run_train, weights_equal
+from tests.e2e import chat_model_cache, demo_env, run_train, weights_equal
 
 VOCAB = 97
 PAD = 0
@@ -298,7 +298,7 @@ def test_config_flag_is_off_by_default_and_refused_without_a_reference():
 def test_a_restart_reuses_the_cache_and_trains_the_same(tmp_path):
     """The first run computes and caches; a second run (a restart, another output dir) reads
     the cache, runs no reference pass, and trains to the same weights bit for bit."""
-    env = demo_env(tmp_path / "cache")
+    env = demo_env(chat_model_cache(tmp_path / "cache"))  # the demo's chat model, built once
     flags = ["--config", "configs/demo.yaml", "--num-samples", "40", "--eval-samples", "8",
              "--max-steps", "3", "--precompute-ref-logps", "--num-sample-generations", "0",
              "--judge", "none"]

@@ -180,11 +180,11 @@ def test_signal_saves_exits_zero_and_resumes_exactly(env, tmp_path, sig):
     --save-steps), exits 0; the resume ends where an uninterrupted run does."""
     flags = ["--save-steps", "1000"]  # no periodic checkpoint: the signal's is the only one
     out = tmp_path / "out"
-    proc, lines = start(env, out, *flags)
-    wait_for(proc, lambda: any(line.startswith("step 5:") for line in lines))
+    proc = start(env, out, *flags)
+    wait_for(proc, "step 5:")
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == 0
-    text = "".join(lines)
+    text = "".join(proc.lines)
     match = re.search(rf"{sig.name}: saved checkpoint-(\d+) in [\d.]+s", text)
     assert match, text[-2000:]
     assert [p.name for p in checkpoints(out)] == [f"checkpoint-{match.group(1)}"]

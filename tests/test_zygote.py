@@ -88,11 +88,9 @@ UNIQUE = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_USE_AG
 @pytest.mark.parametrize("launcher", [
     [*e2e.ACCELERATE, "--multi_gpu", "--num_processes", "2"],
     [*e2e.ACCELERATE, "--config_file", "configs/accelerate/zero3.yaml", "--num_processes", "2"],
-    [*e2e.ACCELERATE, "--use_deepspeed", "--zero_stage", "2", "--num_processes", "1",
-     "--mixed_precision", "bf16"],
     [*e2e.ACCELERATE, "--num_processes", "1", "--mixed_precision", "bf16"],
     [*e2e.TORCHRUN, "--nproc_per_node", "2"],
-], ids=["ddp", "zero3_config", "zero2_flags_bf16", "simple_bf16", "torchrun"])
+], ids=["ddp", "zero3_config", "simple_bf16", "torchrun"])
 def test_forked_processes_get_the_environment_the_launcher_gives(tmp_path, launcher):
     """Each process of a forked launch (tests/launch.py) gets, key by key, the environment and
     the sys.path the real launcher gives the process of the same rank, less what differs between

@@ -41,6 +41,9 @@ def _child(argv: list[str], cwd: str, process: dict) -> None:
     code = 1
     try:
         for fd, path in ((1, process["stdout"]), (2, process["stderr"])):
+            if fd == 2 and path == process["stdout"]:  # both streams in one file, as 2>&1
+                os.dup2(1, 2)
+                continue
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(target, fd)
             os.close(target)
