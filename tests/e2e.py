@@ -122,7 +122,8 @@ def _forked(zygote: str, argv: list[str], envs: list[dict], timeout: int,
                 if int(code) != 0 and not stopping:
                     stopping, deadline = True, min(deadline, time.monotonic() + 10)
                     for other in set(running) - codes.keys():
-                        os.kill(other, signal.SIGTERM)
+                        with contextlib.suppress(ProcessLookupError):  # ended, not yet reported
+                            os.kill(other, signal.SIGTERM)
         except (TimeoutError, ValueError):  # past the deadline, or the zygote is gone
             for pid in set(running) - codes.keys():
                 with contextlib.suppress(ProcessLookupError):
@@ -298,7 +299,6 @@ def demo_run() -> tuple[Path, str]:
     `(output dir, stdout)`. Its chat model comes from `shared_chat_model`."""
     root = Path(tempfile.mkdtemp(prefix="dpo-demo-run-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
-    out = root / "out"
-    result = run_train(demo_env(chat_model_cache(root / "cache")), "--config", "configs/demo.yaml",
-                       "--output-dir", str(out))
+    out, env = root / "out", demo_env(chat_model_cache(root / "cache"))
+    result = run_train(env, "--config", "configs/demo.yaml", "--output-dir", str(out))
     return out, result.stdout

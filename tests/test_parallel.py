@@ -49,6 +49,9 @@ EXTRA_FLAGS = {"": [], "precompute": ["--precompute-ref-logps"], "rpo": ["--rpo-
                "trdpo": ["--sync-ref-model", "--ref-model-sync-steps", "2",
                          "--ref-model-mixup-alpha", "0.5"],
                "mpo": MPO, "mpo_packed": [*MPO, "--padding-free"],
+               "shared": ["--share-prompt", "--no-padding-free"],
+               "shared_packed": ["--share-prompt", "--padding-free"],
+               "shared_precompute": ["--share-prompt", "--precompute-ref-logps"],
                "wpo_ld": WPO_LD, "wpo_ld_packed": [*WPO_LD, "--padding-free"],
                # 36 + 12 rows drawn; 11 eval rows: 8 of the demo's test split, 3 held-out HH pairs
                "mixture": ["--dataset", "builtin:demo-preferences", str(HH_HARMLESS),
@@ -240,6 +243,27 @@ def test_padding_free_two_processes_match_one(runs):
                          skip=("tokens_per_sec", "padding_fraction", *noise))
         assert all((entry["padding_fraction"] == 0.0) == layout.endswith(("packed", "precompute"))
                    for entry in train_logs(out))
+        assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-4)
+        assert_same_weights(out, single, rel=1e-4)
+
+
+def test_shared_prompts_train_as_separate_sequences(runs):
+    """`--share-prompt` (each pair once as [prompt | chosen | rejected]), a pair per row or
+    packed, trains as separate sequences do in one process (1e-5), and on 2 processes (DDP with
+    the live reference, ZeRO-3 with the sharded reference precomputing on shared batches) as
+    one process (1e-4): train and eval metrics, final weights."""
+    single, _ = runs("single")
+    for layout in ("single+shared", "single+shared_packed"):
+        out, log = runs(layout)
+        assert "shared-prompt batches: on" in log
+        assert_same_logs(train_logs(out), train_logs(single), rel=1e-5)
+        assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-5)
+        assert_same_weights(out, single, rel=1e-5)
+    assert "shared-prompt batches: off" in runs("single")[1]
+    for layout in ("ddp+shared", "zero3_flags+shared_precompute"):
+        out, _ = runs(layout)
+        assert_same_logs(train_logs(out), train_logs(single), rel=1e-4,
+                         skip=("tokens_per_sec", "padding_fraction", "rewards/accuracies"))
         assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-4)
         assert_same_weights(out, single, rel=1e-4)
 

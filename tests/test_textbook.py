@@ -1,7 +1,7 @@
 """The training step is the textbook step (`dpo.textbook`), only faster: loss, per-pair log-probs,
-rewards and every parameter's gradient to 1e-5 relative, on four architectures, padded and
-packed, full logits and chunked head, a precomputed reference, LoRA; and one optimizer step of
-`train.py` ends at the weights of one textbook step with AdamW on the same pairs."""
+rewards and every parameter's gradient to 1e-5 relative, on four architectures, padded, packed
+and with shared prompts, full logits and chunked head, a precomputed reference, LoRA; and one
+optimizer step of `train.py` ends at the weights of one textbook step with AdamW on the same pairs."""
 import copy
 import math
 
@@ -114,35 +114,40 @@ def test_the_textbook_log_probs_are_each_response_alone(models):
                                msg=arch)
 
 
+# Collator settings: padded; packed (padding-free rows of at most 45 tokens: three rows, two
+# ending in padding); each pair once as [prompt | chosen | rejected], a pair per row or packed.
+LAYOUTS = {"padded": {}, "packed": {"padding_free": True, "max_packed_tokens": 45},
+           "shared": {"share_prompt": True},
+           "shared-packed": {"share_prompt": True, "padding_free": True, "max_packed_tokens": 45}}
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["full-logits", "chunked"])
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_training_step_equals_the_textbook(accelerator, models, rows, packed, chunked):
-    """`dpo_step` on the reference model: padded (the attention mask dropped for the mask-free
-    causal path) or packed (padding-free rows of at most 45 tokens: three rows, two ending in
-    padding), on the full logits or the chunked head."""
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_training_step_equals_the_textbook(accelerator, models, rows, layout, chunked):
+    """`dpo_step` on the reference model, on every batch layout (padded: the attention mask
+    dropped for the mask-free causal path), on the full logits or the chunked head."""
     arch, policy, reference = models
     want, want_grads = textbook(policy, reference, rows)
-    batch = PreferenceCollator(0, padding_free=packed, max_packed_tokens=45)(rows)
-    assert ("packed_sequences" in batch) == packed
+    batch = PreferenceCollator(0, **LAYOUTS[layout])(rows)
+    assert ("packed_sequences" in batch) == (layout == "packed")
     got, got_grads = optimised(accelerator, policy, reference, batch, chunked_logps=chunked)
-    assert_same_step(got, got_grads, want, want_grads, f"{arch}, packed={packed}, "
-                     f"chunked={chunked}")
+    assert_same_step(got, got_grads, want, want_grads, f"{arch}, {layout}, chunked={chunked}")
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_precomputed_reference_equals_the_textbook(accelerator, models, rows, packed):
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
+def test_precomputed_reference_equals_the_textbook(accelerator, models, rows, layout):
     """The reference's log-probs computed once by `dpo.reference_cache` and carried in the
     batch, no reference model in the step: the textbook's step, which runs the reference."""
     arch, policy, reference = models
     want, want_grads = textbook(policy, reference, rows)
-    collate = PreferenceCollator(0, padding_free=packed, max_packed_tokens=45)
+    collate = PreferenceCollator(0, **LAYOUTS[layout])
     cached = precompute_reference_logps(accelerator, reference, Dataset.from_list(rows), collate,
                                         batch_size=2, longest_first=False, chunked=True,
                                         chunk_size=7, cache_dir=None, cache_key_parts=None)
     batch = collate(list(cached))
     assert "ref_chosen_logps" in batch
     got, got_grads = optimised(accelerator, policy, None, batch)
-    assert_same_step(got, got_grads, want, want_grads, f"{arch}, precomputed, packed={packed}")
+    assert_same_step(got, got_grads, want, want_grads, f"{arch}, precomputed, {layout}")
 
 
 @pytest.fixture(scope="module")
@@ -174,16 +179,16 @@ def lora_models(models, tmp_path_factory):
     return arch, policy.train(), view, reference, settings
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_lora_step_equals_the_textbook(accelerator, lora_models, rows, packed):
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
+def test_lora_step_equals_the_textbook(accelerator, lora_models, rows, layout):
     """The LoRA policy against its adapter-off view: the textbook's step with the base model as
     the reference. Only the adapter's weights have gradients."""
     arch, policy, view, reference, settings = lora_models
     want, want_grads = textbook(policy, reference, rows)
-    batch = PreferenceCollator(0, padding_free=packed, max_packed_tokens=45)(rows)
+    batch = PreferenceCollator(0, **LAYOUTS[layout])(rows)
     got, got_grads = optimised(accelerator, policy, view, batch, **settings)
     assert want_grads and all("lora_" in name for name in want_grads)
-    assert_same_step(got, got_grads, want, want_grads, f"{arch}, LoRA, packed={packed}")
+    assert_same_step(got, got_grads, want, want_grads, f"{arch}, LoRA, {layout}")
 
 
 # --- One optimizer step of train.py -----------------------------------------------------------

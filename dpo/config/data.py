@@ -73,6 +73,10 @@ class DataSection:
                                      "in one line)")
     padding_free_max_tokens: int = _opt(4096, "longest packed row; sequences beyond it go to "
                                         "more rows (attention builds an L x L mask per row)")
+    share_prompt: bool | None = _opt(None, "lay each pair out once as [prompt | chosen | "
+                                     "rejected], the prompt computed once for both responses "
+                                     "(packed with padding_free); checked against separate "
+                                     "sequences at start-up. Default: off (said in one line)")
     num_proc: int | None = _opt(None, "processes for tokenisation (datasets.map)")
     tokenize_cache: bool = _opt(True, "keep the tokenized pairs under $DPO_CACHE_DIR/tokenized "
                                 "and load them when the rows, tokenizer and settings recur")

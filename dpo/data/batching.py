@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from dpo.data.shared_prompt import share_prompts
 from dpo.data.tokenize import IGNORE_INDEX
 
 # Float columns of precomputed reference log-probs (dpo.train.reference_cache), passed on by
@@ -38,7 +39,8 @@ class PreferenceCollator:
     """
 
     def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None,
-                 padding_free: bool = False, max_packed_tokens: int | None = None):
+                 padding_free: bool = False, max_packed_tokens: int | None = None,
+                 share_prompt: bool = False):
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: call prepare_tokenizer(tokenizer) first")
         if max_packed_tokens is not None and max_packed_tokens < 1:
@@ -47,12 +49,22 @@ class PreferenceCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_free = padding_free
         self.max_packed_tokens = max_packed_tokens
+        self.share_prompt = share_prompt
 
     def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        if self.share_prompt:
+            cap = (self.max_packed_tokens or math.inf) if self.padding_free else None
+            return self._columns(rows, share_prompts(rows, self.pad_token_id, self._width, cap))
         # All chosen sequences first, then all rejected ones: row i and row B + i are one pair.
         ids = [row[f"{side}_input_ids"] for side in ("chosen", "rejected") for row in rows]
         labels = [row[f"{side}_labels"] for side in ("chosen", "rejected") for row in rows]
         batch = self._pack(ids, labels) if self.padding_free else self._pad(ids, labels)
+        return self._columns(rows, batch)
+
+    @staticmethod
+    def _columns(rows: Sequence[Mapping], batch: dict[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+        """`batch` with the rows' per-pair columns added."""
         for name in REF_LOGPS_COLUMNS:
             if name in rows[0]:
                 batch[name] = torch.tensor([row[name] for row in rows], dtype=torch.float32)
@@ -117,6 +129,13 @@ class PreferenceCollator:
                 start = end
             batch["position_ids"][row, start:] = torch.arange(width - start) % max(lengths)
         return batch
+
+
+def num_pairs(batch: Mapping[str, torch.Tensor]) -> int:
+    """How many pairs a collated batch holds, padded, packed or sharing prompts."""
+    if "shared_pairs" in batch:
+        return len(batch["shared_pairs"])
+    return len(batch.get("packed_sequences", batch["input_ids"])) // 2  # packed: (2B, 3)
 
 
 def padding_fraction(batch: Mapping[str, torch.Tensor]) -> float:

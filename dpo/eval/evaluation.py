@@ -11,6 +11,7 @@ from accelerate.utils import DistributedType, gather_object
 
 from dpo.config import TrainConfig
 from dpo.data import IGNORE_INDEX
+from dpo.data.batching import num_pairs
 from dpo.eval.judges import load_judge, win_rate
 from dpo.train.loaders import dataset_names
 from dpo.train.metrics import pair_keys, pair_stats
@@ -35,7 +36,7 @@ def evaluate(accelerator: Accelerator, cfg: TrainConfig, policy, reference, load
                        else None)
     rows, sources = [], []
     for batch in loader:
-        pairs = len(batch.get("packed_sequences", batch["input_ids"])) // 2  # packed: [R, L]
+        pairs = num_pairs(batch)
         out = dpo_step(accelerator, cfg, policy, reference, batch, bco_delta=bco_delta,
                        num_tokens=tokens_per_pair and pairs * float(tokens_per_pair))
         rows.append(accelerator.gather_for_metrics(pair_stats(out)))

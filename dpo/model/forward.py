@@ -18,6 +18,7 @@ from torch import nn
 from dpo.loss.variants import length_desensitised
 from dpo.model.logprobs import IGNORE_INDEX, LogitsTransform, chunked_response_sums, response_sums
 from dpo.model.packed_attention import use_packed_sdpa
+from dpo.model.shared_prompt import attention_masks, unshare
 
 
 @dataclass
@@ -75,7 +76,6 @@ def concatenated_forward(
         weighting: also return WPO's per-sequence log-weights (`chosen_log_weights`, ...).
         Both come from the same pass over the logits (or chunks) as the log-probs.
     """
-    packed = batch.get("packed_sequences")  # (2B, 3): a padding-free batch (PreferenceCollator)
     inputs, index, labels = _model_inputs(model, batch, router_aux or full_mask)
     if labels.shape[0] % 2:
         raise ValueError(f"a [chosen; rejected] batch has an even number of rows, got "
@@ -94,14 +94,14 @@ def concatenated_forward(
         if not isinstance(lm_head, nn.Linear):
             raise ChunkedHeadUnsupported(f"its LM head is a {type(lm_head).__name__}, not an "
                                          "nn.Linear")
-        hidden = captured.hidden if packed is None else captured.hidden.flatten(0, 1)[index]
+        hidden = captured.hidden if index is None else captured.hidden.flatten(0, 1)[index]
         sums = chunked_response_sums(hidden, lm_head, labels, IGNORE_INDEX, chunk_size,
                                      LogitsTransform.from_config(unwrapped.config), **options)
         vocab_size = lm_head.out_features
     else:
         out = model(**inputs, use_cache=False, **extra)
-        logits = out.logits  # [2B, T, V], packed [R, L, V]
-        if packed is not None:
+        logits = out.logits  # [2B, T, V], packed or shared-prompt [R, L, V]
+        if index is not None:
             logits = logits.flatten(0, 1)[index]
         sums = response_sums(logits, labels, IGNORE_INDEX, **options)
         vocab_size = logits.shape[-1]
@@ -127,9 +127,18 @@ def concatenated_forward(
 
 def _model_inputs(model: nn.Module, batch: dict[str, torch.Tensor], mask: bool
                   ) -> tuple[dict, torch.Tensor | None, torch.Tensor]:
-    """The model's inputs for `batch` (`concatenated_forward`'s), and for a packed batch the
-    `_unpack` index (else None), with the labels laid out as a padded batch's. `mask`: pass the
-    real attention mask of a padded batch, not the mask-free fast path."""
+    """The model's inputs for `batch` (`concatenated_forward`'s), and for a packed or a
+    shared-prompt batch the index that lays its outputs out as a padded batch's (else None), with
+    the labels laid out as a padded batch's. `mask`: pass the real attention mask of a padded
+    batch, not the mask-free fast path."""
+    if "shared_pairs" in batch:  # [prompt | chosen | rejected] segments (dpo.data.shared_prompt)
+        unwrapped = extract_model_from_parallel(model)
+        # (the head's dtype: an adapter-off view has no `dtype` of its own)
+        masks = attention_masks(unwrapped.config, batch["shared_pairs"], batch["position_ids"],
+                                unwrapped.get_output_embeddings().weight.dtype)
+        index, labels = unshare(batch["shared_pairs"], batch["labels"])
+        return dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    attention_mask=masks), index, labels
     packed = batch.get("packed_sequences")
     if packed is None:
         attention_mask = batch["attention_mask"]

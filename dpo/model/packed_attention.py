@@ -43,6 +43,8 @@ def packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value
     `[R, L, heads, d]`. Packed rows (position ids that restart within a row) go sequence by
     sequence; anything else goes to transformers' sdpa unchanged."""
     position_ids = kwargs.pop("position_ids", None)
+    if getattr(attention_mask, "shared_prompt", False):  # dpo.model.shared_prompt's rule
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     # A mask the caller passed is not a packed batch's: transformers reads packing only
     # without one. A dense block mask built from the position ids is dropped: it is redone
     # below, exactly, without the scores between sequences.

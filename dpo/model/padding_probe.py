@@ -1,8 +1,10 @@
-"""The padding-free probe: do packed sequences give the model the log-probs they get apart?
+"""The layout probes: do packed sequences, or pairs sharing their prompt, give the model the
+log-probs that separate sequences get?
 
 `check_padding_free` feeds seeded pairs through the model padded and packed in one row and
-compares every response token's log-prob within the model's own measured rounding noise.
-`dpo.model.probes.settle_logps_path` runs it once, at start-up.
+compares every response token's log-prob within the model's own measured rounding noise;
+`check_shared_prompt` does the same with the shared-prompt layout. `dpo.model.probes.
+settle_logps_path` runs them once, at start-up.
 """
 from __future__ import annotations
 
@@ -49,19 +51,45 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
         chunked: the log-prob path the run uses (`cfg.chunked_logps`, settled).
         max_length: the run's longest sequence (`cfg.max_length`), which caps the long pair.
     """
+    return _check_layout(model, {"padding_free": True}, chunked, device, max_length,
+                         "packed sequences'")
+
+
+def check_shared_prompt(model: nn.Module, *, chunked: bool, padding_free: bool,
+                        device: torch.device | str | None = None, max_length: int | None = None
+                        ) -> str | None:
+    """Does the shared-prompt layout (`dpo.data.shared_prompt`: each pair once as `[prompt |
+    chosen | rejected]`, packed too with `padding_free`) give `model` the log-probs of separate
+    sequences? None if so, else why not: `check_padding_free`'s probe pairs and tolerance, the
+    shared layout in place of the packed one. A model that rebuilds or drops the 4-D masks the
+    rule goes in, or loses the rejected response's position ids, lets a response see the other
+    one or misplaces it, by nats; an attention implementation that takes no 4-D mask is named.
+    Collective under ZeRO-3/FSDP, as `check_padding_free`."""
+    from dpo.model.shared_prompt import SharedPromptUnsupported
+
+    try:
+        return _check_layout(model, {"share_prompt": True, "padding_free": padding_free},
+                             chunked, device, max_length, "shared-prompt pairs'")
+    except SharedPromptUnsupported as error:
+        return str(error)
+
+
+def _check_layout(model: nn.Module, layout: dict, chunked: bool, device, max_length: int | None,
+                  what: str) -> str | None:
+    """The probe of `check_padding_free` for the `PreferenceCollator` `layout`."""
     from dpo.data.batching import PreferenceCollator  # dpo.data imports the tokenizers
 
     unwrapped, _, vocab_size, generator = _probe_setup(model, None)
     rows = _probe_rows(unwrapped, max_length, vocab_size, generator)
     device = device if device is not None else next(unwrapped.parameters()).device
-    padded, packed = (_to(PreferenceCollator(0, padding_free=packed)(rows), device)
-                      for packed in (False, True))
+    padded, other = (_to(PreferenceCollator(0, **kwargs)(rows), device)
+                     for kwargs in ({}, layout))
 
     def compare() -> tuple[float, float]:
         want = _response_token_logps(model, padded, chunked)
         with _nudged_inputs(unwrapped):  # before the packed batch switches sdpa to packed_sdpa
             nudged = _response_token_logps(model, padded, chunked)
-        got = _response_token_logps(model, packed, chunked)
+        got = _response_token_logps(model, other, chunked)
         noise = float((nudged - want).abs().max())
         return float((got - want).abs().max()), PROBE_NUDGE_FACTOR * noise + PROBE_ATOL
 
@@ -70,7 +98,8 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
     try:
         with torch.no_grad(), _without_autocast(unwrapped):
             diff, tolerance = compare()
-            if diff > tolerance and unwrapped.config._attn_implementation == PACKED_SDPA:
+            if (diff > tolerance and unwrapped.config._attn_implementation == PACKED_SDPA
+                    and "share_prompt" not in layout):
                 # A model that tests for sdpa by name: transformers' sdpa, with its block mask
                 # (both layouts again: its padded path was not sdpa's under our name either).
                 use_dense_mask(unwrapped)
@@ -79,7 +108,7 @@ def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device 
         model.train(was_training)
     if diff <= tolerance:
         return None
-    return (f"packed sequences' token log-probs differ from separate ones' by up to {diff:.2g} "
+    return (f"{what} token log-probs differ from separate ones' by up to {diff:.2g} "
             f"nats (tolerance {tolerance:.1g}: {PROBE_NUDGE_FACTOR}x its rounding noise + "
             f"{PROBE_ATOL:g})")
 

@@ -20,7 +20,7 @@ from dpo.config import ConfigError, TrainConfig
 from dpo.model.forward import ChunkedHeadUnsupported, concatenated_forward
 from dpo.model.logprobs import IGNORE_INDEX
 from dpo.model.packed_attention import DENSE_MASK_ONLY, PACKED_SDPA, attention_span, probe_length
-from dpo.model.padding_probe import _probe_setup, check_padding_free
+from dpo.model.padding_probe import _probe_setup, check_padding_free, check_shared_prompt
 
 
 def check_chunked_head(model: nn.Module, *, device: torch.device | str | None = None,
@@ -82,7 +82,8 @@ def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Mod
                       reference: nn.Module | None = None) -> TrainConfig:
     """`cfg` settled for the policy at hand: `router_aux_loss_coef` resolved (`settle_router_aux`),
     `chunked_logps` off if `check_chunked_head` rejects the policy's head (the warning printed
-    once), and `padding_free` True or False (`_settle_padding_free`, for `reference` too, placed
+    once), `padding_free` and then `share_prompt` True or False (`_settle_padding_free`,
+    `_settle_share_prompt`, for `reference` too, placed
     as it will run: the check stands for the policy's adapter-off view, which runs on the policy,
     not for a separate model). Every process takes the same path: under
     ZeRO-3 a process on the chunked path and one on the full path would call the sharded LM head
@@ -90,7 +91,8 @@ def settle_logps_path(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Mod
     """
     cfg = settle_router_aux(cfg, extract_model_from_parallel(policy))
     cfg = _settle_chunked_head(accelerator, cfg, policy)
-    return _settle_padding_free(accelerator, cfg, policy, reference)
+    cfg = _settle_padding_free(accelerator, cfg, policy, reference)
+    return _settle_share_prompt(accelerator, cfg, policy, reference)
 
 
 def _settle_padding_free(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module,
@@ -110,14 +112,7 @@ def _settle_padding_free(accelerator: Accelerator, cfg: TrainConfig, policy: nn.
         if why_not is not None:
             accelerator.print(f"padding-free batches: off ({why_not})")
             return dataclasses.replace(cfg, padding_free=False)
-    from dpo.model.lora import AdapterOffReference  # peft lazily, not this module
-
-    models = [(policy, type(unwrapped).__name__)]
-    if reference is not None and not isinstance(reference, AdapterOffReference):
-        ref = type(extract_model_from_parallel(reference)).__name__
-        models.append((reference, f"the reference {cfg.ref_model} ({ref})" if cfg.ref_model
-                       else f"the reference ({ref})"))
-    for model, name in models:
+    for model, name in _probed_models(cfg, policy, reference):
         # Read before the probe, which switches sdpa to packed_sdpa.
         implementation = extract_model_from_parallel(model).config._attn_implementation
         # Outside autocast (see _without_autocast): the tightest comparison.
@@ -143,6 +138,49 @@ def _settle_padding_free(accelerator: Accelerator, cfg: TrainConfig, policy: nn.
         accelerator.print(f"padding-free batches: on (rows of up to "
                           f"{cfg.padding_free_max_tokens} tokens{probed}; --no-padding-free pads)")
     return dataclasses.replace(cfg, padding_free=True)
+
+
+def _settle_share_prompt(accelerator: Accelerator, cfg: TrainConfig, policy: nn.Module,
+                         reference: nn.Module | None = None) -> TrainConfig:
+    """`share_prompt` decided. Asked for (True): `check_shared_prompt` on the settled path (the
+    run's padding_free and head), for the policy and a separate `reference` alike, and a
+    ConfigError naming the model if the layout would change its log-probs. Left to us (None):
+    off, in one line."""
+    if cfg.share_prompt is None:
+        accelerator.print("shared-prompt batches: off (--share-prompt computes each prompt "
+                          "once for both responses)")
+        return dataclasses.replace(cfg, share_prompt=False)
+    if not cfg.share_prompt:
+        return cfg
+    if cfg.router_aux_loss_coef:
+        raise ConfigError("share_prompt: the router loss of a mixture of experts would count "
+                          "each prompt once, not twice as separate sequences do; drop "
+                          "--share-prompt or pass --router-aux-loss-coef 0")
+    for model, name in _probed_models(cfg, policy, reference):
+        reason = check_shared_prompt(model, chunked=cfg.chunked_logps,
+                                     padding_free=cfg.padding_free, device=accelerator.device,
+                                     max_length=cfg.max_length)
+        flags = accelerator.gather(torch.tensor([reason is not None], device=accelerator.device))
+        if flags.any():
+            raise ConfigError(f"share_prompt: {name} cannot share prompts: "
+                              f"{reason or 'so says another process'}; drop --share-prompt")
+    accelerator.print("shared-prompt batches: on (each prompt computed once for both "
+                      "responses; --no-share-prompt lays them out apart)")
+    return cfg
+
+
+def _probed_models(cfg: TrainConfig, policy: nn.Module, reference: nn.Module | None
+                   ) -> list[tuple[nn.Module, str]]:
+    """The models a layout probe runs on, named: the policy, and a separate reference (an
+    adapter-off view runs on the policy)."""
+    from dpo.model.lora import AdapterOffReference  # peft lazily, not this module
+
+    models = [(policy, type(extract_model_from_parallel(policy)).__name__)]
+    if reference is not None and not isinstance(reference, AdapterOffReference):
+        ref = type(extract_model_from_parallel(reference)).__name__
+        models.append((reference, f"the reference {cfg.ref_model} ({ref})" if cfg.ref_model
+                       else f"the reference ({ref})"))
+    return models
 
 
 def _not_by_default(cfg: TrainConfig, model: nn.Module) -> str | None:

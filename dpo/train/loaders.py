@@ -80,12 +80,15 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
 
 
 def make_collator(cfg: TrainConfig, tokenizer) -> data.PreferenceCollator:
-    """The run's collator, padding or packing as `cfg.padding_free` settled (a bool by then:
-    `dpo.model.probes.settle_logps_path` decides the default once the model is loaded)."""
-    if cfg.padding_free is None:
-        raise ValueError("padding_free is not settled yet: call settle_logps_path first")
+    """The run's collator, padding or packing, sharing prompts or not, as `cfg.padding_free` and
+    `cfg.share_prompt` settled (bools by then: `dpo.model.probes.settle_logps_path` decides the
+    defaults once the model is loaded)."""
+    if cfg.padding_free is None or cfg.share_prompt is None:
+        raise ValueError("padding_free and share_prompt are not settled yet: call "
+                         "settle_logps_path first")
     return data.PreferenceCollator(tokenizer.pad_token_id, padding_free=cfg.padding_free,
-                                   max_packed_tokens=cfg.padding_free_max_tokens)
+                                   max_packed_tokens=cfg.padding_free_max_tokens,
+                                   share_prompt=cfg.share_prompt)
 
 
 def dataset_names(cfg: TrainConfig) -> list[str]:

@@ -145,7 +145,7 @@ def precompute_reference_logps(
     if cache_dir is not None and cache_key_parts is not None:
         key = cache_key(accelerator, dataset, chunked=chunked, chunk_size=chunk_size,
                         batching=(batch_size, longest_first, full_mask, collator.padding_free,
-                                  collator.max_packed_tokens),
+                                  collator.max_packed_tokens, collator.share_prompt),
                         cache_key_parts=cache_key_parts, ld_alpha=ld_alpha)
         path = Path(cache_dir) / f"ref-logps-{key[:40]}.safetensors"
         cached = _load(path, key, len(dataset))

@@ -1,0 +1,112 @@
+"""Shared-prompt batches (`dpo.data.shared_prompt`, `dpo.model.shared_prompt`): each pair laid
+out once as `[prompt | chosen | rejected]` computes what the `[chosen; rejected]` batch does."""
+import pytest
+import torch
+
+from dpo.data.batching import PreferenceCollator
+from dpo.data.shared_prompt import shared_prefix
+from dpo.model.logprobs import IGNORE_INDEX as X
+from dpo.model.packed_attention import use_packed_sdpa
+from dpo.model.shared_prompt import SharedPromptUnsupported, attention_masks, unshare
+from tests.test_forward_architectures import (PACKED_CASES, logps_and_grads, pair_batch,
+                                              pair_rows, tiny_model)
+
+ROWS = [  # prompt 10 11 12; the two responses begin alike (20) but 20 is scored, so not shared
+    {"chosen_input_ids": [10, 11, 12, 20, 21], "chosen_labels": [X, X, X, 20, 21],
+     "rejected_input_ids": [10, 11, 12, 20, 30, 31], "rejected_labels": [X, X, X, 20, 30, 31]},
+    {"chosen_input_ids": [40, 41, 50], "chosen_labels": [X, X, 50],
+     "rejected_input_ids": [40, 42, 60], "rejected_labels": [X, X, 60]},  # prompts differ at 42
+]
+
+
+def test_the_shared_prompt_is_the_common_prefix_up_to_the_first_scored_token():
+    assert [shared_prefix(r["chosen_input_ids"], r["rejected_input_ids"], r["chosen_labels"],
+                          r["rejected_labels"]) for r in ROWS] == [3, 1]
+
+
+def test_layout_positions_labels_and_the_unshared_view():
+    """One pair per row: [prompt | chosen rest | rejected rest], the rejected positions
+    restarting at the prompt's length; read back through `unshare`, the rows are the padded
+    `[chosen; rejected]` batch's, token for token and label for label."""
+    batch = PreferenceCollator(0, share_prompt=True)(ROWS)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21, 20, 30, 31],
+                                           [40, 41, 50, 42, 60, 0, 0, 0]]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
+    assert batch["position_ids"][1, :5].tolist() == [0, 1, 2, 1, 2]
+    assert batch["labels"].tolist() == [[X, X, X, 20, 21, 20, 30, 31],
+                                        [X, X, 50, X, 60, X, X, X]]
+    assert batch["shared_pairs"].tolist() == [[0, 0, 3, 2, 3], [1, 0, 1, 2, 2]]
+    padded = PreferenceCollator(0)(ROWS)
+    index, labels = unshare(batch["shared_pairs"], batch["labels"])
+    inside = padded["attention_mask"][:, :index.shape[1]].bool()
+    assert torch.equal(batch["input_ids"].flatten()[index][inside],
+                       padded["input_ids"][:, :index.shape[1]][inside])
+    assert torch.equal(labels, padded["labels"][:, :index.shape[1]])
+
+
+def test_the_rule_lets_each_response_see_the_prompt_and_itself_only():
+    batch = PreferenceCollator(0, share_prompt=True, padding_free=True)(ROWS)
+    assert batch["input_ids"].shape == (1, 13)  # both pairs in one row, no padding
+    # A pair longer than the packed rows' cap gets a row of its own.
+    capped = PreferenceCollator(0, share_prompt=True, padding_free=True, max_packed_tokens=6)
+    assert capped(ROWS)["shared_pairs"][:, :2].tolist() == [[0, 0], [1, 0]]
+    config = tiny_model("llama").config
+    config._attn_implementation = "sdpa"
+    mask = attention_masks(config, batch["shared_pairs"], batch["position_ids"], torch.float32)
+    seen = [set(torch.nonzero(mask[0, 0, q]).flatten().tolist()) for q in range(13)]
+    assert seen[4] == {0, 1, 2, 3, 4}  # the last chosen token of pair 0: its prompt and chosen
+    assert seen[7] == {0, 1, 2, 5, 6, 7}  # the last rejected token: its prompt and itself
+    assert seen[8] == {8}  # pair 1 starts: nothing of pair 0
+    assert seen[10] == {8, 9, 10} and seen[12] == {8, 11, 12}  # pair 1's chosen, rejected
+    config._attn_implementation = "flash_attention_2"
+    with pytest.raises(SharedPromptUnsupported, match="takes no 4-D mask"):
+        attention_masks(config, batch["shared_pairs"], batch["position_ids"], torch.float32)
+
+
+def test_a_pair_without_a_common_prompt_is_one_line():
+    rows = [{**ROWS[1], "rejected_input_ids": [41, 42, 60]}]
+    with pytest.raises(ValueError, match="share no prompt token; train it without"):
+        PreferenceCollator(0, share_prompt=True)(rows)
+
+
+# The quick tier: a plain model, soft-capping, windowed throughout, windowed and full layers.
+QUICK = {"llama", "gemma2", "mistral/window", "gemma3_text/mixed"}
+
+
+@pytest.mark.parametrize("arch,impl", [
+    pytest.param(arch, impl, marks=() if arch in QUICK else pytest.mark.slow)
+    for arch, impl in PACKED_CASES])
+@pytest.mark.parametrize("packed_sdpa", [False, True], ids=["", "packed_sdpa"])
+def test_shared_prompt_equals_separate_sequences(arch, impl, packed_sdpa):
+    """Summed log-probs, logit means and every parameter's gradient of the shared-prompt layout
+    (one pair per row, and packed: all pairs in one row) equal the `[chosen; rejected]` batch's
+    to 1e-5 relative, on the chunked head and the full logits; under sdpa also with the model on
+    `packed_sdpa`, as padding-free runs have it. The pairs are longer than the windowed models'
+    window, and a response that saw the other one would be off by far more."""
+    if packed_sdpa and (impl != "sdpa" or arch == "falcon"):
+        pytest.skip("packed_sdpa replaces sdpa only, and not for Falcon (its attention needs the "
+                    "dense mask: the padding-free probe keeps it on sdpa)")
+    model = tiny_model(arch)
+    model.config._attn_implementation = impl
+    if packed_sdpa:
+        use_packed_sdpa(model)
+    rows = pair_rows(pair_batch())
+    padded = PreferenceCollator(0)(rows)
+    layouts = {"a pair per row": PreferenceCollator(0, share_prompt=True)(rows),
+               "packed": PreferenceCollator(0, share_prompt=True, padding_free=True)(rows)}
+    saved = padded["attention_mask"].sum() - layouts["packed"]["attention_mask"].sum()
+    assert saved == 6 + 9  # each pair's prompt, once
+    for chunked in (True, False):
+        want, want_grads = logps_and_grads(model, padded, chunked=chunked)
+        for name, shared in layouts.items():
+            got, got_grads = logps_and_grads(model, shared, chunked=chunked)
+            where = f"{arch}/{impl}, {name}, chunked={chunked}"
+            for field in ("chosen_logps", "rejected_logps", "chosen_logits_mean",
+                          "rejected_logits_mean", "chosen_lengths", "rejected_lengths"):
+                torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-5,
+                                           atol=1e-6, msg=f"{where}: {field}")
+            assert got_grads.keys() == want_grads.keys() and len(want_grads) > 5
+            for param, g in want_grads.items():
+                scale = g.abs().max().clamp(min=1e-12)
+                torch.testing.assert_close(got_grads[param] / scale, g / scale, rtol=1e-5,
+                                           atol=1e-5, msg=f"{where}: gradient of {param}")
