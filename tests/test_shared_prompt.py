@@ -110,3 +110,29 @@ def test_shared_prompt_equals_separate_sequences(arch, impl, packed_sdpa):
                 scale = g.abs().max().clamp(min=1e-12)
                 torch.testing.assert_close(got_grads[param] / scale, g / scale, rtol=1e-5,
                                            atol=1e-5, msg=f"{where}: gradient of {param}")
+
+
+def test_the_probe_turns_it_on_and_refuses_a_model_that_drops_the_rule(capsys):
+    """`--share-prompt` is probed on the run's path (here packed, as sdpa's default): a model
+    that takes the rule is turned on, in one line; one whose body drops the 4-D masks (so its
+    responses would see each other, or lose the prompt) is refused naming it; a mixture of
+    experts' router loss is refused (it would count each prompt once)."""
+    from accelerate import Accelerator
+
+    from dpo.config import ConfigError, TrainConfig
+    from dpo.model.probes import settle_logps_path
+    from tests.test_forward import _tiny_moe
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_model("qwen3")
+    model.config._attn_implementation = "sdpa"
+    settled = settle_logps_path(accelerator, TrainConfig(share_prompt=True), model)
+    assert settled.share_prompt is True and settled.padding_free is True
+    assert "shared-prompt batches: on (each prompt computed once" in capsys.readouterr().out
+    body, forward = model.model, model.model.forward
+    body.forward = lambda *args, attention_mask=None, **kwargs: forward(*args, **kwargs)
+    with pytest.raises(ConfigError, match=r"share_prompt: Qwen3ForCausalLM cannot share prompts: "
+                                          r"shared-prompt pairs' token log-probs differ"):
+        settle_logps_path(accelerator, TrainConfig(share_prompt=True), model)
+    with pytest.raises(ConfigError, match="router loss of a mixture of experts"):
+        settle_logps_path(accelerator, TrainConfig(share_prompt=True), _tiny_moe("qwen3_moe"))
