@@ -8,11 +8,13 @@ seed dataset (`../shared`), tokenized as `bench/padding_free.py` does (Llama-3.1
 folded into the shape's vocabulary). Each layout runs in its own subprocess, so each peak memory
 is its own, on the same pairs in the same order:
 
-- separate: `[chosen; rejected]` sequences packed end to end (padding-free, today's default);
-- shared: `--share-prompt`, a pair per row `[prompt | chosen | rejected]`, padded;
-- shared-packed: `--share-prompt --padding-free`, the pairs' segments end to end in one row.
+- separate: `[chosen; rejected]` sequences packed end to end (`--no-share-prompt`);
+- shared: `--share-prompt --no-padding-free`, a pair per row `[prompt | chosen | rejected]`;
+- shared-packed: the pairs' segments end to end in one row (the default on CPU).
 
-Per dataset and layout: median s/step, real tokens per step, peak RSS; per dataset the ideal
+Per dataset and layout: median s/step, real tokens computed per step, the share of the pairs'
+tokens a shared prompt saves, pair tokens/s (the pairs' real tokens as separate sequences, per
+second: the same work measured the same way for every layout), peak RSS; per dataset the ideal
 gain (the real tokens of separate sequences over those of shared ones: what computing each
 prompt once removes) beside the measured gain (separate's s/step over the layout's, the same
 pairs), and the measured gain's share of the ideal one.
@@ -108,7 +110,7 @@ def run(args, dataset: str, layout: str) -> dict:
     batches = iter(accelerator.prepare(DataLoader(pairs, batch_sampler=sampler,
                                                   collate_fn=make_collator(cfg, PadId))))
     policy.train()
-    times, tokens, losses = [], [], []
+    times, tokens, pair_tokens, losses = [], [], [], []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             reset_peak_memory(accelerator.device)
@@ -124,15 +126,27 @@ def run(args, dataset: str, layout: str) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
             tokens.append(int(batch["attention_mask"].sum()))
+            pair_tokens.append(pair_token_count(batch))
     peak_rss, peak_gpu = peak_memory(accelerator.device)
     return {"dataset": dataset, "layout": layout, "shape": args.shape,
             "threads": torch.get_num_threads(), "pairs_per_step": args.batch_size,
             "max_length": args.max_length, "steps": args.steps,
             "s_per_step": round(statistics.median(times), 3),
             "tokens_per_step": round(statistics.mean(tokens), 1),
+            "tokens_saved": round(1 - sum(tokens) / sum(pair_tokens), 3),
+            "pair_tokens_per_s": round(sum(pair_tokens) / sum(times), 1),
             "peak_rss_mib": round(peak_rss, 1),
             "peak_gpu_mib": None if peak_gpu is None else round(peak_gpu, 1),
             "losses": [round(x, 6) for x in losses]}
+
+
+def pair_token_count(batch) -> int:
+    """The real tokens of the batch's pairs as separate `[chosen; rejected]` sequences: what
+    the step computes for them, a shared prompt counted twice as separate sequences have it."""
+    if "shared_pairs" not in batch:
+        return int(batch["attention_mask"].sum())
+    _, _, prompt, chosen, rejected = batch["shared_pairs"].unbind(-1)
+    return int((2 * prompt + chosen + rejected).sum())
 
 
 def summarise(results: list[dict]) -> dict:
@@ -174,10 +188,12 @@ def main(argv=None) -> None:
     print(f"\nshape {first['shape']}, {first['threads']} threads, max length "
           f"{first['max_length']}, {first['pairs_per_step']} pairs/step, {first['steps']} timed "
           "steps")
-    print(f"{'dataset':>15} {'layout':>14} {'s/step':>8} {'tokens/step':>12} {'peak RSS MiB':>13}")
+    print(f"{'dataset':>15} {'layout':>14} {'s/step':>8} {'tokens/step':>12} {'saved':>6} "
+          f"{'pair tokens/s':>14} {'peak RSS MiB':>13}")
     for r in results:
         print(f"{r['dataset']:>15} {r['layout']:>14} {r['s_per_step']:8.2f} "
-              f"{r['tokens_per_step']:12.1f} {r['peak_rss_mib']:13.0f}")
+              f"{r['tokens_per_step']:12.1f} {r['tokens_saved']:6.1%} "
+              f"{r['pair_tokens_per_s']:14.1f} {r['peak_rss_mib']:13.0f}")
     print(json.dumps({"runs": results, **summarise(results)}))
 
 

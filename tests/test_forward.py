@@ -176,20 +176,27 @@ def test_probe_names_a_model_without_a_body():
     assert "no separate base model" in warning
 
 
+def printed_lines(capsys) -> list[str]:
+    """The lines printed since the last call, less DeepSpeed's own line (printed when accelerate
+    first imports it, so by whichever test comes first)."""
+    return [line for line in capsys.readouterr().out.splitlines()
+            if "[real_accelerator.py" not in line]
+
+
 def test_settle_falls_back_to_full_logits_only_on_a_mismatch(capsys):
     """What train.py calls after prepare: chunked_logps is switched off, with the warning printed
     once, for an unknown head; a known head (or chunked_logps already off) keeps the config."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    cfg = TrainConfig(padding_free=False)
+    cfg = TrainConfig(padding_free=False, share_prompt=False)
     assert cfg.chunked_logps
     settled = settle_logps_path(accelerator, cfg, _unknown_head())
     assert not settled.chunked_logps and cfg.chunked_logps  # a new config, the old one intact
-    printed = capsys.readouterr().out.splitlines()
+    printed = printed_lines(capsys)
     assert len(printed) == 1 and "ScaledHeadQwen3 (qwen3)" in printed[0]
     assert settle_logps_path(accelerator, cfg, tiny_qwen3(VOCAB)) is cfg
-    no_chunks = TrainConfig(chunked_logps=False, padding_free=False)
+    no_chunks = TrainConfig(chunked_logps=False, padding_free=False, share_prompt=False)
     assert settle_logps_path(accelerator, no_chunks, _unknown_head()) is no_chunks
     assert capsys.readouterr().out == ""
 
@@ -241,7 +248,7 @@ def test_settle_refuses_padding_free_for_attention_that_mixes_sequences(causal_o
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    cfg = TrainConfig(padding_free=True)
+    cfg = TrainConfig(padding_free=True, share_prompt=False)
     with pytest.raises(ConfigError, match=r"^padding_free: Qwen3ForCausalLM with "
                        r"attn_implementation causal_only does not keep packed sequences apart"
                        ) as error:
@@ -471,20 +478,24 @@ def test_settle_padding_free_under_mixed_precision(causal_only_qwen3):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests' Accelerator: fp32
-    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
-    cfg = TrainConfig(padding_free=True, chunked_logps=False)  # (the head's probe: autocast)
-    model = tiny_qwen3(VOCAB)
-    model.config._attn_implementation = "sdpa"
-    dtypes = []
-    model.model.layers[0].mlp.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
-    model = accelerator.prepare(model)
-    assert settle_logps_path(accelerator, cfg, model) == cfg
-    assert set(dtypes) == {torch.float32}
-    with pytest.raises(ConfigError, match="does not keep packed sequences apart"):
-        settle_logps_path(accelerator, cfg, accelerator.prepare(causal_only_qwen3))
-    logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
-    assert dtypes[-1] == torch.bfloat16 and logits.dtype == torch.float32  # autocast is back
-    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        # (the head's probe: autocast; shared prompts: the same probe on another layout)
+        cfg = TrainConfig(padding_free=True, chunked_logps=False, share_prompt=False)
+        model = tiny_qwen3(VOCAB)
+        model.config._attn_implementation = "sdpa"
+        dtypes = []
+        model.model.layers[0].mlp.register_forward_hook(
+            lambda m, i, out: dtypes.append(out.dtype))
+        model = accelerator.prepare(model)
+        assert settle_logps_path(accelerator, cfg, model) == cfg
+        assert set(dtypes) == {torch.float32}
+        with pytest.raises(ConfigError, match="does not keep packed sequences apart"):
+            settle_logps_path(accelerator, cfg, accelerator.prepare(causal_only_qwen3))
+        logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+        assert dtypes[-1] == torch.bfloat16 and logits.dtype == torch.float32  # autocast back
+    finally:  # later tests' Accelerator(cpu=True) would otherwise share this bf16 state
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_padding_free_is_on_by_default_where_sdpa_passes_the_probe(capsys, monkeypatch):
@@ -501,22 +512,20 @@ def test_padding_free_is_on_by_default_where_sdpa_passes_the_probe(capsys, monke
     model.config._attn_implementation = "sdpa"
     assert TrainConfig().padding_free is None
     assert settle_logps_path(accelerator, TrainConfig(), model).padding_free is True
-    shared_off = ("shared-prompt batches: off (--share-prompt computes each prompt once for both "
-                  "responses)")
+    shared_on = ("shared-prompt batches: on (each prompt computed once for both responses; "
+                 "--no-share-prompt lays them out apart)")
+    shared_off = ("shared-prompt batches: off (measured only on packed rows; --share-prompt "
+                  "shares them in padded rows too)")
 
-    def printed_lines() -> list[str]:  # less DeepSpeed's own line when accelerate first loads it
-        return [line for line in capsys.readouterr().out.splitlines()
-                if "[real_accelerator.py" not in line]
-
-    assert printed_lines() == [
-        "padding-free batches: on (rows of up to 4096 tokens; --no-padding-free pads)", shared_off]
+    assert printed_lines(capsys) == [
+        "padding-free batches: on (rows of up to 4096 tokens; --no-padding-free pads)", shared_on]
     assert settle_logps_path(accelerator, TrainConfig(padding_free=False, share_prompt=False),
                              model).padding_free is False
     assert capsys.readouterr().out == ""
 
     def off(cfg, model):
         settled = settle_logps_path(accelerator, cfg, model)
-        printed = printed_lines()
+        printed = printed_lines(capsys)
         assert settled.padding_free is False and printed[1:] == [shared_off], printed
         return printed[0]
 

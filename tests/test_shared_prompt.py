@@ -1,5 +1,7 @@
 """Shared-prompt batches (`dpo.data.shared_prompt`, `dpo.model.shared_prompt`): each pair laid
 out once as `[prompt | chosen | rejected]` computes what the `[chosen; rejected]` batch does."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -63,10 +65,22 @@ def test_the_rule_lets_each_response_see_the_prompt_and_itself_only():
         attention_masks(config, batch["shared_pairs"], batch["position_ids"], torch.float32)
 
 
-def test_a_pair_without_a_common_prompt_is_one_line():
-    rows = [{**ROWS[1], "rejected_input_ids": [41, 42, 60]}]
-    with pytest.raises(ValueError, match="share no prompt token; train it without"):
-        PreferenceCollator(0, share_prompt=True)(rows)
+def test_a_pair_without_a_common_prompt_is_two_sequences_side_by_side():
+    """Responses that differ from their first token share nothing: the segment is the chosen
+    sequence, then the rejected one at positions from 0, and the model scores them as apart."""
+    rows = [{**ROWS[1], "rejected_input_ids": [41, 42, 60]}, ROWS[0]]
+    batch = PreferenceCollator(0, share_prompt=True, padding_free=True)(rows)
+    assert batch["shared_pairs"][0, 2:].tolist() == [0, 3, 3]
+    model = tiny_model("llama")
+    model.config._attn_implementation = "sdpa"
+    want, want_grads = logps_and_grads(model, PreferenceCollator(0)(rows), chunked=True)
+    got, got_grads = logps_and_grads(model, batch, chunked=True)
+    torch.testing.assert_close(got.rejected_logps, want.rejected_logps, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-6)
+    for param, g in want_grads.items():
+        scale = g.abs().max().clamp(min=1e-12)
+        torch.testing.assert_close(got_grads[param] / scale, g / scale, rtol=1e-5, atol=1e-5,
+                                   msg=param)
 
 
 # The quick tier: a plain model, soft-capping, windowed throughout, windowed and full layers.
@@ -116,11 +130,12 @@ def test_the_probe_turns_it_on_and_refuses_a_model_that_drops_the_rule(capsys):
     """`--share-prompt` is probed on the run's path (here packed, as sdpa's default): a model
     that takes the rule is turned on, in one line; one whose body drops the 4-D masks (so its
     responses would see each other, or lose the prompt) is refused naming it; a mixture of
-    experts' router loss is refused (it would count each prompt once)."""
+    experts' router loss is refused (it would count each prompt once). Left unset, the same
+    failures turn it off in one line, as do padded rows and a device it was not measured on."""
     from accelerate import Accelerator
 
     from dpo.config import ConfigError, TrainConfig
-    from dpo.model.probes import settle_logps_path
+    from dpo.model.probes import _not_shared_by_default, settle_logps_path
     from tests.test_forward import _tiny_moe
 
     accelerator = Accelerator(cpu=True)
@@ -136,3 +151,23 @@ def test_the_probe_turns_it_on_and_refuses_a_model_that_drops_the_rule(capsys):
         settle_logps_path(accelerator, TrainConfig(share_prompt=True), model)
     with pytest.raises(ConfigError, match="router loss of a mixture of experts"):
         settle_logps_path(accelerator, TrainConfig(share_prompt=True), _tiny_moe("qwen3_moe"))
+    capsys.readouterr()
+
+    def unset(model, **fields) -> str:
+        settled = settle_logps_path(accelerator, TrainConfig(**fields), model)
+        line = capsys.readouterr().out.splitlines()[-1]
+        assert settled.share_prompt is line.startswith("shared-prompt batches: on"), line
+        return line
+
+    assert unset(model).startswith("shared-prompt batches: off (Qwen3ForCausalLM cannot share "
+                                   "prompts: shared-prompt pairs' token log-probs differ")
+    body.forward = forward
+    assert unset(model).startswith("shared-prompt batches: on")
+    assert unset(model, padding_free=False) == (
+        "shared-prompt batches: off (measured only on packed rows; --share-prompt shares them "
+        "in padded rows too)")
+    assert "measured only on packed rows" in unset(_tiny_moe("qwen3_moe"))  # its router loss
+    on_cuda = SimpleNamespace(device=torch.device("cuda", 0))
+    assert _not_shared_by_default(on_cuda, TrainConfig(padding_free=True)) == (
+        "not measured on cuda, where packed rows run one variable-length kernel call; "
+        "--share-prompt turns it on")

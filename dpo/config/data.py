@@ -76,7 +76,8 @@ class DataSection:
     share_prompt: bool | None = _opt(None, "lay each pair out once as [prompt | chosen | "
                                      "rejected], the prompt computed once for both responses "
                                      "(packed with padding_free); checked against separate "
-                                     "sequences at start-up. Default: off (said in one line)")
+                                     "sequences at start-up. Default: on for packed rows on CPU "
+                                     "where the check passes, else off (said in one line)")
     num_proc: int | None = _opt(None, "processes for tokenisation (datasets.map)")
     tokenize_cache: bool = _opt(True, "keep the tokenized pairs under $DPO_CACHE_DIR/tokenized "
                                 "and load them when the rows, tokenizer and settings recur")

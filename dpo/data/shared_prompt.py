@@ -45,12 +45,11 @@ def share_prompts(rows: Sequence[dict], pad_token_id: int, width_of, cap: float 
     (B, 5): each pair's (row, start, prompt length, chosen rest length, rejected rest length).
     """
     segments = []
-    for i, row in enumerate(rows):
+    for row in rows:
         chosen, rejected = row["chosen_input_ids"], row["rejected_input_ids"]
+        # With no common prompt (0) the segment is two sequences side by side: the rule keeps
+        # them apart and each first token goes unscored, as at the start of its own sequence.
         prompt = shared_prefix(chosen, rejected, row["chosen_labels"], row["rejected_labels"])
-        if prompt == 0:
-            raise ValueError(f"pair {i} of the batch: its chosen and rejected sequences share no "
-                             "prompt token; train it without --share-prompt")
         segments.append((prompt, len(chosen) - prompt, len(rejected) - prompt))
     lengths = [sum(segment) for segment in segments]
     members: list[list[int]] = []
