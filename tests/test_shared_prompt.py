@@ -126,6 +126,28 @@ def test_shared_prompt_equals_separate_sequences(arch, impl, packed_sdpa):
                                            atol=1e-5, msg=f"{where}: gradient of {param}")
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text/mixed"])
+def test_gradient_checkpointing_keeps_the_rule(arch):
+    """With gradient checkpointing (as `--gradient-checkpointing` enables it) the recomputed
+    layers get the same masks: shared prompts, packed on `packed_sdpa`, give the log-probs and
+    gradients of separate sequences without checkpointing, to 1e-5."""
+    model = tiny_model(arch)
+    model.config._attn_implementation = "sdpa"
+    rows = pair_rows(pair_batch())
+    want, want_grads = logps_and_grads(model, PreferenceCollator(0)(rows), chunked=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # checkpointing acts in training mode only (the tiny models have no dropout)
+    use_packed_sdpa(model)
+    shared = PreferenceCollator(0, share_prompt=True, padding_free=True)(rows)
+    got, got_grads = logps_and_grads(model, shared, chunked=True)
+    torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.rejected_logps, want.rejected_logps, rtol=1e-5, atol=1e-6)
+    for param, g in want_grads.items():
+        scale = g.abs().max().clamp(min=1e-12)
+        torch.testing.assert_close(got_grads[param] / scale, g / scale, rtol=1e-5, atol=1e-5,
+                                   msg=param)
+
+
 def test_the_probe_turns_it_on_and_refuses_a_model_that_drops_the_rule(capsys):
     """`--share-prompt` is probed on the run's path (here packed, as sdpa's default): a model
     that takes the rule is turned on, in one line; one whose body drops the 4-D masks (so its

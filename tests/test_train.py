@@ -126,8 +126,9 @@ def test_wpo_weighting_end_to_end(env, tmp_path):
 
 def test_ld_dpo_end_to_end_with_a_precomputed_reference(env, tmp_path):
     """`--ld-alpha 0.5 --precompute-ref-logps`: the precomputed reference is desensitised like
-    the policy, so step 1 (policy = reference) has loss ln 2 and rewards 0 exactly; then it
-    trains (rewards move)."""
+    the policy, so step 1 (policy = reference) has loss ln 2 and rewards 0 (to the rounding of
+    the pass's other batches of shared-prompt rows: ~1e-7, where a reference that was not
+    desensitised would be off by whole nats); then it trains (rewards move)."""
     import math
 
     out = tmp_path / "out"
@@ -135,6 +136,6 @@ def test_ld_dpo_end_to_end_with_a_precomputed_reference(env, tmp_path):
         "--output-dir", str(out))
     train = train_logs(out)
     assert train[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
-    assert train[0]["rewards/margins"] == 0
-    assert train[-1]["rewards/margins"] != 0
+    assert train[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert abs(train[-1]["rewards/margins"]) > 1e-3
     assert "weights/mean" not in train[0]
