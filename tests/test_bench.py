@@ -94,3 +94,28 @@ def test_shared_prompt_bench_trains_the_same_pairs_on_fewer_tokens(tmp_path):
         gain = summary[f"stack-exchange/{layout}"]
         assert gain["ideal_gain"] == pytest.approx(1 / (1 - runs[layout]["tokens_saved"]),
                                                    rel=1e-2)
+
+
+@pytest.mark.slow
+def test_gpu_acceptance_runs_its_cpu_parts(tmp_path):
+    """bench/gpu_acceptance.py on CPU: every part that runs here is ok, 4bit says it needs
+    CUDA, and the throughput table has the three layouts on the tiny shape, a shared prompt
+    computed once (fewer tokens than packed, the same pairs)."""
+    out = run_python(
+        ["bench/gpu_acceptance.py", "--shape", "tiny", "--steps", "1", "--warmup", "0",
+         "--pairs-per-step", "4", "--micro-batch", "2", "--max-length", "64"],
+        demo_env(tmp_path))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    parts = {row["part"]: row for row in report["parts"]}
+    assert list(parts) == ["bf16", "fp16", "layouts", "lora", "4bit", "zero2", "zero3",
+                           "throughput"]
+    for name in ("bf16", "fp16", "layouts", "lora", "zero2", "zero3", "throughput"):
+        assert parts[name]["status"] == "ok", parts[name]
+    assert parts["4bit"]["status"] == "skip" and parts["4bit"]["detail"] == "needs CUDA"
+    rows = {row["layout"]: row for row in report["throughput"]}
+    assert list(rows) == ["padded", "packed", "shared-packed"]
+    assert all(row["tokens_per_s"] > 0 and row["mfu"] > 0 for row in rows.values())
+    assert rows["shared-packed"]["tokens_per_step"] < rows["packed"]["tokens_per_step"]
+    assert rows["packed"]["tokens_per_step"] == rows["padded"]["tokens_per_step"]
+    assert report["device"] == "cpu" and report["torch"] and report["date"]
