@@ -157,6 +157,21 @@ def test_every_architecture_passes_the_probe(arch, dtype):
         DENSE_MASK_ONLY.discard(type(model))  # Falcon's, which needs the dense mask
 
 
+def assert_same_logps_and_grads(got: tuple, want: tuple, where: str) -> None:
+    """`(PairLogps, gradients)` of two layouts of the same pairs equal: summed log-probs, logit
+    means and lengths to 1e-5 relative, each parameter's gradient to 1e-5 of its largest entry."""
+    (got, got_grads), (want, want_grads) = got, want
+    for field in ("chosen_logps", "rejected_logps", "chosen_logits_mean", "rejected_logits_mean",
+                  "chosen_lengths", "rejected_lengths"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-5,
+                                   atol=1e-6, msg=f"{where}: {field}")
+    assert got_grads.keys() == want_grads.keys() and len(want_grads) > 5
+    for param, g in want_grads.items():
+        scale = g.abs().max().clamp(min=1e-12)
+        torch.testing.assert_close(got_grads[param] / scale, g / scale, rtol=1e-5, atol=1e-5,
+                                   msg=f"{where}: gradient of {param}")
+
+
 def pair_rows(batch: dict[str, torch.Tensor]) -> list[dict]:
     """The tokenized pairs (as `dpo.data` gives them) of a padded `[chosen; rejected]` batch."""
     half = batch["labels"].shape[0] // 2
@@ -208,16 +223,8 @@ def test_packed_equals_padded(arch, impl):
         want, want_grads = logps_and_grads(model, padded, chunked=chunked)
         for name, packed in layouts.items():
             got, got_grads = logps_and_grads(model, packed, chunked=chunked)
-            where = f"{arch}/{impl}, {name}, chunked={chunked}"
-            for field in ("chosen_logps", "rejected_logps", "chosen_logits_mean",
-                          "rejected_logits_mean", "chosen_lengths", "rejected_lengths"):
-                torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-5,
-                                           atol=1e-6, msg=f"{where}: {field}")
-            assert got_grads.keys() == want_grads.keys() and len(want_grads) > 5
-            for param, g in want_grads.items():
-                scale = g.abs().max().clamp(min=1e-12)
-                torch.testing.assert_close(got_grads[param] / scale, g / scale, rtol=1e-5,
-                                           atol=1e-5, msg=f"{where}: gradient of {param}")
+            assert_same_logps_and_grads((got, got_grads), (want, want_grads),
+                                        f"{arch}/{impl}, {name}, chunked={chunked}")
 
 
 def packed_and_padded_logps(model) -> tuple[torch.Tensor, torch.Tensor]:
