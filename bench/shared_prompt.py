@@ -12,12 +12,13 @@ is its own, on the same pairs in the same order:
 - shared: `--share-prompt --no-padding-free`, a pair per row `[prompt | chosen | rejected]`;
 - shared-packed: the pairs' segments end to end in one row (the default on CPU).
 
-Per dataset and layout: median s/step, real tokens computed per step, the share of the pairs'
-tokens a shared prompt saves, pair tokens/s (the pairs' real tokens as separate sequences, per
-second: the same work measured the same way for every layout), peak RSS; per dataset the ideal
-gain (the real tokens of separate sequences over those of shared ones: what computing each
-prompt once removes) beside the measured gain (separate's s/step over the layout's, the same
-pairs), and the measured gain's share of the ideal one.
+Per dataset and layout: mean s/step (every layout runs the same batches, whose lengths differ
+from step to step: the mean compares them, a median would not), real tokens computed per step,
+the share of the pairs' tokens a shared prompt saves, pair tokens/s (the pairs' real tokens as
+separate sequences, per second: the same work counted the same way in every layout), peak RSS;
+per dataset the ideal gain (the real tokens of separate sequences over those of shared ones:
+what computing each prompt once removes) beside the measured gain (separate's s/step over the
+layout's, the same pairs), and the measured gain's share of the ideal one.
 
     python bench/shared_prompt.py                      # SmolLM2-135M shape, CPU fp32
     python bench/shared_prompt.py --shape tiny --steps 1 --warmup 0 --datasets stack-exchange
@@ -131,7 +132,7 @@ def run(args, dataset: str, layout: str) -> dict:
     return {"dataset": dataset, "layout": layout, "shape": args.shape,
             "threads": torch.get_num_threads(), "pairs_per_step": args.batch_size,
             "max_length": args.max_length, "steps": args.steps,
-            "s_per_step": round(statistics.median(times), 3),
+            "s_per_step": round(statistics.mean(times), 3),
             "tokens_per_step": round(statistics.mean(tokens), 1),
             "tokens_saved": round(1 - sum(tokens) / sum(pair_tokens), 3),
             "pair_tokens_per_s": round(sum(pair_tokens) / sum(times), 1),

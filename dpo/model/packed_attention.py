@@ -44,7 +44,7 @@ def packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value
     sequence; anything else goes to transformers' sdpa unchanged."""
     position_ids = kwargs.pop("position_ids", None)
     if getattr(attention_mask, "shared_prompt", False):  # dpo.model.shared_prompt's rule
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return _by_segment(module, query, key, value, attention_mask, **kwargs), None
     # A mask the caller passed is not a packed batch's: transformers reads packing only
     # without one. A dense block mask built from the position ids is dropped: it is redone
     # below, exactly, without the scores between sequences.
@@ -72,6 +72,28 @@ def packed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value
                   for start, end in zip(row_bounds, row_bounds[1:])]
         rows.append(torch.cat(pieces, dim=1))
     return torch.cat(rows), None
+
+
+def _by_segment(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Shared-prompt rows pair by pair: the rule's mask is block-diagonal over a row's pair
+    segments, so each segment's queries against its own keys, under its block of the mask, give
+    what one call over the row does, without the scores between pairs (the row's length squared
+    against the sum of its segments' lengths squared). Padding after the last segment gets 0."""
+    rows = []
+    for row, segments in enumerate(mask.segments):
+        pieces = [sdpa_attention_forward(module, query[row:row + 1, :, start:end],
+                                         key[row:row + 1, :, start:end],
+                                         value[row:row + 1, :, start:end],
+                                         mask[row:row + 1, :, start:end, start:end],
+                                         **kwargs)[0]
+                  for start, end in segments]
+        end = segments[-1][1] if segments else 0
+        if end < query.shape[2]:
+            pieces.append(query.new_zeros(1, query.shape[2] - end, query.shape[1],
+                                          value.shape[-1]))
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.cat(rows)
 
 
 def _window_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor | None:

@@ -80,7 +80,7 @@ def attention_masks(config, pairs: torch.Tensor, position_ids: torch.Tensor,
     device = position_ids.device
     pair = torch.full((num_rows, width), -1, dtype=torch.long, device=device)
     part = torch.zeros((num_rows, width), dtype=torch.int8, device=device)  # 1 chosen, 2 rejected
-    for i, (row, start, prompt, chosen, rejected) in enumerate(pairs.tolist()):
+    for i, (row, start, prompt, chosen, rejected) in enumerate(pairs.tolist()):  # host sync
         response = start + prompt
         pair[row, start:response + chosen + rejected] = i
         part[row, response:response + chosen] = 1
@@ -93,6 +93,10 @@ def attention_masks(config, pairs: torch.Tensor, position_ids: torch.Tensor,
     allowed = torch.where(padding.unsqueeze(-1), torch.eye(width, dtype=torch.bool,
                                                            device=device), allowed)
     distance = position_ids.unsqueeze(-1) - position_ids.unsqueeze(-2)
+    # Each row's pair segments, for packed_sdpa: the mask is block-diagonal over them.
+    segments = [[] for _ in range(num_rows)]
+    for row, start, prompt, chosen, rejected in pairs.tolist():
+        segments[row].append((start, start + prompt + chosen + rejected))
     masks = {}
     for name, window in windows.items():
         mask = allowed if window is None else allowed & (distance < window)
@@ -102,4 +106,5 @@ def attention_masks(config, pairs: torch.Tensor, position_ids: torch.Tensor,
         masks[name] = mask.unsqueeze(1)
         # packed_sdpa would read the restarting position ids as sequence boundaries
         masks[name].shared_prompt = True
+        masks[name].segments = segments
     return masks[""] if "" in masks else masks
