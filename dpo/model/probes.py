@@ -145,7 +145,7 @@ def _settle_share_prompt(accelerator: Accelerator, cfg: TrainConfig, policy: nn.
     """`share_prompt` decided. Asked for (True): `check_shared_prompt` on the settled path (the
     run's padding_free and head), for the policy and a separate `reference` alike, and a
     ConfigError naming the model if the layout would change its log-probs. Left to us (None): on
-    where it was measured to win (packed rows on CPU: 1.3-2.2x the pairs/s of packed separate
+    where it was measured to win (packed rows on CPU: 1.5x and 1.75x the pairs/s of packed separate
     sequences, bench/shared_prompt.py) and both checks pass; else off, in one line saying why.
     """
     if cfg.share_prompt is False:
