@@ -39,7 +39,7 @@ def share_prompts(rows: Sequence[dict], pad_token_id: int, width_of, cap: float 
     Each pair is a segment `[prompt | chosen rest | rejected rest]`; with `cap` (packing) the
     segments are laid end to end in as few rows of at most `cap` tokens (`math.inf`: one row)
     as hold them (first fit, longest first; a segment longer than `cap`, which a pair of two
-    long responses can be, gets a row of its own), else one per row. `width_of` rounds the row width.
+    long responses can be, gets a row of its own), else one per row; `width_of` rounds widths.
     Returns `input_ids`, `attention_mask` (1 on real tokens), `labels` (each response token's
     label at its place, −100 elsewhere) and `position_ids`, each (R, L), and `shared_pairs`
     (B, 5): each pair's (row, start, prompt length, chosen rest length, rejected rest length).

@@ -82,11 +82,11 @@ def agree_on_resume(accelerator: Accelerator, cfg: TrainConfig) -> Path | None:
                       "node must hold it")
 
 
-# Settings that start-up may decide or change for the model at hand (dpo.model.forward.
+# Settings that start-up may decide or change for the model at hand (dpo.model.probes.
 # settle_logps_path): `router_aux_loss_coef`, `padding_free` and `share_prompt` when unset (None),
-# `chunked_logps` turned off for a head the chunked path cannot serve. Checkpoints hold the settled values; a
-# resume inherits those left unset, and compares the others once settled (`settled_changes`):
-# the value given is not yet the value the run computes with.
+# `chunked_logps` turned off for a head the chunked path cannot serve. Checkpoints hold the settled
+# values; a resume inherits those left unset, and compares the others once settled
+# (`settled_changes`): the value given is not yet the value the run computes with.
 SETTLED_AT_START = ("router_aux_loss_coef", "chunked_logps", "padding_free", "share_prompt")
 # Settings that decide which pairs each optimizer step sees and how they are tokenized: a resume
 # that changed any of them would not continue the same run.
