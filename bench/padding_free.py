@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib.common import (SHAPES, enable_checkpointing, model_config,  # noqa: E402
-                             peak_memory, reset_peak_memory)
+                             peak_memory, reset_peak_memory, train_micro_batch)
 
 SHARED = Path(os.environ.get("DPO_SHARED") or ROOT.parent / "shared")
 DATA = SHARED / "data" / "hh_rlhf_helpful_base_test.jsonl.gz"
@@ -140,7 +140,6 @@ def run(args, variant: str) -> dict:
     from dpo.model.probes import settle_logps_path
     from dpo.model.loading import prepare_reference
     from dpo.train.runtime import make_accelerator, make_optimizer
-    from dpo.train.step import dpo_step
 
     interleaved = variant == "interleaved"
     padding_free, checkpointing = VARIANTS["padding-free" if interleaved else variant]
@@ -175,13 +174,7 @@ def run(args, variant: str) -> dict:
         tokens = positions = flops = 0
         for _ in range(args.grad_accum):
             batch = next(batches)
-            with accelerator.accumulate(policy):
-                loss = dpo_step(accelerator, cfg, policy, reference, batch).losses.mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+            loss = train_micro_batch(accelerator, cfg, policy, reference, optimizer, batch)
             tokens += int(batch["attention_mask"].sum())
             positions += batch["attention_mask"].numel()
             flops += model_flops(config, batch)

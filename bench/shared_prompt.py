@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib.common import SHAPES, model_config, peak_memory, reset_peak_memory  # noqa: E402
+from benchlib.common import (SHAPES, model_config, peak_memory, reset_peak_memory,  # noqa: E402
+                             train_micro_batch)
 from padding_free import SHARED, TOKENIZER, load_pairs  # noqa: E402
 
 DATASETS = {"hh-rlhf": SHARED / "data" / "hh_rlhf_helpful_base_test.jsonl.gz",
@@ -83,7 +84,6 @@ def run(args, dataset: str, layout: str) -> dict:
     from dpo.model.probes import settle_logps_path
     from dpo.train.loaders import make_collator
     from dpo.train.runtime import make_accelerator, make_optimizer
-    from dpo.train.step import dpo_step
 
     padding_free, share_prompt = LAYOUTS[layout]
     cfg = TrainConfig(model=f"random:{args.shape}", seed=args.seed, batch_size=args.batch_size,
@@ -117,12 +117,7 @@ def run(args, dataset: str, layout: str) -> dict:
             reset_peak_memory(accelerator.device)
         batch = next(batches)
         start = time.perf_counter()
-        with accelerator.accumulate(policy):
-            loss = dpo_step(accelerator, cfg, policy, reference, batch).losses.mean()
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
+        loss = train_micro_batch(accelerator, cfg, policy, reference, optimizer, batch)
         losses.append(loss.item())  # synchronises
         if step >= args.warmup:
             times.append(time.perf_counter() - start)

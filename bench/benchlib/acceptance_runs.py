@@ -127,14 +127,13 @@ def throughput_run(args, layout: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     from benchlib.common import (FlopCounter, model_config, peak_memory, reset_peak_memory,
-                                 synthetic_pairs)
+                                 synthetic_pairs, train_micro_batch)
     from dpo import data
     from dpo.config import TrainConfig
     from dpo.model.loading import prepare_reference
     from dpo.model.probes import settle_logps_path
     from dpo.train.loaders import make_collator
     from dpo.train.runtime import make_accelerator, make_optimizer
-    from dpo.train.step import dpo_step
 
     padding_free, share_prompt = THROUGHPUT_LAYOUTS[layout]
     accumulation = args.pairs_per_step // args.micro_batch
@@ -171,13 +170,7 @@ def throughput_run(args, layout: str) -> dict:
         start = time.perf_counter()
         for _ in range(accumulation):
             batch = next(batches)
-            with accelerator.accumulate(policy):
-                loss = dpo_step(accelerator, cfg, policy, reference, batch).losses.mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+            loss = train_micro_batch(accelerator, cfg, policy, reference, optimizer, batch)
             if step >= args.warmup:  # device scalars: summed without a sync per micro-batch
                 tokens = tokens + batch["attention_mask"].sum()
                 responses = responses + (batch["labels"] != -100).sum()

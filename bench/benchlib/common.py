@@ -108,6 +108,22 @@ class FlopCounter:
                 + self.attention * (lengths ** 2).sum())
 
 
+def train_micro_batch(accelerator, cfg, policy, reference, optimizer, batch):
+    """One micro-batch as train.py runs it, inside `accelerator.accumulate`: the DPO step,
+    backward, clipping where the optimizer step ends, AdamW (a no-op between those ends). The
+    mean loss, a device scalar: no host sync."""
+    from dpo.train.step import dpo_step
+
+    with accelerator.accumulate(policy):
+        loss = dpo_step(accelerator, cfg, policy, reference, batch).losses.mean()
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+    return loss
+
+
 def matmul_flops(device, dtype, size: int, repeats: int = 5) -> float:
     """Dense matmul FLOP/s of the device: best of `repeats` timings of a few n×n×n products."""
     import torch
