@@ -172,7 +172,7 @@ def part_fp16(args, device) -> dict:
         scaler.unscale_(optimizer)
         grads = gradients(policy)
         if got is None and all(bool(torch.isfinite(g).all()) for g in grads.values()):
-            got = float(loss), logps.detach().double(), grads
+            got = float(loss.detach()), logps.detach().double(), grads
         before = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
