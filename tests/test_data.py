@@ -29,15 +29,17 @@ from dpo.data import (
 from dpo.data.formats import normalise, resolve_format
 from tests.conftest import SHARED_DATA, require_shared
 
-QWEN3_SCAFFOLD = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+# Qwen3's generation prompt with thinking on (its default): the think block is the response's.
+QWEN3_PROMPT_END = "<|im_start|>assistant\n"
+QWEN3_EMPTY_THINK = "<think>\n\n</think>\n\n"
 
 
 def user(text):
-    return {"role": "user", "content": text}
+    return {"role": "user", "content": text, "fields": ""}
 
 
 def assistant(text):
-    return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text, "fields": ""}
 
 
 # One pair in every source format; each normalises to the same messages as its EXPECTED entry.
@@ -472,7 +474,7 @@ def test_template_mismatch_is_counted(tiny_tokenizer):
     """A template that renders the prompt differently once a response follows drops the row."""
     tiny_tokenizer.chat_template = LENGTH_TEMPLATE
     ds = messages_dataset([pair("a", "b", "c"), pair("d", "e", "f")])
-    with pytest.raises(ValueError, match=r"template_mismatch 2 \(rows 0, 1\)"):
+    with pytest.raises(ValueError, match=r"template_mismatch 2 \(rows 0, 1; \"no rendering of"):
         tokenize_preferences(ds, tiny_tokenizer, max_length=32)
 
 
@@ -508,9 +510,9 @@ def test_report_lists_a_few_rows_per_reason():
 
 
 def check_qwen3_rows(tokenizer, normalised, tokenized):
-    """Every kept row round-trips to the Qwen3 rendering of its messages. For single-message
-    responses the think block sits in the prompt, so the labels decode to exactly the content
-    and one EOS (otherwise the prompt ends with the generation prompt, see below)."""
+    """Every kept row round-trips to the Qwen3 rendering of its messages. The prompt ends with
+    the generation prompt (thinking on, the template's default), so a single-message response's
+    labels decode to the empty think block the template writes, the content and one EOS."""
     rows = {row["row_index"]: row for row in normalised}
     for row in tokenized:
         source = rows[row["row_index"]]
@@ -520,10 +522,11 @@ def check_qwen3_rows(tokenizer, normalised, tokenized):
                                                      tokenize=False)
             ids, labels = row[f"{side}_input_ids"], row[f"{side}_labels"]
             prompt = tokenizer.decode(ids[: prompt_length(labels)])
-            assert prompt.endswith(QWEN3_SCAFFOLD if single else "<|im_start|>assistant\n")
+            assert prompt.endswith(QWEN3_PROMPT_END)
             response = rendered.rstrip()[len(prompt):]
             if single:  # Qwen3 strips leading newlines from the last turn's content
-                assert response == source[side][0]["content"].lstrip("\n") + "<|im_end|>"
+                assert response == \
+                    QWEN3_EMPTY_THINK + source[side][0]["content"].lstrip("\n") + "<|im_end|>"
             check_sequence(tokenizer, ids, labels, rendered.rstrip(), response,
                            turns=len(source[side]))
 
@@ -583,14 +586,13 @@ def test_qwen3_all_25_stack_exchange_rows_survive_max_length_256(qwen3_tokenizer
             n_prompt = prompt_length(labels)
             assert len(ids) <= 256 and n_prompt == min(128, n_whole) and len(ids) > n_prompt
             assert ids[:n_prompt] == whole[f"{side}_input_ids"][n_whole - n_prompt: n_whole]
-            assert qwen3_tokenizer.decode(ids[:n_prompt]).endswith(QWEN3_SCAFFOLD)
+            assert qwen3_tokenizer.decode(ids[:n_prompt]).endswith(QWEN3_PROMPT_END)
 
 
 @pytest.mark.shared
 def test_qwen3_response_with_its_own_think_block_or_several_turns(qwen3_tokenizer):
-    """When the template renders the content differently from the sentinel (a response with
-    reasoning, a multi-turn response) the generation prompt is the prompt and the rest is
-    labelled; the round trip still holds."""
+    """A response with reasoning and a multi-turn response: the generation prompt is the
+    prompt and the rest is labelled; the round trip still holds."""
     prompt = [user("2+2?")]
     thinking = [assistant("<think>\nadd them\n</think>\n\n4")]
     several = [assistant("4"), user("and 3+3?"), assistant("6")]

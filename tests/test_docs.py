@@ -251,7 +251,8 @@ ADELE_REJECTED = "No, I’m sorry, I’m afraid I don’t."
 
 @pytest.fixture(scope="module")
 def adele(qwen3_tokenizer):
-    """Section 1's HH-RLHF pair, normalised and tokenized as a run does (Qwen3's chat template)."""
+    """Section 1's HH-RLHF pair, normalised and tokenized as a run does (Qwen3's chat template,
+    thinking off)."""
     from datasets import Dataset
 
     from dpo.data.formats import normalise
@@ -260,7 +261,8 @@ def adele(qwen3_tokenizer):
     hh = f"\n\nHuman: {ADELE_PROMPT}\n\nAssistant: "
     rows = normalise(Dataset.from_list([{"chosen": hh + ADELE_CHOSEN,
                                          "rejected": hh + ADELE_REJECTED}]))
-    return tokenize_preferences(rows, qwen3_tokenizer, max_length=128)[0][0]
+    return tokenize_preferences(rows, qwen3_tokenizer, max_length=128,
+                                chat_template_kwargs={"enable_thinking": False})[0][0]
 
 
 def test_the_real_pair_tokenizes_to_a_shared_prompt_and_two_responses(adele, qwen3_tokenizer):

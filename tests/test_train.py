@@ -139,3 +139,55 @@ def test_ld_dpo_end_to_end_with_a_precomputed_reference(env, tmp_path):
     assert train[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
     assert abs(train[-1]["rewards/margins"]) > 1e-3
     assert "weights/mean" not in train[0]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_thinking_and_tool_call_datasets_train_end_to_end(env, tmp_path):
+    """A tiny Qwen3 with the real Qwen3 tokenizer trains on a thinking dataset (reasoning as a
+    field and inline) and a tool-call dataset (tools per row, calls as responses, tool results
+    in prompts), mixed, with thinking on: every pair kept, both evaluated."""
+    from dpo.demo.tiny import tiny_qwen3
+    from tests.conftest import QWEN3_TOKENIZER, load_shared_tokenizer
+
+    tokenizer = load_shared_tokenizer(QWEN3_TOKENIZER)
+    model = tmp_path / "model"
+    tiny_qwen3(len(tokenizer)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    thinking = _write_jsonl(tmp_path / "thinking.jsonl", [{
+        "prompt": [{"role": "user", "content": f"What is {a}+{a + 1}?"}],
+        "chosen": [{"role": "assistant", "content": str(2 * a + 1),
+                    "reasoning_content": f"{a} and {a + 1} make {2 * a + 1}."}
+                   if a % 2 else {"role": "assistant", "content": f"<think>\n{a}+{a + 1}\n"
+                                                                 f"</think>\n\n{2 * a + 1}"}],
+        "rejected": [{"role": "assistant", "content": str(2 * a)}]} for a in range(10)])
+    tool = {"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "properties": {
+            "city": {"type": "string"}}, "required": ["city"]}}}
+    cities = ["Paris", "Rome", "Oslo", "Lima", "Pune", "Kyiv", "Baku", "Doha", "Riga", "Bern"]
+    calls = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": city}}}]} for city in cities]
+    tools = _write_jsonl(tmp_path / "tools.jsonl", [{
+        "prompt": [{"role": "user", "content": f"Weather in {city}?"},
+                   *([call, {"role": "tool", "content": "18C"}] if i % 2 else [])],
+        "chosen": [{"role": "assistant", "content": "It is 18C."} if i % 2 else call],
+        "rejected": [{"role": "assistant", "content": "I cannot know."}],
+        "tools": [tool]} for i, (city, call) in enumerate(zip(cities, calls))])
+    out = tmp_path / "out"
+    result = run(env, "--model", str(model), "--dataset", str(thinking), str(tools),
+                 "--num-samples", "16", "--eval-samples", "4", "--max-length", "256",
+                 "--batch-size", "2", "--gradient-accumulation-steps", "1", "--max-steps", "3",
+                 "--learning-rate", "1e-3", "--logging-steps", "1", "--eval-steps", "3",
+                 "--num-sample-generations", "0", "--chat-template-kwargs",
+                 '{"enable_thinking": true}', "--output-dir", str(out))
+    for name in ("thinking", "tools"):
+        assert f"train pairs ({name}): kept 6 of 6 pairs (0 truncated), dropped none" \
+            in result.stdout
+    train = train_logs(out)
+    assert [log["step"] for log in train] == [1, 2, 3]
+    assert all(log["grad_norm"] > 0 for log in train)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert {"eval/thinking/loss", "eval/tools/loss"} <= set(results)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import sys
 import typing
 from pathlib import Path
@@ -103,15 +104,20 @@ def _add_flag(group, f: dataclasses.Field, tp) -> None:
                            metavar=_base_type(item).__name__.upper())
     else:
         group.add_argument(flag, type=_cli_parser(f.name, base, _is_optional(tp)),
-                           metavar=base.__name__.upper(), help=help_text)
+                           metavar="JSON" if base is dict else base.__name__.upper(),
+                           help=help_text)
 
 def _cli_parser(name: str, base: type, optional: bool):
     def parse(text: str):
         if optional and text.lower() in ("none", "null"):
             return _NONE
         try:
-            return base(text)
+            return json.loads(text) if base is dict else base(text)
         except ValueError:
+            if base is dict:
+                raise argparse.ArgumentTypeError(
+                    f"expected a JSON mapping such as '{{\"enable_thinking\": false}}', got "
+                    f"{text!r}") from None
             raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
     parse.__name__ = base.__name__  # argparse names the type in its error message
     return parse

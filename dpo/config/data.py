@@ -9,6 +9,7 @@ from dpo.config.fields import ConfigError, _opt, check_at_least
 from dpo.data import DATA_FORMATS
 from dpo.data.mixture import PER_DATASET, check_mixture
 from dpo.data.sources import check_streaming
+from dpo.data.messages import check_template_inputs
 from dpo.data.render import check_text_settings
 
 
@@ -64,6 +65,13 @@ class DataSection:
                                        "standing for the prompt field, e.g. 'Question: {prompt}"
                                        "\\n\\nAnswer: ' (a \\n or \\t written as two "
                                        "characters, as a shell passes it, means newline or tab)")
+    chat_template_kwargs: dict | None = _opt(None, "options for every chat-template rendering "
+                                             "(training and eval pairs, generation prompts), "
+                                             "e.g. {enable_thinking: false}; JSON on the "
+                                             "command line; a row's chat_template_kwargs "
+                                             "column updates them for that row")
+    tools_file: str | None = _opt(None, "JSON file holding a list of tool schemas given to the "
+                                  "chat template for every row without its own tools column")
     strict_data: bool = _opt(False, "fail on the first invalid row instead of skipping it")
     group_by_length: bool = _opt(True, "batch pairs of similar length to cut padding")
     padding_free: bool | None = _opt(None, "pack each micro-batch's sequences end to end in "
@@ -98,6 +106,7 @@ class DataSection:
                                   f"{', '.join(DATA_FORMATS)}")
         try:
             check_text_settings(self.chat_template, self.prompt_template)
+            check_template_inputs(self.chat_template, self.chat_template_kwargs, self.tools_file)
             for split in self.split:
                 check_streaming(self.streaming, self.num_samples, split, self.eval_split)
             check_mixture(self.dataset, weights=self.dataset_weights,

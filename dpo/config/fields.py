@@ -65,7 +65,8 @@ def _check_type(name: str, value, tp) -> None:
           else isinstance(value, (int, float)) and not isinstance(value, bool) if base is float
           else isinstance(value, base) and not isinstance(value, bool))
     if not ok:
-        raise ConfigError(f"{name} must be a {base.__name__}, got {value!r}")
+        raise ConfigError(f"{name} must be a {'mapping' if base is dict else base.__name__}, "
+                          f"got {value!r}")
 
 
 def check_field(f: dataclasses.Field, value, tp) -> None:

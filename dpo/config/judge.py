@@ -8,6 +8,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 from dpo.config.fields import ConfigError
+from dpo.data.messages import expand
 
 DEMO_RULE = "builtin:demo-rule"
 PROBE = [{"role": "user", "content": "Hi."}]  # a conversation every chat template must render
@@ -59,7 +60,7 @@ def reward_tokenizer(path: str, trust_remote_code: bool = False):
 
 def render(name: str, tokenizer, prompt: list[dict], answer: str) -> str:
     """The conversation `prompt + [answer]` as the judge's chat template writes it."""
-    conversation = [*prompt, {"role": "assistant", "content": answer}]
+    conversation = [*map(expand, prompt), {"role": "assistant", "content": answer}]
     try:
         return tokenizer.apply_chat_template(conversation, tokenize=False)
     except (TemplateError, ValueError, TypeError) as e:

@@ -4,9 +4,13 @@ Every supported layout is turned into the same *normalised* rows, so that tokeni
 and the trainer never look at the source format again:
 
 ``prompt``
-    list of ``{"role", "content"}`` messages; empty when the data has no prompt.
+    list of ``{"role", "content", "fields"}`` messages (``dpo.data.messages``: ``fields`` holds
+    tool calls, reasoning and any other key as JSON); empty when the data has no prompt.
 ``chosen`` / ``rejected``
     list of messages: the response(s) that follow the prompt, normally one assistant message.
+``tools`` / ``chat_template_kwargs``
+    the row's tool schemas and chat-template options as JSON text, ``""`` for none: every format
+    may carry a ``tools`` and a ``chat_template_kwargs`` column.
 ``row_index``
     the row's index in the source split, so that a bad row can be found in the original file.
 ``problem``
@@ -34,7 +38,8 @@ Supported formats (``DATA_FORMATS``):
 
 All five go through one converter: only the column names differ, and a value may be a string
 (one message with the field's default role), one message dict or a list of them, with
-``role``/``content`` or ShareGPT's ``from``/``value`` keys.
+``role``/``content`` or ShareGPT's ``from``/``value`` keys. Messages with ``tool_calls``,
+``reasoning_content`` or ``tool`` roles are conversational rows like any other.
 """
 from __future__ import annotations
 
@@ -43,18 +48,10 @@ from dataclasses import dataclass
 
 from datasets import Dataset, Features, List, Value
 
-DATA_FORMATS = ("stack_exchange", "standard", "conversational", "implicit_prompt", "sharegpt")
+from dpo.data.errors import RowProblem
+from dpo.data.messages import MESSAGE, ROLES, as_json, has_text, kwargs_of, to_message, tools_of
 
-ROLES = ("system", "user", "assistant", "tool")
-# ShareGPT and other dumps name the roles differently; anything else is a malformed row.
-ROLE_ALIASES = {
-    "human": "user",
-    "gpt": "assistant",
-    "model": "assistant",
-    "bot": "assistant",
-    "function_call": "assistant",
-    "observation": "tool",
-}
+DATA_FORMATS = ("stack_exchange", "standard", "conversational", "implicit_prompt", "sharegpt")
 
 # Why a row is skipped. Normalising can find the first three; tokenizing finds the rest.
 DROP_REASONS = (
@@ -68,12 +65,14 @@ DROP_REASONS = (
     "truncated_away",  # the prompt fills max_length: nothing of a response would remain
     "no_prompt_tokens",  # no prompt token, no BOS: the first response token cannot be scored
     "not_raw_text",  # --chat-template none, but a prompt or response is several messages
+    "needs_chat_template",  # tools, tool calls or reasoning, and no chat template to render them
+    "unrendered_tool_calls",  # the chat template does not write an assistant's tool calls
 )
 
-MESSAGE = {"role": Value("string"), "content": Value("string")}
 NORMALISED_FEATURES = Features({"prompt": List(MESSAGE), "chosen": List(MESSAGE),
-                                "rejected": List(MESSAGE), "row_index": Value("int64"),
-                                "problem": Value("string")})
+                                "rejected": List(MESSAGE), "tools": Value("string"),
+                                "chat_template_kwargs": Value("string"),
+                                "row_index": Value("int64"), "problem": Value("string")})
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -87,13 +86,6 @@ class FormatSpec:
     prompt: str | None
     chosen: str
     rejected: str
-
-
-class RowProblem(Exception):
-    """A defect in one row; caught per row and recorded as ``"<reason>: <detail>"``."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
 
 
 def _is_text(feature) -> bool:
@@ -157,33 +149,15 @@ def to_messages(value, field: str, default_role: str) -> list[dict]:
     if value is None:
         raise RowProblem("missing_field", f"{field} is missing")
     if isinstance(value, str):
-        return [{"role": default_role, "content": value}]
+        return [{"role": default_role, "content": value, "fields": ""}]
     if isinstance(value, dict):
-        return [_message(value, field)]
+        return [to_message(value, field)]
     if isinstance(value, list):
-        return [_message(m, f"{field}[{i}]") for i, m in enumerate(value)]
+        return [to_message(m, f"{field}[{i}]") for i, m in enumerate(value)]
     raise RowProblem(
         "not_a_string",
         f"{field} is a {type(value).__name__}, expected a string or a list of messages",
     )
-
-
-def _message(value, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise RowProblem("malformed", f"{where} is a {type(value).__name__}, not a message")
-    # ShareGPT dumps use from/value; Arrow fills the other pair of keys with None.
-    role = value.get("role") if value.get("role") is not None else value.get("from")
-    content = value.get("content") if value.get("content") is not None else value.get("value")
-    if role is None:
-        raise RowProblem("missing_field", f"{where} has no role")
-    if content is None:
-        raise RowProblem("missing_field", f"{where} has no content")
-    if not isinstance(content, str):
-        raise RowProblem("not_a_string", f"{where}.content is a {type(content).__name__}")
-    role = ROLE_ALIASES.get(role, role)
-    if role not in ROLES:
-        raise RowProblem("malformed", f"{where} has unknown role {role!r}")
-    return {"role": role, "content": content}
 
 
 def parse_transcript(text: str, field: str) -> list[dict]:
@@ -193,7 +167,7 @@ def parse_transcript(text: str, field: str) -> list[dict]:
     if len(pieces) < 3 or pieces[0].strip():
         raise RowProblem("malformed", f"{field} is not a '\\n\\nHuman: ...' transcript")
     return [
-        {"role": HH_ROLES[role], "content": content.strip()}
+        {"role": HH_ROLES[role], "content": content.strip(), "fields": ""}
         for role, content in zip(pieces[1::2], pieces[2::2])
     ]
 
@@ -236,9 +210,14 @@ def normalise_row(row: dict, spec: FormatSpec) -> dict:
                                      (spec.rejected, row[spec.rejected]))
             )
             prompt, chosen, rejected = split_shared_prompt(chosen, rejected)
+        # A row's own tools and template options; the columns are optional in every format.
+        tools = as_json(tools_of(row.get("tools")))
+        kwargs = as_json(kwargs_of(row.get("chat_template_kwargs")))
     except RowProblem as problem:
-        return {"prompt": [], "chosen": [], "rejected": [], "problem": str(problem)}
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "problem": ""}
+        return {"prompt": [], "chosen": [], "rejected": [], "tools": "", "chat_template_kwargs": "",
+                "problem": str(problem)}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": tools,
+            "chat_template_kwargs": kwargs, "problem": ""}
 
 
 def normalise(ds: Dataset, *, data_format: str | None = None,
@@ -286,7 +265,7 @@ def find_problem(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -
                 return RowProblem("malformed", f"{where} has unknown role {message['role']!r}")
             if message["content"] is None:
                 return RowProblem("missing_field", f"{where} has no content")
-            if not message["content"].strip():
+            if not has_text(message):
                 return RowProblem("empty", f"{where} is empty")
     if chosen == rejected:
         return RowProblem("identical", "chosen and rejected are the same")

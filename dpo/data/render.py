@@ -7,12 +7,15 @@ prompt opens both conversations, so that the labels later cover the response and
 """
 from __future__ import annotations
 
+import functools
+import json
 import string
 
 from jinja2 import TemplateError
 
 from dpo.data import formats
-from dpo.data.formats import RowProblem
+from dpo.data.errors import RowProblem
+from dpo.data.messages import expand, extra_fields, has_reasoning
 
 # How a pair becomes text (``--chat-template``): the tokenizer's chat template ("auto", plain
 # text for a tokenizer without one), HH-style plain text, or the fields' strings as they are.
@@ -25,6 +28,12 @@ CONTENT_SENTINEL = "\x00DPO-RESPONSE-CONTENT\x00"
 # The conversation that shows which token the chat template ends an assistant turn with.
 END_OF_TURN_PROBE = [{"role": "user", "content": "Hi"},
                      {"role": "assistant", "content": CONTENT_SENTINEL}]
+# A tool that shows whether the chat template renders tools at all.
+PROBE_TOOL = {"type": "function", "function": {
+    "name": "probe_tool", "description": "Shows whether the template renders tools.",
+    "parameters": {"type": "object", "properties": {}}}}
+PROBE_CALL = {"role": "assistant", "content": "", "fields": json.dumps({"tool_calls": [
+    {"type": "function", "function": {"name": "probe_tool", "arguments": {}}}]})}
 
 
 class PairRenderer:
@@ -42,12 +51,19 @@ class PairRenderer:
 
     ``mode`` is ``"auto"`` (the chat template; the caller passes ``"plain"`` for a tokenizer
     without one), ``"plain"`` or ``"none"``: raw text, see ``raw_texts``.
+
+    Every rendering gets ``chat_template_kwargs`` (``enable_thinking``, ...) updated by the row's
+    own, and the row's ``tools``, else ``tools`` (the run's ``--tools-file``). Plain text has no
+    layout for tools, tool calls or reasoning: such a row is ``needs_chat_template``.
     """
 
-    def __init__(self, tokenizer, *, mode, prompt_template=None):
+    def __init__(self, tokenizer, *, mode, prompt_template=None, chat_template_kwargs=None,
+                 tools=None):
         self.tokenizer = tokenizer
         self.mode = mode
         self.prompt_template = prompt_template
+        self.kwargs = dict(chat_template_kwargs or {})
+        self.tools = tools or None
         self.use_chat_template = mode == "auto"
         self.end_text, self.end_id = tokenizer.eos_token, tokenizer.eos_token_id
         if self.use_chat_template:
@@ -69,52 +85,108 @@ class PairRenderer:
                 return token.content, ids[0]
         return self.tokenizer.eos_token, self.tokenizer.eos_token_id
 
-    def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-        """The conversation as text: the chat template's, or HH-style plain text, where a
-        content that starts with its own space (HH-derived strings: ``" Sure, ..."``) gets no
-        second one after the label."""
+    @functools.cached_property
+    def renders_tools(self) -> bool:
+        """Whether the chat template writes tools into the conversation at all (Gemma 3's
+        does not): a row's tools are then silently absent, which the filter report says."""
+        probe = END_OF_TURN_PROBE[:1]
+        return self.use_chat_template and self.render(probe, tools=[PROBE_TOOL]) != \
+            self.render(probe)
+
+    @functools.cached_property
+    def renders_tool_calls(self) -> bool:
+        """Whether the chat template writes an assistant's tool calls (Llama 3's does not): a
+        row that has some is dropped, since its call would be trained or shown as nothing."""
+        if not self.use_chat_template:
+            return False
+        user = END_OF_TURN_PROBE[0]
+        try:
+            return self.render([user, PROBE_CALL]) != self.render([user, {**PROBE_CALL,
+                                                                        "fields": ""}])
+        except TemplateError:
+            return False
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = False,
+               tools: list[dict] | None = None, kwargs: dict | None = None) -> str:
+        """The conversation as text: the chat template's, with every field of each message, the
+        tools and the template options (``kwargs``, default the run's); or HH-style plain text,
+        where a content that starts with its own space (HH-derived strings: ``" Sure, ..."``)
+        gets no second one after the label."""
         if self.use_chat_template:
             if not messages:  # templates refuse an empty conversation; it renders as nothing
                 return ""
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                [expand(m) for m in messages], tools=tools, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **(self.kwargs if kwargs is None else kwargs),
             )
         text = "".join(f"\n\n{PLAIN_LABELS[m['role']]}:{_spaced(m['content'])}" for m in messages)
         return text + "\n\nAssistant:" if add_generation_prompt else text
 
-    def prompt_candidates(self, prompt: list[dict]):
-        """Texts that may open every prompt+response rendering, the most specific first.
+    def prompt_candidates(self, prompt: list[dict], **context):
+        """Texts that may open every prompt+response rendering, in order of preference.
 
-        A chat template may write more than the generation prompt before an assistant's content
-        (Qwen3 puts ``<think>\\n\\n</think>\\n\\n`` into the last assistant turn): rendering a
-        sentinel response shows all of it, and it belongs to the prompt, so that the labels
-        cover the response's content and not the template's scaffolding. When the template
-        renders the real content differently (a response with its own ``<think>`` block, a
-        multi-turn response), the generation prompt is the fallback.
+        First the generation prompt, what the model is given when it answers: with Qwen3's
+        thinking on (its default) that is ``<|im_start|>assistant\\n``, so a response's thinking
+        block, empty or not, is labelled as the response it is; with ``enable_thinking: false``
+        the empty block ``<think>\\n\\n</think>\\n\\n`` is part of the generation prompt and
+        so of the prompt. Then the text before a sentinel response's content, for a template
+        whose assistant turn does not open with its generation prompt.
         """
+        if prompt or not self.use_chat_template:
+            yield self.render(prompt, add_generation_prompt=True, **context)
         if self.use_chat_template:
             sentinel = [*prompt, {"role": "assistant", "content": CONTENT_SENTINEL}]
-            rendered = self.render(sentinel)
+            rendered = self.render(sentinel, **context)
             if CONTENT_SENTINEL in rendered:
                 yield rendered[: rendered.index(CONTENT_SENTINEL)]
-        if prompt or not self.use_chat_template:
-            yield self.render(prompt, add_generation_prompt=True)
+
+    def context(self, row: dict) -> dict:
+        """The row's ``tools`` and template options (``kwargs``): its own, else the run's."""
+        tools = json.loads(row["tools"]) if row.get("tools") else self.tools
+        kwargs = json.loads(row["chat_template_kwargs"]) if row.get("chat_template_kwargs") \
+            else {}
+        return {"tools": tools, "kwargs": {**self.kwargs, **kwargs}}
 
     def split_texts(self, row: dict) -> tuple[str, str, str]:
         """(prompt text, chosen body, rejected body); the bodies end before the turn's end."""
+        if not self.use_chat_template:
+            self._check_plain(row)
+        elif not self.renders_tool_calls and any(
+                "tool_calls" in extra_fields(m)
+                for m in [*row["prompt"], *row["chosen"], *row["rejected"]]):
+            raise RowProblem("unrendered_tool_calls", "the chat template does not write tool "
+                             "calls, so the call would be read as an empty message")
         if self.mode == "none":
             return self.raw_texts(row)
         prompt = unwrap_transcript(row["prompt"])
+        context = self.context(row) if self.use_chat_template else {}
         try:
-            chosen = self.render([*prompt, *row["chosen"]])
-            rejected = self.render([*prompt, *row["rejected"]])
-            candidates = list(self.prompt_candidates(prompt))
+            chosen = self.render([*prompt, *row["chosen"]], **context)
+            rejected = self.render([*prompt, *row["rejected"]], **context)
+            candidates = list(self.prompt_candidates(prompt, **context))
         except TemplateError as e:  # raised by the template itself (raise_exception)
             raise RowProblem("template_error", _one_line(e)) from None
         for prompt in candidates:
             if chosen.startswith(prompt) and rejected.startswith(prompt):
                 return prompt, self._body(chosen[len(prompt):]), self._body(rejected[len(prompt):])
+        if has_reasoning([*row["chosen"], *row["rejected"]]):
+            raise RowProblem("template_mismatch", "a response's reasoning cannot follow the "
+                             "prompt the template renders for generation (chat_template_kwargs "
+                             f"{json.dumps(context['kwargs'])}: thinking off?)")
         raise RowProblem("template_mismatch", "no rendering of the prompt opens both conversations")
+
+    def _check_plain(self, row: dict) -> None:
+        """Plain and raw text have no layout for tools, tool calls, reasoning or template
+        options: a row that holds any is refused rather than rendered without them."""
+        what = "tools" if row.get("tools") else \
+            "chat_template_kwargs" if row.get("chat_template_kwargs") else next(
+                (key for m in [*row["prompt"], *row["chosen"], *row["rejected"]]
+                 for key in ("tool_calls", "reasoning_content") if key in extra_fields(m)), None)
+        if what:
+            raise RowProblem("needs_chat_template", f"the row has {what}, which only a chat "
+                             f"template renders (chat_template {self.mode}"
+                             f"{'' if self.mode != 'plain' else ' or no template'})")
 
     def raw_texts(self, row: dict) -> tuple[str, str, str]:
         """``--chat-template none``: the prompt's text (through ``prompt_template``) and each

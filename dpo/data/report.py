@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from dpo.data.formats import DROP_REASONS
 
 # Reasons whose detail the report prints: the row indices alone do not say what went wrong.
-REPORTED_DETAILS = ("template_error", "not_raw_text")
+REPORTED_DETAILS = ("template_error", "template_mismatch", "not_raw_text", "needs_chat_template")
 
 
 @dataclass
@@ -26,15 +26,19 @@ class FilterReport:
     examples: dict[str, list[int]] = field(default_factory=dict)  # first row indices per reason
     # The first distinct details per reason (for template_error, the template's own message).
     details: dict[str, list[str]] = field(default_factory=dict)
+    # Kept pairs with tools that the chat template does not render (Gemma 3's ignores them).
+    tools_unrendered: int = 0
 
     MAX_EXAMPLES = 5
 
     @classmethod
     def from_rows(
-        cls, problems: Sequence[str], row_indices: Sequence[int], truncated: Sequence[bool]
+        cls, problems: Sequence[str], row_indices: Sequence[int], truncated: Sequence[bool],
+        tools_unrendered: int = 0,
     ) -> FilterReport:
         """Count the rows' problems (``""`` for a kept row); examples are the lowest rows."""
-        report = cls(total=len(problems), kept=0, truncated=sum(truncated))
+        report = cls(total=len(problems), kept=0, truncated=sum(truncated),
+                     tools_unrendered=tools_unrendered)
         for problem, row in sorted(zip(problems, row_indices), key=lambda pr: pr[1]):
             if not problem:
                 report.kept += 1
@@ -54,7 +58,7 @@ class FilterReport:
     def __str__(self) -> str:
         line = f"kept {self.kept} of {self.total} pairs ({self.truncated} truncated)"
         if not self.dropped:
-            return line + ", dropped none"
+            return line + ", dropped none" + self._warnings()
         reasons = []
         for reason, count in self.dropped.items():
             rows = ", ".join(str(row) for row in self.examples[reason])
@@ -62,7 +66,14 @@ class FilterReport:
             if reason in REPORTED_DETAILS:
                 more += "".join(f'; "{detail}"' for detail in self.details[reason])
             reasons.append(f"{reason} {count} (rows {rows}{more})")
-        return f"{line}, dropped {self.total - self.kept}: " + "; ".join(reasons)
+        return f"{line}, dropped {self.total - self.kept}: " + "; ".join(reasons) + \
+            self._warnings()
+
+    def _warnings(self) -> str:
+        if not self.tools_unrendered:
+            return ""
+        return (f"; warning: the chat template does not render tools, so {self.tools_unrendered}"
+                f" pairs are trained without the tools they were given")
 
 
 class NoPairsLeft(ValueError):

@@ -21,7 +21,8 @@ IGNORE_INDEX = -100  # label of prompt and padding positions: no loss there
 
 # The modules whose source decides the tokenized rows and the report. Both caches key on it
 # (datasets' map cache, ``_fingerprint``; the on-disk ``dpo.data.cache``): any edit misses.
-TOKENS_CODE = ("dpo.data.formats", "dpo.data.render", "dpo.data.report", "dpo.data.tokenize")
+TOKENS_CODE = ("dpo.data.errors", "dpo.data.messages", "dpo.data.formats", "dpo.data.render",
+               "dpo.data.report", "dpo.data.tokenize")
 # The columns of a row that is skipped: it is dropped after the report is made.
 UNUSABLE_PAIR = {
     "chosen_input_ids": [],
@@ -30,6 +31,7 @@ UNUSABLE_PAIR = {
     "rejected_labels": [],
     "length": 0,
     "truncated": False,
+    "tools_unrendered": False,
 }
 
 
@@ -65,11 +67,18 @@ class _PairTokenizer:
     ``PairRenderer``).
     """
 
-    def __init__(self, tokenizer, *, max_length, max_prompt_length, mode, prompt_template=None):
+    def __init__(self, tokenizer, *, max_length, max_prompt_length, mode, prompt_template=None,
+                 chat_template_kwargs=None, tools=None):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
-        self.renderer = PairRenderer(tokenizer, mode=mode, prompt_template=prompt_template)
+        if mode != "auto" and (chat_template_kwargs or tools):
+            what = "chat_template_kwargs" if chat_template_kwargs else "tools"
+            raise ValueError(f"{what} need a chat template, and the pairs are rendered as "
+                             f"{mode} text" + (" (the tokenizer has no chat template)"
+                                               if tokenizer.chat_template is None else ""))
+        self.renderer = PairRenderer(tokenizer, mode=mode, prompt_template=prompt_template,
+                                     chat_template_kwargs=chat_template_kwargs, tools=tools)
         self.end_id = self.renderer.end_id
         # Only a tokenizer that adds BOS itself (Llama) wants one; we add it at most once below.
         bos = tokenizer.bos_token_id
@@ -97,7 +106,9 @@ class _PairTokenizer:
                     pair = self.truncate_and_label(*encoded[i])
                 except RowProblem as skip:
                     problem = str(skip)
-            for name, value in pair.items():
+            unrendered = not problem and bool(rows[i].get("tools") or self.renderer.tools) \
+                and not self.renderer.renders_tools
+            for name, value in {**pair, "tools_unrendered": unrendered}.items():
                 out[name].append(value)
             out["problem"].append(problem)
         return out
@@ -206,6 +217,8 @@ def _fingerprint(ds: Dataset, pair_tokenizer: _PairTokenizer) -> str | None:
         pair_tokenizer.max_prompt_length,
         pair_tokenizer.renderer.mode,
         pair_tokenizer.renderer.prompt_template,
+        pair_tokenizer.renderer.kwargs,
+        pair_tokenizer.renderer.tools,
         code_source(),
     ])
 
@@ -218,6 +231,8 @@ def tokenize_preferences(
     max_prompt_length: int | None = None,
     chat_template: str = "auto",
     prompt_template: str | None = None,
+    chat_template_kwargs: dict | None = None,
+    tools: list[dict] | None = None,
     strict: bool = False,
     num_proc: int | None = None,
 ) -> tuple[Dataset, FilterReport]:
@@ -234,7 +249,9 @@ def tokenize_preferences(
     skipped as ``not_raw_text``. Every response ends with one terminator: the token the chat
     template ends an assistant turn with, else EOS (see ``PairRenderer``); the prompt gets the
     tokenizer's BOS when the tokenizer adds one itself, never twice. A row the chat template
-    refuses is skipped as ``template_error``.
+    refuses is skipped as ``template_error``. ``chat_template_kwargs`` go to every rendering
+    (a row's own ``chat_template_kwargs`` update them), and ``tools`` (schemas) to every row
+    without its own; both need a chat template (``"auto"``).
     ``max_prompt_length`` defaults to ``max_length // 2``; see
     ``_PairTokenizer.truncate_and_label`` for the truncation rules.
 
@@ -261,6 +278,8 @@ def tokenize_preferences(
         mode="plain" if chat_template == "auto" and tokenizer.chat_template is None
         else chat_template,
         prompt_template=prompt_template,
+        chat_template_kwargs=chat_template_kwargs,
+        tools=tools,
     )
     tokenized = ds.map(
         pair_tokenizer,
@@ -272,7 +291,8 @@ def tokenize_preferences(
         desc="tokenizing preference pairs",
     )
     problems, row_indices = list(tokenized["problem"]), list(tokenized["row_index"])
-    report = FilterReport.from_rows(problems, row_indices, list(tokenized["truncated"]))
+    report = FilterReport.from_rows(problems, row_indices, list(tokenized["truncated"]),
+                                    tools_unrendered=sum(tokenized["tools_unrendered"]))
     if strict and report.kept < report.total:
         # The bad row that comes first in the source, where the user will look for it.
         row, problem = min((row, problem) for row, problem in zip(row_indices, problems) if problem)
@@ -280,4 +300,5 @@ def tokenize_preferences(
     if report.kept == 0:
         raise NoPairsLeft(report)
     kept = [i for i, problem in enumerate(problems) if not problem]
-    return tokenized.select(kept).remove_columns(["problem", "truncated"]), report
+    return (tokenized.select(kept).remove_columns(["problem", "truncated", "tools_unrendered"]),
+            report)

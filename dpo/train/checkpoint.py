@@ -92,6 +92,7 @@ SETTLED_AT_START = ("router_aux_loss_coef", "chunked_logps", "padding_free", "sh
 # that changed any of them would not continue the same run.
 RUN_IDENTITY = ("model", "dataset", "data_format", "num_samples", "eval_samples", "max_length",
                 "max_prompt_length", "chat_template", "prompt_template", "strict_data",
+                "chat_template_kwargs", "tools_file",
                 "group_by_length", "seed", "batch_size", "gradient_accumulation_steps",
                 "num_processes",
                 # Which rows are drawn (and so which rows a resume skips past).

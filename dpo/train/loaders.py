@@ -24,6 +24,7 @@ from dpo.data.cache import default_cache_dir, tokenize_cached
 from dpo.data import mixture
 from dpo.data.mixture import PER_DATASET
 from dpo.data.sources import layout_warning
+from dpo.data.messages import read_tools_file
 from dpo.data.report import NoPairsLeft
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".gz")
@@ -110,6 +111,8 @@ def _load_one(cfg: TrainConfig, accelerator: Accelerator, tokenizer, dataset: st
     as an `EmptyEval`, and the other datasets are evaluated."""
     tokenize = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                     chat_template=cfg.chat_template, prompt_template=cfg.prompt_template,
+                    chat_template_kwargs=cfg.chat_template_kwargs,
+                    tools=read_tools_file(cfg.tools_file) if cfg.tools_file else None,
                     strict=cfg.strict_data, num_proc=cfg.num_proc,
                     cache_dir=default_cache_dir() if cfg.tokenize_cache else None,
                     log=accelerator.print)
