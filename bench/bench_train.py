@@ -31,8 +31,8 @@ Implementations (`--impl`):
 
 The timed steps are one epoch over the same pairs for every implementation (the warm-up steps run
 first on the epoch's first batches), so plain and optimized see exactly the same pairs.
-`--compare` runs each implementation in a fresh subprocess, so each peak memory is its own, and
-prints the ratios against the plain one and the issue's targets.
+`--compare` runs each implementation in a process of its own (`benchlib.common.run_child`), so
+each peak memory is its own, and prints the ratios against the plain one and the issue's targets.
 
     python bench/bench_train.py --compare                                   # demo data, tiny
     python bench/bench_train.py --shape smollm2-135m --synthetic --max-length 256 \\
@@ -49,14 +49,13 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchlib.common import (SHAPES, FlopCounter, compute_dtype, load_pairs, matmul_flops,
-                             model_config, peak_memory, reset_peak_memory, sync)
+                             model_config, peak_memory, reset_peak_memory, run_child, sync)
 from benchlib.train_report import IMPLS, print_ratios, print_table, ratios
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,8 +269,7 @@ def main(argv=None) -> None:
     argv = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--compare"]
     results = {}
     for impl in args.impls:
-        child = subprocess.run([sys.executable, __file__, *argv, "--impl", impl], cwd=ROOT,
-                               capture_output=True, text=True)
+        child = run_child(__file__, [*argv, "--impl", impl])
         if child.returncode:
             sys.exit(f"--impl {impl} failed:\n{child.stderr[-3000:]}")
         if args.profile:

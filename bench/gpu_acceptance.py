@@ -42,7 +42,9 @@ machine's CPU gave; the tolerances leave a margin above it.
   --num_processes 1` (gloo on CPU) runs 2 optimizer steps of the real step (fp32, lr 1e-4,
   clipping at 1.0, policy = reference at the start); the first step's log-probs and the second
   step's loss and log-probs within 1e-4 relative of the same run without DeepSpeed. Measured on
-  CPU: ZeRO-2 equal bit for bit, ZeRO-3 <= 2.8e-7; about 13 s each.
+  CPU: ZeRO-2 equal bit for bit, ZeRO-3 <= 2.8e-7; about 13 s each. Their children start with
+  the run and go on beside the parts before them (numbers compared, not timed); the throughput
+  part, which is timed, starts after they have ended.
 - throughput: the `--shape` (random weights; on CPU only `--shape tiny`), bf16 autocast on
   CUDA, fp32 on CPU, synthetic pairs (a shared prompt and two responses each, up to
   `--max-length`), layouts padded, packed and shared-prompt packed, each in its own process
@@ -93,9 +95,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", help=argparse.SUPPRESS)  # zeroN or throughput:LAYOUT
     args = parser.parse_args(argv)
-    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    if unknown := set(args.parts) - set(PARTS):
+    given = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if unknown := given - set(PARTS):
         parser.error(f"--parts: unknown {sorted(unknown)}")
+    # In PARTS' order, whatever the order given: throughput, which is timed, runs last, once
+    # the zero parts' children (started at once) have ended.
+    args.parts = [p for p in PARTS if p in given]
     if args.micro_batch < 1 or args.pairs_per_step % args.micro_batch:
         parser.error("--pairs-per-step must be a multiple of --micro-batch")
     if min(args.steps, args.max_length) < 1 or args.warmup < 0:
@@ -163,6 +168,10 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device_name}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'part':<11} {'status':<6} detail", flush=True)
+    from benchlib import acceptance_runs
+
+    acceptance_runs.start_zero([int(p[4:]) for p in args.parts if p.startswith("zero")],
+                               Path(__file__).resolve())
     parts, throughput = [], []
     for name in args.parts:
         row, table = run_part(name, args, device, argv)

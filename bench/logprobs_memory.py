@@ -1,7 +1,7 @@
 """Peak memory of the plain vs chunked log-prob paths, forward + backward, at a given vocab size.
 
-Each path runs in a fresh subprocess so that the peak (max RSS on CPU, max allocated on CUDA) is
-its own. Prints a table and one JSON line.
+Each path runs in a process of its own (`benchlib.common.run_child`) so that the peak (max RSS
+on CPU, max allocated on CUDA) is its own. Prints a table and one JSON line.
 
     python bench/logprobs_memory.py                        # Qwen3's vocab, 2 pairs x 512 tokens
     python bench/logprobs_memory.py --vocab-size 32000 --seq-len 1024 --pairs 4
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -60,11 +59,13 @@ def main() -> None:
     if args.path:  # child process: measure one path
         print(json.dumps(measure(args.path, args)))
         return
+    from benchlib.common import run_child
+
     results = {}
     for path in ("plain", "chunked"):
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--path", path],
-                               check=True, capture_output=True, text=True,
-                               cwd=Path(__file__).resolve().parents[1])
+        child = run_child(__file__, [*sys.argv[1:], "--path", path])
+        if child.returncode:
+            sys.exit(f"{path} failed:\n{child.stderr[-3000:]}")
         results[path] = json.loads(child.stdout.strip().splitlines()[-1])
     ratio = results["chunked"]["peak_mib"] / max(results["plain"]["peak_mib"], 1e-9)
     print(f"vocab {args.vocab_size}, {args.pairs} pairs x {args.seq_len} tokens, "

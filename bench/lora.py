@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -122,6 +121,8 @@ def run(args, shape: str, mode: str) -> dict:
 
 
 def main(argv=None) -> None:
+    from benchlib.common import run_child
+
     args = parse_args(argv)
     if args.child:
         print(json.dumps(run(args, *args.child)))
@@ -130,8 +131,7 @@ def main(argv=None) -> None:
     rows = []
     for shape in args.shapes.split(","):
         for mode in args.modes.split(","):
-            child = subprocess.run([sys.executable, __file__, *argv, "--child", shape, mode],
-                                   cwd=ROOT, capture_output=True, text=True)
+            child = run_child(__file__, [*argv, "--child", shape, mode])
             if child.returncode:
                 sys.exit(f"{shape} {mode} failed:\n{child.stderr[-3000:]}")
             rows.append(json.loads(child.stdout.strip().splitlines()[-1]))

@@ -37,7 +37,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib.common import (SHAPES, enable_checkpointing, model_config,  # noqa: E402
-                             peak_memory, reset_peak_memory, train_micro_batch)
+                             peak_memory, reset_peak_memory, run_child, train_micro_batch)
 
 SHARED = Path(os.environ.get("DPO_SHARED") or ROOT.parent / "shared")
 DATA = SHARED / "data" / "hh_rlhf_helpful_base_test.jsonl.gz"
@@ -257,8 +256,7 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     results = {}
     for variant in args.variants:
-        child = subprocess.run([sys.executable, __file__, *argv, "--variant", variant],
-                               cwd=ROOT, capture_output=True, text=True)
+        child = run_child(__file__, [*argv, "--variant", variant])
         if child.returncode:
             sys.exit(f"{variant} failed:\n{child.stderr[-3000:]}")
         results[variant] = json.loads(child.stdout.strip().splitlines()[-1])

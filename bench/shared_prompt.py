@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib.common import (SHAPES, model_config, peak_memory, reset_peak_memory,  # noqa: E402
-                             train_micro_batch)
+                             run_child, train_micro_batch)
 from padding_free import SHARED, TOKENIZER, load_pairs  # noqa: E402
 
 DATASETS = {"hh-rlhf": SHARED / "data" / "hh_rlhf_helpful_base_test.jsonl.gz",
@@ -174,8 +173,7 @@ def main(argv=None) -> None:
     results = []
     for dataset in args.datasets:
         for layout in args.layouts:
-            child = subprocess.run([sys.executable, __file__, *argv, "--child", dataset, layout],
-                                   cwd=ROOT, capture_output=True, text=True)
+            child = run_child(__file__, [*argv, "--child", dataset, layout])
             if child.returncode:
                 sys.exit(f"{dataset} {layout} failed:\n{child.stderr[-3000:]}")
             results.append(json.loads(child.stdout.strip().splitlines()[-1]))

@@ -38,8 +38,9 @@ def test_every_field_has_a_flag_and_the_yaml_round_trips(tmp_path):
     cfg = load_config(["--gradient-checkpointing", "--loss-type", "ipo"])
     cfg.to_yaml(tmp_path / "c.yaml")
     assert load_config(["--config", str(tmp_path / "c.yaml")]) == cfg
-    help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout
+    out = run_python(["train.py", "--help"], demo_env(tmp_path / "cache"))
+    assert out.returncode == 0, out.stderr
+    help_text = out.stdout
     for f in dataclasses.fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in help_text
 

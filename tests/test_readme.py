@@ -7,8 +7,6 @@ Cheap by design: nothing here trains; the commands are run by the tests `RUN_BY`
 import ast
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -325,10 +323,13 @@ def test_every_readme_command_is_run_or_parsed(tmp_path):
 
 
 @pytest.mark.slow  # a pytest subprocess collecting the whole suite
-def test_the_quick_tier_selects_tests_that_are_neither_slow_nor_parallel():
+def test_the_quick_tier_selects_tests_that_are_neither_slow_nor_parallel(tmp_path):
+    from tests.e2e import demo_env, run_python
+
     args = shlex.split(QUICK)[1:]  # after `python`
-    out = subprocess.run([sys.executable, *args, "--collect-only", "-p", "no:cacheprovider"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # Forked from the zygote, whose libraries are imported already: collecting imports them all.
+    out = run_python([*args, "--collect-only", "-p", "no:cacheprovider"],
+                     demo_env(tmp_path / "cache"), timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     quick = {line for line in out.stdout.splitlines() if "::" in line}
     assert len(quick) > 500, out.stdout[-2000:]

@@ -3,7 +3,9 @@
 memory is its own). Both run the real training step: `dpo_step`, `accelerator.backward`,
 clipping and AdamW inside `accelerator.accumulate`, as `train.py` does.
 
-A child prints one JSON line last; the parent reads it (`child_json`).
+A child prints one JSON line last; the parent reads it (`_result`). The throughput children are
+forked where they can be (`benchlib.common.run_child`); the zero parts' children are launched by
+`accelerate launch`, as their claim is the launcher's DeepSpeed setup.
 """
 from __future__ import annotations
 
@@ -27,13 +29,32 @@ THROUGHPUT_LAYOUTS = {"padded": (False, False), "packed": (True, False),
                       "shared-packed": (True, True)}
 
 
-def child_json(command: list[str], env: dict | None = None, timeout: int = 600) -> dict:
+class Child:
+    """A child process started now and read later (`result`): the zero parts' children run
+    beside this process's own parts, whose numbers are compared, never timed. Its output goes to
+    files, so that a child that writes much never blocks on a full pipe."""
+
+    def __init__(self, command: list[str], env: dict | None = None):
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.out,
+                                     stderr=self.err, text=True)
+
+    def result(self, timeout: int = 600) -> dict:
+        """The last JSON line it printed; RuntimeError with its stderr's end if it failed."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        stdout, stderr = (f.seek(0) or f.read() for f in (self.out, self.err))
+        return _result(subprocess.CompletedProcess(self.proc.args, code, stdout, stderr))
+
+
+def _result(child: subprocess.CompletedProcess) -> dict:
     """The last JSON line a child printed; RuntimeError with its stderr's end if it failed."""
-    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=timeout)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"exit code {out.returncode}: {out.stderr.strip()[-1500:]}")
+    lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+    if child.returncode or not lines:
+        raise RuntimeError(f"exit code {child.returncode}: {child.stderr.strip()[-1500:]}")
     return json.loads(lines[-1])
 
 
@@ -84,6 +105,24 @@ def zero_run() -> dict:
 
 
 _baseline: dict = {}
+_started: dict[int, Child] = {}
+
+
+def start_zero(stages: list[int], script: Path) -> None:
+    """Start the children of the zero parts now (with deepspeed installed): their 10 s or so of
+    start-up each then pass while this process runs its own parts."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        for stage in stages:
+            _started[stage] = _zero_child(stage, script)
+
+
+def _zero_child(stage: int, script: Path) -> Child:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
+               "--zero_stage", str(stage), "--num_processes", "1", "--mixed_precision", "no",
+               "--main_process_port", str(free_port()), str(script), "--child", f"zero{stage}"]
+    return Child(command, env={**os.environ, "ACCELERATE_MIXED_PRECISION": "no"})
 
 
 def part_zero(args, device, stage: int, script: Path) -> dict:
@@ -95,14 +134,12 @@ def part_zero(args, device, stage: int, script: Path) -> dict:
 
     if importlib.util.find_spec("deepspeed") is None:
         raise Skip("deepspeed not installed")
+    child = _started.pop(stage, None) or _zero_child(stage, script)
     if not _baseline:
         with contextlib.redirect_stdout(io.StringIO()):  # the Accelerator's own lines
             _baseline.update(zero_run())
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
-               "--zero_stage", str(stage), "--num_processes", "1", "--mixed_precision", "no",
-               "--main_process_port", str(free_port()), str(script), "--child", f"zero{stage}"]
     start = time.perf_counter()
-    got = child_json(command, env={**os.environ, "ACCELERATE_MIXED_PRECISION": "no"})
+    got = child.result()
     want = _baseline
     numbers = {"step1_logps_rel": rel(got["logps"][0], want["logps"][0]),
                "step2_loss_rel": rel(got["losses"][1], want["losses"][1]),
@@ -203,13 +240,13 @@ def part_throughput(args, device, argv: list[str], script: Path) -> tuple[dict, 
     import torch
 
     from benchlib.acceptance import Skip
-    from benchlib.common import matmul_flops
+    from benchlib.common import matmul_flops, run_child
 
     if device.type != "cuda" and args.shape != "tiny":
         raise Skip(f"the {args.shape} shape needs CUDA; --shape tiny runs it here")
     env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16" if device.type == "cuda" else "no"}
-    rows = [child_json([sys.executable, str(script), *argv, "--child", f"throughput:{layout}"],
-                       env=env) for layout in THROUGHPUT_LAYOUTS]
+    rows = [_result(run_child(script, [*argv, "--child", f"throughput:{layout}"], env=env))
+            for layout in THROUGHPUT_LAYOUTS]
     if args.peak_tflops:
         peak, source = args.peak_tflops * 1e12, "datasheet peak (--peak-tflops)"
     else:

@@ -9,9 +9,15 @@ and measure memory the same way without importing the harness.
 from __future__ import annotations
 
 import ctypes
+import importlib
+import os
 import resource
+import runpy
+import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 # Published shapes; the weights are random. SmolLM2-135M is a Llama, Qwen3-0.6B a Qwen3.
@@ -146,6 +152,59 @@ def sync(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# What every bench child imports: a forked child finds them imported already.
+PRELOAD = ("torch", "datasets", "accelerate", "transformers.modeling_utils")
+
+
+def run_child(script: str, argv: list[str], env: dict | None = None,
+              ) -> subprocess.CompletedProcess:
+    """`python <script> <argv>` in a process of its own, so that its peak memory is its own,
+    reported as `subprocess.run(..., capture_output=True, text=True)` reports it.
+
+    Forked from this process, which imports `PRELOAD` first, the child running the script as
+    `__main__` (`runpy`, with `sys.argv` and `env` set): it skips the seconds a fresh
+    interpreter spends importing torch and transformers, and its peak RSS counts the same
+    libraries a fresh one would load. A fresh interpreter where this process has initialised
+    CUDA (a forked CUDA context is unusable) or cannot fork."""
+    import torch
+
+    script = str(script)
+    if not hasattr(os, "fork") or torch.cuda.is_initialized():
+        return subprocess.run([sys.executable, script, *argv], cwd=Path(script).parents[1],
+                              env=env, capture_output=True, text=True)
+    for name in PRELOAD:
+        importlib.import_module(name)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                if env is not None:
+                    os.environ.clear()
+                    os.environ.update(env)
+                sys.argv = [script, *argv]
+                runpy.run_path(script, run_name="__main__")
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except BaseException:  # noqa: BLE001 -- reported as a fresh interpreter would
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess([script, *argv], code, out.read(), err.read())
 
 
 def reset_peak_memory(device) -> None:

@@ -206,20 +206,12 @@ def _fingerprint(ds: Dataset, pair_tokenizer: _PairTokenizer) -> str | None:
     tokenizer = pair_tokenizer.tokenizer
     if not tokenizer.is_fast:
         return None
+    renderer = pair_tokenizer.renderer
     return Hasher.hash([
-        ds._fingerprint,
-        tokenizer.backend_tokenizer.to_str(),
-        tokenizer.chat_template,
-        tokenizer.eos_token,
-        pair_tokenizer.end_id,
-        pair_tokenizer.bos_id,
-        pair_tokenizer.max_length,
-        pair_tokenizer.max_prompt_length,
-        pair_tokenizer.renderer.mode,
-        pair_tokenizer.renderer.prompt_template,
-        pair_tokenizer.renderer.kwargs,
-        pair_tokenizer.renderer.tools,
-        code_source(),
+        ds._fingerprint, tokenizer.backend_tokenizer.to_str(), tokenizer.chat_template,
+        tokenizer.eos_token, pair_tokenizer.end_id, pair_tokenizer.bos_id,
+        pair_tokenizer.max_length, pair_tokenizer.max_prompt_length, renderer.mode,
+        renderer.prompt_template, renderer.kwargs, renderer.tools, code_source(),
     ])
 
 
