@@ -124,7 +124,7 @@ def test_a_bad_tool_call_is_one_line(value, message):
     ([{"type": "function", "function": {"description": "x"}}], r"tools\[0\] has no function name"),
     ("not json", "tools is text that is not JSON"),
 ])
-def test_a_bad_tools_value_drops_its_row_in_one_line(tiny_chat_tokenizer, tools, message):
+def test_a_bad_tools_value_drops_its_row_in_one_line(tools, message):
     good = {"tools": json.dumps([WEATHER])}
     ds = rows(([QUESTION], [CALLING], [{"role": "assistant", "content": "Sunny."}]),
               ([QUESTION], [{"role": "assistant", "content": "Rain."}],
