@@ -64,7 +64,16 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
 @pytest.mark.parametrize("flags, message", [
     (["--beta", "0"], "beta must be a finite number > 0"),
     (["--batch-size", "0"], "batch_size must be >= 1"),
-    (["--loss-type", "kto"], "loss_type: 'kto' is not one of"),
+    (["--loss-type", "kto_pair"], "loss_type: 'kto_pair' is not one of"),
+    # KTO: unpaired rows, so nothing that reads a pair, and a KL estimate needs 2 rows a batch
+    (["--loss-type", "kto", "--batch-size", "1"], "batch_size 1: KTO estimates its KL term"),
+    (["--loss-type", "kto", "--eval-batch-size", "1"], "eval_batch_size 1: KTO estimates"),
+    (["--loss-type", "kto", "sigmoid"], "sigmoid on pairs: it stands alone"),
+    (["--loss-type", "kto", "--precompute-ref-logps"], "change with every batch"),
+    (["--loss-type", "kto", "--use-weighting"], "WPO weights pairs"),
+    (["--loss-type", "kto", "--ld-alpha", "0.5"], "LD-DPO shortens a pair's longer response"),
+    (["--loss-type", "kto", "--undesirable-weight", "0"], "undesirable_weight must be finite"),
+    (["--desirable-weight", "1.5"], "desirable_weight weighs KTO's classes, not loss_type"),
     (["--loss-type", "hinge", "--label-smoothing", "0.1"], "label_smoothing"),
     (["--lr-scheduler", "wavy"], "lr_scheduler: 'wavy' is not one of"),
     (["--warmup-ratio", "1"], "warmup_ratio must lie in"),

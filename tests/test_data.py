@@ -54,6 +54,8 @@ RAW_ROWS = {
     "sharegpt": {"conversations": [{"from": "human", "value": "How do I sort?"}],
                  "chosen": {"from": "gpt", "value": "Use sorted()."},
                  "rejected": {"from": "gpt", "value": "You can't."}},
+    # One completion and its label (KTO): normalised as a "pair" of that completion twice.
+    "unpaired": {"prompt": "How do I sort?", "completion": "Use sorted().", "label": True},
 }
 EXPECTED = {"prompt": [user("How do I sort?")], "chosen": [assistant("Use sorted().")],
             "rejected": [assistant("You can't.")]}
@@ -90,9 +92,10 @@ def check_sequence(tokenizer, ids, labels, expected_text, response_text, *, turn
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data_format", DATA_FORMATS)
+@pytest.mark.parametrize("data_format", [f for f in DATA_FORMATS if f != "unpaired"])
 def test_each_format_is_detected_and_normalised(data_format):
-    """Every format is recognised from its columns and normalises to the same messages."""
+    """Every paired format is recognised from its columns and normalises to the same messages
+    (unpaired rows: tests/test_data_unpaired.py)."""
     ds = Dataset.from_list([RAW_ROWS[data_format]])
     assert resolve_format(ds.features).name == data_format
     row = normalise(ds)[0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpo.config.fields import ConfigError, _opt, check_at_least, declared_default
-from dpo.loss import LOSS_TYPES, check_loss_options, needs_reference
+from dpo.loss import LOSS_TYPES, check_loss_options, is_unpaired, needs_reference
 
 
 @dataclass
@@ -36,6 +36,9 @@ class LossSection:
                                           "1.16's f_alpha_divergence_coef is 1 - α")
     bco_baseline: str = _opt("running_mean", "δ of bco_pair: the running mean of the rewards, or "
                              "none (δ = 0)", choices=("running_mean", "none"))
+    desirable_weight: float = _opt(1.0, "KTO's λ_D: weight of the desirable completions' losses")
+    undesirable_weight: float = _opt(1.0, "KTO's λ_U: weight of the undesirable completions' "
+                                     "losses (the paper: λ_D·n_D / (λ_U·n_U) in [1, 4/3])")
     use_weighting: bool = _opt(False, "WPO: weight each pair's loss by how likely the policy "
                                "finds its two responses (detached, clamped at 1 as in the WPO "
                                "authors' code; TRL 1.16 does not clamp)")
@@ -68,9 +71,12 @@ class LossSection:
                                discopop_tau=self.discopop_tau,
                                f_divergence_type=self.f_divergence_type,
                                f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-                               use_weighting=self.use_weighting, ld_alpha=self.ld_alpha)
+                               use_weighting=self.use_weighting, ld_alpha=self.ld_alpha,
+                               desirable_weight=self.desirable_weight,
+                               undesirable_weight=self.undesirable_weight)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self._validate_unpaired(types)
         if (self.discopop_tau != declared_default(self, "discopop_tau")
                 and "discopop" not in self.loss_type):
             raise ConfigError(f"discopop_tau is the temperature of loss_type discopop, not of "
@@ -80,6 +86,18 @@ class LossSection:
                 and self.f_divergence_type != "alpha_divergence"):
             raise ConfigError("f_alpha_divergence_coef is the α of f_divergence_type "
                               f"alpha_divergence, not of {self.f_divergence_type}; drop it")
+
+    def _validate_unpaired(self, types: str) -> None:
+        """KTO's settings; its batch size is checked across sections."""
+        if not is_unpaired(self.loss_type):
+            for name in ("desirable_weight", "undesirable_weight"):
+                if getattr(self, name) != declared_default(self, name):
+                    raise ConfigError(f"{name} weighs KTO's classes, not loss_type {types}; "
+                                      "drop it")
+        elif self.precompute_ref_logps:
+            raise ConfigError("precompute_ref_logps: KTO's KL estimate reads completions paired "
+                              "with other rows' prompts, which change with every batch; drop "
+                              "the flag")
 
     def _validate_reference_sync(self, types: str) -> None:
         """TR-DPO's settings; that LoRA has no reference model to update is checked across

@@ -15,6 +15,7 @@ from dpo.config.evaluation import EvaluationSection
 from dpo.config.fields import ConfigError, as_field_value, check_field, declared_default
 from dpo.config.loss import LossSection, fold_rpo
 from dpo.config.model import ModelSection, uses_peft
+from dpo.loss import is_unpaired
 from dpo.config.optimisation import OptimisationSection
 from dpo.config.run import RunSection
 
@@ -57,6 +58,12 @@ class TrainConfig(RunSection, EvaluationSection, OptimisationSection, LossSectio
 
     def _validate_across(self) -> None:
         """The checks that read more than one section."""
+        for name in ("batch_size", "eval_batch_size"):
+            size = getattr(self, name)
+            if is_unpaired(self.loss_type) and size is not None and size < 2:
+                raise ConfigError(f"{name} {size}: KTO estimates its KL term from each row's "
+                                  "prompt with another row's completion of the micro-batch; use "
+                                  f"a {name} of 2 or more")
         if self.sync_ref_model and uses_peft(self):
             raise ConfigError("sync_ref_model: with LoRA the reference is the policy with its "
                               "adapter off, not a model to update; drop one of them")

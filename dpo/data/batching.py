@@ -10,6 +10,7 @@ import torch
 
 from dpo.data.shared_prompt import share_prompts
 from dpo.data.tokenize import IGNORE_INDEX
+from dpo.data.unpaired import with_kl_completions
 
 # Float columns of precomputed reference log-probs (dpo.train.reference_cache), passed on by
 # the collator.
@@ -25,7 +26,10 @@ class PreferenceCollator:
     longest sequence, rounded up to ``pad_to_multiple_of`` when given. Rows with precomputed
     reference log-probs (``REF_LOGPS_COLUMNS``) add them as ``(B,)`` float32 tensors of the same
     names, in pair order, and rows with a ``source`` (a mixture's eval rows, see
-    ``dpo.data.mixture``) add it as a ``(B,)`` long tensor.
+    ``dpo.data.mixture``) add it as a ``(B,)`` long tensor. Unpaired rows (KTO, with a
+    ``label``) add it as a ``(B,)`` bool tensor, and their rejected rows are the mismatched
+    completions of the KL estimate (``dpo.data.unpaired.with_kl_completions``, within
+    ``max_length``).
 
     With ``padding_free`` the 2B sequences are instead laid end to end in as few rows as hold
     them within ``max_packed_tokens`` each (one row, unless they exceed it): ``input_ids``,
@@ -40,7 +44,7 @@ class PreferenceCollator:
 
     def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None,
                  padding_free: bool = False, max_packed_tokens: int | None = None,
-                 share_prompt: bool = False):
+                 share_prompt: bool = False, max_length: int | None = None):
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: call prepare_tokenizer(tokenizer) first")
         if max_packed_tokens is not None and max_packed_tokens < 1:
@@ -50,8 +54,11 @@ class PreferenceCollator:
         self.padding_free = padding_free
         self.max_packed_tokens = max_packed_tokens
         self.share_prompt = share_prompt
+        self.max_length = max_length
 
     def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        if "label" in rows[0]:
+            rows = with_kl_completions(rows, self.max_length)
         if self.share_prompt:
             cap = (self.max_packed_tokens or math.inf) if self.padding_free else None
             return self._columns(rows, share_prompts(rows, self.pad_token_id, self._width, cap))
@@ -68,6 +75,8 @@ class PreferenceCollator:
         for name in REF_LOGPS_COLUMNS:
             if name in rows[0]:
                 batch[name] = torch.tensor([row[name] for row in rows], dtype=torch.float32)
+        if "label" in rows[0]:
+            batch["label"] = torch.tensor([row["label"] for row in rows], dtype=torch.bool)
         if "source" in rows[0]:  # a mixture's eval pairs: the dataset each one comes from
             batch["source"] = torch.tensor([row["source"] for row in rows], dtype=torch.long)
         return batch

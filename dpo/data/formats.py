@@ -35,6 +35,11 @@ Supported formats (``DATA_FORMATS``):
 ``sharegpt``
     ``conversations`` (list of ``{from, value}``) with ``chosen``/``rejected`` ``{from, value}``
     messages (LLaMA-Factory's DPO demo).
+``unpaired``
+    ``prompt``, ``completion`` (strings or lists of messages) and a boolean ``label``, true for a
+    desirable completion: KTO's unpaired feedback. Its normalised rows hold the completion as
+    both ``chosen`` and ``rejected`` (tokenized alike; the collator puts the KL estimate's
+    mismatched completion in the rejected slot, ``dpo.data.unpaired``) and add ``label``.
 
 All five go through one converter: only the column names differ, and a value may be a string
 (one message with the field's default role), one message dict or a list of them, with
@@ -51,7 +56,8 @@ from datasets import Dataset, Features, List, Value
 from dpo.data.errors import RowProblem
 from dpo.data.messages import MESSAGE, ROLES, as_json, has_text, kwargs_of, to_message, tools_of
 
-DATA_FORMATS = ("stack_exchange", "standard", "conversational", "implicit_prompt", "sharegpt")
+DATA_FORMATS = ("stack_exchange", "standard", "conversational", "implicit_prompt", "sharegpt",
+                "unpaired")
 
 # Why a row is skipped. Normalising can find the first three; tokenizing finds the rest.
 DROP_REASONS = (
@@ -73,6 +79,7 @@ NORMALISED_FEATURES = Features({"prompt": List(MESSAGE), "chosen": List(MESSAGE)
                                 "rejected": List(MESSAGE), "tools": Value("string"),
                                 "chat_template_kwargs": Value("string"),
                                 "row_index": Value("int64"), "problem": Value("string")})
+UNPAIRED_FEATURES = Features({**NORMALISED_FEATURES, "label": Value("bool")})
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -85,7 +92,7 @@ class FormatSpec:
     name: str
     prompt: str | None
     chosen: str
-    rejected: str
+    rejected: str | None  # None: unpaired rows (a completion and its label)
 
 
 def _is_text(feature) -> bool:
@@ -107,6 +114,7 @@ def resolve_format(features: Features, data_format: str | None = None) -> Format
             "conversational", "prompt" if "prompt" in columns else None, "chosen", "rejected"
         ),
         "implicit_prompt": FormatSpec("implicit_prompt", None, "chosen", "rejected"),
+        "unpaired": FormatSpec("unpaired", "prompt", "completion", None),
     }
     if data_format is None:
         data_format = _detect(features)
@@ -114,10 +122,14 @@ def resolve_format(features: Features, data_format: str | None = None) -> Format
         raise ValueError(f"unknown data format {data_format!r}; expected one of {DATA_FORMATS}")
     spec = candidates[data_format]
     needed = [c for c in (spec.prompt, spec.chosen, spec.rejected) if c is not None]
+    needed += ["label"] if spec.rejected is None else []
     if not set(needed) <= columns:
         raise ValueError(
             f"data format {data_format!r} needs columns {needed}, found {sorted(columns)}"
         )
+    if spec.rejected is None and features["label"] != Value("bool"):
+        raise ValueError(f"label must hold booleans (true: a desirable completion), found "
+                         f"{getattr(features['label'], 'dtype', features['label'])}")
     return spec
 
 
@@ -127,6 +139,8 @@ def _detect(features: Features) -> str:
         return "stack_exchange"
     if {"conversations", "chosen", "rejected"} <= columns:
         return "sharegpt"
+    if {"prompt", "completion", "label"} <= columns:
+        return "unpaired"
     if {"chosen", "rejected"} <= columns:
         texts = _is_text(features["chosen"]) and _is_text(features["rejected"])
         if "prompt" in columns:
@@ -136,7 +150,7 @@ def _detect(features: Features) -> str:
         f"cannot tell the preference format from the columns {sorted(columns)}; expected "
         "question/response_j/response_k (stack_exchange), prompt/chosen/rejected (standard or "
         "conversational), chosen/rejected (implicit_prompt or conversational) or "
-        "conversations/chosen/rejected (sharegpt)"
+        "conversations/chosen/rejected (sharegpt) or prompt/completion/label (unpaired)"
     )
 
 
@@ -194,7 +208,12 @@ def _starts_assistant_turn(messages: list[dict], index: int) -> bool:
 def normalise_row(row: dict, spec: FormatSpec) -> dict:
     """Convert one source row to the normalised messages; defects go to ``problem``."""
     try:
-        if spec.prompt is not None:
+        if spec.rejected is None:  # unpaired
+            prompt = to_messages(row[spec.prompt], spec.prompt, "user")
+            chosen = rejected = to_messages(row[spec.chosen], spec.chosen, "assistant")
+            if row["label"] is None:
+                raise RowProblem("missing_field", "label is missing")
+        elif spec.prompt is not None:
             prompt = to_messages(row[spec.prompt], spec.prompt, "user")
             chosen = to_messages(row[spec.chosen], spec.chosen, "assistant")
             rejected = to_messages(row[spec.rejected], spec.rejected, "assistant")
@@ -214,10 +233,12 @@ def normalise_row(row: dict, spec: FormatSpec) -> dict:
         tools = as_json(tools_of(row.get("tools")))
         kwargs = as_json(kwargs_of(row.get("chat_template_kwargs")))
     except RowProblem as problem:
-        return {"prompt": [], "chosen": [], "rejected": [], "tools": "", "chat_template_kwargs": "",
-                "problem": str(problem)}
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": tools,
-            "chat_template_kwargs": kwargs, "problem": ""}
+        normalised = {"prompt": [], "chosen": [], "rejected": [], "tools": "",
+                      "chat_template_kwargs": "", "problem": str(problem)}
+    else:
+        normalised = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": tools,
+                      "chat_template_kwargs": kwargs, "problem": ""}
+    return normalised if spec.rejected is not None else {**normalised, "label": bool(row["label"])}
 
 
 def normalise(ds: Dataset, *, data_format: str | None = None,
@@ -228,14 +249,14 @@ def normalise(ds: Dataset, *, data_format: str | None = None,
     ``ds``); they end up in the ``row_index`` column for error messages.
     """
     spec = resolve_format(ds.features, data_format)
+    features = NORMALISED_FEATURES if spec.rejected is not None else UNPAIRED_FEATURES
     if row_indices is None:
         row_indices = list(range(len(ds)))
     if len(row_indices) != len(ds):
         raise ValueError(f"row_indices has {len(row_indices)} entries for {len(ds)} rows")
 
     if len(ds) == 0:  # map skips an empty dataset and would keep its columns
-        return Dataset.from_dict({name: [] for name in NORMALISED_FEATURES},
-                                 features=NORMALISED_FEATURES)
+        return Dataset.from_dict({name: [] for name in features}, features=features)
 
     def convert(row: dict, position: int) -> dict:
         return {**normalise_row(row, spec), "row_index": row_indices[position]}
@@ -244,13 +265,14 @@ def normalise(ds: Dataset, *, data_format: str | None = None,
         convert,
         with_indices=True,
         remove_columns=ds.column_names,
-        features=NORMALISED_FEATURES,
+        features=features,
         num_proc=num_proc,
         desc=f"normalising {spec.name} rows",
     )
 
 
-def find_problem(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> RowProblem | None:
+def find_problem(prompt: list[dict], chosen: list[dict], rejected: list[dict],
+                 paired: bool = True) -> RowProblem | None:
     """Check a normalised row's content; return the first problem, or ``None`` for a good row.
 
     Runs on every row before tokenizing, also on datasets that were built by hand in the
@@ -267,6 +289,6 @@ def find_problem(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -
                 return RowProblem("missing_field", f"{where} has no content")
             if not has_text(message):
                 return RowProblem("empty", f"{where} is empty")
-    if chosen == rejected:
+    if paired and chosen == rejected:
         return RowProblem("identical", "chosen and rejected are the same")
     return None

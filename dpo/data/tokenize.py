@@ -115,7 +115,8 @@ class _PairTokenizer:
 
     @staticmethod
     def check_content(row: dict) -> str:
-        problem = find_problem(row["prompt"], row["chosen"], row["rejected"])
+        problem = find_problem(row["prompt"], row["chosen"], row["rejected"],
+                               paired="label" not in row)
         return "" if problem is None else str(problem)
 
     def encode_rows(self, texts: dict[int, tuple[str, str, str]]) -> dict[int, tuple]:
@@ -277,7 +278,7 @@ def tokenize_preferences(
         pair_tokenizer,
         batched=True,
         batch_size=256,
-        remove_columns=[name for name in ds.column_names if name != "row_index"],
+        remove_columns=[name for name in ds.column_names if name not in ("row_index", "label")],
         num_proc=num_proc,
         new_fingerprint=_fingerprint(ds, pair_tokenizer),
         desc="tokenizing preference pairs",

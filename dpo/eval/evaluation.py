@@ -14,7 +14,7 @@ from dpo.data import IGNORE_INDEX
 from dpo.data.batching import num_pairs
 from dpo.eval.judges import load_judge, win_rate
 from dpo.train.loaders import dataset_names
-from dpo.train.metrics import pair_keys, pair_stats
+from dpo.train.metrics import class_means, pair_keys, pair_stats
 from dpo.train.step import Objective, chosen_token_counts, dpo_step
 
 SHOWN_SAMPLES = 2  # sample answers printed at each eval; samples.jsonl has them all
@@ -55,7 +55,8 @@ def evaluate(accelerator: Accelerator, cfg: TrainConfig, policy, reference, load
 
 
 def _means(prefix: str, stats: torch.Tensor, keys: tuple[str, ...]) -> dict:
-    return {f"{prefix}/{key}": value for key, value in zip(keys, stats.mean(0).tolist())}
+    return class_means({f"{prefix}/{key}": value
+                        for key, value in zip(keys, stats.mean(0).tolist())})
 
 
 def sample_prompts(cfg: TrainConfig, eval_rows) -> list[list[int]]:
@@ -256,8 +257,13 @@ def summary(before: dict, after: dict) -> str:
     with a judge, the sample answers' win rate against the reference and their mean scores."""
     if not after:
         return "done (no eval data)"
-    lines = ["held-out pairs      " + ("before    " if before else "") + "after"]
-    for key in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"):
+    unpaired = "eval/kl" in after  # KTO: labelled completions, no pair to be right about
+    lines = [f"held-out {'rows' if unpaired else 'pairs':<11}" + ("before    " if before else "")
+             + "after"]
+    for key in ("eval/loss", "eval/kl" if unpaired else "eval/rewards/accuracies",
+                "eval/rewards/margins"):
+        if key not in after:  # KTO's margin needs both classes among the eval rows
+            continue
         was = f"{before[key]:<10.4f}" if before else ""
         lines.append(f"{key[5:]:<20}{was}{after[key]:.4f}")
     judged = [key for key in JUDGED_KEYS if key in after]

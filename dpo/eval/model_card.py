@@ -22,11 +22,12 @@ LOSS_SETTINGS = {"loss_weights": "MPO", "label_smoothing": None, "simpo_gamma": 
                  "f_alpha_divergence_coef": None, "bco_baseline": None,
                  "use_weighting": "WPO", "ld_alpha": "LD-DPO", "router_aux_loss_coef": None,
                  "sync_ref_model": "TR-DPO", "ref_model_mixup_alpha": None,
-                 "ref_model_sync_steps": None, "precompute_ref_logps": None}
+                 "ref_model_sync_steps": None, "precompute_ref_logps": None,
+                 "desirable_weight": None, "undesirable_weight": None}
 OPTIM_SETTINGS = ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
                   "max_grad_norm", "batch_size", "gradient_accumulation_steps", "max_length",
                   "seed")
-SHOWN_METRICS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins",
+SHOWN_METRICS = ("eval/loss", "eval/rewards/accuracies", "eval/kl", "eval/rewards/margins",
                  "eval/win_rate", "eval/reward/policy", "eval/reward/reference",
                  "eval/length/policy", "eval/length/reference")
 

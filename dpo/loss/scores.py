@@ -21,6 +21,9 @@ class Scores:
     rejected_lengths: torch.Tensor | None = None
     # The chosen's plain log-probs when policy_chosen are LD-DPO's (`sft` reads them); None: same
     sft_chosen: torch.Tensor | None = None
+    # Unpaired rows (KTO): True where the `chosen` slot's completion is desirable; the
+    # `rejected` slot then holds the mismatched completion of the KL estimate.
+    labels: torch.Tensor | None = None
 
     @property
     def chosen_logratios(self) -> torch.Tensor:
@@ -55,3 +58,7 @@ class LossOptions:
     num_tokens: torch.Tensor | float | None = None
     f_divergence_type: str = "reverse_kl"  # the divergence behind the score difference
     f_alpha_divergence_coef: float = 0.5
+    # KTO: the reference point z₀ (detached) and the weights of the two classes
+    kl: torch.Tensor | float = 0.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0

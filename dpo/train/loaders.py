@@ -21,11 +21,12 @@ from torch.utils.data import DataLoader
 from dpo import data, demo
 from dpo.config import ConfigError, TrainConfig
 from dpo.data.cache import default_cache_dir, tokenize_cached
-from dpo.data import mixture
+from dpo.data import mixture, unpaired
 from dpo.data.mixture import PER_DATASET
 from dpo.data.sources import layout_warning
 from dpo.data.messages import read_tools_file
 from dpo.data.report import NoPairsLeft
+from dpo.loss import is_unpaired
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".gz")
 
@@ -76,6 +77,11 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
                           f"({', '.join(f'{n} {len(p)}' for n, p in zip(names, train_parts))})")
     train_ds = datasets.concatenate_datasets(train_parts) if len(train_parts) > 1 \
         else train_parts[0]
+    if is_unpaired(cfg.loss_type):
+        try:
+            unpaired.check_both_classes(train_ds)
+        except ValueError as e:
+            raise ConfigError(f"dataset {', '.join(cfg.dataset)}: {e}") from None
     eval_ds = datasets.concatenate_datasets(eval_parts) if eval_parts else None
     return train_ds, eval_ds
 
@@ -89,7 +95,7 @@ def make_collator(cfg: TrainConfig, tokenizer) -> data.PreferenceCollator:
                          "settle_logps_path first")
     return data.PreferenceCollator(tokenizer.pad_token_id, padding_free=cfg.padding_free,
                                    max_packed_tokens=cfg.padding_free_max_tokens,
-                                   share_prompt=cfg.share_prompt)
+                                   share_prompt=cfg.share_prompt, max_length=cfg.max_length)
 
 
 def dataset_names(cfg: TrainConfig) -> list[str]:
@@ -122,6 +128,12 @@ def _load_one(cfg: TrainConfig, accelerator: Accelerator, tokenizer, dataset: st
             dataset, num_proc=cfg.num_proc, eval_dataset_config=cfg.eval_dataset_config,
             eval_data_dir=cfg.eval_data_dir, eval_split=cfg.eval_split,
             streaming=cfg.streaming, shuffle_buffer_size=cfg.shuffle_buffer_size, **settings)
+        if is_unpaired(cfg.loss_type):  # KTO takes pairs too, as two labelled completions
+            train_rows, eval_rows = map(unpaired.as_unpaired, (train_rows, eval_rows))
+        elif unpaired.is_unpaired(train_rows):
+            raise ValueError("its rows are unpaired (prompt, completion, label): they train with "
+                             "--loss-type kto, not with loss_type "
+                             f"{', '.join(cfg.loss_type)}, which needs pairs")
         train, report = tokenize_cached(train_rows, tokenizer, **tokenize)
         if not len(eval_rows):
             return train, None, report

@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from dpo.loss import is_unpaired
 from dpo.train.step import StepOutput
 
 # Per-pair statistics, in the column order of `pair_stats`.
@@ -28,6 +29,12 @@ PAIR_KEYS = (
     "logits/chosen",       # mean logit over response tokens and vocabulary
     "logits/rejected",
 )
+# KTO's rows are unpaired: `chosen` statistics are the means over the desirable completions,
+# `rejected` ones over the undesirable completions (TRL's names), `kl` its reference point z₀
+# and `desirable` the share of desirable rows. `pair_stats` gives each row its value times its
+# class indicator; `class_means` divides by the class's share.
+UNPAIRED_KEYS = ("loss", "kl", "desirable", "rewards/chosen", "rewards/rejected", "logps/chosen",
+                 "logps/rejected", "logits/chosen", "logits/rejected")
 
 
 def pair_keys(cfg) -> tuple[str, ...]:
@@ -35,6 +42,8 @@ def pair_keys(cfg) -> tuple[str, ...]:
     mixture of experts its router loss, unweighted, as `aux_loss`; with WPO the pairs' weights,
     as `weights/mean`."""
     types = cfg.loss_type
+    if is_unpaired(types):  # KTO stands alone: no mixture terms, no WPO
+        return UNPAIRED_KEYS + (("aux_loss",) if cfg.router_aux_loss_coef else ())
     return (PAIR_KEYS + (tuple(f"loss/{t}" for t in types) if len(types) > 1 else ())
             + (("aux_loss",) if cfg.router_aux_loss_coef else ())
             + (("weights/mean",) if cfg.use_weighting else ()))
@@ -46,6 +55,11 @@ def pair_stats(out: StepOutput) -> torch.Tensor:
     columns = [out.losses, chosen, rejected, chosen > rejected, chosen - rejected,
                policy.chosen_logps, policy.rejected_logps, policy.chosen_logits_mean,
                policy.rejected_logits_mean]
+    if out.labels is not None:  # each completion's own statistics, in its class's column
+        desirable = out.labels.float()
+        columns = [out.losses, out.kl.expand_as(out.losses), desirable]
+        for value in (chosen, policy.chosen_logps, policy.chosen_logits_mean):
+            columns += [value * desirable, value * (1 - desirable)]
     if len(out.terms) > 1:
         columns += list(out.terms.values())
     if out.aux_loss is not None:  # one value per batch, the same for each of its pairs
@@ -53,6 +67,30 @@ def pair_stats(out: StepOutput) -> torch.Tensor:
     if out.weights is not None:
         columns.append(out.weights)
     return torch.stack([c.detach().float() for c in columns], dim=1)  # (B, K)
+
+
+def class_means(means: dict[str, float]) -> dict[str, float]:
+    """Means over all rows as they are; for KTO's (`UNPAIRED_KEYS`, under any prefix), the class
+    columns divided by their class's share: the means over that class's rows, and their margin.
+    A class without rows in the logged interval has no statistics then."""
+    shares = {key[:-len("desirable")]: share for key, share in means.items()
+              if key.endswith("desirable")}
+    if not shares:
+        return means
+    out = {}
+    for key, value in means.items():
+        prefix = max((p for p in shares if key.startswith(p)), key=len, default=None)
+        if prefix is None or not key.endswith(("/chosen", "/rejected")):
+            out[key] = value
+            continue
+        share = shares[prefix] if key.endswith("/chosen") else 1 - shares[prefix]
+        if share > 0:
+            out[key] = value / share
+    for prefix in shares:
+        if f"{prefix}rewards/chosen" in out and f"{prefix}rewards/rejected" in out:
+            out[f"{prefix}rewards/margins"] = (out[f"{prefix}rewards/chosen"]
+                                               - out[f"{prefix}rewards/rejected"])
+    return out
 
 
 class TrainMetrics:
@@ -81,7 +119,7 @@ class TrainMetrics:
         """Reduce across processes (a sync point: once per log), return means, and reset."""
         totals = accelerator.reduce(torch.cat([self.sums, self.counts]), reduction="sum")
         sums, (pairs, tokens, positions) = totals[:-3], totals[-3:].tolist()
-        metrics = dict(zip(self.keys, (sums / max(pairs, 1)).tolist()))
+        metrics = class_means(dict(zip(self.keys, (sums / max(pairs, 1)).tolist())))
         if self.grad_norms:  # the norm is global already (clipping all-reduces it)
             norms = torch.stack(self.grad_norms)
             # A step the fp16 loss scaler skipped has an infinite norm (counted in

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from dpo.config import TrainConfig
 from dpo.model.forward import PairLogps, concatenated_forward
 from dpo.model.logprobs import IGNORE_INDEX
-from dpo.loss import BCOBaseline, dpo_loss
+from dpo.loss import BCOBaseline, dpo_loss, is_unpaired
 from dpo.loss.variants import wpo_weights
 from dpo.train.ref_sync import ReferenceSync
 
@@ -26,6 +26,8 @@ class StepOutput:
     terms: dict[str, torch.Tensor]  # loss type -> (B,) unweighted per-pair loss
     aux_loss: torch.Tensor | None = None  # a mixture of experts' router loss (unweighted), ()
     weights: torch.Tensor | None = None  # (B,) WPO's pair weights (`--use-weighting`), detached
+    labels: torch.Tensor | None = None  # (B,) KTO's: True for a desirable completion
+    kl: torch.Tensor | None = None  # () KTO's KL estimate z₀, detached
 
 
 def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batch, *,
@@ -67,6 +69,9 @@ def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batc
                                         else (ref_out.chosen_logps, ref_out.rejected_logps))
         weights = (wpo_weights(policy_out.chosen_log_weights, policy_out.rejected_log_weights)
                    if cfg.use_weighting else None)
+        labels = batch["label"] if is_unpaired(cfg.loss_type) else None
+        kl = (kto_kl(accelerator, policy_out.rejected_logps, ref_rejected) if labels is not None
+              else None)
         losses, chosen_r, rejected_r, terms = dpo_loss(
             *((policy_out.chosen_ld_logps, policy_out.rejected_ld_logps) if ld
               else (policy_out.chosen_logps, policy_out.rejected_logps)), ref_chosen, ref_rejected,
@@ -77,11 +82,25 @@ def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batc
             bco_delta=bco_delta, num_tokens=num_tokens,
             chosen_lengths=policy_out.chosen_lengths, rejected_lengths=policy_out.rejected_lengths,
             pair_weights=weights, sft_chosen_logps=policy_out.chosen_logps if ld else None,
-            return_terms=True)
+            labels=labels, kl=0.0 if kl is None else kl, desirable_weight=cfg.desirable_weight,
+            undesirable_weight=cfg.undesirable_weight, return_terms=True)
     if router_aux:
         losses = losses + cfg.router_aux_loss_coef * policy_out.aux_loss.float()
     return StepOutput(policy_out, losses, chosen_r, rejected_r, terms, policy_out.aux_loss,
-                      weights)
+                      weights, labels, kl)
+
+
+def kto_kl(accelerator: Accelerator, policy_logps: torch.Tensor, ref_logps: torch.Tensor
+           ) -> torch.Tensor:
+    """KTO's reference point z₀: the policy's KL divergence from the reference, estimated as the
+    mean log-ratio of the micro-batch's mismatched completions (`dpo.data.unpaired`) over every
+    process's rows, clamped at 0 and detached (the KTO paper, §4.1; TRL 1.16's `KTOTrainer`
+    takes the mean of the processes' means, equal for equal micro-batches). An all-reduce: every
+    process calls it at every micro-batch, as they all run the same number."""
+    rows = torch.tensor(float(policy_logps.shape[0]), device=policy_logps.device)
+    total = torch.stack([(policy_logps - ref_logps).detach().float().sum(), rows])
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1]).clamp(min=0)
 
 
 class Objective:
