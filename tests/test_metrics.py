@@ -35,3 +35,40 @@ def test_padding_fraction_is_the_share_of_positions_without_a_real_token():
     assert values["tokens_per_sec"] == 10.0
     metrics.add_batch(stats, torch.ones(1, 7, dtype=torch.long))
     assert metrics.compute(Accelerator(cpu=True), seconds=1.0)["padding_fraction"] == 0.0
+
+
+def test_kto_statistics_are_means_over_their_class():
+    """KTO's rows: rewards 1.0 and 3.0 on desirable rows, −2.0 on the undesirable one; logged
+    over two batches: rewards/chosen 2.0 (not 4/3 over all rows), rewards/rejected −2.0, the
+    margin 4.0, kl and loss over all rows; eval's per-dataset prefixes alike. A class without
+    rows logs no statistics of its own."""
+    from types import SimpleNamespace
+
+    from dpo.train.metrics import UNPAIRED_KEYS, class_means, pair_keys, pair_stats
+
+    def stats(rewards, labels, kl):
+        labels = torch.tensor(labels)
+        policy = SimpleNamespace(chosen_logps=torch.tensor(rewards) * 10,
+                                 chosen_logits_mean=torch.zeros(len(labels)))
+        out = SimpleNamespace(chosen_rewards=torch.tensor(rewards), rejected_rewards=None,
+                              policy=policy, losses=torch.full((len(labels),), 0.5), terms={},
+                              labels=labels, kl=torch.tensor(kl), aux_loss=None, weights=None)
+        return pair_stats(out)
+
+    cfg = SimpleNamespace(loss_type=["kto"], router_aux_loss_coef=0.0, use_weighting=False)
+    assert pair_keys(cfg) == UNPAIRED_KEYS
+    metrics = TrainMetrics(torch.device("cpu"), UNPAIRED_KEYS)
+    metrics.add_batch(stats([1.0, -2.0], [True, False], 0.2), torch.ones(4, 3))
+    metrics.add_batch(stats([3.0], [True], 0.5), torch.ones(2, 3))
+    values = metrics.compute(Accelerator(cpu=True), seconds=1.0)
+    assert values["rewards/chosen"] == pytest.approx(2.0)
+    assert values["rewards/rejected"] == pytest.approx(-2.0)
+    assert values["rewards/margins"] == pytest.approx(4.0)
+    assert values["logps/chosen"] == pytest.approx(20.0)
+    assert values["kl"] == pytest.approx(0.3) and values["desirable"] == pytest.approx(2 / 3)
+    evals = class_means({"eval/desirable": 1.0, "eval/rewards/chosen": 2.0,
+                         "eval/rewards/rejected": 0.0, "eval/a/desirable": 0.5,
+                         "eval/a/rewards/chosen": 1.0, "eval/a/rewards/rejected": -1.0})
+    assert evals["eval/rewards/chosen"] == 2.0 and "eval/rewards/rejected" not in evals
+    assert "eval/rewards/margins" not in evals
+    assert evals["eval/a/rewards/chosen"] == 2.0 and evals["eval/a/rewards/margins"] == 4.0

@@ -85,3 +85,18 @@ def test_weighting_multiplies_each_pair_loss_by_its_policy_weight():
     policy.zero_grad()
     (want * dpo_step(accelerator, cfg, policy, reference, batch).losses).sum().backward()
     torch.testing.assert_close(grad, policy.lm_head.weight.grad)
+
+
+def test_kto_kl_is_the_mean_log_ratio_over_every_process_rows_clamped_at_zero():
+    """Two processes' rows, 2 and 1 (a lone last batch): the mean over the 3 rows, (1 + 2 + 6)/3
+    = 3 — not the mean of the processes' means, 3.75 — and 0 where the estimate is negative."""
+    from types import SimpleNamespace
+
+    from dpo.train.step import kto_kl
+
+    other = torch.tensor([6.0, 1.0])  # the other process's (sum, rows)
+    two = SimpleNamespace(reduce=lambda t, reduction: t + other)
+    kl = kto_kl(two, torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]))
+    assert kl.item() == 3.0 and not kl.requires_grad
+    one = SimpleNamespace(reduce=lambda t, reduction: t)
+    assert kto_kl(one, torch.tensor([-1.0, 0.5]), torch.tensor([0.0, 0.0])).item() == 0.0

@@ -191,3 +191,63 @@ def test_thinking_and_tool_call_datasets_train_end_to_end(env, tmp_path):
     assert all(log["grad_norm"] > 0 for log in train)
     results = json.loads((out / "eval_results.json").read_text())
     assert {"eval/thinking/loss", "eval/tools/loss"} <= set(results)
+
+
+@pytest.mark.shared
+def test_kto_trains_on_hh_rlhf_pairs_made_unpaired_and_on_unpaired_rows(env, tmp_path):
+    """KTO end to end on real HH-RLHF rows: the helpful pairs made unpaired (each pair a
+    desirable and an undesirable completion) mixed with an unpaired file of harmless rows
+    (prompt, completion, label), a tiny Qwen3 with the real Qwen3 tokenizer. Step 1 starts at
+    π = π_ref: z₀ = 0 and every row's loss 1/2; the class metrics are logged for training and
+    each dataset's eval; a dataset with one class only, and unpaired rows under a pair loss, stop
+    with one line."""
+    import gzip
+
+    from dpo.demo.tiny import tiny_qwen3
+    from dpo.train.metrics import UNPAIRED_KEYS
+    from tests.conftest import QWEN3_TOKENIZER, SHARED_DATA, load_shared_tokenizer, require_shared
+
+    helpful = require_shared(SHARED_DATA / "hh_rlhf_helpful_base_test.jsonl.gz")
+    with gzip.open(require_shared(SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl.gz"), "rt") as f:
+        pairs = [json.loads(next(f)) for _ in range(12)]
+    rows = []
+    for i, pair in enumerate(pairs):
+        text = pair["chosen" if i % 2 == 0 else "rejected"]
+        cut = text.rindex("\n\nAssistant:")
+        rows.append({"prompt": text[:cut], "label": i % 2 == 0,
+                     "completion": text[cut + len("\n\nAssistant:"):].strip()})
+    harmless = _write_jsonl(tmp_path / "harmless.jsonl", rows)
+    tokenizer = load_shared_tokenizer(QWEN3_TOKENIZER)
+    model = tmp_path / "model"
+    tiny_qwen3(len(tokenizer)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    common = ["--model", str(model), "--loss-type", "kto", "--max-length", "256",
+              "--batch-size", "4", "--gradient-accumulation-steps", "1", "--learning-rate",
+              "1e-3", "--logging-steps", "1", "--num-sample-generations", "0", "--seed", "5"]
+    out = tmp_path / "out"
+    result = run(env, *common, "--dataset", str(helpful), str(harmless), "--num-samples", "16",
+                 "--eval-samples", "4", "--dataset-num-samples", "6", "10", "--max-steps", "3",
+                 "--eval-steps", "3", "--undesirable-weight", "1.2", "--output-dir", str(out))
+    assert "train pairs (harmless): kept 8 of 8 pairs" in result.stdout  # 10 rows, 2 held out
+    train = train_logs(out)
+    assert [log["step"] for log in train] == [1, 2, 3]
+    assert set(UNPAIRED_KEYS) | {"rewards/margins"} <= set(train[0])
+    assert train[0]["kl"] == 0.0 and 0.5 <= train[0]["loss"] <= 0.6  # ½ and ½·1.2 per row
+    assert train[-1]["kl"] > 0
+    results = json.loads((out / "eval_results.json").read_text())
+    for name in ("hh_rlhf_helpful_base_test", "harmless"):
+        assert {f"eval/{name}/kl", f"eval/{name}/rewards/chosen"} <= set(results), results
+    assert "- Loss: kto, β = 0.1, undesirable_weight = 1.2" in (out / "README.md").read_text()
+
+    one_class = _write_jsonl(tmp_path / "good.jsonl", [{**row, "label": True} for row in rows])
+    small = ["--num-samples", "12", "--eval-samples", "2"]
+    bad = run(env, *common, *small, "--dataset", str(one_class), "--output-dir",
+              str(tmp_path / "b"), check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1] == (
+        f"error: dataset {one_class}: all 10 rows are desirable (label True): KTO needs "
+        "desirable and undesirable completions to learn what to move towards and away from")
+    bad = run(env, *common[:2], *small, "--dataset", str(harmless), "--output-dir",
+              str(tmp_path / "c"), check=False)
+    assert bad.stderr.strip().splitlines()[-1] == (
+        f"error: dataset {harmless}: its rows are unpaired (prompt, completion, label): they "
+        "train with --loss-type kto, not with loss_type sigmoid, which needs pairs")

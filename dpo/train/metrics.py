@@ -52,14 +52,15 @@ def pair_keys(cfg) -> tuple[str, ...]:
 def pair_stats(out: StepOutput) -> torch.Tensor:
     """`[B, len(pair_keys(cfg))]` float32 statistics of each pair, detached."""
     chosen, rejected, policy = out.chosen_rewards, out.rejected_rewards, out.policy
-    columns = [out.losses, chosen, rejected, chosen > rejected, chosen - rejected,
-               policy.chosen_logps, policy.rejected_logps, policy.chosen_logits_mean,
-               policy.rejected_logits_mean]
     if out.labels is not None:  # each completion's own statistics, in its class's column
         desirable = out.labels.float()
         columns = [out.losses, out.kl.expand_as(out.losses), desirable]
         for value in (chosen, policy.chosen_logps, policy.chosen_logits_mean):
             columns += [value * desirable, value * (1 - desirable)]
+    else:
+        columns = [out.losses, chosen, rejected, chosen > rejected, chosen - rejected,
+                   policy.chosen_logps, policy.rejected_logps, policy.chosen_logits_mean,
+                   policy.rejected_logits_mean]
     if len(out.terms) > 1:
         columns += list(out.terms.values())
     if out.aux_loss is not None:  # one value per batch, the same for each of its pairs
