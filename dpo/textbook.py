@@ -105,3 +105,36 @@ def textbook_dpo_step(policy: nn.Module, reference: nn.Module, batch: dict[str, 
     # The implicit rewards are read, not trained: detached, so logging them adds no graph.
     return TextbookStep(loss, losses, chosen_logps, rejected_logps, ref_chosen, ref_rejected,
                         (beta * chosen_log_ratio).detach(), (beta * rejected_log_ratio).detach())
+
+
+def textbook_kto_step(policy: nn.Module, reference: nn.Module, batch: dict[str, torch.Tensor],
+                      beta: float, desirable_weight: float = 1.0,
+                      undesirable_weight: float = 1.0) -> TextbookStep:
+    """KTO (Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 7) on one batch of unpaired rows, with
+    the policy's gradients in `.grad`: each row i is (x_i, y_i) with a label, desirable or not.
+
+    Rows `0..B-1` of `batch` are the rows themselves, rows `B..2B-1` the mismatched pairs
+    (x_i, y_{i−1}) that estimate the reference point z₀ = KL(π‖π_ref), and `label` is `(B,)`
+    bool (`dpo.data.PreferenceCollator` lays unpaired batches out so). With r_i = log π(y_i|x_i)
+    − log π_ref(y_i|x_i), the loss of a desirable row is λ_D·(1 − σ(β(r_i − z₀))), of an
+    undesirable one λ_U·(1 − σ(β(z₀ − r_i))). The `chosen` fields of the result hold the rows,
+    the `rejected` ones the mismatched pairs.
+    """
+    half = batch["input_ids"].shape[0] // 2
+    rows = {k: batch[k][:half] for k in ("input_ids", "attention_mask", "labels")}
+    mismatched = {k: batch[k][half:] for k in ("input_ids", "attention_mask", "labels")}
+    logps = response_logps(policy, rows)
+    with torch.no_grad():
+        ref_logps = response_logps(reference, rows)
+        # z₀ is a reference point, not a target: the paper takes no gradient through it.
+        kl_logps, ref_kl_logps = response_logps(policy, mismatched), response_logps(
+            reference, mismatched)
+        kl = (kl_logps - ref_kl_logps).mean().clamp(min=0)
+    log_ratio = logps - ref_logps
+    desirable = desirable_weight * (1 - torch.sigmoid(beta * (log_ratio - kl)))
+    undesirable = undesirable_weight * (1 - torch.sigmoid(beta * (kl - log_ratio)))
+    losses = torch.where(batch["label"], desirable, undesirable)
+    loss = losses.mean()
+    loss.backward()
+    return TextbookStep(loss, losses, logps, kl_logps, ref_logps, ref_kl_logps,
+                        (beta * log_ratio).detach(), (beta * (kl_logps - ref_kl_logps)).detach())

@@ -404,7 +404,10 @@ def _logged_keys(monkeypatch) -> tuple[set, set, set]:
                 return "eval/<dataset>/<key>"
         return "eval/<key>" if key[5:] in keys else key
 
-    return ({general(k) for k in keys}, {general(k) for k in train_keys},
+    # KTO's unpaired rows log their own per-row keys (`UNPAIRED_KEYS`), most of them shared.
+    unpaired = pair_keys(SimpleNamespace(loss_type=("kto",), router_aux_loss_coef=0.0,
+                                         use_weighting=False))
+    return ({general(k) for k in (*keys, *unpaired)}, {general(k) for k in train_keys},
             {general_eval(k) for k in results})
 
 

@@ -1,6 +1,6 @@
 """The training step is the textbook step (`dpo.textbook`), only faster: loss, per-pair log-probs,
 rewards and every parameter's gradient to 1e-5 relative, on four architectures, padded, packed
-and with shared prompts, full logits and chunked head, a precomputed reference, LoRA; and one
+and with shared prompts, full logits and chunked head, a precomputed reference, LoRA, KTO; and one
 optimizer step of `train.py` ends at the weights of one textbook step with AdamW on the same pairs."""
 import copy
 import math
@@ -15,7 +15,7 @@ from dpo.config import TrainConfig
 from dpo.data.batching import PreferenceCollator
 from dpo.train.reference_cache import precompute_reference_logps
 from dpo.train.step import dpo_step
-from dpo.textbook import response_logps, textbook_dpo_step
+from dpo.textbook import response_logps, textbook_dpo_step, textbook_kto_step
 from tests.e2e import demo_env, run_train, train_logs
 from tests.test_forward import logps_row_by_row
 from tests.test_forward_architectures import pair_batch, pair_rows, tiny_model
@@ -77,9 +77,12 @@ def grads_of(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_same_step(got, got_grads, want, want_grads, where: str):
-    assert want.losses.shape == (2,) and (want.chosen_rewards != 0).all()
-    assert (want.losses - math.log(2)).abs().min() > 1e-3  # the policy has moved: σ is not ½
+def assert_same_step(got, got_grads, want, want_grads, where: str, rows: int = 2,
+                     at_start: float = math.log(2)):
+    """`rows`: pairs (or KTO's rows); `at_start`: each one's loss where the policy is the
+    reference."""
+    assert want.losses.shape == (rows,) and (want.chosen_rewards != 0).all()
+    assert (want.losses - at_start).abs().min() > 1e-3  # the policy has moved: σ is not ½
     logps = {"chosen_logps": (got.policy.chosen_logps, want.chosen_logps),
              "rejected_logps": (got.policy.rejected_logps, want.rejected_logps)}
     for name, (g, w) in logps.items():
@@ -132,6 +135,33 @@ def test_training_step_equals_the_textbook(accelerator, models, rows, layout, ch
     assert ("packed_sequences" in batch) == (layout == "packed")
     got, got_grads = optimised(accelerator, policy, reference, batch, chunked_logps=chunked)
     assert_same_step(got, got_grads, want, want_grads, f"{arch}, {layout}, chunked={chunked}")
+
+
+def unpaired(rows):
+    """The pairs' responses as KTO's rows: chosen desirable, rejected undesirable, in turn."""
+    return [{"chosen_input_ids": row[f"{side}_input_ids"], "chosen_labels": row[f"{side}_labels"],
+             "rejected_input_ids": row[f"{side}_input_ids"],
+             "rejected_labels": row[f"{side}_labels"], "label": side == "chosen"}
+            for row in rows for side in ("chosen", "rejected")]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_kto_step_equals_the_textbook(accelerator, models, rows, layout):
+    """KTO's `dpo_step`, rows and mismatched pairs in one forward (the textbook runs the pairs
+    apart, without gradient), on every batch layout: loss, log-probs, rewards, gradients."""
+    arch, policy, reference = models
+    policy.zero_grad()
+    want = textbook_kto_step(policy, reference, PreferenceCollator(0)(unpaired(rows)), BETA,
+                             undesirable_weight=1.5)
+    want_grads = grads_of(policy)
+    batch = PreferenceCollator(0, **LAYOUTS[layout])(unpaired(rows))
+    got, got_grads = optimised(accelerator, policy, reference, batch, loss_type=["kto"],
+                               undesirable_weight=1.5, chunked_logps=True)
+    kl = (want.rejected_logps - want.ref_rejected_logps).mean().clamp(min=0)
+    torch.testing.assert_close(got.kl, kl, rtol=RTOL,
+                               atol=RTOL * float(want.ref_rejected_logps.abs().max()))
+    assert_same_step(got, got_grads, want, want_grads, f"{arch}, {layout}", rows=4,
+                     at_start=0.5)
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed", "shared"])

@@ -11,13 +11,15 @@ r(x, y) = β·log π/π_ref):
 Direct Preference Optimization needs no reward model and no RL rollouts: the Bradley–Terry
 likelihood of the human preference, written with the policy's own implicit reward, is the loss.
 
-The family, one module each, and `LOSSES`, the table of names that `dpo_loss` reads:
+The family, one module each, and `LOSSES` (`dpo.loss.table`), the table of names that `dpo_loss`
+reads:
 
 - `dpo.loss.delta`: functions of Δ — sigmoid (DPO, cDPO), robust, exo_pair, discopop,
   sigmoid_norm, ipo, hinge, aot, aot_unpaired;
 - `dpo.loss.anchored`: a term on each response's own log-ratio — nca_pair, bco_pair, sppo_hard,
   apo_zero, apo_down;
-- `dpo.loss.reference_free`: no reference model — simpo, sft.
+- `dpo.loss.reference_free`: no reference model — simpo, sft;
+- `dpo.loss.unpaired`: one labelled completion per row, not a pair — kto.
 
 Several types with weights make a mixture (MPO): the weighted sum of their losses. Two variants
 change what every loss reads (`dpo.loss.variants`): WPO's per-pair weights (`pair_weights`) and
