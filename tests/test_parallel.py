@@ -54,6 +54,7 @@ EXTRA_FLAGS = {"": [], "precompute": ["--precompute-ref-logps"], "rpo": ["--rpo-
                "shared": ["--share-prompt", "--no-padding-free"],
                "shared_packed": ["--share-prompt", "--padding-free"],
                "shared_precompute": ["--share-prompt", "--precompute-ref-logps"],
+               "kto": ["--loss-type", "kto"],
                "wpo_ld": WPO_LD, "wpo_ld_packed": [*WPO_LD, "--padding-free"],
                # 36 + 12 rows drawn; 11 eval rows: 8 of the demo's test split, 3 held-out HH pairs
                "mixture": ["--dataset", "builtin:demo-preferences", str(HH_HARMLESS),
@@ -129,6 +130,20 @@ def test_a_loss_mixture_is_the_same_however_the_step_is_split(runs):
         assert_same_logs(train_logs(out), logs, rel=1e-4)
         assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-4)
         assert_same_weights(out, single, rel=1e-4 if layout.startswith("ddp") else 1e-5)
+
+
+def test_kto_on_two_processes_takes_one_kl_estimate_over_both(runs):
+    """KTO's z₀ is an all-reduce over the processes' mismatched pairs at every micro-batch (and
+    eval batch): two processes train and evaluate without waiting on each other, start at loss
+    ½ with z₀ = 0, and log the class metrics. (Its mismatched pairs are made within each
+    process's micro-batch, so the run is not the one-process run: no equality to assert.)"""
+    out, log = runs("ddp+kto")
+    logs = train_logs(out)
+    assert [entry["step"] for entry in logs] == [1, 2, 3, 4]
+    assert logs[0]["loss"] == pytest.approx(0.5, abs=1e-6) and logs[0]["kl"] == 0.0
+    assert all(entry["kl"] >= 0 for entry in logs) and logs[-1]["kl"] > 0
+    assert [entry["step"] for entry in eval_logs(out)] == [2, 4]
+    assert {"eval/kl", "eval/rewards/chosen", "eval/rewards/rejected"} <= set(eval_logs(out)[-1])
 
 
 def test_wpo_and_ld_dpo_are_the_same_on_two_processes_and_packed(runs):
