@@ -17,7 +17,7 @@ The family, one module each, and `LOSSES`, the table of names that `dpo_loss` re
   sigmoid_norm, ipo, hinge, aot, aot_unpaired;
 - `dpo.loss.anchored`: a term on each response's own log-ratio — nca_pair, bco_pair, sppo_hard,
   apo_zero, apo_down;
-- `dpo.loss.reference_free`: no reference model — simpo, sft.
+- `dpo.loss.reference_free`: no reference model — simpo, sft, orpo.
 
 Several types with weights make a mixture (MPO): the weighted sum of their losses. Two variants
 change what every loss reads (`dpo.loss.variants`): WPO's per-pair weights (`pair_weights`) and
@@ -52,6 +52,7 @@ class Loss:
     default_smoothing: float = 0.0
     f_divergence: bool = False  # written in the score difference, so any f-divergence's
     per_token: bool = False  # divides each log-prob by its length (no LD-DPO on top)
+    num_tokens: bool = False  # a token mean: reads the denominator `num_tokens` (sft's NLL)
 
 
 LOSSES = {
@@ -71,7 +72,9 @@ LOSSES = {
     "apo_zero": Loss(anchored.apo_zero),
     "apo_down": Loss(anchored.apo_down),
     "simpo": Loss(reference_free.simpo, reference=False, lengths=True, per_token=True),
-    "sft": Loss(reference_free.sft, reference=False, lengths=True),
+    "sft": Loss(reference_free.sft, reference=False, lengths=True, num_tokens=True),
+    "orpo": Loss(reference_free.orpo, reference=False, lengths=True, per_token=True,
+                 num_tokens=True),
 }
 LOSS_TYPES = tuple(LOSSES)
 
@@ -119,7 +122,7 @@ def dpo_loss(
             `lengths`); positive, which the data pipeline guarantees.
         simpo_gamma: γ for ``simpo``. discopop_tau: τ for ``discopop``.
         bco_delta: δ for ``bco_pair`` (see `BCOBaseline`).
-        num_tokens: the token-mean denominator of ``sft`` (see `reference_free.sft`).
+        num_tokens: the token-mean denominator of ``sft`` and orpo's NLL (`reference_free.sft`).
         f_divergence_type, f_alpha_divergence_coef: the divergence whose score difference the
             losses marked `f_divergence` push up (`delta.score_difference`); reverse_kl is DPO's.
         pair_weights: `(B,)` WPO's weights (`variants.wpo_weights`), multiplying each pair's
@@ -133,8 +136,8 @@ def dpo_loss(
 
     Returns:
         `(losses, chosen_rewards, rejected_rewards)`, each `(B,)` (and the terms if asked).
-        Rewards are β·(log π − log π_ref) — when no loss reads the reference, SimPO's
-        β·log π/|y| — and detached: they are metrics, not loss terms.
+        Rewards are β·(log π − log π_ref) — when no loss reads the reference, SimPO's (and TRL's
+        ORPO's) β·log π/|y| — and detached: they are metrics, not loss terms.
     """
     types = _as_list(loss_type)
     weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
@@ -177,6 +180,9 @@ def check_loss_options(
     if len(set(types)) < len(types):
         raise ValueError(f"loss_type lists a type twice: {types}; give each once, with its "
                          "weight in loss_weights")
+    if {"orpo", "sft"} <= set(types):
+        raise ValueError("loss_type orpo has the chosen responses' NLL (sft) in it already; drop "
+                         "sft (or rpo_alpha, which adds it)")
     if loss_weights is not None:
         if len(loss_weights) != len(types):
             raise ValueError(f"loss_weights: {len(loss_weights)} weights for {len(types)} loss "
