@@ -35,7 +35,7 @@ def test_orpo_hand_computed():
     """L = NLL share + λ·(−log σ(log odds ratio)):
     pair 1: 4·ln 2/3 + 0.5·ln 1.5 = 0.92419624 + 0.20273255 = 1.12692879;
     pair 2: 2/3 + 0.5·ln 2 = 0.66666667 + 0.34657359 = 1.01324026.
-    Rewards β·ā (TRL's ORPO chosen_rewards): chosen [−0.5·ln 2, −0.5], rejected [−0.5·ln 3, −0.5]."""
+    Rewards β·ā (TRL's ORPO rewards): chosen [−0.5·ln 2, −0.5], rejected [−0.5·ln 3, −0.5]."""
     losses, chosen_r, rejected_r = orpo()
     torch.testing.assert_close(losses, torch.tensor([1.12692879, 1.01324026]))
     torch.testing.assert_close(chosen_r, torch.tensor([-0.5 * math.log(2), -0.5]))
