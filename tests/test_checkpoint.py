@@ -90,6 +90,21 @@ def test_sigkill_then_resume_is_exact_with_precomputed_reference(env, tmp_path):
     resume_and_compare(env, out, reference, precompute)
 
 
+def test_sigkill_then_resume_is_exact_with_orpo(env, tmp_path):
+    """ORPO (no reference; its NLL divided by each step's chosen tokens, counted from the
+    sampler's batches of the epoch): a killed run resumes mid-epoch bit-identical."""
+    extra = ["--loss-type", "orpo"]
+    reference = tmp_path / "reference"
+    run_train(env, *RUN, "--output-dir", str(reference), *extra)
+    out = tmp_path / "out"
+    proc = start(env, out, *extra)
+    wait_for(proc, f"step {KILL_STEPS[1]}:")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoints(out), "at least one complete checkpoint before the kill"
+    resume_and_compare(env, out, reference, *extra)
+
+
 def test_sigkill_then_resume_is_exact_with_bco_baseline_and_a_synced_reference(env, tmp_path):
     """What checkpoints hold beside the model: BCO's baseline δ (the running mean of the rewards)
     and TR-DPO's reference, updated every 3 steps. A killed run resumes with the δ and the

@@ -360,8 +360,8 @@ def _step_output(cfg, pairs: int) -> StepOutput:
 
 def _logged_keys(monkeypatch) -> tuple[set, set, set]:
     """(per-pair keys, other train keys, eval keys) as the trainer logs them, with every option
-    that adds a key switched on: a mixture, a mixture of experts, WPO, a skipped step, two
-    datasets and a judge."""
+    that adds a key switched on: a mixture (with ORPO), a mixture of experts, WPO, a skipped
+    step, two datasets and a judge."""
     import time
     from types import SimpleNamespace
 
@@ -371,7 +371,7 @@ def _logged_keys(monkeypatch) -> tuple[set, set, set]:
     from dpo.train.metrics import TrainMetrics, log_train, pair_keys
 
 
-    cfg = SimpleNamespace(loss_type=("sigmoid", "bco_pair"), router_aux_loss_coef=0.01,
+    cfg = SimpleNamespace(loss_type=("sigmoid", "bco_pair", "orpo"), router_aux_loss_coef=0.01,
                           use_weighting=True)
     keys = pair_keys(cfg)
     accelerator, logger = _OneProcess(), _Logger()
@@ -382,7 +382,10 @@ def _logged_keys(monkeypatch) -> tuple[set, set, set]:
     log_train(accelerator, logger, metrics, scheduler, 1, time.perf_counter(), 0.5, 1)
 
     monkeypatch.setattr(evaluation, "dpo_step", lambda *a, **k: _step_output(cfg, 2))
+    # ORPO's NLL counts the eval set's chosen tokens
     batches = [{"input_ids": torch.zeros(4, 3), "source": torch.tensor([0, 1])}]
+    batches = type("Loader", (list,), {"dataset": Dataset.from_dict(
+        {"chosen_labels": [[-100, 1, 2]] * 2})})(batches)
     policy = SimpleNamespace(eval=lambda: None, train=lambda: None)
     results = evaluation.evaluate(accelerator, cfg, policy, None, batches, ["hh", "shp"])
     evaluator = evaluation.Evaluator.__new__(evaluation.Evaluator)

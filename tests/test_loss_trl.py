@@ -1,5 +1,6 @@
 """The loss family against TRL 1.16's own code: `DPOTrainer._compute_loss` (and, for SimPO,
-`CPOTrainer.cpo_loss`) run on the same per-token log-probs as `dpo_step`, variant by variant.
+`CPOTrainer.cpo_loss`; for ORPO, `ORPOTrainer.get_batch_loss_metrics`) run on the same per-token
+log-probs as `dpo_step`, variant by variant.
 
 TRL's method is called on a stand-in `self` that holds only the attributes it reads, with stand-in
 models that return given per-token outputs in place of TRL's fused LM head (`FusedCausalLMOutput`):
@@ -22,10 +23,15 @@ trl = pytest.importorskip("trl", reason="trl (the `test` extra) is the reference
                           "this parity test runs; the trainer itself never imports it")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.cpo import CPOTrainer  # noqa: E402
+from trl.experimental.orpo import ORPOTrainer  # noqa: E402
+from trl.experimental.orpo.orpo_trainer import log1mexp as trl_log1mexp  # noqa: E402
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: E402
 from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
 
 from dpo.config import ConfigError, TrainConfig  # noqa: E402
+from dpo.loss import dpo_loss  # noqa: E402
+from dpo.loss.reference_free import log1mexp  # noqa: E402
+from dpo.train.metrics import pair_keys, pair_stats  # noqa: E402
 from dpo.train.step import dpo_step  # noqa: E402
 
 TOL = dict(rtol=1e-6, atol=1e-6)
@@ -327,6 +333,97 @@ def test_simpo_agrees_with_trl_cpo():
     torch.testing.assert_close(ours.losses, losses, **TOL)
     torch.testing.assert_close(ours.chosen_rewards, chosen, **TOL)
     torch.testing.assert_close(ours.rejected_rewards, rejected, **TOL)
+
+
+def _trl_orpo(batch, logits, *, prompt_in_nll=False):
+    """TRL 1.16's `ORPOTrainer.get_batch_loss_metrics` on this batch: (loss, metrics). TRL's NLL
+    reads every token its attention mask keeps, prompt included; the stand-in model ignores the
+    mask, so masking the prompt out (the default here) leaves its NLL on the responses alone,
+    the tokens this trainer's reads, and changes nothing else."""
+    half = len(logits) // 2
+    mask = (batch["labels"] != -100).long() if not prompt_in_nll else batch["attention_mask"]
+    sides = {"chosen": slice(0, half), "rejected": slice(half, None)}
+    trl_batch = {f"{side}_{key}": value[rows] for side, rows in sides.items()
+                 for key, value in (("input_ids", batch["input_ids"]),
+                                    ("attention_mask", mask), ("labels", batch["labels"]))}
+    stand_in = SimpleNamespace(
+        beta=BETA, is_encoder_decoder=False, padding_value=0, aux_loss_enabled=False,
+        concatenated_inputs=ORPOTrainer.concatenated_inputs,
+        get_batch_logps=ORPOTrainer.get_batch_logps,
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x))
+    stand_in.concatenated_forward = lambda *a: ORPOTrainer.concatenated_forward(stand_in, *a)
+    stand_in.odds_ratio_loss = lambda *a: ORPOTrainer.odds_ratio_loss(stand_in, *a)
+    return ORPOTrainer.get_batch_loss_metrics(stand_in, _Model(logits), trl_batch)
+
+
+def _ours_orpo(batch, logits):
+    """Our `dpo_step` with loss_type orpo, as train.py runs it: no reference model."""
+    cfg = TrainConfig(model="tiny", dataset="none", chunked_logps=False, beta=BETA,
+                      loss_type=["orpo"])
+    accelerator = SimpleNamespace(autocast=contextlib.nullcontext)
+    return dpo_step(accelerator, cfg, _Model(logits), None, batch), cfg
+
+
+def test_orpo_agrees_with_trl():
+    """ORPO: the batch loss (token-mean NLL − λ·mean log σ(log odds)) and its gradient in the
+    policy's logits, and the log odds metrics under TRL's names, to 1e-6; pair by pair (a batch
+    of one: the NLL's share of a pair in a batch is its part of the batch's token mean, as for
+    sft), the loss and the rewards (β·ā)."""
+    batch, policy, _ = _batch()
+    pol = policy.clone().requires_grad_()
+    ours, cfg = _ours_orpo(batch, pol)
+    (grad_ours,) = torch.autograd.grad(ours.losses.mean(), pol)
+    theirs, metrics = _trl_orpo(batch, pol)
+    (grad_theirs,) = torch.autograd.grad(theirs, pol)
+    torch.testing.assert_close(ours.losses.mean(), theirs.detach(), **TOL)
+    torch.testing.assert_close(grad_ours, grad_theirs, **TOL)
+    logged = dict(zip(pair_keys(cfg), pair_stats(ours).mean(0).tolist()))
+    for key in ("log_odds_chosen", "log_odds_ratio", "rewards/chosen", "rewards/rejected"):
+        assert logged[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-6), key
+    for k in range(len(SHAPES)):
+        one, pol_one = _rows(batch, policy, [k])
+        loss, metrics = _trl_orpo(one, pol_one)
+        torch.testing.assert_close(_ours_orpo(one, pol_one)[0].losses[0], loss, **TOL)
+        torch.testing.assert_close(ours.chosen_rewards[k].item(), metrics["rewards/chosen"], **TOL)
+        torch.testing.assert_close(ours.rejected_rewards[k].item(), metrics["rewards/rejected"],
+                                   **TOL)
+
+
+def test_orpo_nll_reads_the_responses_and_trls_the_prompts_too():
+    """TRL 1.16's ORPO NLL is over the prompt and the response (`concatenated_forward`); this
+    trainer's, like `sft` and the paper's L_SFT, over the response only: the two differ by the
+    prompt tokens' share."""
+    batch, policy, _ = _batch()
+    ours, _ = _ours_orpo(batch, policy)
+    response_only, _ = _trl_orpo(batch, policy)
+    with_prompt, _ = _trl_orpo(batch, policy, prompt_in_nll=True)
+    torch.testing.assert_close(ours.losses.mean(), response_only, **TOL)
+    assert abs(with_prompt.item() - response_only.item()) > 1e-2
+
+
+def test_orpo_log_odds_are_trls_and_finite_where_trls_are_not():
+    """log(1 − e^ā) equals TRL's `log1mexp` to 1e-6 where that is finite, with a finite gradient
+    where TRL's is nan (ā > −3e-8: e^ā rounds to 1 in the branch its `where` discards); at ā = 0
+    TRL's value is −inf (and a log odds ratio of ±inf or nan), this trainer's log(tiny)."""
+    a = torch.tensor([-200.0, -30.0, -5.0, -0.7, -0.6931472, -0.5, -1e-3, -1e-6, -1e-9, -1e-30])
+    torch.testing.assert_close(log1mexp(a), trl_log1mexp(a), **TOL)
+    for value in (-1e-9, 0.0):
+        x = torch.tensor([value], requires_grad=True)
+        trl_log1mexp(x).sum().backward()
+        assert x.grad.isnan().all()
+        x.grad = None
+        log1mexp(x).sum().backward()
+        assert x.grad.isfinite().all()
+    assert trl_log1mexp(torch.tensor(0.0)) == -math.inf
+    assert log1mexp(torch.tensor(0.0)) == pytest.approx(math.log(torch.finfo(torch.float32).tiny))
+    zero, rejected = torch.zeros(1), torch.tensor([-1.0])
+    stand_in = SimpleNamespace(beta=BETA, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    losses, *_ = ORPOTrainer.odds_ratio_loss(stand_in, rejected, zero)  # y⁻ certain
+    assert losses.isinf().all()
+    ones = torch.ones(1)
+    ours, _, _ = dpo_loss(rejected, zero, None, None, beta=BETA, loss_type="orpo",
+                          chosen_lengths=ones, rejected_lengths=ones)
+    assert ours.isfinite().all()
 
 
 def test_the_stand_in_head_is_trls_fused_head():

@@ -44,6 +44,7 @@ HH_HARMLESS = SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl.gz"
 MPO = ["--loss-type", "sigmoid", "bco_pair", "sft", "--loss-weights", "0.8", "0.2", "1"]
 WPO_LD = ["--use-weighting", "--ld-alpha", "0.5"]
 EXTRA_FLAGS = {"": [], "precompute": ["--precompute-ref-logps"], "rpo": ["--rpo-alpha", "0.5"],
+               "orpo": ["--loss-type", "orpo"],
                # packed: separate sequences end to end (the default on CPU shares their prompts)
                "packed": ["--padding-free", "--no-share-prompt"], "padded": ["--no-padding-free"],
                "packed_precompute": ["--padding-free", "--no-share-prompt",
@@ -112,6 +113,17 @@ def test_rpo_term_is_a_token_mean_over_the_optimizer_step(runs):
         assert_same_weights(out, single, rel=1e-5 if layout.startswith("acc") else 1e-4)
     # The term is on: the weights differ from a run without it.
     assert not weights_equal(single, runs("single")[0])
+
+
+def test_orpo_is_the_same_under_accumulation(runs):
+    """ORPO's NLL is sft's token mean over the optimizer step, its odds-ratio term a mean over
+    the step's pairs: 1 pair × 4 accumulation steps = 4 pairs × 1, with no reference loaded."""
+    single, output = runs("single+orpo")
+    assert "reference:" not in output
+    out, _ = runs("accumulation+orpo")
+    assert_same_logs(train_logs(out), train_logs(single), rel=1e-5)
+    assert_same_logs(eval_logs(out), eval_logs(single), rel=1e-5)
+    assert_same_weights(out, single, rel=1e-5)
 
 
 def test_a_loss_mixture_is_the_same_however_the_step_is_split(runs):

@@ -141,6 +141,27 @@ def test_ld_dpo_end_to_end_with_a_precomputed_reference(env, tmp_path):
     assert "weights/mean" not in train[0]
 
 
+def test_orpo_end_to_end_without_a_reference(env, tmp_path):
+    """`--loss-type orpo` loads no reference model (none is placed, the sample answers have no
+    reference's), logs the log odds (train and eval), and its loss, the chosen responses' NLL
+    plus λ·the odds-ratio term, is finite and falls at every step (lr 1e-2)."""
+    import math
+
+    out = tmp_path / "out"
+    result = run(env, *SMALL, "--max-steps", "4", "--eval-steps", "4", "--loss-type", "orpo",
+                 "--learning-rate", "1e-2", "--output-dir", str(out))
+    assert "reference:" not in result.stdout + result.stderr
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and all("reference" not in sample for sample in samples)
+    train = train_logs(out)
+    losses = [log["loss"] for log in train]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+    assert all({"log_odds_chosen", "log_odds_ratio"} <= set(log) for log in train)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert math.isfinite(results["eval/log_odds_chosen"]) and results["eval/loss"] < losses[0]
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

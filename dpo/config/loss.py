@@ -15,7 +15,8 @@ class LossSection:
     """loss: the preference loss (see dpo/loss and docs/dpo.md), its options, and the
     reference"""
 
-    beta: float = _opt(0.1, "β: strength of the implicit KL penalty to the reference")
+    beta: float = _opt(0.1, "β: strength of the implicit KL penalty to the reference; for orpo, "
+                       "λ, the weight of the odds-ratio term (TRL's ORPOConfig.beta)")
     loss_type: list[str] = _opt(["sigmoid"], "preference loss (see dpo/loss and docs/dpo.md); "
                                 "several make a mixture (MPO), summed with loss_weights",
                                 choices=LOSS_TYPES)

@@ -15,7 +15,7 @@ from dpo.data.batching import num_pairs
 from dpo.eval.judges import load_judge, win_rate
 from dpo.train.loaders import dataset_names
 from dpo.train.metrics import class_means, pair_keys, pair_stats
-from dpo.train.step import Objective, chosen_token_counts, dpo_step
+from dpo.train.step import Objective, chosen_token_counts, dpo_step, token_mean
 
 SHOWN_SAMPLES = 2  # sample answers printed at each eval; samples.jsonl has them all
 
@@ -31,9 +31,8 @@ def evaluate(accelerator: Accelerator, cfg: TrainConfig, policy, reference, load
     so every pair counts exactly once however many processes run.
     """
     policy.eval()
-    # sft is a token mean: over the whole eval set, whatever its batches (see `sft`'s docstring).
-    tokens_per_pair = (chosen_token_counts(loader.dataset).mean() if "sft" in cfg.loss_type
-                       else None)
+    # sft (orpo's NLL) is a token mean: over the whole eval set, whatever its batches (see `sft`).
+    tokens_per_pair = chosen_token_counts(loader.dataset).mean() if token_mean(cfg) else None
     rows, sources = [], []
     for batch in loader:
         pairs = num_pairs(batch)

@@ -18,7 +18,7 @@ reads:
   sigmoid_norm, ipo, hinge, aot, aot_unpaired;
 - `dpo.loss.anchored`: a term on each response's own log-ratio — nca_pair, bco_pair, sppo_hard,
   apo_zero, apo_down;
-- `dpo.loss.reference_free`: no reference model — simpo, sft;
+- `dpo.loss.reference_free`: no reference model — simpo, sft, orpo;
 - `dpo.loss.unpaired`: one labelled completion per row, not a pair — kto.
 
 Several types with weights make a mixture (MPO): the weighted sum of their losses. Two variants
@@ -84,7 +84,7 @@ def dpo_loss(
             `lengths`); positive, which the data pipeline guarantees.
         simpo_gamma: γ for ``simpo``. discopop_tau: τ for ``discopop``.
         bco_delta: δ for ``bco_pair`` (see `BCOBaseline`).
-        num_tokens: the token-mean denominator of ``sft`` (see `reference_free.sft`).
+        num_tokens: the token-mean denominator of ``sft`` and orpo's NLL (`reference_free.sft`).
         f_divergence_type, f_alpha_divergence_coef: the divergence whose score difference the
             losses marked `f_divergence` push up (`delta.score_difference`); reverse_kl is DPO's.
         pair_weights: `(B,)` WPO's weights (`variants.wpo_weights`), multiplying each pair's
@@ -101,8 +101,8 @@ def dpo_loss(
 
     Returns:
         `(losses, chosen_rewards, rejected_rewards)`, each `(B,)` (and the terms if asked).
-        Rewards are β·(log π − log π_ref) — when no loss reads the reference, SimPO's
-        β·log π/|y| — and detached: they are metrics, not loss terms.
+        Rewards are β·(log π − log π_ref) — when no loss reads the reference, SimPO's (and TRL's
+        ORPO's) β·log π/|y| — and detached: they are metrics, not loss terms.
     """
     types = as_list(loss_type)
     weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)

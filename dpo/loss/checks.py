@@ -24,6 +24,9 @@ def check_loss_options(
     if len(set(types)) < len(types):
         raise ValueError(f"loss_type lists a type twice: {types}; give each once, with its "
                          "weight in loss_weights")
+    if {"orpo", "sft"} <= set(types):
+        raise ValueError("loss_type orpo has the chosen responses' NLL (sft) in it already; drop "
+                         "sft (or rpo_alpha, which adds it)")
     if loss_weights is not None:
         if len(loss_weights) != len(types):
             raise ValueError(f"loss_weights: {len(loss_weights)} weights for {len(types)} loss "

@@ -25,6 +25,7 @@ class Loss:
     default_smoothing: float = 0.0
     f_divergence: bool = False  # written in the score difference, so any f-divergence's
     per_token: bool = False  # divides each log-prob by its length (no LD-DPO on top)
+    num_tokens: bool = False  # a token mean: reads the denominator `num_tokens` (sft's NLL)
     # Reads unpaired rows: one completion with a label, and a mismatched one for the KL estimate
     unpaired: bool = False
 
@@ -46,7 +47,9 @@ LOSSES = {
     "apo_zero": Loss(anchored.apo_zero),
     "apo_down": Loss(anchored.apo_down),
     "simpo": Loss(reference_free.simpo, reference=False, lengths=True, per_token=True),
-    "sft": Loss(reference_free.sft, reference=False, lengths=True),
+    "sft": Loss(reference_free.sft, reference=False, lengths=True, num_tokens=True),
+    "orpo": Loss(reference_free.orpo, reference=False, lengths=True, per_token=True,
+                 num_tokens=True),
     "kto": Loss(unpaired.kto, unpaired=True),
 }
 LOSS_TYPES = tuple(LOSSES)

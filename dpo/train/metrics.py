@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from dpo.loss import is_unpaired
+from dpo.loss.reference_free import log_odds_ratio
 from dpo.train.step import StepOutput
 
 # Per-pair statistics, in the column order of `pair_stats`.
@@ -40,13 +42,15 @@ UNPAIRED_KEYS = ("loss", "kl", "desirable", "rewards/chosen", "rewards/rejected"
 def pair_keys(cfg) -> tuple[str, ...]:
     """`PAIR_KEYS`; for a mixture of losses each term, unweighted, as `loss/<type>`; for a
     mixture of experts its router loss, unweighted, as `aux_loss`; with WPO the pairs' weights,
-    as `weights/mean`."""
+    as `weights/mean`; with ORPO, under TRL's names, its log odds ratio as `log_odds_chosen` and
+    the log σ of it as `log_odds_ratio`."""
     types = cfg.loss_type
     if is_unpaired(types):  # KTO stands alone: no mixture terms, no WPO
         return UNPAIRED_KEYS + (("aux_loss",) if cfg.router_aux_loss_coef else ())
     return (PAIR_KEYS + (tuple(f"loss/{t}" for t in types) if len(types) > 1 else ())
             + (("aux_loss",) if cfg.router_aux_loss_coef else ())
-            + (("weights/mean",) if cfg.use_weighting else ()))
+            + (("weights/mean",) if cfg.use_weighting else ())
+            + (("log_odds_chosen", "log_odds_ratio") if "orpo" in types else ()))
 
 
 def pair_stats(out: StepOutput) -> torch.Tensor:
@@ -67,6 +71,10 @@ def pair_stats(out: StepOutput) -> torch.Tensor:
         columns.append(out.aux_loss.expand_as(out.losses))
     if out.weights is not None:
         columns.append(out.weights)
+    if "orpo" in out.terms:
+        log_odds = log_odds_ratio(policy.chosen_logps / policy.chosen_lengths,
+                                  policy.rejected_logps / policy.rejected_lengths)
+        columns += [log_odds, F.logsigmoid(log_odds)]
     return torch.stack([c.detach().float() for c in columns], dim=1)  # (B, K)
 
 

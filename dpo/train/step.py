@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from dpo.config import TrainConfig
 from dpo.model.forward import PairLogps, concatenated_forward
 from dpo.model.logprobs import IGNORE_INDEX
-from dpo.loss import BCOBaseline, dpo_loss, is_unpaired
+from dpo.loss import LOSSES, BCOBaseline, dpo_loss, is_unpaired
 from dpo.loss.variants import wpo_weights
 from dpo.train.ref_sync import ReferenceSync
 
@@ -106,9 +106,9 @@ def kto_kl(accelerator: Accelerator, policy_logps: torch.Tensor, ref_logps: torc
 class Objective:
     """What the loss needs beyond a batch, across the steps of a run.
 
-    - ``sft`` (and RPO) is a token mean over the optimizer step: each micro-batch divides its
-      summed NLL by the step's chosen tokens per micro-batch (`sft_num_tokens`), fixed per epoch
-      by the sampler's global batches;
+    - ``sft`` (and RPO, and ORPO's NLL) is a token mean over the optimizer step: each micro-batch
+      divides its summed NLL by the step's chosen tokens per micro-batch (`sft_num_tokens`), fixed
+      per epoch by the sampler's global batches;
     - ``bco_pair``'s baseline δ (`BCOBaseline`) moves once per optimizer step and is saved in
       checkpoints;
     - with `--sync-ref-model` (TR-DPO, `dpo.train.ref_sync`) the reference follows the policy every
@@ -126,7 +126,7 @@ class Objective:
         for state in (self.bco, self.sync):
             if state is not None:
                 accelerator.register_for_checkpointing(state)
-        self.token_counts = chosen_token_counts(train_ds) if "sft" in cfg.loss_type else None
+        self.token_counts = chosen_token_counts(train_ds) if token_mean(cfg) else None
         self.step_tokens: list[float] = []
 
     @property
@@ -156,6 +156,12 @@ class Objective:
             self.bco.update(self.accelerator)
         if self.sync is not None:
             self.sync.end_step(step)
+
+
+def token_mean(cfg: TrainConfig) -> bool:
+    """Whether a loss of the run is a token mean over the chosen tokens (sft, orpo's NLL),
+    which reads the denominator `num_tokens`."""
+    return any(LOSSES[t].num_tokens for t in cfg.loss_type)
 
 
 def chosen_token_counts(dataset) -> np.ndarray:
