@@ -54,7 +54,8 @@ from dataclasses import dataclass
 from datasets import Dataset, Features, List, Value
 
 from dpo.data.errors import RowProblem
-from dpo.data.messages import MESSAGE, ROLES, as_json, has_text, kwargs_of, to_message, tools_of
+from dpo.data.messages import (MESSAGE, ROLES, as_json, has_text, kwargs_of, to_messages,
+                               tools_of)
 
 DATA_FORMATS = ("stack_exchange", "standard", "conversational", "implicit_prompt", "sharegpt",
                 "unpaired")
@@ -151,26 +152,6 @@ def _detect(features: Features) -> str:
         "question/response_j/response_k (stack_exchange), prompt/chosen/rejected (standard or "
         "conversational), chosen/rejected (implicit_prompt or conversational) or "
         "conversations/chosen/rejected (sharegpt) or prompt/completion/label (unpaired)"
-    )
-
-
-def to_messages(value, field: str, default_role: str) -> list[dict]:
-    """Turn one field's value into a list of ``{role, content}`` messages.
-
-    A string becomes one message with ``default_role``; a dict is one message; a list is a list of
-    messages. Raises ``RowProblem`` naming ``field`` (and the message's position) when it cannot.
-    """
-    if value is None:
-        raise RowProblem("missing_field", f"{field} is missing")
-    if isinstance(value, str):
-        return [{"role": default_role, "content": value, "fields": ""}]
-    if isinstance(value, dict):
-        return [to_message(value, field)]
-    if isinstance(value, list):
-        return [to_message(m, f"{field}[{i}]") for i, m in enumerate(value)]
-    raise RowProblem(
-        "not_a_string",
-        f"{field} is a {type(value).__name__}, expected a string or a list of messages",
     )
 
 

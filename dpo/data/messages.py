@@ -75,6 +75,26 @@ def to_message(value, where: str) -> dict:
             "fields": json.dumps(fields, ensure_ascii=False) if fields else ""}
 
 
+def to_messages(value, field: str, default_role: str) -> list[dict]:
+    """Turn one field's value into a list of ``{role, content}`` messages.
+
+    A string becomes one message with ``default_role``; a dict is one message; a list is a list of
+    messages. Raises ``RowProblem`` naming ``field`` (and the message's position) when it cannot.
+    """
+    if value is None:
+        raise RowProblem("missing_field", f"{field} is missing")
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value, "fields": ""}]
+    if isinstance(value, dict):
+        return [to_message(value, field)]
+    if isinstance(value, list):
+        return [to_message(m, f"{field}[{i}]") for i, m in enumerate(value)]
+    raise RowProblem(
+        "not_a_string",
+        f"{field} is a {type(value).__name__}, expected a string or a list of messages",
+    )
+
+
 def expand(message: dict) -> dict:
     """The message as a chat template reads it: role, content and its other fields."""
     fields = message.get("fields")
