@@ -56,6 +56,9 @@ RAW_ROWS = {
                  "rejected": {"from": "gpt", "value": "You can't."}},
     # One completion and its label (KTO): normalised as a "pair" of that completion twice.
     "unpaired": {"prompt": "How do I sort?", "completion": "Use sorted().", "label": True},
+    # A ranking of N responses (tests/test_data_ranked.py): ranks 1 and 2 are chosen, rejected.
+    "ranked": {"prompt": "How do I sort?", "responses": ["You can't.", "Use sorted()."],
+               "ranks": [2, 1]},
 }
 EXPECTED = {"prompt": [user("How do I sort?")], "chosen": [assistant("Use sorted().")],
             "rejected": [assistant("You can't.")]}

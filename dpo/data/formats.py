@@ -40,6 +40,10 @@ Supported formats (``DATA_FORMATS``):
     desirable completion: KTO's unpaired feedback. Its normalised rows hold the completion as
     both ``chosen`` and ``rejected`` (tokenized alike; the collator puts the KL estimate's
     mismatched completion in the rejected slot, ``dpo.data.unpaired``) and add ``label``.
+``ranked``
+    ``prompt``, ``responses`` and ``ranks`` (1 = best), or ``prompt``, ``chosen`` and a list of
+    ``rejected`` responses: rankings of N ≥ 2 responses (``dpo.data.ranked``). Rank 1 goes to
+    ``chosen``, rank 2 to ``rejected``, the rest best first to ``more``, with ``stages``.
 
 All five go through one converter: only the column names differ, and a value may be a string
 (one message with the field's default role), one message dict or a list of them, with
@@ -56,9 +60,10 @@ from datasets import Dataset, Features, List, Value
 from dpo.data.errors import RowProblem
 from dpo.data.messages import (MESSAGE, ROLES, as_json, has_text, kwargs_of, to_messages,
                                tools_of)
+from dpo.data.ranked import NO_RANKING, RANKED_COLUMNS, is_ranked_feature, ranked_responses
 
 DATA_FORMATS = ("stack_exchange", "standard", "conversational", "implicit_prompt", "sharegpt",
-                "unpaired")
+                "unpaired", "ranked")
 
 # Why a row is skipped. Normalising can find the first three; tokenizing finds the rest.
 DROP_REASONS = (
@@ -67,6 +72,7 @@ DROP_REASONS = (
     "malformed",  # a message is not a dict, has an unknown role, or no prompt can be split off
     "empty",  # a message's text is empty or only whitespace, or a response has no message
     "identical",  # chosen == rejected: the pair carries no preference
+    "bad_ranks",  # a ranking's ranks have a tie or a gap
     "template_mismatch",  # the chat template renders the prompt differently once a response follows
     "template_error",  # the chat template raises on the conversation (Gemma: roles must alternate)
     "truncated_away",  # the prompt fills max_length: nothing of a response would remain
@@ -81,6 +87,7 @@ NORMALISED_FEATURES = Features({"prompt": List(MESSAGE), "chosen": List(MESSAGE)
                                 "chat_template_kwargs": Value("string"),
                                 "row_index": Value("int64"), "problem": Value("string")})
 UNPAIRED_FEATURES = Features({**NORMALISED_FEATURES, "label": Value("bool")})
+RANKED_FEATURES = Features({**NORMALISED_FEATURES, **RANKED_COLUMNS})
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -116,6 +123,8 @@ def resolve_format(features: Features, data_format: str | None = None) -> Format
         ),
         "implicit_prompt": FormatSpec("implicit_prompt", None, "chosen", "rejected"),
         "unpaired": FormatSpec("unpaired", "prompt", "completion", None),
+        "ranked": FormatSpec("ranked", "prompt", *(("responses", "ranks") if "ranks" in columns
+                                                   else ("chosen", "rejected"))),
     }
     if data_format is None:
         data_format = _detect(features)
@@ -142,6 +151,10 @@ def _detect(features: Features) -> str:
         return "sharegpt"
     if {"prompt", "completion", "label"} <= columns:
         return "unpaired"
+    if {"prompt", "responses", "ranks"} <= columns:
+        return "ranked"
+    if {"prompt", "chosen", "rejected"} <= columns and is_ranked_feature(features["rejected"]):
+        return "ranked"
     if {"chosen", "rejected"} <= columns:
         texts = _is_text(features["chosen"]) and _is_text(features["rejected"])
         if "prompt" in columns:
@@ -151,7 +164,8 @@ def _detect(features: Features) -> str:
         f"cannot tell the preference format from the columns {sorted(columns)}; expected "
         "question/response_j/response_k (stack_exchange), prompt/chosen/rejected (standard or "
         "conversational), chosen/rejected (implicit_prompt or conversational) or "
-        "conversations/chosen/rejected (sharegpt) or prompt/completion/label (unpaired)"
+        "conversations/chosen/rejected (sharegpt), prompt/completion/label (unpaired) or "
+        "prompt/responses/ranks (ranked)"
     )
 
 
@@ -188,8 +202,14 @@ def _starts_assistant_turn(messages: list[dict], index: int) -> bool:
 
 def normalise_row(row: dict, spec: FormatSpec) -> dict:
     """Convert one source row to the normalised messages; defects go to ``problem``."""
+    ranking = {}
     try:
-        if spec.rejected is None:  # unpaired
+        if spec.name == "ranked":
+            prompt, responses, stages = ranked_responses(row, spec.prompt, spec.chosen,
+                                                         spec.rejected)
+            chosen, rejected = responses[:2]
+            ranking = {"more": responses[2:], "stages": stages}
+        elif spec.rejected is None:  # unpaired
             prompt = to_messages(row[spec.prompt], spec.prompt, "user")
             chosen = rejected = to_messages(row[spec.chosen], spec.chosen, "assistant")
             if row["label"] is None:
@@ -219,6 +239,8 @@ def normalise_row(row: dict, spec: FormatSpec) -> dict:
     else:
         normalised = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": tools,
                       "chat_template_kwargs": kwargs, "problem": ""}
+    if spec.name == "ranked":
+        return {**normalised, **NO_RANKING, **ranking}
     return normalised if spec.rejected is not None else {**normalised, "label": bool(row["label"])}
 
 
@@ -230,7 +252,8 @@ def normalise(ds: Dataset, *, data_format: str | None = None,
     ``ds``); they end up in the ``row_index`` column for error messages.
     """
     spec = resolve_format(ds.features, data_format)
-    features = NORMALISED_FEATURES if spec.rejected is not None else UNPAIRED_FEATURES
+    features = (RANKED_FEATURES if spec.name == "ranked" else NORMALISED_FEATURES
+                if spec.rejected is not None else UNPAIRED_FEATURES)
     if row_indices is None:
         row_indices = list(range(len(ds)))
     if len(row_indices) != len(ds):

@@ -7,22 +7,17 @@ their boundary with the prompt's, truncates, labels, and maps all of it over a d
 """
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-
 from datasets import Dataset
-from datasets.fingerprint import Hasher
 
+from dpo.data.fingerprint import TOKENS_CODE, code_source  # noqa: F401 (the cache's key)
+from dpo.data.fingerprint import tokens_fingerprint as _fingerprint
 from dpo.data.formats import RowProblem, find_problem
+from dpo.data.ranked import check_response, encode_more, more_bodies
 from dpo.data.render import PairRenderer, check_text_settings
 from dpo.data.report import FilterReport, NoPairsLeft
 
 IGNORE_INDEX = -100  # label of prompt and padding positions: no loss there
 
-# The modules whose source decides the tokenized rows and the report. Both caches key on it
-# (datasets' map cache, ``_fingerprint``; the on-disk ``dpo.data.cache``): any edit misses.
-TOKENS_CODE = ("dpo.data.errors", "dpo.data.messages", "dpo.data.formats", "dpo.data.render",
-               "dpo.data.report", "dpo.data.tokenize")
 # The columns of a row that is skipped: it is dropped after the report is made.
 UNUSABLE_PAIR = {
     "chosen_input_ids": [],
@@ -33,12 +28,7 @@ UNUSABLE_PAIR = {
     "truncated": False,
     "tools_unrendered": False,
 }
-
-
-def code_source() -> str:
-    """The source of the ``TOKENS_CODE`` modules, in order, as one string (for cache keys)."""
-    return "".join(Path(importlib.import_module(name).__file__).read_text()
-                   for name in TOKENS_CODE)
+UNUSABLE_MORE = {"more_input_ids": [], "more_labels": []}
 
 
 def prepare_tokenizer(tokenizer):
@@ -87,23 +77,28 @@ class _PairTokenizer:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        ranked = "more" in batch  # rankings: responses 3..N in `more` (dpo.data.ranked)
         # Loaded rows carry the problems found while normalising; hand-made ones may not.
         problems = [row.get("problem") or self.check_content(row) for row in rows]
-        texts = {}
+        texts, more = {}, {}
         for i, row in enumerate(rows):
             if not problems[i]:
                 try:
                     texts[i] = self.renderer.split_texts(row)
+                    if ranked:
+                        more[i] = more_bodies(self.renderer, row, texts[i][0])
                 except RowProblem as problem:
                     problems[i] = str(problem)
         encoded = self.encode_rows(texts)
 
-        out = {name: [] for name in [*UNUSABLE_PAIR, "problem"]}
+        unusable = {**UNUSABLE_PAIR, **UNUSABLE_MORE} if ranked else UNUSABLE_PAIR
+        out = {name: [] for name in [*unusable, "problem"]}
         for i, problem in enumerate(problems):
-            pair = UNUSABLE_PAIR
+            pair = unusable
             if not problem:
                 try:
-                    pair = self.truncate_and_label(*encoded[i])
+                    extra = encode_more(self, texts[i][0], more[i]) if ranked else None
+                    pair = self.truncate_and_label(*encoded[i], more=extra)
                 except RowProblem as skip:
                     problem = str(skip)
             unrendered = not problem and bool(rows[i].get("tools") or self.renderer.tools) \
@@ -117,6 +112,11 @@ class _PairTokenizer:
     def check_content(row: dict) -> str:
         problem = find_problem(row["prompt"], row["chosen"], row["rejected"],
                                paired="label" not in row)
+        try:
+            for k, response in enumerate(row.get("more") or []):
+                check_response(response, f"more[{k}]")
+        except RowProblem as more_problem:
+            problem = problem or more_problem
         return "" if problem is None else str(problem)
 
     def encode_rows(self, texts: dict[int, tuple[str, str, str]]) -> dict[int, tuple]:
@@ -157,9 +157,11 @@ class _PairTokenizer:
             return prompt_ids
         return [self.bos_id, *prompt_ids]
 
-    def truncate_and_label(self, prompt: list[int], chosen: list[int], rejected: list[int]):
+    def truncate_and_label(self, prompt: list[int], chosen: list[int], rejected: list[int],
+                           more: list[list[int]] | None = None):
         """Fit the pair into ``max_length`` and build ids and labels; a pair without prompt
-        tokens is skipped (``no_prompt_tokens``).
+        tokens is skipped (``no_prompt_tokens``). A ranking's responses 3..N (``more``) are
+        truncated alike and give ``more_input_ids``/``more_labels`` (lists of lists).
 
         Only a pair that does not fit is truncated: the prompt keeps its end (the last turns, and
         a leading BOS) up to ``max_prompt_length`` tokens, then each response keeps its start up
@@ -171,7 +173,9 @@ class _PairTokenizer:
             # would have no logit, so the pair's log-prob would silently lack it.
             raise RowProblem("no_prompt_tokens", "the prompt has no tokens and the tokenizer "
                              "adds no BOS: the first response token cannot be scored")
-        truncated = len(prompt) + max(len(chosen), len(rejected)) > self.max_length
+        responses = [chosen, rejected, *(more or [])]
+        longest = max(map(len, responses))
+        truncated = len(prompt) + longest > self.max_length
         if truncated:
             if len(prompt) > self.max_prompt_length:
                 keep_bos = self.bos_id is not None and prompt[:1] == [self.bos_id]
@@ -184,36 +188,22 @@ class _PairTokenizer:
                     f"the prompt's {len(prompt)} tokens leave no room in max_length "
                     f"{self.max_length}",
                 )
-            chosen, rejected = chosen[:budget], rejected[:budget]
+            responses = [response[:budget] for response in responses]
+            longest = min(longest, budget)
         masked = [IGNORE_INDEX] * len(prompt)
-        return {
+        (chosen, rejected), rest = responses[:2], responses[2:]
+        out = {
             "chosen_input_ids": prompt + chosen,
             "chosen_labels": masked + chosen,
             "rejected_input_ids": prompt + rejected,
             "rejected_labels": masked + rejected,
-            "length": len(prompt) + max(len(chosen), len(rejected)),
+            "length": len(prompt) + longest,
             "truncated": truncated,
         }
-
-
-def _fingerprint(ds: Dataset, pair_tokenizer: _PairTokenizer) -> str | None:
-    """The cache key of a tokenization: what ``datasets`` would compute, but fast.
-
-    By default ``Dataset.map`` pickles the function with its tokenizer to hash it, which takes
-    seconds for a 150k-token vocabulary, on every call. The tokenizer's serialised form, the
-    settings and the code (``TOKENS_CODE``) determine the result just as well. ``None`` (let
-    datasets hash) for a slow tokenizer, which has no serialised form.
-    """
-    tokenizer = pair_tokenizer.tokenizer
-    if not tokenizer.is_fast:
-        return None
-    renderer = pair_tokenizer.renderer
-    return Hasher.hash([
-        ds._fingerprint, tokenizer.backend_tokenizer.to_str(), tokenizer.chat_template,
-        tokenizer.eos_token, pair_tokenizer.end_id, pair_tokenizer.bos_id,
-        pair_tokenizer.max_length, pair_tokenizer.max_prompt_length, renderer.mode,
-        renderer.prompt_template, renderer.kwargs, renderer.tools, code_source(),
-    ])
+        if more is not None:
+            out["more_input_ids"] = [prompt + response for response in rest]
+            out["more_labels"] = [masked + response for response in rest]
+        return out
 
 
 def tokenize_preferences(
@@ -278,7 +268,8 @@ def tokenize_preferences(
         pair_tokenizer,
         batched=True,
         batch_size=256,
-        remove_columns=[name for name in ds.column_names if name not in ("row_index", "label")],
+        remove_columns=[name for name in ds.column_names if name not in ("row_index", "label",
+                                                                          "stages")],
         num_proc=num_proc,
         new_fingerprint=_fingerprint(ds, pair_tokenizer),
         desc="tokenizing preference pairs",
