@@ -106,3 +106,42 @@ def test_truncation_cuts_every_response_alike(tiny_tokenizer):
     row = tokenized(tiny_tokenizer, max_length=16, rows=long)[0]
     assert max(len(row["chosen_input_ids"]), len(row["more_input_ids"][0])) == 16
     assert row["length"] == 16
+
+
+X = IGNORE_INDEX
+ROWS = [  # tokenized rankings of 3 and 2 responses
+    {"chosen_input_ids": [5, 6, 7], "chosen_labels": [X, 6, 7],
+     "rejected_input_ids": [5, 8], "rejected_labels": [X, 8],
+     "more_input_ids": [[5, 9, 9, 9]], "more_labels": [[X, 9, 9, 9]], "stages": 2},
+    {"chosen_input_ids": [1, 2, 3], "chosen_labels": [X, X, 3],
+     "rejected_input_ids": [1, 2, 4], "rejected_labels": [X, X, 4],
+     "more_input_ids": [], "more_labels": [], "stages": 1},
+]
+
+
+def test_collator_lays_out_k_slots_and_prompt_only_stand_ins():
+    """[rank 1 (B); rank 2 (B); rank 3 (B)]: rows 0..2B−1 are the pair layout; row 1 has no
+    third response, so its slot holds its prompt with no label."""
+    batch = PreferenceCollator(0)(ROWS)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [1, 2, 3, 0], [5, 8, 0, 0],
+                                           [1, 2, 4, 0], [5, 9, 9, 9], [1, 2, 0, 0]]
+    assert batch["labels"][5].tolist() == [X] * 4
+    assert batch["ranking_mask"].tolist() == [[True, True, True], [True, True, False]]
+    assert batch["stages"].tolist() == [2, 1] and num_pairs(batch) == 2
+    pairs = [{k: v for k, v in row.items() if not k.startswith(("more", "stages"))}
+             for row in ROWS]
+    assert torch.equal(batch["input_ids"][:4, :3], PreferenceCollator(0)(pairs)["input_ids"])
+
+
+def test_packed_collator_holds_k_times_b_sequences():
+    batch = PreferenceCollator(0, padding_free=True)(ROWS)
+    assert batch["packed_sequences"].shape == (6, 3) and num_pairs(batch) == 2
+    assert batch["packed_sequences"][:, 2].tolist() == [3, 3, 2, 3, 4, 2]
+    assert batch["ranking_mask"].shape == (2, 3)
+
+
+def test_shared_prompt_collator_segments_all_responses():
+    batch = PreferenceCollator(0, share_prompt=True)(ROWS)
+    assert batch["shared_pairs"].tolist() == [[0, 0, 1, 2, 1, 3], [1, 0, 2, 1, 1, 0]]
+    assert batch["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 9, 9]
+    assert num_pairs(batch) == 2

@@ -7,6 +7,7 @@ import torch
 
 from dpo.data.batching import PreferenceCollator
 from dpo.data.shared_prompt import shared_prefix
+from dpo.model.forward import concatenated_forward
 from dpo.model.logprobs import IGNORE_INDEX as X
 from dpo.model.packed_attention import use_packed_sdpa
 from dpo.model.shared_prompt import SharedPromptUnsupported, attention_masks, unshare
@@ -176,3 +177,64 @@ def test_the_probe_turns_it_on_and_refuses_a_model_that_drops_the_rule(capsys):
     assert _not_shared_by_default(on_cuda, TrainConfig(padding_free=True)) == (
         "not measured on cuda, where packed rows run one variable-length kernel call; "
         "--share-prompt turns it on")
+
+
+RANKED_ROWS = [  # prompts 10 11 12 and 40 41: rankings of 3, 2 and 4 responses
+    {"chosen_input_ids": [10, 11, 12, 20, 21], "chosen_labels": [X, X, X, 20, 21],
+     "rejected_input_ids": [10, 11, 12, 30], "rejected_labels": [X, X, X, 30],
+     "more_input_ids": [[10, 11, 12, 25, 26, 27]], "more_labels": [[X, X, X, 25, 26, 27]],
+     "stages": 2},
+    {"chosen_input_ids": [40, 41, 50], "chosen_labels": [X, X, 50],
+     "rejected_input_ids": [40, 41, 60, 61], "rejected_labels": [X, X, 60, 61],
+     "more_input_ids": [], "more_labels": [], "stages": 1},
+    {"chosen_input_ids": [40, 41, 51], "chosen_labels": [X, X, 51],
+     "rejected_input_ids": [40, 41, 62], "rejected_labels": [X, X, 62],
+     "more_input_ids": [[40, 41, 63, 64], [40, 41, 65]], "more_labels": [[X, X, 63, 64],
+                                                                       [X, X, 65]],
+     "stages": 1},
+]
+
+
+def ranked_logps_and_grads(model, batch):
+    model.zero_grad()
+    out = concatenated_forward(model, batch, chunked=True, chunk_size=7)
+    # Distinct weights per response, so that a mix-up of rows or slots shows in the gradients.
+    (out.slot_logps * torch.arange(1.0, 13.0).reshape(3, 4)).sum().backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_ranked_layout_and_the_rule_for_k_responses():
+    """[prompt | r1 | r2 | r3 | r4]: each response restarts at the prompt's length and sees the
+    prompt and itself only; a missing response has rest length 0."""
+    batch = PreferenceCollator(0, share_prompt=True, padding_free=True)(RANKED_ROWS)
+    assert batch["shared_pairs"].tolist() == [[0, 0, 3, 2, 1, 3, 0], [0, 9, 2, 1, 2, 0, 0],
+                                              [0, 14, 2, 1, 1, 2, 1]]
+    assert batch["position_ids"][0, :9].tolist() == [0, 1, 2, 3, 4, 3, 3, 4, 5]
+    assert batch["ranking_mask"].tolist() == [[True, True, True, False],
+                                              [True, True, False, False], [True] * 4]
+    config = tiny_model("llama").config
+    config._attn_implementation = "sdpa"
+    mask = attention_masks(config, batch["shared_pairs"], batch["position_ids"], torch.float32)
+    seen = [set(torch.nonzero(mask[0, 0, q]).flatten().tolist()) for q in range(21)]
+    assert seen[5] == {0, 1, 2, 5} and seen[8] == {0, 1, 2, 6, 7, 8}
+    assert seen[20] == {14, 15, 20}  # row 3's fourth response: its prompt and itself
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_shared_prompt_rankings_equal_separate_sequences(packed):
+    """Rankings of 3, 2 and 4 responses: every slot's log-prob and every gradient equal to the
+    padded K-slot batch's, to 1e-5; the missing slots' log-probs are 0 in both."""
+    model = tiny_model("llama")
+    model.config._attn_implementation = "sdpa"
+    shared = PreferenceCollator(0, share_prompt=True, padding_free=packed)(RANKED_ROWS)
+    padded = PreferenceCollator(0)(RANKED_ROWS)
+    assert padded["input_ids"].shape[0] == 12
+    got, got_grads = ranked_logps_and_grads(model, shared)
+    want, want_grads = ranked_logps_and_grads(model, padded)
+    for field in ("slot_logps", "slot_lengths", "slot_logits_mean"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-5,
+                                   atol=1e-6)
+    assert want.slot_logps[1, 2:].tolist() == [0.0, 0.0] and want.slot_logps[0, 3] == 0
+    for param, g in want_grads.items():
+        scale = g.abs().max().clamp(min=1e-12)
+        torch.testing.assert_close(got_grads[param] / scale, g / scale, rtol=1e-5, atol=1e-5)

@@ -73,6 +73,8 @@ class DataSection:
     tools_file: str | None = _opt(None, "JSON file holding a list of tool schemas given to the "
                                   "chat template for every row without its own tools column")
     strict_data: bool = _opt(False, "fail on the first invalid row instead of skipping it")
+    max_responses: int = _opt(8, "most responses a ranked row may hold (each is a sequence of "
+                              "the forward); a dataset with a row over it stops the run")
     group_by_length: bool = _opt(True, "batch pairs of similar length to cut padding")
     padding_free: bool | None = _opt(None, "pack each micro-batch's sequences end to end in "
                                      "rows (position ids restarting at each), no padding; "
@@ -94,6 +96,7 @@ class DataSection:
         check_at_least(self, 1, "max_length", "num_samples", "num_proc", "max_prompt_length",
                        "padding_free_max_tokens", "shuffle_buffer_size")
         check_at_least(self, 0, "eval_samples")
+        check_at_least(self, 2, "max_responses")
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be below "
                               f"max_length ({self.max_length}) to leave room for the response")

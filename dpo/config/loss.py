@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from dpo.config.fields import ConfigError, _opt, check_at_least, declared_default
 from dpo.loss import LOSS_TYPES, check_loss_options, is_unpaired, needs_reference
+from dpo.loss.ranked import RANKING_LOSSES
 
 
 @dataclass
@@ -40,6 +41,10 @@ class LossSection:
     desirable_weight: float = _opt(1.0, "KTO's λ_D: weight of the desirable completions' losses")
     undesirable_weight: float = _opt(1.0, "KTO's λ_U: weight of the undesirable completions' "
                                      "losses (the paper: λ_D·n_D / (λ_U·n_U) in [1, 4/3])")
+    ranking_loss: str = _opt("plackett_luce", "the loss of ranked rows (N responses): the "
+                             "Plackett–Luce likelihood of the ranking, or the mean DPO loss over "
+                             "its ordered pairs; N = 2 is DPO either way",
+                             choices=RANKING_LOSSES)
     use_weighting: bool = _opt(False, "WPO: weight each pair's loss by how likely the policy "
                                "finds its two responses (detached, clamped at 1 as in the WPO "
                                "authors' code; TRL 1.16 does not clamp)")
@@ -78,6 +83,10 @@ class LossSection:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self._validate_unpaired(types)
+        if (self.ranking_loss != declared_default(self, "ranking_loss")
+                and list(self.loss_type) != ["sigmoid"]):
+            raise ConfigError(f"ranking_loss {self.ranking_loss}: rankings train with loss_type "
+                              f"sigmoid alone, not {types}")
         if (self.discopop_tau != declared_default(self, "discopop_tau")
                 and "discopop" not in self.loss_type):
             raise ConfigError(f"discopop_tau is the temperature of loss_type discopop, not of "

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from dpo.data.shared_prompt import share_prompts
+from dpo.data.shared_prompt import first_label, sequences, share_prompts
 from dpo.data.tokenize import IGNORE_INDEX
 from dpo.data.unpaired import with_kl_completions
 
@@ -62,9 +62,14 @@ class PreferenceCollator:
         if self.share_prompt:
             cap = (self.max_packed_tokens or math.inf) if self.padding_free else None
             return self._columns(rows, share_prompts(rows, self.pad_token_id, self._width, cap))
-        # All chosen sequences first, then all rejected ones: row i and row B + i are one pair.
-        ids = [row[f"{side}_input_ids"] for side in ("chosen", "rejected") for row in rows]
-        labels = [row[f"{side}_labels"] for side in ("chosen", "rejected") for row in rows]
+        if "stages" in rows[0]:  # rankings: K slots of B sequences, [rank 1; rank 2; ...]
+            slots = ranked_slots(rows)
+            ids = [ids for slot in slots for ids, _ in slot]
+            labels = [labels for slot in slots for _, labels in slot]
+        else:
+            # All chosen sequences first, then all rejected ones: row i and row B + i are a pair.
+            ids = [row[f"{side}_input_ids"] for side in ("chosen", "rejected") for row in rows]
+            labels = [row[f"{side}_labels"] for side in ("chosen", "rejected") for row in rows]
         batch = self._pack(ids, labels) if self.padding_free else self._pad(ids, labels)
         return self._columns(rows, batch)
 
@@ -79,6 +84,9 @@ class PreferenceCollator:
             batch["label"] = torch.tensor([row["label"] for row in rows], dtype=torch.bool)
         if "source" in rows[0]:  # a mixture's eval pairs: the dataset each one comes from
             batch["source"] = torch.tensor([row["source"] for row in rows], dtype=torch.long)
+        if "stages" in rows[0]:
+            batch["ranking_mask"] = ranking_mask(rows)
+            batch["stages"] = torch.tensor([row["stages"] for row in rows], dtype=torch.long)
         return batch
 
     def _width(self, width: int) -> int:
@@ -140,8 +148,35 @@ class PreferenceCollator:
         return batch
 
 
+def ranked_slots(rows: Sequence[Mapping]) -> list[list[tuple[list, list]]]:
+    """The K slots of a ranked batch (K the rows' most responses), each B `(ids, labels)`: slot
+    k holds each row's response of rank k + 1, or, where a row has fewer responses, its prompt
+    alone with no label (log-prob 0; `ranking_mask` keeps it out of the loss)."""
+    responses = [sequences(row) for row in rows]
+    slots = []
+    for k in range(max(map(len, responses))):
+        slot = []
+        for row, ranked in zip(rows, responses):
+            if k < len(ranked):
+                slot.append(ranked[k])
+            else:
+                prompt = first_label(row["chosen_labels"])
+                slot.append((row["chosen_input_ids"][:prompt], [IGNORE_INDEX] * prompt))
+        slots.append(slot)
+    return slots
+
+
+def ranking_mask(rows: Sequence[Mapping]) -> torch.Tensor:
+    """(B, K) bool: row b has a response of rank k + 1."""
+    counts = [2 + len(row["more_input_ids"]) for row in rows]
+    return torch.arange(max(counts)) < torch.tensor(counts).unsqueeze(-1)
+
+
 def num_pairs(batch: Mapping[str, torch.Tensor]) -> int:
-    """How many pairs a collated batch holds, padded, packed or sharing prompts."""
+    """How many pairs (or rankings) a collated batch holds, padded, packed or sharing
+    prompts."""
+    if "ranking_mask" in batch:
+        return len(batch["ranking_mask"])
     if "shared_pairs" in batch:
         return len(batch["shared_pairs"])
     return len(batch.get("packed_sequences", batch["input_ids"])) // 2  # packed: (2B, 3)

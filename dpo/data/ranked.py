@@ -136,3 +136,19 @@ def is_ranked_feature(feature) -> bool:
 def num_responses(row: dict) -> int:
     """How many responses a normalised ranked row holds."""
     return 2 + len(row["more"])
+
+
+def is_ranked(ds) -> bool:
+    """Whether normalised or tokenized rows are rankings (they carry `stages`)."""
+    return "stages" in ds.column_names
+
+
+def check_response_count(ds, cap: int) -> None:
+    """ValueError naming the first normalised ranked row of more than `cap` responses."""
+    counts = [2 + len(more) for more in ds["more"]]
+    over = next((i for i, count in enumerate(counts) if count > cap), None)
+    if over is not None:
+        row = ds[over]["row_index"]
+        raise ValueError(f"row {row} ranks {counts[over]} responses, over max_responses {cap} "
+                         "(each response is one more sequence in the forward): raise "
+                         "max_responses if memory allows, or drop responses")

@@ -38,6 +38,11 @@ class PairLogps:
     # WPO (`weighting`): log w = mean_t (log π(y_t) − log Σ_v π(v)²), detached
     chosen_log_weights: torch.Tensor | None = None
     rejected_log_weights: torch.Tensor | None = None
+    # Rankings (a batch with `ranking_mask`): every slot's log-probs, token counts and mean
+    # logits, (B, K); `chosen_*`/`rejected_*` are slots 0 and 1
+    slot_logps: torch.Tensor | None = None
+    slot_lengths: torch.Tensor | None = None
+    slot_logits_mean: torch.Tensor | None = None
 
 
 def concatenated_forward(
@@ -61,7 +66,9 @@ def concatenated_forward(
             (padding-free) batch of `PreferenceCollator(padding_free=True)`: the same three
             and `position_ids` `[R, L]`, with `packed_sequences` `(2B, 3)` saying where each
             sequence lies; the model then gets no attention mask (see `_unpack`), and the
-            results are laid out as for a padded batch.
+            results are laid out as for a padded batch. A ranked batch (with `ranking_mask`
+            (B, K)) has K slots `[rank 1; rank 2; ...]` of B rows each; its `PairLogps` add
+            each slot's values as `slot_*` (B, K).
         chunked: project only response tokens onto the vocabulary, in chunks
             (`chunked_sequence_logps`); False computes the full `[2B, T, V]` logits.
         chunk_size: tokens per LM-head call on the chunked path.
@@ -77,9 +84,12 @@ def concatenated_forward(
         Both come from the same pass over the logits (or chunks) as the log-probs.
     """
     inputs, index, labels = _model_inputs(model, batch, router_aux or full_mask)
-    if labels.shape[0] % 2:
-        raise ValueError(f"a [chosen; rejected] batch has an even number of rows, got "
-                         f"{labels.shape[0]}")
+    ranked = "ranking_mask" in batch
+    slots = batch["ranking_mask"].shape[1] if ranked else 2
+    if labels.shape[0] % slots:
+        what = f"ranked batch of {slots} slots has a multiple of {slots}" if ranked else \
+            "[chosen; rejected] batch has an even number"
+        raise ValueError(f"a {what} of rows, got {labels.shape[0]}")
     extra = {"output_router_logits": True} if router_aux else {}
     options = dict(excess=None if ld_alpha is None else excess_tokens(labels), weighting=weighting)
     if chunked:
@@ -109,13 +119,16 @@ def concatenated_forward(
     logps, lengths = sums.logps, sums.counts  # (2B,) each
     # Per-token means; clamp only guards the 0/0 of a response-free row.
     logits_mean = sums.logits_sums / (lengths.clamp(min=1) * vocab_size)  # (2B,)
-    half = labels.shape[0] // 2
+    half = labels.shape[0] // slots
     pair = PairLogps(
-        chosen_logps=logps[:half], rejected_logps=logps[half:],
-        chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
-        chosen_logits_mean=logits_mean[:half], rejected_logits_mean=logits_mean[half:],
+        chosen_logps=logps[:half], rejected_logps=logps[half:2 * half],
+        chosen_lengths=lengths[:half], rejected_lengths=lengths[half:2 * half],
+        chosen_logits_mean=logits_mean[:half], rejected_logits_mean=logits_mean[half:2 * half],
         aux_loss=out.aux_loss if router_aux else None,
     )
+    if ranked:  # (K·B,) slot by slot → (B, K)
+        pair.slot_logps, pair.slot_lengths, pair.slot_logits_mean = (
+            values.reshape(slots, half).T for values in (logps, lengths, logits_mean))
     if ld_alpha is not None:
         ld = length_desensitised(logps, sums.excess_logps, ld_alpha)
         pair.chosen_ld_logps, pair.rejected_ld_logps = ld[:half], ld[half:]

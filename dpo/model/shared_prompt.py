@@ -1,11 +1,11 @@
 """The model call of a shared-prompt batch (`dpo.data.shared_prompt`).
 
-A row holds pairs as segments `[prompt | chosen | rejected]`. The attention rule: a token sees
-the earlier tokens of its own pair, except that a rejected token never sees a chosen one (and a
-chosen token never sees a rejected one, which come after it). So the chosen tokens see exactly
-what they would in `prompt + chosen`, and the rejected tokens what they would in
-`prompt + rejected`; position ids (restarting the rejected response at the prompt's length) give
-them their own positions, and a sliding window counts in positions. The rule goes to the model
+A row holds pairs as segments `[prompt | chosen | rejected]` (a ranking's as `[prompt | r1 | ...
+| rK]`). The attention rule: a token sees the earlier tokens of its own pair, except that a
+response's token never sees another response's. So the chosen tokens see exactly what they
+would in `prompt + chosen`, and the rejected tokens what they would in `prompt + rejected`;
+position ids (restarting the rejected response at the prompt's length) give them their own
+positions, and a sliding window counts in positions. The rule goes to the model
 as 4-D masks, one per kind of attention layer, which transformers passes on to each layer as
 given.
 
@@ -33,17 +33,20 @@ _MASK_KINDS = {"sdpa": "bool", PACKED_SDPA: "bool", "eager": "additive"}
 
 
 def unshare(pairs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(index, labels)`, both `[2B, T]`: `outputs.flatten(0, 1)[index]` lays the model's (R, L)
-    outputs out as a right-padded `[chosen; rejected]` batch, and `labels` are that batch's.
-    Row i is pair i's prompt then its chosen rest, row B+i the prompt then its rejected rest;
-    beyond a sequence's end `index` points at position 0 and the label is −100."""
-    rows, starts, prompt, chosen, rejected = pairs.unbind(-1)
-    lengths = torch.cat([prompt + chosen, prompt + rejected])  # (2B,)
+    """`(index, labels)`, both `[K·B, T]`: `outputs.flatten(0, 1)[index]` lays the model's
+    (R, L) outputs out as a right-padded `[chosen; rejected]` batch (a ranking's K slots,
+    `[rank 1; rank 2; ...]`), and `labels` are that batch's. Row i is pair i's prompt then its
+    chosen rest, row B+i the prompt then its rejected rest, and so on; beyond a sequence's end
+    `index` points at position 0 and the label is −100."""
+    rows, starts, prompt = pairs[:, :3].unbind(-1)
+    rests = pairs[:, 3:]  # (B, K)
+    slots = rests.shape[1]
+    lengths = (prompt.unsqueeze(-1) + rests).T.flatten()  # (K·B,), slot by slot
     steps = torch.arange(int(lengths.max()), device=pairs.device)  # one host sync
-    first = (rows * labels.shape[1] + starts).repeat(2)
-    # Past the prompt, a rejected row skips the pair's chosen tokens.
-    skip = torch.cat([torch.zeros_like(chosen), chosen])
-    after_prompt = steps >= prompt.repeat(2).unsqueeze(-1)
+    first = (rows * labels.shape[1] + starts).repeat(slots)
+    # Past the prompt, slot k skips the tokens of the pair's responses before it.
+    skip = (rests.cumsum(-1) - rests).T.flatten()
+    after_prompt = steps >= prompt.repeat(slots).unsqueeze(-1)
     position = first.unsqueeze(-1) + steps + after_prompt * skip.unsqueeze(-1)
     inside = steps < lengths.unsqueeze(-1)
     index = torch.where(inside, position, 0)
@@ -79,24 +82,25 @@ def attention_masks(config, pairs: torch.Tensor, position_ids: torch.Tensor,
     num_rows, width = position_ids.shape
     device = position_ids.device
     pair = torch.full((num_rows, width), -1, dtype=torch.long, device=device)
-    part = torch.zeros((num_rows, width), dtype=torch.int8, device=device)  # 1 chosen, 2 rejected
-    for i, (row, start, prompt, chosen, rejected) in enumerate(pairs.tolist()):  # host sync
-        response = start + prompt
-        pair[row, start:response + chosen + rejected] = i
-        part[row, response:response + chosen] = 1
-        part[row, response + chosen:response + chosen + rejected] = 2
+    # 0 prompt, k the pair's k-th response (1 chosen, 2 rejected, 3.. a ranking's others)
+    part = torch.zeros((num_rows, width), dtype=torch.int8, device=device)
+    segments = [[] for _ in range(num_rows)]  # each row's pair segments, for packed_sdpa
+    for i, (row, start, prompt, *rests) in enumerate(pairs.tolist()):  # host sync
+        at = start + prompt
+        for k, rest in enumerate(rests, 1):
+            part[row, at:at + rest] = k
+            at += rest
+        pair[row, start:at] = i
+        segments[row].append((start, at))
     steps = torch.arange(width, device=device)
     allowed = (pair.unsqueeze(-1) == pair.unsqueeze(-2)) & (steps.unsqueeze(-1) >= steps)
-    allowed &= ~((part.unsqueeze(-1) == 2) & (part.unsqueeze(-2) == 1))
+    query, key = part.unsqueeze(-1), part.unsqueeze(-2)
+    allowed &= ~((query > 0) & (key > 0) & (query != key))
     # A padding position sees only itself (a query that sees nothing would give NaN).
     padding = pair < 0
     allowed = torch.where(padding.unsqueeze(-1), torch.eye(width, dtype=torch.bool,
                                                            device=device), allowed)
     distance = position_ids.unsqueeze(-1) - position_ids.unsqueeze(-2)
-    # Each row's pair segments, for packed_sdpa: the mask is block-diagonal over them.
-    segments = [[] for _ in range(num_rows)]
-    for row, start, prompt, chosen, rejected in pairs.tolist():
-        segments[row].append((start, start + prompt + chosen + rejected))
     masks = {}
     for name, window in windows.items():
         mask = allowed if window is None else allowed & (distance < window)

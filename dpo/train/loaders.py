@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from dpo import data, demo
 from dpo.config import ConfigError, TrainConfig
 from dpo.data.cache import default_cache_dir, tokenize_cached
-from dpo.data import mixture, unpaired
+from dpo.data import mixture, ranked, unpaired
 from dpo.data.mixture import PER_DATASET
 from dpo.data.sources import layout_warning
 from dpo.data.messages import read_tools_file
@@ -128,7 +128,12 @@ def _load_one(cfg: TrainConfig, accelerator: Accelerator, tokenizer, dataset: st
             dataset, num_proc=cfg.num_proc, eval_dataset_config=cfg.eval_dataset_config,
             eval_data_dir=cfg.eval_data_dir, eval_split=cfg.eval_split,
             streaming=cfg.streaming, shuffle_buffer_size=cfg.shuffle_buffer_size, **settings)
-        if is_unpaired(cfg.loss_type):  # KTO takes pairs too, as two labelled completions
+        if ranked.is_ranked(train_rows) or ranked.is_ranked(eval_rows):
+            check_ranked_run(cfg)
+            for rows in (train_rows, eval_rows):
+                if ranked.is_ranked(rows):
+                    ranked.check_response_count(rows, cfg.max_responses)
+        elif is_unpaired(cfg.loss_type):  # KTO takes pairs too, as two labelled completions
             train_rows, eval_rows = map(unpaired.as_unpaired, (train_rows, eval_rows))
         elif unpaired.is_unpaired(train_rows):
             raise ValueError("its rows are unpaired (prompt, completion, label): they train with "
@@ -157,6 +162,24 @@ def _load_one(cfg: TrainConfig, accelerator: Accelerator, tokenizer, dataset: st
     except ValueError as e:
         raise ConfigError(f"dataset {given}: {e}") from None
     return train, evals, report
+
+
+def check_ranked_run(cfg: TrainConfig) -> None:
+    """ValueError (one line) for a setting that ranked rows do not train with: the ranking
+    losses (`dpo.loss.ranked`) generalise DPO's sigmoid loss alone, on a reference forward."""
+    refused = [
+        (list(cfg.loss_type) != ["sigmoid"], f"loss_type {', '.join(cfg.loss_type)} (and "
+         "rpo_alpha) reads pairs; rankings train with loss_type sigmoid"),
+        (bool(cfg.label_smoothing), "label_smoothing has no ranking form"),
+        (cfg.f_divergence_type != "reverse_kl", f"f_divergence_type {cfg.f_divergence_type} "
+         "has no ranking form (Plackett–Luce is written in the reverse KL's rewards)"),
+        (cfg.use_weighting, "use_weighting (WPO) weights pairs"),
+        (cfg.ld_alpha is not None, "ld_alpha (LD-DPO) compares a pair's two lengths"),
+        (cfg.precompute_ref_logps, "precompute_ref_logps stores two log-probs a row; drop it"),
+    ]
+    why = next((why for bad, why in refused if bad), None)
+    if why:
+        raise ValueError(f"its rows are rankings: {why}")
 
 
 def _eval_rows_named(cfg: TrainConfig, split: str, eval_rows) -> str:

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from dpo.loss import is_unpaired
+from dpo.loss.ranked import ranked_pairs
 from dpo.loss.reference_free import log_odds_ratio
 from dpo.train.step import StepOutput
 
@@ -24,8 +25,8 @@ PAIR_KEYS = (
     "loss",                # the per-pair loss: a mixture's weighted sum of its terms
     "rewards/chosen",      # β·(log π(y⁺) − log π_ref(y⁺))
     "rewards/rejected",    # β·(log π(y⁻) − log π_ref(y⁻))
-    "rewards/accuracies",  # 1 where the chosen reward is strictly larger
-    "rewards/margins",     # chosen − rejected reward
+    "rewards/accuracies",  # 1 where the chosen reward is strictly larger (rankings: the share
+    "rewards/margins",     # of ordered pairs right), chosen − rejected (docs/dpo.md §13)
     "logps/chosen",        # summed log π(y⁺)
     "logps/rejected",
     "logits/chosen",       # mean logit over response tokens and vocabulary
@@ -61,6 +62,8 @@ def pair_stats(out: StepOutput) -> torch.Tensor:
         columns = [out.losses, out.kl.expand_as(out.losses), desirable]
         for value in (chosen, policy.chosen_logps, policy.chosen_logits_mean):
             columns += [value * desirable, value * (1 - desirable)]
+    elif out.slot_rewards is not None:
+        columns = ranking_columns(out)
     else:
         columns = [out.losses, chosen, rejected, chosen > rejected, chosen - rejected,
                    policy.chosen_logps, policy.rejected_logps, policy.chosen_logits_mean,
@@ -76,6 +79,26 @@ def pair_stats(out: StepOutput) -> torch.Tensor:
                                   policy.rejected_logps / policy.rejected_lengths)
         columns += [log_odds, F.logsigmoid(log_odds)]
     return torch.stack([c.detach().float() for c in columns], dim=1)  # (B, K)
+
+
+def ranking_columns(out: StepOutput) -> list[torch.Tensor]:
+    """`PAIR_KEYS`' columns of ranked rows: `chosen` the best response's value, `rejected` the
+    mean over the others; `accuracies` the share, and `margins` the mean reward margin, of the
+    pairs the data orders that the metrics compare (`ranked_pairs`: each response with the one
+    ranked just above it, or with the best when only the best is known). N = 2: DPO's values."""
+    mask, rewards, policy = out.ranking_mask, out.slot_rewards, out.policy
+    better, compared = ranked_pairs(mask, out.stages)
+    margins = rewards.gather(1, better) - rewards
+    pairs = compared.sum(-1).clamp(min=1)
+
+    def others(values: torch.Tensor) -> torch.Tensor:  # mean over slots 2..N
+        return torch.where(mask[:, 1:], values[:, 1:], 0.0).sum(-1) / pairs
+
+    correct = (margins > 0) & compared
+    return [out.losses, rewards[:, 0], others(rewards), correct.sum(-1) / pairs,
+            torch.where(compared, margins, 0.0).sum(-1) / pairs,
+            policy.slot_logps[:, 0], others(policy.slot_logps),
+            policy.slot_logits_mean[:, 0], others(policy.slot_logits_mean)]
 
 
 def class_means(means: dict[str, float]) -> dict[str, float]:

@@ -13,6 +13,7 @@ from dpo.config import TrainConfig
 from dpo.model.forward import PairLogps, concatenated_forward
 from dpo.model.logprobs import IGNORE_INDEX
 from dpo.loss import LOSSES, BCOBaseline, dpo_loss, is_unpaired
+from dpo.loss.ranked import ranking_loss
 from dpo.loss.variants import wpo_weights
 from dpo.train.ref_sync import ReferenceSync
 
@@ -28,6 +29,10 @@ class StepOutput:
     weights: torch.Tensor | None = None  # (B,) WPO's pair weights (`--use-weighting`), detached
     labels: torch.Tensor | None = None  # (B,) KTO's: True for a desirable completion
     kl: torch.Tensor | None = None  # () KTO's KL estimate z₀, detached
+    # Rankings: (B, K) each response's reward (detached), which slots hold one, (B,) stages
+    slot_rewards: torch.Tensor | None = None
+    ranking_mask: torch.Tensor | None = None
+    stages: torch.Tensor | None = None
 
 
 def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batch, *,
@@ -44,6 +49,9 @@ def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batc
     `router_aux_loss_coef` > 0 (a mixture of experts) the policy's router load-balancing loss,
     times the coefficient, is added to every pair's loss, so the batch mean carries it once.
 
+    A ranked batch (`ranking_mask`, `stages`: rankings of N responses) takes the ranking loss
+    `cfg.ranking_loss` (`dpo.loss.ranked`) instead; for N = 2 it is DPO's to the last bit.
+
     With `ld_alpha` (LD-DPO) the losses read the length-desensitised log-probs of policy and
     reference (the precomputed ones are stored so), `sft` the plain ones; with `use_weighting`
     (WPO) each pair's loss is multiplied by its weight, from the policy's forward, before the
@@ -55,7 +63,7 @@ def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batc
         policy_out = concatenated_forward(policy, batch, chunked=cfg.chunked_logps,
                                           chunk_size=cfg.logps_chunk_size, router_aux=router_aux,
                                           ld_alpha=cfg.ld_alpha, weighting=cfg.use_weighting)
-        ref_chosen = ref_rejected = None
+        ref_chosen = ref_rejected = ref_out = None
         if "ref_chosen_logps" in batch:  # computed once before training: equal to a forward
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         elif reference is not None:  # None for a reference-free loss (SimPO)
@@ -72,6 +80,17 @@ def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batc
         labels = batch["label"] if is_unpaired(cfg.loss_type) else None
         kl = (kto_kl(accelerator, policy_out.rejected_logps, ref_rejected) if labels is not None
               else None)
+        if "ranking_mask" in batch:  # sigmoid alone, the loaders saw to it
+            losses, slot_rewards = ranking_loss(
+                policy_out.slot_logps, ref_out.slot_logps, batch["ranking_mask"],
+                batch["stages"], beta=cfg.beta, kind=cfg.ranking_loss)
+            terms = {"sigmoid": losses}
+            if router_aux:
+                losses = losses + cfg.router_aux_loss_coef * policy_out.aux_loss.float()
+            return StepOutput(policy_out, losses, slot_rewards[:, 0], slot_rewards[:, 1],
+                              terms, policy_out.aux_loss,
+                              slot_rewards=slot_rewards, ranking_mask=batch["ranking_mask"],
+                              stages=batch["stages"])
         losses, chosen_r, rejected_r, terms = dpo_loss(
             *((policy_out.chosen_ld_logps, policy_out.rejected_ld_logps) if ld
               else (policy_out.chosen_logps, policy_out.rejected_logps)), ref_chosen, ref_rejected,
