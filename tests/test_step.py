@@ -100,3 +100,33 @@ def test_kto_kl_is_the_mean_log_ratio_over_every_process_rows_clamped_at_zero():
     assert kl.item() == 3.0 and not kl.requires_grad
     one = SimpleNamespace(reduce=lambda t, reduction: t)
     assert kto_kl(one, torch.tensor([-1.0, 0.5]), torch.tensor([0.0, 0.0])).item() == 0.0
+
+
+# --- rankings in the step ----------------------------------------------------------------------
+
+def _as_ranked(batch: dict, stages: int) -> dict:
+    """A pair batch with the ranking columns: rankings of two responses, same tensors."""
+    rows = batch["input_ids"].shape[0] // 2
+    return {**batch, "ranking_mask": torch.ones(rows, 2, dtype=torch.bool),
+            "stages": torch.full((rows,), stages)}
+
+
+def test_pairs_laid_out_as_rankings_are_dpo_bit_for_bit():
+    """Both ranking losses on rankings of two responses: DPO's losses, rewards and metrics
+    to the last bit (torch.equal), and the same gradients."""
+    accelerator, cfg, policy, reference, batch = _step_setup()
+    plain = dpo_step(accelerator, cfg, policy, reference, batch)
+    plain.losses.mean().backward()
+    grads = [p.grad.clone() for p in policy.parameters()]
+    for kind in ("plackett_luce", "all_pairs"):
+        for stages in (1, 5):
+            policy.zero_grad()
+            cfg_r = TrainConfig(model="tiny", dataset="none", logps_chunk_size=4,
+                                ranking_loss=kind)
+            ranked = dpo_step(accelerator, cfg_r, policy, reference, _as_ranked(batch, stages))
+            assert torch.equal(ranked.losses, plain.losses)
+            assert torch.equal(ranked.chosen_rewards, plain.chosen_rewards)
+            assert torch.equal(ranked.rejected_rewards, plain.rejected_rewards)
+            assert torch.equal(pair_stats(ranked), pair_stats(plain))
+            ranked.losses.mean().backward()
+            assert all(torch.equal(p.grad, g) for p, g in zip(policy.parameters(), grads))

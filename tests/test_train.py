@@ -272,3 +272,79 @@ def test_kto_trains_on_hh_rlhf_pairs_made_unpaired_and_on_unpaired_rows(env, tmp
     assert bad.stderr.strip().splitlines()[-1] == (
         f"error: dataset {harmless}: its rows are unpaired (prompt, completion, label): they "
         "train with --loss-type kto, not with loss_type sigmoid, which needs pairs")
+
+
+def ranked_rows(pairs: list[dict]) -> list[dict]:
+    """Rankings of 3 responses made from pairs (prompt, chosen, rejected): the chosen (rank 1),
+    the rejected (rank 2), and a third (rank 3) made from the rejected: its first half of words,
+    then "I can't say more." — a worse, cut-short answer. Listed in a shuffled order."""
+    rows = []
+    for i, pair in enumerate(pairs):
+        words = pair["rejected"].split()
+        third = " ".join(words[:max(1, len(words) // 2)]) + " I can't say more."
+        order = [(pair["rejected"], 2), (third, 3), (pair["chosen"], 1)][i % 3:] + \
+            [(pair["rejected"], 2), (third, 3), (pair["chosen"], 1)][:i % 3]
+        rows.append({"prompt": pair["prompt"], "responses": [text for text, _ in order],
+                     "ranks": [rank for _, rank in order]})
+    return rows
+
+
+@pytest.mark.shared
+def test_rankings_train_end_to_end_on_hh_rlhf_rows(env, tmp_path):
+    """Plackett–Luce DPO end to end on rankings of 3 responses built from real HH-RLHF pairs
+    (`ranked_rows`: chosen ≻ rejected ≻ the rejected cut in half), a tiny Qwen3 with the real
+    Qwen3 tokenizer, the prompt shared by the 3 responses where the start-up check allows.
+    Step 1 starts at π = π_ref: every reward is 0, so the loss is log 3 + log 2 = log 6 and no
+    pair is ordered (accuracy 0); eval logs the ranking metrics. Too many responses for
+    max_responses, ties in ranks under --strict-data, and a pair loss stop with one line."""
+    import gzip
+    import math
+
+    from dpo.demo.tiny import tiny_qwen3
+    from tests.conftest import QWEN3_TOKENIZER, SHARED_DATA, load_shared_tokenizer, require_shared
+
+    with gzip.open(require_shared(SHARED_DATA / "hh_rlhf_helpful_base_test.jsonl.gz"), "rt") as f:
+        transcripts = [json.loads(next(f)) for _ in range(16)]
+    pairs = []
+    for row in transcripts:
+        cut = row["chosen"].rindex("\n\nAssistant:")
+        prompt, after = row["chosen"][:cut], len("\n\nAssistant:")
+        if not row["rejected"].startswith(prompt + "\n\nAssistant:"):
+            continue  # the two responses follow different prompts
+        pairs.append({"prompt": prompt + "\n\nAssistant:",
+                      "chosen": row["chosen"][cut + after:].strip(),
+                      "rejected": row["rejected"][cut + after:].strip()})
+    data = _write_jsonl(tmp_path / "ranked.jsonl", ranked_rows(pairs[:12]))
+    tokenizer = load_shared_tokenizer(QWEN3_TOKENIZER)
+    model = tmp_path / "model"
+    tiny_qwen3(len(tokenizer)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    common = ["--model", str(model), "--dataset", str(data), "--max-length", "256",
+              "--batch-size", "4", "--gradient-accumulation-steps", "1", "--learning-rate",
+              "1e-3", "--logging-steps", "1", "--num-sample-generations", "0", "--seed", "5",
+              "--num-samples", "12", "--eval-samples", "4"]
+    out = tmp_path / "out"
+    result = run(env, *common, "--max-steps", "3", "--eval-steps", "3", "--output-dir", str(out))
+    assert "train pairs: kept 8 of 8 pairs" in result.stdout
+    train = train_logs(out)
+    assert [log["step"] for log in train] == [1, 2, 3]
+    assert set(PAIR_KEYS) <= set(train[0])
+    assert train[0]["loss"] == pytest.approx(math.log(6), abs=1e-4)
+    assert train[0]["rewards/accuracies"] == 0 and train[-1]["loss"] < train[0]["loss"]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"} <= set(results)
+
+    small = ["--max-steps", "1", "--output-dir"]
+    bad = run(env, *common, "--max-responses", "2", *small, str(tmp_path / "b"), check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith(
+        f"error: dataset {data}: row 0 ranks 3 responses, over max_responses 2 ")
+    rows = ranked_rows(pairs[:12])
+    tied = _write_jsonl(tmp_path / "tied.jsonl", [{**rows[0], "ranks": [1, 1, 3]}, *rows[1:]])
+    bad = run(env, *common[:2], "--dataset", str(tied), *common[4:], "--strict-data", *small,
+              str(tmp_path / "c"), check=False)
+    assert "row 0: bad_ranks: ranks [1, 1, 3]: 1 is given twice (strict mode)" in \
+        bad.stderr.strip().splitlines()[-1]
+    bad = run(env, *common, "--loss-type", "ipo", *small, str(tmp_path / "d"), check=False)
+    assert bad.stderr.strip().splitlines()[-1] == (
+        f"error: dataset {data}: its rows are rankings: loss_type ipo (and rpo_alpha) reads "
+        "pairs; rankings train with loss_type sigmoid")

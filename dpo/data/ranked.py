@@ -144,11 +144,12 @@ def is_ranked(ds) -> bool:
 
 
 def check_response_count(ds, cap: int) -> None:
-    """ValueError naming the first normalised ranked row of more than `cap` responses."""
-    counts = [2 + len(more) for more in ds["more"]]
-    over = next((i for i, count in enumerate(counts) if count > cap), None)
-    if over is not None:
-        row = ds[over]["row_index"]
-        raise ValueError(f"row {row} ranks {counts[over]} responses, over max_responses {cap} "
+    """ValueError naming the normalised ranked row of more than `cap` responses that comes
+    first in the source."""
+    over = [(row, 2 + len(more)) for row, more in zip(ds["row_index"], ds["more"])
+            if 2 + len(more) > cap]
+    if over:
+        row, count = min(over)
+        raise ValueError(f"row {row} ranks {count} responses, over max_responses {cap} "
                          "(each response is one more sequence in the forward): raise "
                          "max_responses if memory allows, or drop responses")
