@@ -405,3 +405,28 @@ def test_a_mixture_of_experts_resumes_with_its_settled_router_loss(tmp_path):
         "config"]["router_aux_loss_coef"] == 0.02
     result = run_train(env, *run, "--max-steps", "2", "--resume-from-checkpoint", "latest")
     assert "warning: resuming with changed settings: max_steps\n" in result.stdout
+
+
+def test_sigkill_then_resume_is_exact_with_rankings(env, tmp_path):
+    """Rankings (a JSONL file built from the demo pairs by `tests.test_train.ranked_rows`: 3
+    responses each, every third row cut to its best two, so batches mix N = 3 and N = 2), the
+    all-pairs loss: a killed run resumes bit-identical."""
+    from dpo.demo.build import demo_pairs
+    from tests.test_train import _write_jsonl, ranked_rows
+
+    rows = ranked_rows(demo_pairs()[0][:60])
+    for row in rows[::3]:
+        keep = [i for i, rank in enumerate(row["ranks"]) if rank < 3]
+        row["responses"], row["ranks"] = ([row["responses"][i] for i in keep],
+                                          [row["ranks"][i] for i in keep])
+    data = _write_jsonl(tmp_path / "ranked.jsonl", rows)
+    extra = ["--dataset", str(data), "--ranking-loss", "all_pairs"]
+    reference = tmp_path / "reference"
+    run_train(env, *RUN, "--output-dir", str(reference), *extra)
+    out = tmp_path / "out"
+    proc = start(env, out, *extra)
+    wait_for(proc, f"step {KILL_STEPS[1]}:")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoints(out), "at least one complete checkpoint before the kill"
+    resume_and_compare(env, out, reference, *extra)
