@@ -138,3 +138,37 @@ def textbook_kto_step(policy: nn.Module, reference: nn.Module, batch: dict[str, 
     loss.backward()
     return TextbookStep(loss, losses, logps, kl_logps, ref_logps, ref_kl_logps,
                         (beta * log_ratio).detach(), (beta * (kl_logps - ref_kl_logps)).detach())
+
+
+def textbook_plackett_luce_step(policy: nn.Module, reference: nn.Module,
+                                batch: dict[str, torch.Tensor], beta: float) -> TextbookStep:
+    """Plackett–Luce DPO (Rafailov et al. 2023, arXiv:2305.18290, §5 and Appendix A.3) on one
+    batch of rankings, with the policy's gradients in `.grad`: row b ranks its responses
+    y_1 ≻ … ≻ y_N best first, and with r_k = β·(log π(y_k|x) − log π_ref(y_k|x)) its loss is
+    the negative log-likelihood of the first S choices of that order,
+
+        L_b = Σ_{k=1}^{S} −log( exp(r_k) / Σ_{j=k}^{N} exp(r_j) ),   S = min(stages_b, N − 1)
+
+    (N − 1 stages for a full ranking, 1 for the best over an unordered list). The batch is
+    `dpo.data.PreferenceCollator`'s padded K-slot layout: rows `kB..(k+1)B − 1` hold each
+    row's response of rank k + 1, `ranking_mask` (B, K) says which exist, `stages` (B,). The
+    `chosen`/`rejected` fields of the result hold ranks 1 and 2.
+    """
+    mask, stages = batch["ranking_mask"], batch["stages"]
+    rows, slots = mask.shape
+    logps = response_logps(policy, batch).reshape(slots, rows).T  # (B, K)
+    with torch.no_grad():
+        ref_logps = response_logps(reference, batch).reshape(slots, rows).T
+    rewards = beta * (logps - ref_logps)
+    losses = []
+    for b in range(rows):
+        n = int(mask[b].sum())
+        r = rewards[b, :n]
+        # Each stage picks the best of the responses left: a softmax over them.
+        losses.append(sum(torch.logsumexp(r[k:], 0) - r[k]
+                          for k in range(min(int(stages[b]), n - 1))))
+    losses = torch.stack(losses)
+    loss = losses.mean()
+    loss.backward()
+    return TextbookStep(loss, losses, logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1],
+                        rewards[:, 0].detach(), rewards[:, 1].detach())

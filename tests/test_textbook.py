@@ -1,7 +1,8 @@
 """The training step is the textbook step (`dpo.textbook`), only faster: loss, per-pair log-probs,
 rewards and every parameter's gradient to 1e-5 relative, on four architectures, padded, packed
-and with shared prompts, full logits and chunked head, a precomputed reference, LoRA, KTO; and one
-optimizer step of `train.py` ends at the weights of one textbook step with AdamW on the same pairs."""
+and with shared prompts, full logits and chunked head, a precomputed reference, LoRA, KTO,
+rankings (Plackett–Luce); and one optimizer step of `train.py` ends at the weights of one
+textbook step with AdamW on the same pairs."""
 import copy
 import math
 
@@ -15,7 +16,8 @@ from dpo.config import TrainConfig
 from dpo.data.batching import PreferenceCollator
 from dpo.train.reference_cache import precompute_reference_logps
 from dpo.train.step import dpo_step
-from dpo.textbook import response_logps, textbook_dpo_step, textbook_kto_step
+from dpo.textbook import (response_logps, textbook_dpo_step, textbook_kto_step,
+                          textbook_plackett_luce_step)
 from tests.e2e import demo_env, run_train, train_logs
 from tests.test_forward import logps_row_by_row
 from tests.test_forward_architectures import pair_batch, pair_rows, tiny_model
@@ -162,6 +164,33 @@ def test_kto_step_equals_the_textbook(accelerator, models, rows, layout):
                                atol=RTOL * float(want.ref_rejected_logps.abs().max()))
     assert_same_step(got, got_grads, want, want_grads, f"{arch}, {layout}", rows=4,
                      at_start=0.5)
+
+
+def ranked(rows):
+    """Rankings from the pairs: pair 0 gains a third response, its chosen one read backwards
+    (a full ranking, 2 stages); pair 1 stays a ranking of two, its best over the rest."""
+    prompt = rows[0]["chosen_labels"].count(-100)
+    ids = rows[0]["chosen_input_ids"]
+    third = ids[:prompt] + ids[prompt:][::-1]
+    return [{**rows[0], "more_input_ids": [third], "more_labels": [[-100] * prompt
+                                                                  + third[prompt:]],
+             "stages": 2},
+            {**rows[1], "more_input_ids": [], "more_labels": [], "stages": 1}]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_plackett_luce_step_equals_the_textbook(accelerator, models, rows, layout):
+    """Rankings of 3 and 2 responses, on every batch layout (the shared one puts 3 responses
+    after one prompt): loss, log-probs of ranks 1 and 2, rewards, gradients."""
+    arch, policy, reference = models
+    policy.zero_grad()
+    want = textbook_plackett_luce_step(policy, reference, PreferenceCollator(0)(ranked(rows)),
+                                       BETA)
+    want_grads = grads_of(policy)
+    batch = PreferenceCollator(0, **LAYOUTS[layout])(ranked(rows))
+    got, got_grads = optimised(accelerator, policy, reference, batch, chunked_logps=True)
+    assert_same_step(got, got_grads, want, want_grads, f"{arch}, {layout}",
+                     at_start=math.log(6))
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
