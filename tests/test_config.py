@@ -74,6 +74,11 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, message):
     (["--loss-type", "kto", "--ld-alpha", "0.5"], "LD-DPO shortens a pair's longer response"),
     (["--loss-type", "kto", "--undesirable-weight", "0"], "undesirable_weight must be finite"),
     (["--desirable-weight", "1.5"], "desirable_weight weighs KTO's classes, not loss_type"),
+    # Rankings train with sigmoid alone (the data's own refusals: tests/test_train.py)
+    (["--ranking-loss", "all_pairs", "--loss-type", "ipo"],
+     "ranking_loss all_pairs: rankings train with loss_type sigmoid alone, not ipo"),
+    (["--ranking-loss", "listmle"], "ranking_loss: 'listmle' is not one of"),
+    (["--max-responses", "1"], "max_responses must be >= 2, got 1"),
     (["--loss-type", "hinge", "--label-smoothing", "0.1"], "label_smoothing"),
     (["--lr-scheduler", "wavy"], "lr_scheduler: 'wavy' is not one of"),
     (["--warmup-ratio", "1"], "warmup_ratio must lie in"),

@@ -1,5 +1,7 @@
 """Ranked rows (dpo/data/ranked.py, the `ranked` format of dpo/data/formats.py): both layouts,
 bad ranks, tokenizing the extra responses, and the collator's K-slot batches."""
+import re
+
 import pytest
 import torch
 from datasets import Dataset
@@ -145,3 +147,21 @@ def test_shared_prompt_collator_segments_all_responses():
     assert batch["shared_pairs"].tolist() == [[0, 0, 1, 2, 1, 3], [1, 0, 2, 1, 1, 0]]
     assert batch["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 9, 9]
     assert num_pairs(batch) == 2
+
+
+@pytest.mark.parametrize("settings, why", [
+    ({"loss_type": ["sigmoid", "sft"]}, "loss_type sigmoid, sft (and rpo_alpha) reads pairs"),
+    ({"loss_type": ["kto"]}, "loss_type kto (and rpo_alpha) reads pairs"),
+    ({"label_smoothing": 0.1}, "label_smoothing has no ranking form"),
+    ({"f_divergence_type": "js_divergence"}, "f_divergence_type js_divergence has no ranking"),
+    ({"use_weighting": True}, "use_weighting (WPO) weights pairs"),
+    ({"ld_alpha": 0.5}, "ld_alpha (LD-DPO) compares a pair's two lengths"),
+    ({"precompute_ref_logps": True}, "precompute_ref_logps stores two log-probs a row"),
+])
+def test_ranked_rows_refuse_what_reads_pairs(settings, why):
+    """The loaders' check once the data turn out ranked (`dpo.train.loaders`): one line."""
+    from dpo.config import TrainConfig
+    from dpo.train.loaders import check_ranked_run
+    with pytest.raises(ValueError, match=f"^its rows are rankings: {re.escape(why)}"):
+        check_ranked_run(TrainConfig(model="tiny", dataset="none", **settings))
+    check_ranked_run(TrainConfig(model="tiny", dataset="none", ranking_loss="all_pairs"))
