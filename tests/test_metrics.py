@@ -72,3 +72,27 @@ def test_kto_statistics_are_means_over_their_class():
     assert evals["eval/rewards/chosen"] == 2.0 and "eval/rewards/rejected" not in evals
     assert "eval/rewards/margins" not in evals
     assert evals["eval/a/rewards/chosen"] == 2.0 and evals["eval/a/rewards/margins"] == 4.0
+
+
+def test_ranking_metrics_compare_adjacent_ranks_or_the_best():
+    """Row 0, a full ranking of 3 with rewards (0.5, 0.7, −0.5): pairs (1, 2) wrong by −0.2
+    and (2, 3) right by 1.2; row 1, the best of 3 over an unordered list, rewards (0.3, 0.1,
+    0.4): pairs (1, 2) right by 0.2 and (1, 3) wrong by −0.1. `rejected` is the mean over
+    ranks 2.., accuracy the share of pairs right, margin their mean."""
+    from types import SimpleNamespace
+
+    from dpo.train.metrics import pair_stats
+    from dpo.train.step import StepOutput
+
+    rewards = torch.tensor([[0.5, 0.7, -0.5], [0.3, 0.1, 0.4]])
+    logps = torch.tensor([[-1.0, -2.0, -4.0], [-3.0, -5.0, -6.0]])
+    policy = SimpleNamespace(slot_logps=logps, slot_logits_mean=logps / 10)
+    out = StepOutput(policy, torch.tensor([1.0, 2.0]), rewards[:, 0], rewards[:, 1], {},
+                     slot_rewards=rewards, ranking_mask=torch.ones(2, 3, dtype=torch.bool),
+                     stages=torch.tensor([2, 1]))
+    stats = dict(zip(PAIR_KEYS, pair_stats(out).T))
+    torch.testing.assert_close(stats["rewards/chosen"], torch.tensor([0.5, 0.3]))
+    torch.testing.assert_close(stats["rewards/rejected"], torch.tensor([0.1, 0.25]))
+    torch.testing.assert_close(stats["rewards/accuracies"], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(stats["rewards/margins"], torch.tensor([0.5, 0.05]))
+    torch.testing.assert_close(stats["logps/rejected"], torch.tensor([-3.0, -5.5]))
