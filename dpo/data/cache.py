@@ -5,7 +5,7 @@ trainer tokenizes are drawn (``select``) and normalised in memory, so every run,
 process would tokenize them again. ``tokenize_cached`` keys the result on the content of the rows
 (an in-memory dataset's ``_fingerprint`` is random), the tokenizer, every setting passed to
 ``tokenize_preferences`` and the source of the modules that decide the tokens and the report
-(``dpo.data.tokenize.TOKENS_CODE``), and keeps it under ``$DPO_CACHE_DIR/tokenized`` (else
+(``dpo.data.fingerprint.TOKENS_CODE``), and keeps it under ``$DPO_CACHE_DIR/tokenized`` (else
 ``~/.cache/dpo/tokenized``): a ``Dataset.save_to_disk`` folder and the ``FilterReport`` as JSON,
 so a hit reports the same rows kept and dropped.
 
@@ -36,6 +36,7 @@ from datasets.fingerprint import Hasher
 
 from dpo.paths import cache_root
 from dpo.data import tokenize as tokenize_module
+from dpo.data.fingerprint import code_source
 from dpo.data.report import FilterReport
 
 # Bump when the layout of an entry changes: older entries then miss.
@@ -114,7 +115,7 @@ def cache_key(ds: Dataset, tokenizer, settings: dict) -> str:
         "rows": rows_digest(ds),
         "tokenizer": tokenizer_digest(tokenizer),
         "settings": {k: v for k, v in settings.items() if k not in UNKEYED_SETTINGS},
-        "code": hashlib.sha256(tokenize_module.code_source().encode()).hexdigest(),
+        "code": hashlib.sha256(code_source().encode()).hexdigest(),
         "versions": [transformers.__version__, tokenizers.__version__, jinja2.__version__,
                      datasets.__version__],
     }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from dpo.data.fingerprint import TOKENS_CODE, code_source  # noqa: F401 (the cache's key)
 from dpo.data.fingerprint import tokens_fingerprint as _fingerprint
 from dpo.data.formats import RowProblem, find_problem
 from dpo.data.ranked import check_response, encode_more, more_bodies
