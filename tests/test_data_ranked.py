@@ -165,3 +165,18 @@ def test_ranked_rows_refuse_what_reads_pairs(settings, why):
     with pytest.raises(ValueError, match=f"^its rows are rankings: {re.escape(why)}"):
         check_ranked_run(TrainConfig(model="tiny", dataset="none", **settings))
     check_ranked_run(TrainConfig(model="tiny", dataset="none", ranking_loss="all_pairs"))
+
+
+def test_a_mixture_of_rankings_and_pairs_trains_as_rankings(tiny_tokenizer):
+    """The pairs of a mixture become rankings of two (one stage), so the datasets concatenate
+    and batch together; datasets all of one kind stay as they are."""
+    from datasets import concatenate_datasets
+
+    from dpo.data.ranked import as_rankings
+    rankings = tokenized(tiny_tokenizer)
+    pairs = tokenized(tiny_tokenizer, rows=[{"prompt": "Q?", "chosen": "a", "rejected": "b"}])
+    assert as_rankings([pairs, pairs]) == [pairs, pairs]
+    mixed = concatenate_datasets(as_rankings([rankings, pairs]))
+    assert mixed[2]["more_input_ids"] == [] and mixed[2]["stages"] == 1
+    batch = PreferenceCollator(0)([mixed[0], mixed[2]])
+    assert batch["ranking_mask"].tolist() == [[True, True, True], [True, True, False]]

@@ -153,3 +153,21 @@ def check_response_count(ds, cap: int) -> None:
         raise ValueError(f"row {row} ranks {count} responses, over max_responses {cap} "
                          "(each response is one more sequence in the forward): raise "
                          "max_responses if memory allows, or drop responses")
+
+
+def as_rankings(parts: list) -> list:
+    """Tokenized datasets of a mixture, those of pairs as rankings of two (no `more` responses,
+    one stage) when another is ranked, so that they concatenate; else as they are."""
+    ranked = [part for part in parts if is_ranked(part)]
+    if not ranked or len(ranked) == len(parts):
+        return parts
+    features = ranked[0].features
+    out = []
+    for part in parts:
+        if not is_ranked(part):
+            empty = [[]] * len(part)
+            for name, values in (("more_input_ids", empty), ("more_labels", empty),
+                                 ("stages", [1] * len(part))):
+                part = part.add_column(name, values, feature=features[name])
+        out.append(part)
+    return out

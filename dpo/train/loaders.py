@@ -75,6 +75,8 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
     if len(train_parts) > 1:
         accelerator.print(f"train pairs: {sum(map(len, train_parts))} from {len(names)} datasets "
                           f"({', '.join(f'{n} {len(p)}' for n, p in zip(names, train_parts))})")
+    # A mixture of rankings and pairs trains as rankings: each pair a ranking of two.
+    train_parts, eval_parts = ranked.as_rankings(train_parts), ranked.as_rankings(eval_parts)
     train_ds = datasets.concatenate_datasets(train_parts) if len(train_parts) > 1 \
         else train_parts[0]
     if is_unpaired(cfg.loss_type):
