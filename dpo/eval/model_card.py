@@ -23,7 +23,7 @@ LOSS_SETTINGS = {"loss_weights": "MPO", "label_smoothing": None, "simpo_gamma": 
                  "use_weighting": "WPO", "ld_alpha": "LD-DPO", "router_aux_loss_coef": None,
                  "sync_ref_model": "TR-DPO", "ref_model_mixup_alpha": None,
                  "ref_model_sync_steps": None, "precompute_ref_logps": None,
-                 "desirable_weight": None, "undesirable_weight": None}
+                 "desirable_weight": None, "undesirable_weight": None, "ranking_loss": None}
 OPTIM_SETTINGS = ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay",
                   "max_grad_norm", "batch_size", "gradient_accumulation_steps", "max_length",
                   "seed")
