@@ -180,3 +180,12 @@ def test_a_mixture_of_rankings_and_pairs_trains_as_rankings(tiny_tokenizer):
     assert mixed[2]["more_input_ids"] == [] and mixed[2]["stages"] == 1
     batch = PreferenceCollator(0)([mixed[0], mixed[2]])
     assert batch["ranking_mask"].tolist() == [[True, True, True], [True, True, False]]
+
+
+def test_a_row_over_max_responses_is_named():
+    """The row that comes first in the source, even after a draw reordered the rows."""
+    from dpo.data.ranked import check_response_count
+    rows = normalise(Dataset.from_list(RANKS * 3)).select([5, 4, 3, 2])
+    check_response_count(rows, 3)
+    with pytest.raises(ValueError, match=r"^row 2 ranks 3 responses, over max_responses 2 "):
+        check_response_count(rows, 2)

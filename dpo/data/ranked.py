@@ -13,6 +13,7 @@ Plackett–Luce stages the data orders. Each response is a string or a list of m
 """
 from __future__ import annotations
 
+import pyarrow.compute as pc
 from datasets import List, Value
 
 from dpo.data.errors import RowProblem
@@ -146,8 +147,9 @@ def is_ranked(ds) -> bool:
 def check_response_count(ds, cap: int) -> None:
     """ValueError naming the normalised ranked row of more than `cap` responses that comes
     first in the source."""
-    over = [(row, 2 + len(more)) for row, more in zip(ds["row_index"], ds["more"])
-            if 2 + len(more) > cap]
+    # List lengths from Arrow: the messages themselves are never turned into Python objects.
+    counts = pc.list_value_length(ds.with_format("arrow")["more"]).to_pylist()
+    over = [(row, 2 + count) for row, count in zip(ds["row_index"], counts) if 2 + count > cap]
     if over:
         row, count = min(over)
         raise ValueError(f"row {row} ranks {count} responses, over max_responses {cap} "
