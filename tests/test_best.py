@@ -13,7 +13,7 @@ from dpo.config.run import lower_is_better
 from dpo.eval.model_card import model_card_text
 from dpo.train.best import BestCheckpoint, to_prune
 from dpo.train.checkpoint import checkpoints
-from tests.e2e import demo_env, eval_logs, run_python, run_train
+from tests.e2e import ACCELERATE, demo_env, eval_logs, run_python, run_train
 
 BEST = dict(metric_for_best_model="eval/loss", eval_steps=2, save_steps=4)
 
@@ -217,3 +217,40 @@ def test_a_killed_and_resumed_run_keeps_the_same_best(env, best_run, tmp_path):
         assert got == want, name
     saved, want = (load_file(d / "model.safetensors") for d in (out, best_run))
     assert saved.keys() == want.keys() and all(saved[k].equal(want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_with_lora_the_saved_adapter_is_the_best_checkpoints(env, tmp_path):
+    """LoRA: the best checkpoint's adapter weights (in its full `save_state` state dict) are
+    the saved adapter's."""
+    out = tmp_path / "out"
+    run_train(env, *RUN, "--lora-r", "8", "--lora-alpha", "16", "--output-dir", str(out))
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["step"] == results["best_step"] != 6  # this run's best is an early step
+    saved = load_file(out / "adapter_model.safetensors")
+    for name, step in ((results["best_checkpoint"], True), ("checkpoint-6", False)):
+        state = load_file(out / name / "model.safetensors")
+        same = [state[k.removeprefix("base_model.model.").replace(".weight", ".default.weight")]
+                .equal(w) for k, w in saved.items()]
+        assert len(same) > 0 and all(same) if step else not all(same)
+
+
+@pytest.mark.slow
+@pytest.mark.parallel
+def test_under_ddp_the_saved_model_is_the_best_checkpoints(env, tmp_path):
+    """Two DDP processes (gloo, CPU): every process loads the best checkpoint back; the saved
+    model is its weights. A metric that is never logged stops both processes at the first eval
+    with the one line (no hang)."""
+    ddp = [*ACCELERATE, "--multi_gpu", "--num_processes", "2"]
+    typo = run_train(env, *RUN[:-3], "--metric-for-best-model", "eval/rewards/rejectd",
+                     "--output-dir", str(tmp_path / "typo"), launcher=ddp, check=False)
+    assert typo.returncode != 0 and "Traceback" not in typo.stderr
+    assert typo.stderr.count("error: metric_for_best_model eval/rewards/rejectd is not logged "
+                             "at eval; the eval keys are eval/logits/chosen, ") == 2
+    out = tmp_path / "out"
+    run_train(env, *RUN, "--output-dir", str(out), launcher=ddp)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["step"] == results["best_step"] != 6  # this run's best is an early step
+    saved = load_file(out / "model.safetensors")
+    best = load_file(out / results["best_checkpoint"] / "model.safetensors")
+    assert saved and all(saved[k].equal(best[k]) for k in saved)
