@@ -254,3 +254,21 @@ def test_under_ddp_the_saved_model_is_the_best_checkpoints(env, tmp_path):
     saved = load_file(out / "model.safetensors")
     best = load_file(out / results["best_checkpoint"] / "model.safetensors")
     assert saved and all(saved[k].equal(best[k]) for k in saved)
+
+
+def test_evaluating_a_best_run_drops_its_best_settings(tmp_path):
+    """`python -m dpo.evaluate` picks no checkpoint: a run's best settings do not stand in the
+    way of flags that would refuse them (no judge for eval/win_rate), and the run's saved model
+    is labelled with the step eval_results.json names, not the last step logged."""
+    from dpo.evaluate import evaluate_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    TrainConfig(**BEST | {"metric_for_best_model": "eval/win_rate"}, judge="builtin:demo-rule",
+                greater_is_better=True, load_best_model_at_end=True).to_yaml(
+        run / "training_config.yaml")
+    (run / "metrics.jsonl").write_text('{"step": 8, "eval/loss": 0.5}\n')
+    (run / "eval_results.json").write_text('{"eval/loss": 0.4, "step": 4}')
+    cfg, source = evaluate_config(["--model", str(run), "--judge", "none"])
+    assert (cfg.metric_for_best_model, cfg.greater_is_better, cfg.judge) == (None, None, None)
+    assert source.step == 4
