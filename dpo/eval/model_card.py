@@ -78,8 +78,7 @@ def model_card_text(cfg: TrainConfig, results: dict, *, steps: int, train_rows: 
     lines = [
         f"# {name}",
         "",
-        f"`{cfg.model}` trained with Direct Preference Optimization "
-        f"({' + '.join(cfg.loss_type)}) with the `dpo` trainer (`train.py`).",
+        f"`{cfg.model}` trained with {_method(cfg)} with the `dpo` trainer (`train.py`).",
         "",
         "## Training",
         "",
@@ -89,14 +88,15 @@ def model_card_text(cfg: TrainConfig, results: dict, *, steps: int, train_rows: 
         f"- Trained: {what}",
         f"- Reference: {reference}",
         f"- Data: {', '.join(f'`{d}`' for d in cfg.dataset)} (split "
-        f"{', '.join(cfg.split)}): {train_rows} training pairs, {eval_rows} held-out eval pairs"
+        f"{', '.join(cfg.split)}): {train_rows} training {_rows(cfg)}, {eval_rows} held-out eval "
+        f"{_rows(cfg)}"
         + (f" (weights {cfg.dataset_weights})" if cfg.dataset_weights else ""),
         _loss_line(cfg),
         f"- Steps: {steps} optimizer steps, {num_processes} process(es); "
         + ", ".join(f"{k} = {getattr(cfg, k)}" for k in OPTIM_SETTINGS),
         "",
         *_best_lines(cfg, results, steps),
-        "## Evaluation (held-out pairs, "
+        f"## Evaluation (held-out {_rows(cfg).split()[0]}, "
         + (f"step {results['step']}: the saved model's weights)" if "step" in results
            else "end of training)"),
         "",
@@ -128,6 +128,22 @@ def model_card_text(cfg: TrainConfig, results: dict, *, steps: int, train_rows: 
         "",
     ]
     return "\n".join(lines)
+
+
+# Methods that are not DPO, named as their papers name them (a mixture is DPO's family).
+METHODS = {"kto": "Kahneman-Tversky Optimization", "orpo": "Odds Ratio Preference Optimization",
+           "sft": "supervised fine-tuning on the chosen responses"}
+
+
+def _method(cfg: TrainConfig) -> str:
+    if len(cfg.loss_type) == 1 and cfg.loss_type[0] in METHODS:
+        return f"{METHODS[cfg.loss_type[0]]} ({cfg.loss_type[0]})"
+    return f"Direct Preference Optimization ({' + '.join(cfg.loss_type)})"
+
+
+def _rows(cfg: TrainConfig) -> str:
+    """What a training row is: a pair, or KTO's labelled completion."""
+    return "rows (labelled completions)" if cfg.loss_type == ["kto"] else "pairs"
 
 
 def _loss_line(cfg: TrainConfig) -> str:
