@@ -29,6 +29,7 @@ from dpo.train.loaders import build_dataloaders, build_datasets, make_collator
 from dpo.train.metrics import MetricsLogger, TrainMetrics, log_train, pair_keys, pair_stats
 from dpo.model.loading import (check_reference_layout, load_policy_and_reference, load_tokenizer,
                         prepare_reference)
+from dpo.train.best import BestCheckpoint
 from dpo.train.reference_cache import precompute_for_run
 from dpo.train.runtime import make_accelerator, make_optimizer
 from dpo.train.safety import NonFiniteGuard, StopRequest
@@ -108,16 +109,18 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     accelerator.register_for_checkpointing(scheduler)
 
     step, epoch, skip = 0, 0, 0
+    best = BestCheckpoint(cfg, has_eval=eval_loader is not None)  # --metric-for-best-model
     if resume_dir is not None:
         state = checkpoint.load_checkpoint(accelerator, resume_dir)
         step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
+        best.restore(state)
     accelerator.init_trackers("dpo", config={k: str(v) for k, v in vars(cfg).items()})
     logger = MetricsLogger(accelerator, output_dir, total_steps, initial_step=step)
     logger.truncate_after(step)
     metrics = TrainMetrics(accelerator.device, pair_keys(cfg))
     guard, stop = NonFiniteGuard(accelerator, cfg.skip_nonfinite_steps), StopRequest(accelerator)
     evaluator = Evaluator(accelerator, cfg, logger, tokenizer, eval_loader, prompts, ref_answers,
-                          objective)
+                          objective, best)
     before = evaluator.run(policy, reference, step) if cfg.eval_on_start and not resume_dir else {}
     policy.train()
     timer = time.perf_counter()
@@ -162,15 +165,15 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
                 if step % cfg.logging_steps == 0 or step == total_steps:
                     timer = log_train(accelerator, logger, metrics, scheduler, step, timer,
                                       epoch + batch_index / len(train_loader), guard.skipped)
-                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
+                if cfg.eval_steps and step % cfg.eval_steps == 0:  # before a save at this step
                     evaluator.run(policy, reference, step)
                 stopping = stop.requested()
                 if stopping or (cfg.save_steps and step % cfg.save_steps == 0):
                     state = checkpoint.trainer_state(
                         cfg, accelerator.num_processes, step=step, epoch=epoch + end_of_epoch,
-                        batches_in_epoch=0 if end_of_epoch else batch_index)
+                        batches_in_epoch=0 if end_of_epoch else batch_index, **best.on_save(step))
                     checkpoint.save_checkpoint(accelerator, output_dir, step, state,
-                                               cfg.save_total_limit)
+                                               cfg.save_total_limit, best.checkpoint_step)
                 if stopping:
                     accelerator.print(f"{stop.signal_name}: saved checkpoint-{step} in "
                                       f"{time.perf_counter() - stop.received_at:.1f}s; continue "
@@ -181,7 +184,8 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
                     break
             epoch, skip = epoch + 1, 0
 
-    final = evaluator.run(policy, reference, step)
+    # With --load-best-model-at-end the best checkpoint's weights, and their results, from here.
+    final = best.finish(accelerator, output_dir, step, evaluator.run(policy, reference, step))
     checkpoint.save_final(accelerator, policy, tokenizer, output_dir, cfg.merge_adapter)
     if accelerator.is_main_process:
         (output_dir / "eval_results.json").write_text(json.dumps(final, indent=2))

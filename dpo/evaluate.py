@@ -85,7 +85,9 @@ def evaluate_config(argv: list[str]) -> tuple[TrainConfig, Source]:
         source.trained = load_config(["--config", str(source.run_dir / RUN_CONFIG)])
         if known.config is None:
             argv = ["--config", str(source.run_dir / RUN_CONFIG), *argv]
-    cfg = load_config(argv)
+    # Nothing is trained: no best checkpoint to pick (its settings need what an evaluation drops).
+    cfg = load_config(argv, metric_for_best_model=None, greater_is_better=None,
+                      load_best_model_at_end=False)
     # Nothing is trained: no adapter to add, no reference to precompute or to move.
     cfg.lora_r, cfg.lora_target_modules, cfg.lora_modules_to_save = 0, None, None
     cfg.merge_adapter = cfg.precompute_ref_logps = cfg.sync_ref_model = False
@@ -218,7 +220,12 @@ def load_models(cfg: TrainConfig, source: Source, base: str):
 
 
 def _last_step(run_dir: Path | None) -> int:
-    """The last step a run logged (its final eval's), 0 without a run."""
+    """The step of a run's saved model: the `step` its eval_results.json names (an earlier,
+    best step with --load-best-model-at-end), else the last step it logged (its final eval's);
+    0 without a run."""
+    results = run_dir and run_dir / "eval_results.json"
+    if results and results.is_file() and "step" in json.loads(results.read_text()):
+        return json.loads(results.read_text())["step"]
     path = run_dir and run_dir / "metrics.jsonl"
     if not path or not path.is_file():
         return 0

@@ -52,7 +52,7 @@ CASES = {
     "missing config file": ({}, ["--config", "{tmp}/none.yaml"], ["no such file"]),
     "negative beta": ({}, ["--beta=-0.1"], ["beta must be a finite number > 0"]),
     "batch size 0": ({}, ["--batch-size", "0"], ["batch_size must be >= 1"]),
-    "unknown loss type": ({}, ["--loss-type", "kto"], ["loss_type", "kto"]),
+    "unknown loss type": ({}, ["--loss-type", "kto_pair"], ["loss_type", "kto_pair"]),
     "bad flag value": ({}, ["--learning-rate", "fast"], ["--learning-rate", "expected float"]),
     "missing model path": ({}, ["--model", "{tmp}/no_model"], ["no_model", "no such directory"]),
     "smoothing for hinge": ({}, ["--loss-type", "hinge", "--label-smoothing", "0.2"],

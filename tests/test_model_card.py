@@ -77,3 +77,19 @@ def test_the_loss_line_names_every_setting_that_shapes_the_objective(options, te
     line = next(x for x in card.splitlines() if x.startswith("- Loss: "))
     for text in texts:
         assert text in line, line
+
+
+@pytest.mark.parametrize("loss_type, method, rows", [
+    (["sigmoid"], "Direct Preference Optimization (sigmoid)", "pairs"),
+    (["sigmoid", "sft"], "Direct Preference Optimization (sigmoid + sft)", "pairs"),
+    (["kto"], "Kahneman-Tversky Optimization (kto)", "rows (labelled completions)"),
+    (["orpo"], "Odds Ratio Preference Optimization (orpo)", "pairs"),
+])
+def test_the_card_names_the_method_and_what_a_row_is(loss_type, method, rows):
+    from dpo.eval.model_card import model_card_text
+
+    cfg = TrainConfig(model="m", dataset="d", loss_type=loss_type)
+    card = model_card_text(cfg, {"eval/loss": 0.5}, steps=3, train_rows=8, eval_rows=2,
+                           num_processes=1, argv=["train.py"])
+    assert f"`m` trained with {method} with the `dpo` trainer" in card
+    assert f"8 training {rows}, 2 held-out eval {rows}" in card

@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from dpo.train.metrics import PAIR_KEYS
+from tests.conftest import SHARED_DATA, require_shared
 from tests.e2e import (assert_same_logs, demo_env, read_metrics, run_train, train_logs,
                        weights_equal)
 
@@ -141,14 +142,35 @@ def test_ld_dpo_end_to_end_with_a_precomputed_reference(env, tmp_path):
     assert "weights/mean" not in train[0]
 
 
-def test_orpo_end_to_end_without_a_reference(env, tmp_path):
-    """`--loss-type orpo` loads no reference model (none is placed, the sample answers have no
-    reference's), logs the log odds (train and eval), and its loss, the chosen responses' NLL
-    plus λ·the odds-ratio term, is finite and falls at every step (lr 1e-2)."""
+@pytest.fixture(scope="module")
+def qwen3_tiny(tmp_path_factory):
+    """A tiny Qwen3 with the real Qwen3 tokenizer (from ../shared), saved once for the module."""
+    from dpo.demo.tiny import tiny_qwen3
+    from tests.conftest import QWEN3_TOKENIZER, load_shared_tokenizer
+
+    tokenizer = load_shared_tokenizer(QWEN3_TOKENIZER)
+    model = tmp_path_factory.mktemp("qwen3_tiny") / "model"
+    tiny_qwen3(len(tokenizer)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    return model
+
+
+HH_HELPFUL = SHARED_DATA / "hh_rlhf_helpful_base_test.jsonl.gz"
+
+
+@pytest.mark.shared
+def test_orpo_end_to_end_without_a_reference(env, qwen3_tiny, tmp_path):
+    """`--loss-type orpo` on real HH-RLHF pairs loads no reference model (none is placed, the
+    sample answers have no reference's), logs the log odds (train and eval), and its loss, the
+    chosen responses' NLL plus λ·the odds-ratio term, is finite and falls at every step."""
     import math
 
     out = tmp_path / "out"
-    result = run(env, *SMALL, "--max-steps", "4", "--eval-steps", "4", "--loss-type", "orpo",
+    result = run(env, "--model", str(qwen3_tiny), "--dataset", str(require_shared(HH_HELPFUL)),
+                 "--num-samples", "20", "--eval-samples", "4", "--max-length", "256",
+                 "--batch-size", "2", "--gradient-accumulation-steps", "2", "--logging-steps",
+                 "1", "--num-sample-generations", "1", "--max-new-tokens", "4", "--seed", "3",
+                 "--max-steps", "4", "--eval-steps", "4", "--loss-type", "orpo",
                  "--learning-rate", "1e-2", "--output-dir", str(out))
     assert "reference:" not in result.stdout + result.stderr
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -215,7 +237,8 @@ def test_thinking_and_tool_call_datasets_train_end_to_end(env, tmp_path):
 
 
 @pytest.mark.shared
-def test_kto_trains_on_hh_rlhf_pairs_made_unpaired_and_on_unpaired_rows(env, tmp_path):
+def test_kto_trains_on_hh_rlhf_pairs_made_unpaired_and_on_unpaired_rows(env, qwen3_tiny,
+                                                                        tmp_path):
     """KTO end to end on real HH-RLHF rows: the helpful pairs made unpaired (each pair a
     desirable and an undesirable completion) mixed with an unpaired file of harmless rows
     (prompt, completion, label), a tiny Qwen3 with the real Qwen3 tokenizer. Step 1 starts at
@@ -224,11 +247,9 @@ def test_kto_trains_on_hh_rlhf_pairs_made_unpaired_and_on_unpaired_rows(env, tmp
     with one line."""
     import gzip
 
-    from dpo.demo.tiny import tiny_qwen3
     from dpo.train.metrics import UNPAIRED_KEYS
-    from tests.conftest import QWEN3_TOKENIZER, SHARED_DATA, load_shared_tokenizer, require_shared
 
-    helpful = require_shared(SHARED_DATA / "hh_rlhf_helpful_base_test.jsonl.gz")
+    helpful = require_shared(HH_HELPFUL)
     with gzip.open(require_shared(SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl.gz"), "rt") as f:
         pairs = [json.loads(next(f)) for _ in range(12)]
     rows = []
@@ -238,11 +259,7 @@ def test_kto_trains_on_hh_rlhf_pairs_made_unpaired_and_on_unpaired_rows(env, tmp
         rows.append({"prompt": text[:cut], "label": i % 2 == 0,
                      "completion": text[cut + len("\n\nAssistant:"):].strip()})
     harmless = _write_jsonl(tmp_path / "harmless.jsonl", rows)
-    tokenizer = load_shared_tokenizer(QWEN3_TOKENIZER)
-    model = tmp_path / "model"
-    tiny_qwen3(len(tokenizer)).save_pretrained(model)
-    tokenizer.save_pretrained(model)
-    common = ["--model", str(model), "--loss-type", "kto", "--max-length", "256",
+    common = ["--model", str(qwen3_tiny), "--loss-type", "kto", "--max-length", "256",
               "--batch-size", "4", "--gradient-accumulation-steps", "1", "--learning-rate",
               "1e-3", "--logging-steps", "1", "--num-sample-generations", "0", "--seed", "5"]
     out = tmp_path / "out"

@@ -15,8 +15,9 @@ import yaml
 from dpo.config.fields import ConfigError, _base_type, _is_optional
 from dpo.config.schema import SECTIONS, TrainConfig, field_types
 
-def load_config(argv: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from `--config file.yaml` (optional) overridden by command-line flags."""
+def load_config(argv: list[str] | None = None, **fixed) -> TrainConfig:
+    """TrainConfig from `--config file.yaml` (optional) overridden by command-line flags, and
+    those by `fixed` (fields a command sets whatever the file and flags say)."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     values = _resolve_aliases(_read_yaml(Path(args.config)), f"--config {args.config}: ") \
@@ -35,7 +36,7 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
             isinstance(c, int) and not isinstance(c, bool) for c in counts):
         values["num_samples"] = sum(counts)
     values.update(_resolve_aliases(flags, ""))
-    return TrainConfig(**values)
+    return TrainConfig(**{**values, **fixed})
 
 
 # Older names kept working: alias -> (field, {alias value: field value}).

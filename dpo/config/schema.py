@@ -17,7 +17,7 @@ from dpo.config.loss import LossSection, fold_rpo
 from dpo.config.model import ModelSection, uses_peft
 from dpo.loss import is_unpaired
 from dpo.config.optimisation import OptimisationSection
-from dpo.config.run import RunSection
+from dpo.config.run import RunSection, check_best_model
 
 # In the order their fields come in TrainConfig, `--help` and a saved training_config.yaml.
 # Distributed settings (processes, mixed precision, DeepSpeed, FSDP) are accelerate's, given
@@ -67,6 +67,7 @@ class TrainConfig(RunSection, EvaluationSection, OptimisationSection, LossSectio
         if self.sync_ref_model and uses_peft(self):
             raise ConfigError("sync_ref_model: with LoRA the reference is the policy with its "
                               "adapter off, not a model to update; drop one of them")
+        check_best_model(self)
 
     def to_yaml(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))

@@ -18,8 +18,10 @@ Tokenized rows have the columns ``chosen_input_ids``/``rejected_input_ids`` (pro
 ``chosen_labels``/``rejected_labels`` (the same ids with -100 on the prompt), ``length`` (the
 longer of the two sequences, for length grouping) and ``row_index`` (the row in the source split).
 ``dpo.train.reference_cache`` may add ``ref_chosen_logps``/``ref_rejected_logps``, the reference's
-precomputed summed log-probs. Rankings of N responses (``ranked``) add ``more_input_ids``/
-``more_labels`` (ranks 3..N) and ``stages``, and batch as K slots ``[rank 1; rank 2; ...]``.
+precomputed summed log-probs. KTO's unpaired rows (``unpaired``) add ``label`` and hold their one
+completion on both sides; the collator puts the KL estimate's mismatched completion in the
+rejected rows. Rankings of N responses (``ranked``) add ``more_input_ids``/``more_labels``
+(ranks 3..N) and ``stages``, and batch as K slots ``[rank 1; rank 2; ...]``.
 """
 from dpo.data.batching import (REF_LOGPS_COLUMNS, LengthGroupedBatchSampler,
                                 PreferenceCollator, padding_fraction)

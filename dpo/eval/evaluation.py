@@ -144,30 +144,37 @@ class Evaluator:
     The reference is frozen, so its answers are the same at every eval (with sampling, one draw):
     the caller generates them once (`generate_answers`) and passes them in; the reference model
     itself may be gone by then (`--precompute-ref-logps`). They are judged once, at the first eval.
+    A `best` tracker (`dpo.train.best.BestCheckpoint`) is shown every eval's results.
     """
 
     def __init__(self, accelerator: Accelerator, cfg: TrainConfig, logger, tokenizer, loader,
                  prompts: list[list[int]], reference_answers: list[str] | None,
-                 objective: Objective | None = None):
+                 objective: Objective | None = None, best=None):
         self.accelerator, self.cfg, self.logger = accelerator, cfg, logger
         self.tokenizer, self.loader, self.prompts = tokenizer, loader, prompts
-        self.reference_answers, self.objective = reference_answers, objective
+        self.reference_answers, self.objective, self.best = reference_answers, objective, best
+        self.done: tuple[int, dict] | None = None  # the latest eval: (step, results)
         self.names = dataset_names(cfg) if len(cfg.dataset) > 1 else None
         self.judge = load_judge(cfg, accelerator.device) if prompts else None
         self.reference_scores = None
-        self.answers: list[str] = []  # the policy's, at the last eval
+        self.answers: dict[int, list[str]] = {}  # the policy's, at each eval of this process
 
     def run(self, policy, reference, step: int) -> dict:
-        """Eval metrics (logged) and sample answers (to samples.jsonl); {} without eval data."""
+        """Eval metrics (logged) and sample answers (to samples.jsonl); {} without eval data.
+        Once per step: the weights of a step evaluated already have their results."""
         if self.loader is None:
             return {}
+        if self.done is not None and self.done[0] == step:
+            return self.done[1]
         results = evaluate(self.accelerator, self.cfg, policy, reference, self.loader,
                            self.names, self.objective.bco_delta if self.objective else 0.0)
         answers = generate_answers(self.accelerator, self.cfg, policy, self.tokenizer,
                                    self.prompts)
         scores = self.judged(answers, results)
-        self.answers = answers
+        self.answers[step], self.done = answers, (step, results)
         self.logger.log(step, results)
+        if self.best is not None:
+            self.best.observe(step, results)
         if self.accelerator.is_main_process:
             samples = []
             for i, (ids, answer) in enumerate(zip(self.prompts, answers)):
@@ -187,11 +194,13 @@ class Evaluator:
         return results
 
     def summary(self, before: dict, after: dict) -> str:
-        """`summary`, then the reference's answer (before) and the policy's (after) to the first
-        two sample prompts."""
+        """`summary`, then the reference's answer (before) and the policy's (after: at the step
+        of the saved weights, `after["step"]` where given, else the last eval) to the first two
+        sample prompts."""
         lines = [summary(before, after)]
+        answers = self.answers.get(after.get("step", self.done and self.done[0]), [])
         if self.reference_answers is not None:
-            for i, answer in enumerate(self.answers[:SHOWN_SAMPLES]):
+            for i, answer in enumerate(answers[:SHOWN_SAMPLES]):
                 lines += [f"prompt: {self.prompt_text(i)!r}",
                           f"  before (reference): {self.reference_answers[i]!r}",
                           f"  after (policy):     {answer!r}"]

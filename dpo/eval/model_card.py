@@ -78,8 +78,7 @@ def model_card_text(cfg: TrainConfig, results: dict, *, steps: int, train_rows: 
     lines = [
         f"# {name}",
         "",
-        f"`{cfg.model}` trained with Direct Preference Optimization "
-        f"({' + '.join(cfg.loss_type)}) with the `dpo` trainer (`train.py`).",
+        f"`{cfg.model}` trained with {_method(cfg)} with the `dpo` trainer (`train.py`).",
         "",
         "## Training",
         "",
@@ -89,16 +88,22 @@ def model_card_text(cfg: TrainConfig, results: dict, *, steps: int, train_rows: 
         f"- Trained: {what}",
         f"- Reference: {reference}",
         f"- Data: {', '.join(f'`{d}`' for d in cfg.dataset)} (split "
-        f"{', '.join(cfg.split)}): {train_rows} training pairs, {eval_rows} held-out eval pairs"
+        f"{', '.join(cfg.split)}): {train_rows} training {_rows(cfg)}, {eval_rows} held-out eval "
+        f"{_rows(cfg)}"
         + (f" (weights {cfg.dataset_weights})" if cfg.dataset_weights else ""),
         _loss_line(cfg),
         f"- Steps: {steps} optimizer steps, {num_processes} process(es); "
         + ", ".join(f"{k} = {getattr(cfg, k)}" for k in OPTIM_SETTINGS),
         "",
-        "## Evaluation (held-out pairs, end of training)",
+        *_best_lines(cfg, results, steps),
+        f"## Evaluation (held-out {_rows(cfg).split()[0]}, "
+        + (f"step {results['step']}: the saved model's weights)" if "step" in results
+           else "end of training)"),
         "",
     ]
-    shown = [k for k in SHOWN_METRICS if k in results]
+    best = results.get("metric_for_best_model")
+    shown = [k for k in (*SHOWN_METRICS, *([best] if best not in SHOWN_METRICS else []))
+             if k in results]
     if shown:
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {results[k]:.4f} |" for k in shown]
@@ -125,6 +130,22 @@ def model_card_text(cfg: TrainConfig, results: dict, *, steps: int, train_rows: 
     return "\n".join(lines)
 
 
+# Methods that are not DPO, named as their papers name them (a mixture is DPO's family).
+METHODS = {"kto": "Kahneman-Tversky Optimization", "orpo": "Odds Ratio Preference Optimization",
+           "sft": "supervised fine-tuning on the chosen responses"}
+
+
+def _method(cfg: TrainConfig) -> str:
+    if len(cfg.loss_type) == 1 and cfg.loss_type[0] in METHODS:
+        return f"{METHODS[cfg.loss_type[0]]} ({cfg.loss_type[0]})"
+    return f"Direct Preference Optimization ({' + '.join(cfg.loss_type)})"
+
+
+def _rows(cfg: TrainConfig) -> str:
+    """What a training row is: a pair, or KTO's labelled completion."""
+    return "rows (labelled completions)" if cfg.loss_type == ["kto"] else "pairs"
+
+
 def _loss_line(cfg: TrainConfig) -> str:
     """`- Loss: ...`: the loss types, β and every loss setting away from its default (a loss's
     own default label smoothing too: it shapes the objective as much as a given one)."""
@@ -137,6 +158,38 @@ def _loss_line(cfg: TrainConfig) -> str:
                      for t in cfg.loss_type if LOSSES[t].default_smoothing]
     return f"- Loss: {', '.join(cfg.loss_type)}, β = {cfg.beta}" + "".join(
         f", {s}" for s in settings)
+
+
+def _best_lines(cfg: TrainConfig, results: dict, steps: int) -> list[str]:
+    """`## Which weights`, with `--metric-for-best-model` (its fields in `results`, from
+    `dpo.train.best.BestCheckpoint.finish`): the best step, its value, the rule, and which step
+    the saved model is."""
+    if "best_step" not in results:
+        return []
+    metric, direction = results["metric_for_best_model"], (
+        "higher" if results["greater_is_better"] else "lower")
+    given = " (its default)" if cfg.greater_is_better is None else ""
+    lines = ["## Which weights", "",
+             f"- Selection: `{metric}`, {direction} is better{given}, compared at the evals of "
+             f"the saved checkpoints (every {cfg.save_steps} step{'s' * (cfg.save_steps > 1)}) and "
+             "of the final step; a "
+             "tie keeps the earlier step."]
+    if results["best_step"] is None:
+        lines.append(f"- Best: none (no eval gave `{metric}` a value)")
+    else:
+        where = (f"`{results['best_checkpoint']}`" if results["best_checkpoint"]
+                 else "the final weights, not a checkpoint")
+        lines.append(f"- Best: step {results['best_step']} ({where}), `{metric}` = "
+                     f"{results['best_metric']:.4f}")
+    saved = results["step"]
+    lines.append(f"- Saved model: step {saved}" + (
+        ", the best checkpoint's weights (`--load-best-model-at-end`)"
+        if results["load_best_model_at_end"] and saved != steps
+        else ", the final step, which is the best" if saved == results["best_step"]
+        else f", the final step (without `--load-best-model-at-end`; the best is step "
+             f"{results['best_step']})" if results["best_step"] is not None
+        else ", the final step"))
+    return [*lines, ""]
 
 
 def _needs_reference(cfg: TrainConfig) -> bool:

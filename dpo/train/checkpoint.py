@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dpo.config import (ConfigError, TrainConfig, as_field_value, default_of, field_types,
                         fold_rpo)
+from dpo.train.best import to_prune
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -228,9 +229,10 @@ def _finalises(accelerator: Accelerator) -> bool:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: dict,
-                    total_limit: int | None) -> Path:
+                    total_limit: int | None, best_step: int | None = None) -> Path:
     """`save_state` into a temporary directory, then rename it to `checkpoint-<step>`: on rank 0,
-    or on each node's local main process when the nodes do not share `output_dir`."""
+    or on each node's local main process when the nodes do not share `output_dir`. Then prune
+    to the newest `total_limit`, never removing `checkpoint-<best_step>` (`best.to_prune`)."""
     tmp = output_dir / f".tmp-checkpoint-{step}"
     final = output_dir / f"checkpoint-{step}"
     finalises = _finalises(accelerator)
@@ -243,7 +245,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)  # same step saved by an earlier, resumed run
         os.replace(tmp, final)
-        for old in checkpoints(output_dir)[:-total_limit] if total_limit else []:
+        best = output_dir / f"checkpoint-{best_step}" if best_step is not None else None
+        for old in to_prune(checkpoints(output_dir), total_limit, best):
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
