@@ -93,3 +93,18 @@ def test_the_card_names_the_method_and_what_a_row_is(loss_type, method, rows):
                            num_processes=1, argv=["train.py"])
     assert f"`m` trained with {method} with the `dpo` trainer" in card
     assert f"8 training {rows}, 2 held-out eval {rows}" in card
+
+
+@pytest.mark.parametrize("ranking_loss, method", [
+    ("plackett_luce", "Plackett–Luce DPO over rankings (sigmoid, ranking_loss plackett_luce)"),
+    ("all_pairs", "Direct Preference Optimization over the ordered pairs of rankings"),
+])
+def test_the_card_of_rankings_says_so(ranking_loss, method):
+    from dpo.eval.model_card import model_card_text
+
+    cfg = TrainConfig(model="m", dataset="d", ranking_loss=ranking_loss)
+    card = model_card_text(cfg, {"eval/loss": 0.5}, steps=3, train_rows=8, eval_rows=2,
+                           num_processes=1, argv=["train.py"], ranked=True)
+    assert f"`m` trained with {method}" in card
+    assert "8 training rankings, 2 held-out eval rankings" in card
+    assert "## Evaluation (held-out rankings," in card

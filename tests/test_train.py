@@ -307,7 +307,7 @@ def ranked_rows(pairs: list[dict]) -> list[dict]:
 
 
 @pytest.mark.shared
-def test_rankings_train_end_to_end_on_hh_rlhf_rows(env, tmp_path):
+def test_rankings_train_end_to_end_on_hh_rlhf_rows(env, qwen3_tiny, tmp_path):
     """Plackett–Luce DPO end to end on rankings of 3 responses built from real HH-RLHF pairs
     (`ranked_rows`: chosen ≻ rejected ≻ the rejected cut in half), a tiny Qwen3 with the real
     Qwen3 tokenizer, the prompt shared by the 3 responses where the start-up check allows.
@@ -317,10 +317,7 @@ def test_rankings_train_end_to_end_on_hh_rlhf_rows(env, tmp_path):
     import gzip
     import math
 
-    from dpo.demo.tiny import tiny_qwen3
-    from tests.conftest import QWEN3_TOKENIZER, SHARED_DATA, load_shared_tokenizer, require_shared
-
-    with gzip.open(require_shared(SHARED_DATA / "hh_rlhf_helpful_base_test.jsonl.gz"), "rt") as f:
+    with gzip.open(require_shared(HH_HELPFUL), "rt") as f:
         transcripts = [json.loads(next(f)) for _ in range(16)]
     pairs = []
     for row in transcripts:
@@ -332,11 +329,7 @@ def test_rankings_train_end_to_end_on_hh_rlhf_rows(env, tmp_path):
                       "chosen": row["chosen"][cut + after:].strip(),
                       "rejected": row["rejected"][cut + after:].strip()})
     data = _write_jsonl(tmp_path / "ranked.jsonl", ranked_rows(pairs[:12]))
-    tokenizer = load_shared_tokenizer(QWEN3_TOKENIZER)
-    model = tmp_path / "model"
-    tiny_qwen3(len(tokenizer)).save_pretrained(model)
-    tokenizer.save_pretrained(model)
-    common = ["--model", str(model), "--dataset", str(data), "--max-length", "256",
+    common = ["--model", str(qwen3_tiny), "--dataset", str(data), "--max-length", "256",
               "--batch-size", "4", "--gradient-accumulation-steps", "1", "--learning-rate",
               "1e-3", "--logging-steps", "1", "--num-sample-generations", "0", "--seed", "5",
               "--num-samples", "12", "--eval-samples", "4"]
@@ -350,6 +343,9 @@ def test_rankings_train_end_to_end_on_hh_rlhf_rows(env, tmp_path):
     assert train[0]["rewards/accuracies"] == 0 and train[-1]["loss"] < train[0]["loss"]
     results = json.loads((out / "eval_results.json").read_text())
     assert {"eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"} <= set(results)
+    card = (out / "README.md").read_text()
+    assert "trained with Plackett–Luce DPO over rankings" in card
+    assert "8 training rankings, 4 held-out eval rankings" in card
 
     small = ["--max-steps", "1", "--output-dir"]
     bad = run(env, *common, "--max-responses", "2", *small, str(tmp_path / "b"), check=False)

@@ -54,14 +54,19 @@ def write(output_dir: Path, cfg: TrainConfig, results: dict, steps: int, num_pro
     card.text = model_card_text(cfg, results, steps=steps, train_rows=len(train_ds),
                                 eval_rows=len(eval_ds) if eval_ds is not None else 0,
                                 num_processes=num_processes,
-                                argv=sys.argv if argv is None else argv) + kept
+                                argv=sys.argv if argv is None else argv,
+                                ranked="stages" in getattr(train_ds, "column_names", ())) + kept
     card.save(path)
     return path
 
 
 def model_card_text(cfg: TrainConfig, results: dict, *, steps: int, train_rows: int,
-                    eval_rows: int, num_processes: int, argv: list[str]) -> str:
+                    eval_rows: int, num_processes: int, argv: list[str], ranked: bool = False
+                    ) -> str:
+    """The card's text; `ranked`: the training rows are rankings of N responses."""
     from dpo.config.model import is_adapter_dir, uses_peft
+
+    rows = "rankings" if ranked else _rows(cfg)
 
     peft = uses_peft(cfg)
     name = Path(cfg.output_dir).name
@@ -78,7 +83,8 @@ def model_card_text(cfg: TrainConfig, results: dict, *, steps: int, train_rows: 
     lines = [
         f"# {name}",
         "",
-        f"`{cfg.model}` trained with {_method(cfg)} with the `dpo` trainer (`train.py`).",
+        f"`{cfg.model}` trained with {_method(cfg, ranked)} with the `dpo` trainer "
+        "(`train.py`).",
         "",
         "## Training",
         "",
@@ -88,15 +94,15 @@ def model_card_text(cfg: TrainConfig, results: dict, *, steps: int, train_rows: 
         f"- Trained: {what}",
         f"- Reference: {reference}",
         f"- Data: {', '.join(f'`{d}`' for d in cfg.dataset)} (split "
-        f"{', '.join(cfg.split)}): {train_rows} training {_rows(cfg)}, {eval_rows} held-out eval "
-        f"{_rows(cfg)}"
+        f"{', '.join(cfg.split)}): {train_rows} training {rows}, {eval_rows} held-out eval "
+        f"{rows}"
         + (f" (weights {cfg.dataset_weights})" if cfg.dataset_weights else ""),
         _loss_line(cfg),
         f"- Steps: {steps} optimizer steps, {num_processes} process(es); "
         + ", ".join(f"{k} = {getattr(cfg, k)}" for k in OPTIM_SETTINGS),
         "",
         *_best_lines(cfg, results, steps),
-        f"## Evaluation (held-out {_rows(cfg).split()[0]}, "
+        f"## Evaluation (held-out {rows.split()[0]}, "
         + (f"step {results['step']}: the saved model's weights)" if "step" in results
            else "end of training)"),
         "",
@@ -135,7 +141,12 @@ METHODS = {"kto": "Kahneman-Tversky Optimization", "orpo": "Odds Ratio Preferenc
            "sft": "supervised fine-tuning on the chosen responses"}
 
 
-def _method(cfg: TrainConfig) -> str:
+def _method(cfg: TrainConfig, ranked: bool = False) -> str:
+    if ranked:  # rankings train with sigmoid alone (dpo.train.loaders.check_ranked_run)
+        return ("Plackett–Luce DPO over rankings (sigmoid, ranking_loss plackett_luce)"
+                if cfg.ranking_loss == "plackett_luce"
+                else "Direct Preference Optimization over the ordered pairs of rankings "
+                "(sigmoid, ranking_loss all_pairs)")
     if len(cfg.loss_type) == 1 and cfg.loss_type[0] in METHODS:
         return f"{METHODS[cfg.loss_type[0]]} ({cfg.loss_type[0]})"
     return f"Direct Preference Optimization ({' + '.join(cfg.loss_type)})"
