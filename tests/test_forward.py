@@ -512,7 +512,7 @@ def test_padding_free_is_on_by_default_where_sdpa_passes_the_probe(capsys, monke
     model.config._attn_implementation = "sdpa"
     assert TrainConfig().padding_free is None
     assert settle_logps_path(accelerator, TrainConfig(), model).padding_free is True
-    shared_on = ("shared-prompt batches: on (each prompt computed once for both responses; "
+    shared_on = ("shared-prompt batches: on (each prompt computed once for all its responses; "
                  "--no-share-prompt lays them out apart)")
     shared_off = ("shared-prompt batches: off (measured only on packed rows; --share-prompt "
                   "shares them in padded rows too)")

@@ -9,6 +9,7 @@ these steps (the demo's gradient norm is ~3), so a layout where clipping did not
 optimizer (DeepSpeed clips inside its engine) would drift.
 """
 import json
+import math
 import subprocess
 
 import pytest
@@ -156,6 +157,35 @@ def test_kto_on_two_processes_takes_one_kl_estimate_over_both(runs):
     assert all(entry["kl"] >= 0 for entry in logs) and logs[-1]["kl"] > 0
     assert [entry["step"] for entry in eval_logs(out)] == [2, 4]
     assert {"eval/kl", "eval/rewards/chosen", "eval/rewards/rejected"} <= set(eval_logs(out)[-1])
+
+
+def test_rankings_on_two_processes_match_one(env, tmp_path):
+    """Rankings (3 responses from each demo pair, every third row cut to its best two, so that
+    micro-batches mix N = 3 and N = 2) under Plackett–Luce: each row's loss is its own, so 2
+    DDP processes × 2 rankings train as 1 × 4, in the layout start-up settles (packed, the
+    prompt shared by a ranking's responses, on CPU): per-step logs, eval and weights."""
+    from dpo.demo.build import demo_pairs
+    from tests.test_train import _write_jsonl, ranked_rows
+
+    rows = ranked_rows(demo_pairs()[0][:48])
+    for row in rows[::3]:
+        keep = [i for i, rank in enumerate(row["ranks"]) if rank < 3]
+        row["responses"], row["ranks"] = ([row["responses"][i] for i in keep],
+                                          [row["ranks"][i] for i in keep])
+    data = str(_write_jsonl(tmp_path / "ranked.jsonl", rows))
+    outs = {}
+    for layout, launcher, geometry in (("single", PYTHON, GEOMETRY[1]),
+                                       ("ddp", [*LAYOUTS["ddp"], "--main_process_port",
+                                                str(free_port())], GEOMETRY[2])):
+        outs[layout] = tmp_path / layout
+        run_train(env, *COMMON, *geometry, "--dataset", data, "--eval-samples", "8",
+                  "--output-dir", str(outs[layout]), launcher=launcher)
+    logs = train_logs(outs["single"])
+    # At π = π_ref a ranking of 3 costs log 6, one of 2 log 2: the first step has both.
+    assert math.log(2) + 0.1 < logs[0]["loss"] < math.log(6)
+    assert_same_logs(train_logs(outs["ddp"]), logs, rel=1e-4)
+    assert_same_logs(eval_logs(outs["ddp"]), eval_logs(outs["single"]), rel=1e-4)
+    assert_same_weights(outs["ddp"], outs["single"], rel=1e-4)
 
 
 def test_wpo_and_ld_dpo_are_the_same_on_two_processes_and_packed(runs):

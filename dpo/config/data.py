@@ -84,7 +84,8 @@ class DataSection:
     padding_free_max_tokens: int = _opt(4096, "longest packed row; sequences beyond it go to "
                                         "more rows (attention builds an L x L mask per row)")
     share_prompt: bool | None = _opt(None, "lay each pair out once as [prompt | chosen | "
-                                     "rejected], the prompt computed once for both responses "
+                                     "rejected] (a ranking as [prompt | r1 | ... | rN]), the "
+                                     "prompt computed once for all its responses "
                                      "(packed with padding_free); checked against separate "
                                      "sequences at start-up. Default: on for packed rows on CPU "
                                      "where the check passes, else off (said in one line)")

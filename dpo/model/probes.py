@@ -173,7 +173,7 @@ def _settle_share_prompt(accelerator: Accelerator, cfg: TrainConfig, policy: nn.
             return dataclasses.replace(cfg, share_prompt=False)
         raise ConfigError(f"share_prompt: {name} cannot share prompts: {reason}; drop "
                           "--share-prompt")
-    accelerator.print("shared-prompt batches: on (each prompt computed once for both "
+    accelerator.print("shared-prompt batches: on (each prompt computed once for all its "
                       "responses; --no-share-prompt lays them out apart)")
     return dataclasses.replace(cfg, share_prompt=True)
 
