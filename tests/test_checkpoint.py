@@ -64,6 +64,24 @@ def resume_and_compare(env, out, reference, *extra):
     assert_same_logs(read_metrics(out), read_metrics(reference), rel=1e-6)
 
 
+def kill_and_resume(env, tmp_path, extra, kill_step, check=None):
+    """An uninterrupted run with the flags `extra`, then one SIGKILLed as soon as step
+    `kill_step` is logged (`check(out)` then looks at what it left) and resumed: it must end
+    bit-identical to the first. Returns the uninterrupted run's output directory."""
+    reference = tmp_path / "reference"
+    run_train(env, *RUN, "--output-dir", str(reference), *extra)
+    out = tmp_path / "out"
+    proc = start(env, out, *extra)
+    wait_for(proc, f"step {kill_step}:")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoints(out), "at least one complete checkpoint before the kill"
+    if check is not None:
+        check(out)
+    resume_and_compare(env, out, reference, *extra)
+    return reference
+
+
 @pytest.mark.parametrize("kill_step", KILL_STEPS)
 def test_sigkill_then_resume_is_exact(env, reference, tmp_path, kill_step):
     """SIGKILL as soon as step `kill_step` is logged (its checkpoint may be half-written)."""
@@ -79,30 +97,13 @@ def test_sigkill_then_resume_is_exact(env, reference, tmp_path, kill_step):
 def test_sigkill_then_resume_is_exact_with_precomputed_reference(env, tmp_path):
     """With `--precompute-ref-logps` the resumed run reads the reference's log-probs back from
     the cache the killed run wrote: still bit-identical to an uninterrupted run."""
-    precompute = "--precompute-ref-logps"
-    reference = tmp_path / "reference"
-    run_train(env, *RUN, "--output-dir", str(reference), precompute)
-    out = tmp_path / "out"
-    proc = start(env, out, precompute)
-    wait_for(proc, f"step {KILL_STEPS[-1]}:")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resume_and_compare(env, out, reference, precompute)
+    kill_and_resume(env, tmp_path, ["--precompute-ref-logps"], KILL_STEPS[-1])
 
 
 def test_sigkill_then_resume_is_exact_with_orpo(env, tmp_path):
     """ORPO (no reference; its NLL divided by each step's chosen tokens, counted from the
     sampler's batches of the epoch): a killed run resumes mid-epoch bit-identical."""
-    extra = ["--loss-type", "orpo"]
-    reference = tmp_path / "reference"
-    run_train(env, *RUN, "--output-dir", str(reference), *extra)
-    out = tmp_path / "out"
-    proc = start(env, out, *extra)
-    wait_for(proc, f"step {KILL_STEPS[1]}:")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoints(out), "at least one complete checkpoint before the kill"
-    resume_and_compare(env, out, reference, *extra)
+    kill_and_resume(env, tmp_path, ["--loss-type", "orpo"], KILL_STEPS[1])
 
 
 def test_sigkill_then_resume_is_exact_with_bco_baseline_and_a_synced_reference(env, tmp_path):
@@ -111,34 +112,23 @@ def test_sigkill_then_resume_is_exact_with_bco_baseline_and_a_synced_reference(e
     reference it had — not 0 and the starting model — and ends bit-identical."""
     extra = ["--loss-type", "bco_pair", "sft", "--loss-weights", "1", "0.1", "--sync-ref-model",
              "--ref-model-sync-steps", "3", "--ref-model-mixup-alpha", "0.5"]
-    reference = tmp_path / "reference"
-    run_train(env, *RUN, "--output-dir", str(reference), *extra)
-    out = tmp_path / "out"
-    proc = start(env, out, *extra)
-    wait_for(proc, f"step {KILL_STEPS[2]}:")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    last = checkpoints(out)[-1]
-    assert int(last.name.split("-")[1]) > 3, "a reference sync before the last checkpoint"
-    bco = torch.load(last / "custom_checkpoint_0.pkl", weights_only=False)
-    assert bco["count"] > 0 and bco["mean"] != 0
-    assert (last / "custom_checkpoint_1.pkl").is_file()  # the synced reference
-    resume_and_compare(env, out, reference, *extra)
+
+    def check(out):
+        last = checkpoints(out)[-1]
+        assert int(last.name.split("-")[1]) > 3, "a reference sync before the last checkpoint"
+        bco = torch.load(last / "custom_checkpoint_0.pkl", weights_only=False)
+        assert bco["count"] > 0 and bco["mean"] != 0
+        assert (last / "custom_checkpoint_1.pkl").is_file()  # the synced reference
+
+    kill_and_resume(env, tmp_path, extra, KILL_STEPS[2], check)
 
 
 def test_sigkill_then_resume_is_exact_with_kto(env, tmp_path):
     """KTO on the demo pairs made unpaired: each micro-batch's mismatched completions (the
     collator's rotation) and KL estimate come back the same after a resume: bit-identical."""
-    extra = ["--loss-type", "kto", "--desirable-weight", "1.3"]
-    reference = tmp_path / "reference"
-    run_train(env, *RUN, "--output-dir", str(reference), *extra)
+    reference = kill_and_resume(env, tmp_path, ["--loss-type", "kto", "--desirable-weight",
+                                                 "1.3"], KILL_STEPS[1])
     assert all(log["kl"] >= 0 for log in train_logs(reference))
-    out = tmp_path / "out"
-    proc = start(env, out, *extra)
-    wait_for(proc, f"step {KILL_STEPS[1]}:")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resume_and_compare(env, out, reference, *extra)
 
 
 @pytest.mark.parametrize("save_step, point", zip(KILL_STEPS, ["mid-state", "before-rename",
@@ -420,13 +410,5 @@ def test_sigkill_then_resume_is_exact_with_rankings(env, tmp_path):
         row["responses"], row["ranks"] = ([row["responses"][i] for i in keep],
                                           [row["ranks"][i] for i in keep])
     data = _write_jsonl(tmp_path / "ranked.jsonl", rows)
-    extra = ["--dataset", str(data), "--ranking-loss", "all_pairs"]
-    reference = tmp_path / "reference"
-    run_train(env, *RUN, "--output-dir", str(reference), *extra)
-    out = tmp_path / "out"
-    proc = start(env, out, *extra)
-    wait_for(proc, f"step {KILL_STEPS[1]}:")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoints(out), "at least one complete checkpoint before the kill"
-    resume_and_compare(env, out, reference, *extra)
+    kill_and_resume(env, tmp_path, ["--dataset", str(data), "--ranking-loss", "all_pairs"],
+                    KILL_STEPS[1])
