@@ -134,11 +134,6 @@ def is_ranked_feature(feature) -> bool:
                                                                               "large_string")))
 
 
-def num_responses(row: dict) -> int:
-    """How many responses a normalised ranked row holds."""
-    return 2 + len(row["more"])
-
-
 def is_ranked(ds) -> bool:
     """Whether normalised or tokenized rows are rankings (they carry `stages`)."""
     return "stages" in ds.column_names
