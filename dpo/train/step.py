@@ -49,8 +49,11 @@ def dpo_step(accelerator: Accelerator, cfg: TrainConfig, policy, reference, batc
     `router_aux_loss_coef` > 0 (a mixture of experts) the policy's router load-balancing loss,
     times the coefficient, is added to every pair's loss, so the batch mean carries it once.
 
-    A ranked batch (`ranking_mask`, `stages`: rankings of N responses) takes the ranking loss
-    `cfg.ranking_loss` (`dpo.loss.ranked`) instead; for N = 2 it is DPO's to the last bit.
+    An unpaired batch (KTO, `label`) holds each row's completion in the chosen slot and the
+    mismatched completion of the KL estimate in the rejected slot: z₀ comes from the latter
+    (`kto_kl`). A ranked batch (`ranking_mask`, `stages`: rankings of N responses) takes the
+    ranking loss `cfg.ranking_loss` (`dpo.loss.ranked`) instead; for N = 2 it is DPO's to the
+    last bit.
 
     With `ld_alpha` (LD-DPO) the losses read the length-desensitised log-probs of policy and
     reference (the precomputed ones are stored so), `sft` the plain ones; with `use_weighting`
