@@ -52,7 +52,6 @@ All five go through one converter: only the column names differ, and a value may
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from datasets import Dataset, Features, List, Value
@@ -61,6 +60,7 @@ from dpo.data.errors import RowProblem
 from dpo.data.messages import (MESSAGE, ROLES, as_json, has_text, kwargs_of, to_messages,
                                tools_of)
 from dpo.data.ranked import NO_RANKING, RANKED_COLUMNS, is_ranked_feature, ranked_responses
+from dpo.data.transcripts import parse_transcript, split_shared_prompt
 
 DATA_FORMATS = ("stack_exchange", "standard", "conversational", "implicit_prompt", "sharegpt",
                 "unpaired", "ranked")
@@ -88,10 +88,6 @@ NORMALISED_FEATURES = Features({"prompt": List(MESSAGE), "chosen": List(MESSAGE)
                                 "row_index": Value("int64"), "problem": Value("string")})
 UNPAIRED_FEATURES = Features({**NORMALISED_FEATURES, "label": Value("bool")})
 RANKED_FEATURES = Features({**NORMALISED_FEATURES, **RANKED_COLUMNS})
-
-HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-
 
 @dataclass(frozen=True)
 class FormatSpec:
@@ -167,37 +163,6 @@ def _detect(features: Features) -> str:
         "conversations/chosen/rejected (sharegpt), prompt/completion/label (unpaired) or "
         "prompt/responses/ranks (ranked)"
     )
-
-
-def parse_transcript(text: str, field: str) -> list[dict]:
-    """Parse an HH-RLHF ``\\n\\nHuman: ...\\n\\nAssistant: ...`` transcript into messages."""
-    pieces = HH_TURN.split(text)
-    # pieces = [before the first turn, role, text, role, text, ...]
-    if len(pieces) < 3 or pieces[0].strip():
-        raise RowProblem("malformed", f"{field} is not a '\\n\\nHuman: ...' transcript")
-    return [
-        {"role": HH_ROLES[role], "content": content.strip(), "fields": ""}
-        for role, content in zip(pieces[1::2], pieces[2::2])
-    ]
-
-
-def split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
-    """Split two full conversations into (prompt, chosen response, rejected response).
-
-    The prompt is the messages both conversations share, cut back to the last shared assistant
-    turn, so that each response starts with the assistant turn where they differ.
-    """
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
-    for cut in range(shared, -1, -1):
-        if _starts_assistant_turn(chosen, cut) and _starts_assistant_turn(rejected, cut):
-            return chosen[:cut], chosen[cut:], rejected[cut:]
-    raise RowProblem("malformed", "chosen and rejected share no prompt before an assistant turn")
-
-
-def _starts_assistant_turn(messages: list[dict], index: int) -> bool:
-    return index < len(messages) and messages[index]["role"] == "assistant"
 
 
 def normalise_row(row: dict, spec: FormatSpec) -> dict:

@@ -13,9 +13,9 @@ import string
 
 from jinja2 import TemplateError
 
-from dpo.data import formats
 from dpo.data.errors import RowProblem
 from dpo.data.messages import expand, extra_fields, has_reasoning
+from dpo.data.transcripts import parse_transcript
 
 # How a pair becomes text (``--chat-template``): the tokenizer's chat template ("auto", plain
 # text for a tokenizer without one), HH-style plain text, or the fields' strings as they are.
@@ -224,7 +224,7 @@ def unwrap_transcript(prompt: list[dict]) -> list[dict]:
     if not text.rstrip().endswith("\n\nAssistant:"):
         return prompt
     try:
-        turns = formats.parse_transcript(text.rstrip(), "prompt")
+        turns = parse_transcript(text.rstrip(), "prompt")
     except RowProblem:
         return prompt
     if turns[0]["role"] != "user":
