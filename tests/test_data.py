@@ -95,10 +95,11 @@ def check_sequence(tokenizer, ids, labels, expected_text, response_text, *, turn
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data_format", [f for f in DATA_FORMATS if f != "unpaired"])
+@pytest.mark.parametrize("data_format", [f for f in DATA_FORMATS
+                                         if f not in ("unpaired", "prompts")])
 def test_each_format_is_detected_and_normalised(data_format):
     """Every paired format is recognised from its columns and normalises to the same messages
-    (unpaired rows: tests/test_data_unpaired.py)."""
+    (unpaired rows: tests/test_data_unpaired.py; prompts: tests/test_data_prompts.py)."""
     ds = Dataset.from_list([RAW_ROWS[data_format]])
     assert resolve_format(ds.features).name == data_format
     row = normalise(ds)[0]
@@ -538,7 +539,7 @@ def check_qwen3_rows(tokenizer, normalised, tokenized):
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("data_format", DATA_FORMATS)
+@pytest.mark.parametrize("data_format", [f for f in DATA_FORMATS if f != "prompts"])
 def test_qwen3_every_format_on_self_made_rows(qwen3_tokenizer, data_format):
     """Each format, rendered with the Qwen3 chat template: exact round trip and labels."""
     ds = normalise(Dataset.from_list([RAW_ROWS[data_format]]))

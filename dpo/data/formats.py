@@ -44,8 +44,12 @@ Supported formats (``DATA_FORMATS``):
     ``prompt``, ``responses`` and ``ranks`` (1 = best), or ``prompt``, ``chosen`` and a list of
     ``rejected`` responses: rankings of N ≥ 2 responses (``dpo.data.ranked``). Rank 1 goes to
     ``chosen``, rank 2 to ``rejected``, the rest best first to ``more``, with ``stages``.
+``prompts``
+    ``prompt`` alone (a string or a list of messages; none of ``chosen``, ``rejected``,
+    ``completion``, ``responses``): prompts for online DPO to answer (``dpo.online.prompts``).
+    Their normalised rows have empty ``chosen`` and ``rejected``; ``train.py`` refuses them.
 
-All five go through one converter: only the column names differ, and a value may be a string
+All of them go through one converter: only the column names differ, and a value may be a string
 (one message with the field's default role), one message dict or a list of them, with
 ``role``/``content`` or ShareGPT's ``from``/``value`` keys. Messages with ``tool_calls``,
 ``reasoning_content`` or ``tool`` roles are conversational rows like any other.
@@ -54,6 +58,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow.compute as pc
 from datasets import Dataset, Features, List, Value
 
 from dpo.data.errors import RowProblem
@@ -63,14 +68,17 @@ from dpo.data.ranked import NO_RANKING, RANKED_COLUMNS, is_ranked_feature, ranke
 from dpo.data.transcripts import parse_transcript, split_shared_prompt
 
 DATA_FORMATS = ("stack_exchange", "standard", "conversational", "implicit_prompt", "sharegpt",
-                "unpaired", "ranked")
+                "unpaired", "ranked", "prompts")
+# Columns that hold responses: a dataset with a prompt and none of them holds prompts only.
+RESPONSE_COLUMNS = ("chosen", "rejected", "completion", "responses")
 
 # Why a row is skipped. Normalising can find the first three; tokenizing finds the rest.
 DROP_REASONS = (
     "missing_field",  # a value (or a message's role/content) is missing
     "not_a_string",  # text is a number, a dict, ...
     "malformed",  # a message is not a dict, has an unknown role, or no prompt can be split off
-    "empty",  # a message's text is empty or only whitespace, or a response has no message
+    "empty",  # a message's text is empty or only whitespace, or a response (prompts only:
+    #           the prompt) has no message
     "identical",  # chosen == rejected: the pair carries no preference
     "bad_ranks",  # a ranking's ranks have a tie or a gap
     "template_mismatch",  # the chat template renders the prompt differently once a response follows
@@ -89,14 +97,15 @@ NORMALISED_FEATURES = Features({"prompt": List(MESSAGE), "chosen": List(MESSAGE)
 UNPAIRED_FEATURES = Features({**NORMALISED_FEATURES, "label": Value("bool")})
 RANKED_FEATURES = Features({**NORMALISED_FEATURES, **RANKED_COLUMNS})
 
+
 @dataclass(frozen=True)
 class FormatSpec:
-    """Where a format keeps its prompt, chosen and rejected values (``prompt=None``: none)."""
+    """Where a format keeps its prompt, chosen and rejected values (``None``: it has none)."""
 
     name: str
     prompt: str | None
-    chosen: str
-    rejected: str | None  # None: unpaired rows (a completion and its label)
+    chosen: str | None  # None: prompts only
+    rejected: str | None  # None: unpaired rows (a completion and its label), or prompts only
 
 
 def _is_text(feature) -> bool:
@@ -121,6 +130,7 @@ def resolve_format(features: Features, data_format: str | None = None) -> Format
         "unpaired": FormatSpec("unpaired", "prompt", "completion", None),
         "ranked": FormatSpec("ranked", "prompt", *(("responses", "ranks") if "ranks" in columns
                                                    else ("chosen", "rejected"))),
+        "prompts": FormatSpec("prompts", "prompt", None, None),
     }
     if data_format is None:
         data_format = _detect(features)
@@ -128,12 +138,12 @@ def resolve_format(features: Features, data_format: str | None = None) -> Format
         raise ValueError(f"unknown data format {data_format!r}; expected one of {DATA_FORMATS}")
     spec = candidates[data_format]
     needed = [c for c in (spec.prompt, spec.chosen, spec.rejected) if c is not None]
-    needed += ["label"] if spec.rejected is None else []
+    needed += ["label"] if spec.name == "unpaired" else []
     if not set(needed) <= columns:
         raise ValueError(
             f"data format {data_format!r} needs columns {needed}, found {sorted(columns)}"
         )
-    if spec.rejected is None and features["label"] != Value("bool"):
+    if spec.name == "unpaired" and features["label"] != Value("bool"):
         raise ValueError(f"label must hold booleans (true: a desirable completion), found "
                          f"{getattr(features['label'], 'dtype', features['label'])}")
     return spec
@@ -156,12 +166,14 @@ def _detect(features: Features) -> str:
         if "prompt" in columns:
             return "standard" if texts and _is_text(features["prompt"]) else "conversational"
         return "implicit_prompt" if texts else "conversational"
+    if "prompt" in columns and not columns & set(RESPONSE_COLUMNS):
+        return "prompts"
     raise ValueError(
         f"cannot tell the preference format from the columns {sorted(columns)}; expected "
         "question/response_j/response_k (stack_exchange), prompt/chosen/rejected (standard or "
         "conversational), chosen/rejected (implicit_prompt or conversational) or "
         "conversations/chosen/rejected (sharegpt), prompt/completion/label (unpaired) or "
-        "prompt/responses/ranks (ranked)"
+        "prompt/responses/ranks (ranked) or prompt alone (prompts)"
     )
 
 
@@ -174,7 +186,12 @@ def normalise_row(row: dict, spec: FormatSpec) -> dict:
                                                          spec.rejected)
             chosen, rejected = responses[:2]
             ranking = {"more": responses[2:], "stages": stages}
-        elif spec.rejected is None:  # unpaired
+        elif spec.name == "prompts":
+            prompt, chosen, rejected = to_messages(row[spec.prompt], spec.prompt, "user"), [], []
+            problem = find_problem(prompt, chosen, rejected, prompt_only=True)
+            if problem:
+                raise problem
+        elif spec.name == "unpaired":
             prompt = to_messages(row[spec.prompt], spec.prompt, "user")
             chosen = rejected = to_messages(row[spec.chosen], spec.chosen, "assistant")
             if row["label"] is None:
@@ -206,7 +223,7 @@ def normalise_row(row: dict, spec: FormatSpec) -> dict:
                       "chat_template_kwargs": kwargs, "problem": ""}
     if spec.name == "ranked":
         return {**normalised, **NO_RANKING, **ranking}
-    return normalised if spec.rejected is not None else {**normalised, "label": bool(row["label"])}
+    return normalised if spec.name != "unpaired" else {**normalised, "label": bool(row["label"])}
 
 
 def normalise(ds: Dataset, *, data_format: str | None = None,
@@ -217,8 +234,8 @@ def normalise(ds: Dataset, *, data_format: str | None = None,
     ``ds``); they end up in the ``row_index`` column for error messages.
     """
     spec = resolve_format(ds.features, data_format)
-    features = (RANKED_FEATURES if spec.name == "ranked" else NORMALISED_FEATURES
-                if spec.rejected is not None else UNPAIRED_FEATURES)
+    features = {"ranked": RANKED_FEATURES, "unpaired": UNPAIRED_FEATURES}.get(
+        spec.name, NORMALISED_FEATURES)
     if row_indices is None:
         row_indices = list(range(len(ds)))
     if len(row_indices) != len(ds):
@@ -241,14 +258,17 @@ def normalise(ds: Dataset, *, data_format: str | None = None,
 
 
 def find_problem(prompt: list[dict], chosen: list[dict], rejected: list[dict],
-                 paired: bool = True) -> RowProblem | None:
+                 paired: bool = True, prompt_only: bool = False) -> RowProblem | None:
     """Check a normalised row's content; return the first problem, or ``None`` for a good row.
 
     Runs on every row before tokenizing, also on datasets that were built by hand in the
     normalised schema, so it re-checks what the converter guarantees for loaded data.
+    ``prompt_only``: a row of the ``prompts`` format, whose prompt is all there is to check.
     """
+    if prompt_only and not prompt:
+        return RowProblem("empty", "prompt has no message")
     for field, messages in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-        if field != "prompt" and not messages:
+        if field != "prompt" and not messages and not prompt_only:
             return RowProblem("empty", f"{field} has no message")
         for i, message in enumerate(messages):
             where = f"{field}[{i}]"
@@ -258,6 +278,17 @@ def find_problem(prompt: list[dict], chosen: list[dict], rejected: list[dict],
                 return RowProblem("missing_field", f"{where} has no content")
             if not has_text(message):
                 return RowProblem("empty", f"{where} is empty")
-    if paired and chosen == rejected:
+    if paired and not prompt_only and chosen == rejected:
         return RowProblem("identical", "chosen and rejected are the same")
     return None
+
+
+def holds_prompts_only(rows: Dataset) -> bool:
+    """Whether normalised rows are prompts without responses (the ``prompts`` format): no row
+    has a chosen or rejected message, and some row is well-formed."""
+    if not len(rows):
+        return False
+    table = rows.with_format("arrow")[:]
+    responses = pc.add(pc.list_value_length(table["chosen"]),
+                       pc.list_value_length(table["rejected"]))
+    return pc.max(responses).as_py() == 0 and pc.any(pc.equal(table["problem"], "")).as_py()

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from dpo import data, demo
 from dpo.config import ConfigError, TrainConfig
 from dpo.data.cache import default_cache_dir, tokenize_cached
+from dpo.data.formats import holds_prompts_only
 from dpo.data import mixture, ranked, unpaired
 from dpo.data.mixture import PER_DATASET
 from dpo.data.sources import layout_warning
@@ -130,6 +131,10 @@ def _load_one(cfg: TrainConfig, accelerator: Accelerator, tokenizer, dataset: st
             dataset, num_proc=cfg.num_proc, eval_dataset_config=cfg.eval_dataset_config,
             eval_data_dir=cfg.eval_data_dir, eval_split=cfg.eval_split,
             streaming=cfg.streaming, shuffle_buffer_size=cfg.shuffle_buffer_size, **settings)
+        if holds_prompts_only(train_rows):  # eval rows are read in the same format
+            raise ValueError("its rows are prompts only (format prompts): online DPO answers "
+                             "them (--rounds, see docs/online.md); train.py needs preference "
+                             "pairs")
         if ranked.is_ranked(train_rows) or ranked.is_ranked(eval_rows):
             check_ranked_run(cfg)
             for rows in (train_rows, eval_rows):
