@@ -16,10 +16,12 @@ PROMPT = [{"role": "user", "content": "Tell me about cats."}]
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """One cache with both assets built, shared by the module: a build takes about a second."""
+    """One cache with the model and the data built, shared by the module: a build takes about a
+    second."""
     root = tmp_path_factory.mktemp("demo-cache")
     demo.build_demo_model(root)
     demo.build_demo_dataset(root)
+    demo.build_demo_prompts(root)
     return root
 
 
@@ -124,6 +126,33 @@ def test_dataset_splits_and_rule(cache):
     assert not any((r["prompt"], r["chosen"], r["rejected"]) in train_pairs for r in test)
 
 
+def test_prompt_splits_hold_every_demo_prompt_once(cache, monkeypatch):
+    """builtin:demo-prompts: the 144 prompts (6 templates x 24 topics), 120 to train on and 24
+    held out, none in both; each asks about a topic the demo's rule recognises."""
+    from datasets import load_dataset
+
+    path = demo.build_demo_prompts(cache)
+    splits = load_dataset(str(path))
+    assert {name: (ds.num_rows, ds.column_names) for name, ds in splits.items()} == {
+        "train": (120, ["prompt"]), "test": (demo.NUM_TEST_PROMPTS, ["prompt"])}
+    train, test = ([row["prompt"] for row in read_jsonl(path / f"{name}.jsonl")]
+                   for name in ("train", "test"))
+    assert len(set(train)) == len(train) and len(set(test)) == len(test)
+    assert not set(train) & set(test)
+    assert set(train) | set(test) == {template.format(topic=topic) for topic in facts.TOPICS
+                                      for template in facts.PROMPT_TEMPLATES}
+    assert len({rule._prompt_topic(prompt) for prompt in test}) > 10  # a spread of topics
+    for prompt in train + test:
+        topic = rule._prompt_topic(prompt)
+        assert topic in facts.TOPICS, prompt
+        answer = f"{facts.POLITE_OPENERS[0]} {facts.TOPICS[topic][0]} {facts.POLITE_CLOSERS[0]}"
+        assert demo.answer_accepted(prompt, answer)
+    assert [row["prompt"] for row in demo.demo_prompts()[1]] == test
+    assert demo.demo_prompts(seed=1)[1] != demo.demo_prompts()[1]  # the seed splits them
+    monkeypatch.setattr(build, "demo_cache_dir", lambda: cache)
+    assert demo.resolve_dataset(demo.BUILTIN_PROMPTS) == str(path)
+
+
 def test_rule_rejects_swapped_pairs():
     train, _ = demo.demo_pairs()
     for row in train[:50]:
@@ -143,29 +172,30 @@ def test_pairs_fit_the_demo_length(cache, tokenizer):
 
 
 def test_second_call_reuses_the_cache(cache, monkeypatch):
-    model_dir, data_dir = demo.build_demo_model(cache), demo.build_demo_dataset(cache)
-    before = {p: p.stat().st_mtime_ns for d in (model_dir, data_dir) for p in d.iterdir()}
+    builders = (demo.build_demo_model, demo.build_demo_dataset, demo.build_demo_prompts)
+    dirs = [builder(cache) for builder in builders]
+    before = {p: p.stat().st_mtime_ns for d in dirs for p in d.iterdir()}
 
-    def fail(directory):
+    def fail(*args):
         raise AssertionError("rebuilt although the cache is complete")
 
     monkeypatch.setattr(build, "_write_model", fail)
-    monkeypatch.setattr(build, "_write_dataset", fail)
-    assert demo.build_demo_model(cache) == model_dir
-    assert demo.build_demo_dataset(cache) == data_dir
-    after = {p: p.stat().st_mtime_ns for d in (model_dir, data_dir) for p in d.iterdir()}
+    monkeypatch.setattr(build, "_write_splits", fail)
+    assert [builder(cache) for builder in builders] == dirs
+    after = {p: p.stat().st_mtime_ns for d in dirs for p in d.iterdir()}
     assert after == before
 
 
 def test_builds_are_deterministic(cache, short_sft, tmp_path):
     other = tmp_path / "other"
-    for build, files in (
+    for builder, files in (
         (demo.build_demo_model, ("tokenizer.json", "tokenizer_config.json", "config.json",
                                  "model.safetensors")),
         (demo.build_demo_chat_model, ("tokenizer.json", "config.json", "model.safetensors")),
         (demo.build_demo_dataset, ("train.jsonl", "test.jsonl")),
+        (demo.build_demo_prompts, ("train.jsonl", "test.jsonl")),
     ):
-        first, second = build(cache), build(other)
+        first, second = builder(cache), builder(other)
         assert first != second
         for name in files:
             assert (first / name).read_bytes() == (second / name).read_bytes(), name

@@ -26,8 +26,10 @@ What is built:
 - `build_demo_chat_model` — that model after the supervised phase, beside it in the cache.
 - `build_demo_dataset` — `train.jsonl` and `test.jsonl` in the standard
   ``{"prompt", "chosen", "rejected"}`` format; no test pair occurs in the training split.
+- `build_demo_prompts` — ``builtin:demo-prompts``: the demo's 144 prompts alone (``{"prompt"}``,
+  the ``prompts`` format), 120 to train on and 24 held out, for online DPO to answer.
 
-Both builders are safe to call from every process of a multi-process launch at once: each builds
+Every builder is safe to call from every process of a multi-process launch at once: each builds
 into a private temporary directory and publishes it with one atomic `os.rename`, so a directory
 under the cache is either absent or complete (it holds `COMPLETE_MARKER`), never half-written.
 """
@@ -40,13 +42,14 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from dpo.demo.rule import SEED, demo_pairs
+from dpo.demo.rule import SEED, demo_pairs, demo_prompts
 from dpo.demo.sft import supervise
 from dpo.paths import cache_root
 
 BUILTIN_MODEL = "builtin:tiny-qwen3"  # randomly initialised: fast to build, for tests
 BUILTIN_CHAT_MODEL = "builtin:tiny-qwen3-chat"  # the same after the supervised phase: the demo's
 BUILTIN_DATASET = "builtin:demo-preferences"
+BUILTIN_PROMPTS = "builtin:demo-prompts"
 
 # Bump when anything below changes what is built: the cache subfolder is named after it, so assets
 # of an older format are never reused (they are simply left behind in their own folder).
@@ -55,6 +58,7 @@ COMPLETE_MARKER = ".complete"  # dot-name: `datasets` ignores hidden files when 
 MODEL_DIR_NAME = "tiny-qwen3"
 CHAT_MODEL_DIR_NAME = "tiny-qwen3-chat"
 DATASET_DIR_NAME = "demo-preferences"
+PROMPTS_DIR_NAME = "demo-prompts"
 
 # Merging until no pair is left would give ~1,076 tokens on the demo corpus, so at 1024 nearly
 # every word is one token and a pair fits in ~50. The model is sized by `len(tokenizer)` (1024).
@@ -104,7 +108,14 @@ def build_demo_dataset(cache_dir: Path | None = None) -> Path:
     """The directory of the demo preference data (``train.jsonl``, ``test.jsonl``), built on first
     call. `cache_dir` defaults to `demo_cache_dir()`; the data go to ``demo-preferences`` in it."""
     target = Path(cache_dir or demo_cache_dir()) / DATASET_DIR_NAME
-    return _build_atomically(target, _write_dataset)
+    return _build_atomically(target, lambda directory: _write_splits(directory, demo_pairs()))
+
+
+def build_demo_prompts(cache_dir: Path | None = None) -> Path:
+    """The directory of the demo prompts (``train.jsonl``, ``test.jsonl`` of ``{"prompt"}``
+    rows, `demo_prompts`), built on first call into ``demo-prompts`` under `cache_dir`."""
+    target = Path(cache_dir or demo_cache_dir()) / PROMPTS_DIR_NAME
+    return _build_atomically(target, lambda directory: _write_splits(directory, demo_prompts()))
 
 
 def resolve_model(name: str) -> str:
@@ -117,12 +128,13 @@ def resolve_model(name: str) -> str:
 
 def resolve_dataset(name: str) -> str:
     """`--dataset` as a path or hub name, like `resolve_model` for the built-in demo data."""
+    if name == BUILTIN_PROMPTS:
+        return str(build_demo_prompts())
     return str(build_demo_dataset()) if name == BUILTIN_DATASET else name
 
 
-def _write_dataset(directory: Path) -> None:
-    train, test = demo_pairs()
-    for split, rows in (("train", train), ("test", test)):
+def _write_splits(directory: Path, splits: tuple[list[dict], list[dict]]) -> None:
+    for split, rows in zip(("train", "test"), splits):
         with open(directory / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

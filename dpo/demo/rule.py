@@ -16,6 +16,7 @@ from dpo.demo.facts import (POLITE_CLOSERS, POLITE_OPENERS, PROMPT_TEMPLATES, RU
 SEED = 0
 NUM_TRAIN = 4000
 NUM_TEST = 256
+NUM_TEST_PROMPTS = 24  # of the 144 prompts (6 templates x 24 topics) builtin:demo-prompts holds
 OFF_TOPIC_FRACTION = 0.5  # share of pairs whose rejected reply is polite but off-topic
 
 
@@ -35,6 +36,16 @@ def demo_pairs(seed: int = SEED) -> tuple[list[dict], list[dict]]:
             seen.add(_key(row))  # also keeps the test split free of duplicates
             test.append(row)
     return train, test
+
+
+def demo_prompts(seed: int = SEED) -> tuple[list[dict], list[dict]]:
+    """The train and test rows of ``builtin:demo-prompts``, ``{"prompt"}``: every prompt the
+    demo asks (each template with each topic) once, shuffled with `seed`; the last
+    `NUM_TEST_PROMPTS` are held out, so no test prompt is a training prompt."""
+    prompts = [template.format(topic=topic) for template in PROMPT_TEMPLATES for topic in TOPICS]
+    random.Random(seed).shuffle(prompts)
+    rows = [{"prompt": prompt} for prompt in prompts]
+    return rows[:-NUM_TEST_PROMPTS], rows[-NUM_TEST_PROMPTS:]
 
 
 def rule_holds(row: dict) -> bool:
