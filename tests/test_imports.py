@@ -21,6 +21,7 @@ LAYERS = [
     ("model", ["dpo.model"]),
     ("train", ["dpo.train"]),
     ("eval", ["dpo.eval"]),
+    ("online", ["dpo.online"]),
     ("commands", ["dpo", "dpo.evaluate", "dpo.plot"]),
 ]
 PEERS = 1  # the layer whose stages may not import each other
