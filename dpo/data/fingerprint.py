@@ -9,8 +9,8 @@ from datasets.fingerprint import Hasher
 
 # The modules whose source decides the tokenized rows and the report. Both caches key on it
 # (datasets' map cache, ``_fingerprint``; the on-disk ``dpo.data.cache``): any edit misses.
-TOKENS_CODE = ("dpo.data.errors", "dpo.data.messages", "dpo.data.ranked", "dpo.data.formats",
-               "dpo.data.render", "dpo.data.report", "dpo.data.tokenize")
+TOKENS_CODE = ("dpo.data.errors", "dpo.data.messages", "dpo.data.ranked", "dpo.data.transcripts",
+               "dpo.data.formats", "dpo.data.render", "dpo.data.report", "dpo.data.tokenize")
 
 
 def code_source() -> str:

@@ -44,13 +44,13 @@ class Prompt:
 def load_prompts(cfg, tokenizer) -> tuple[list[Prompt], list[Prompt], str]:
     """(train prompts, held-out prompts, a one-line report of what was dropped and why).
 
-    The prompts come in source order (``row_index``). Reads ``cfg.dataset`` (one dataset) with the run's data settings, as ``train.py`` would.
-    Dropped, counted by reason: rows with a problem (``dpo.data.formats``: an empty prompt, one
-    without messages, ...), repeats of an earlier prompt (same messages, tools and
-    template options: ``duplicate``), prompts the chat template cannot render or that have no
-    token (the reasons tokenizing gives), and train prompts that are also held out
-    (``held_out``). A prompt longer than ``max_prompt_length`` tokens keeps its end (and a
-    leading BOS). ``ConfigError`` (one line) when no train prompt is left.
+    Reads ``cfg.dataset`` (one dataset) with the run's data settings, as ``train.py`` would; the
+    prompts come in source order (``row_index``). Dropped, counted by reason: rows with a problem
+    (``dpo.data.formats``: a missing or empty prompt, ...), repeats of an earlier prompt (same
+    messages, tools and template options: ``duplicate``), prompts the chat template cannot
+    render or that have no token (the reasons tokenizing gives), and train prompts that are also
+    held out (``held_out``). A prompt longer than ``max_prompt_length`` tokens keeps its end
+    (and a leading BOS). ``ConfigError`` (one line) when no train prompt is left.
     """
     if len(cfg.dataset) != 1:
         raise ConfigError(f"online rounds draw prompts from one dataset; --dataset names "
@@ -82,9 +82,10 @@ def load_prompts(cfg, tokenizer) -> tuple[list[Prompt], list[Prompt], str]:
     held = {_key(p) for p in held_out}
     train_drops += [("held_out", p.row_index) for p in train if _key(p) in held]
     train = [p for p in train if _key(p) not in held]
+    train_cut = sum(p.row_index in train_cut for p in train)
     report = (f"train prompts: {_summary(len(train), len(train_rows), train_cut, train_drops)}; "
               f"held-out prompts: "
-              f"{_summary(len(held_out), len(eval_rows), eval_cut, eval_drops)}")
+              f"{_summary(len(held_out), len(eval_rows), len(eval_cut), eval_drops)}")
     if not train:
         raise ConfigError(f"dataset {given}: no prompt is left to answer ({report})")
     return train, held_out, report
@@ -103,20 +104,19 @@ def _encoder(cfg, tokenizer) -> _PairTokenizer:
                           tools=read_tools_file(cfg.tools_file) if cfg.tools_file else None)
 
 
-def _prompts_of(rows, encoder: _PairTokenizer) -> tuple[list[Prompt], list[tuple], int]:
+def _prompts_of(rows, encoder: _PairTokenizer) -> tuple[list[Prompt], list[tuple], set[int]]:
     """The usable prompts of normalised ``rows`` in source order (a repeat's first row is kept),
-    the drops as ``(reason, row_index)``, and how many prompts were cut to
+    the drops as ``(reason, row_index)``, and the rows whose prompt was cut to
     ``max_prompt_length``."""
-    prompts, drops, seen, cut = [], [], set(), 0
+    prompts, drops, seen, cut = [], [], set(), set()
     columns = rows.select_columns(["prompt", "tools", "chat_template_kwargs", "row_index",
                                    "problem"])
     for row in sorted(columns, key=lambda row: row["row_index"]):
         where = row["row_index"]
         # Pairs' prompts are checked as tokenizing checks them (prompt-only rows already were).
-        problem = row["problem"] or str(find_problem(row["prompt"], [], [], prompt_only=True)
-                                        or "")
+        problem = row["problem"] or find_problem(row["prompt"], [], [], prompt_only=True)
         if problem:
-            drops.append((problem.partition(":")[0], where))
+            drops.append((str(problem).partition(":")[0], where))
             continue
         prompt = Prompt(messages=[expand(m) for m in unwrap_transcript(row["prompt"])], ids=[],
                         tools=row["tools"], chat_template_kwargs=row["chat_template_kwargs"],
@@ -130,7 +130,8 @@ def _prompts_of(rows, encoder: _PairTokenizer) -> tuple[list[Prompt], list[tuple
         except RowProblem as problem:
             drops.append((str(problem).partition(":")[0], where))
             continue
-        cut += len(ids) > encoder.max_prompt_length
+        if len(ids) > encoder.max_prompt_length:
+            cut.add(where)
         prompts.append(replace(prompt, ids=_keep_end(ids, encoder.max_prompt_length,
                                                      encoder.bos_id)))
     return prompts, drops, cut
