@@ -13,7 +13,7 @@ from dpo.data import IGNORE_INDEX
 from dpo.data.batching import num_pairs
 # generate_answers and share are imported from here too (train.py, dpo/evaluate.py)
 from dpo.eval.generation import generate_answers, share
-from dpo.eval.judges import load_judge, win_rate
+from dpo.eval.judges import checked_scores, load_judge, win_rate
 from dpo.train.loaders import dataset_names
 from dpo.train.metrics import class_means, pair_keys, pair_stats
 from dpo.train.step import Objective, chosen_token_counts, dpo_step, token_mean
@@ -103,7 +103,7 @@ class Evaluator:
                            self.names, self.objective.bco_delta if self.objective else 0.0)
         answers = generate_answers(self.accelerator, self.cfg, policy, self.tokenizer,
                                    self.prompts)
-        scores = self.judged(answers, results)
+        scores = self.judged(answers, results, step)
         self.answers[step], self.done = answers, (step, results)
         self.logger.log(step, results)
         if self.best is not None:
@@ -145,18 +145,20 @@ class Evaluator:
         users = [m["content"] for m in messages if m["role"] == "user"]
         return users[-1] if users else self.tokenizer.decode(self.prompts[i])
 
-    def judged(self, answers: list[str], results: dict) -> list[float] | None:
+    def judged(self, answers: list[str], results: dict, step: int) -> list[float] | None:
         """The policy's scores (None without a judge); adds the judge's metrics to `results`."""
         if self.judge is None:
             return None
         messages = self.loader.dataset.select(range(len(self.prompts)))["prompt_messages"]
-        scores = judge_answers(self.accelerator, self.judge, messages, answers)
+        scores = judge_answers(self.accelerator, self.judge, messages, answers,
+                               f"the policy's sample answers at step {step}")
         results["eval/reward/policy"] = sum(scores) / len(scores)
         results["eval/length/policy"] = self.mean_length(answers)
         if self.reference_answers is not None:
             if self.reference_scores is None:
                 self.reference_scores = judge_answers(self.accelerator, self.judge, messages,
-                                                      self.reference_answers)
+                                                      self.reference_answers,
+                                                      "the reference's sample answers")
             results["eval/reward/reference"] = (sum(self.reference_scores)
                                                 / len(self.reference_scores))
             results["eval/win_rate"] = win_rate(scores, self.reference_scores)
@@ -185,11 +187,13 @@ def log_samples(accelerator: Accelerator, step: int, samples: list[dict]) -> Non
 
 
 def judge_answers(accelerator: Accelerator, judge, messages: list[list[dict]],
-                  answers: list[str]) -> list[float]:
-    """`judge`'s scores of `answers`, in order, on every process: each process scores its share
-    (the judge is a whole model in each process: no forward needs the others)."""
+                  answers: list[str], what: str) -> list[float]:
+    """`judge`'s scores of `answers` (`what` they are, for errors: `checked_scores`), in order,
+    on every process: each process scores its share (the judge is a whole model in each
+    process: no forward needs the others)."""
     mine, _ = share(accelerator, len(answers))
-    scores = judge.score([messages[i] for i in mine], [answers[i] for i in mine])
+    scores = checked_scores(judge, [messages[i] for i in mine], [answers[i] for i in mine],
+                            what=what, first=mine[0] if mine else 0)
     return gather_object(scores) if accelerator.num_processes > 1 else scores
 
 
