@@ -137,16 +137,32 @@ def test_each_process_samples_its_share_of_the_batches(monkeypatch, synced):
     assert batches == [PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:], *repeat]
 
 
-def test_an_answer_ends_at_its_first_eos_token():
-    """A model that draws 2, 3, 7 and 9 with equal chance, whatever the context: 3 is its
-    generation config's EOS, 1 the tokenizer's. An answer is the tokens before the first EOS
-    (the padding after it, 0, is no token of the answer); without one it runs to max_new_tokens."""
+def constant_model(tokens: list[int], logits: list[float] | None = None):
+    """A model that draws `tokens` (with `logits`, else equal chances), whatever the context."""
     model = tiny_qwen3(64, seed=1)
     head = torch.nn.Linear(model.config.hidden_size, 64, bias=True)
     torch.nn.init.zeros_(head.weight)
     head.bias.data.fill_(-1e4)
-    head.bias.data[[1, 3, 7, 9]] = 0.0
+    head.bias.data[tokens] = torch.tensor(logits or [0.0] * len(tokens))
     model.lm_head = head
+    return model
+
+
+def test_samples_are_drawn_from_the_whole_distribution():
+    """No top-k cut (transformers' default keeps the 50 likeliest tokens): 384 draws from 63
+    nearly equally likely tokens (all but the EOS, 1) see more than 50 of them."""
+    tokens = [t for t in range(64) if t != 1]
+    model = constant_model(tokens, [-t / 640 for t in tokens])
+    drawn = {token for answers in sample(model, k=16, max_new_tokens=8) for s in answers
+             for token in s.text.split()}
+    assert len(drawn) > 50
+
+
+def test_an_answer_ends_at_its_first_eos_token():
+    """A model that draws 1, 3, 7 and 9 with equal chance: 3 is its generation config's EOS, 1
+    the tokenizer's. An answer is the tokens before the first EOS (the padding after it, 0, is
+    no token of the answer); without one it runs to max_new_tokens."""
+    model = constant_model([1, 3, 7, 9])
     model.generation_config.eos_token_id = [3]
     samples = [s for answers in sample(model, k=8, max_new_tokens=3) for s in answers]
     for s in samples:
