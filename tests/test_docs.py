@@ -395,7 +395,7 @@ def _logged_keys(monkeypatch) -> tuple[set, set, set]:
         {"prompt_messages": [[{"role": "user", "content": "hi"}]] * 2}))
     evaluator.tokenizer = lambda text, add_special_tokens: {"input_ids": text.split()}
     evaluator.reference_answers, evaluator.reference_scores = ["a b", "c"], None
-    evaluator.judged(["a", "b c"], results)
+    evaluator.judged(["a", "b c"], results, 1)
     train_keys = set(logger.logged) - set(keys)
 
     def general(key):  # a name the run chose, as the table writes it

@@ -1,5 +1,7 @@
-"""Judges: the demo's rule, a reward model through its own tokenizer and chat template, win rate,
-and one-line errors for a judge that cannot load or cannot render the conversation."""
+"""Judges: the demo's rule, a reward model through its own tokenizer and chat template, a user's
+function by its import path, win rate, and one-line errors for a judge that cannot load or cannot
+render the conversation, and for scores that are not one finite number per answer."""
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -160,3 +162,179 @@ def test_train_with_a_bad_judge_fails_before_it_starts(tmp_path, tiny_tokenizer_
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: judge {plain}: its "
                                                              "tokenizer has no chat template")
     assert not (tmp_path / "out").exists()
+
+
+# --- A function as the judge, and checked scores -----------------------------------------------
+
+JUDGES_PY = '''
+received = []
+
+
+def length(prompts, answers):
+    received.append((prompts, answers))
+    return [float(len(answer)) for answer in answers]
+
+
+def polite(prompts, answers):
+    return [answer.startswith("Gladly") for answer in answers]  # bools: 1 or 0
+'''
+
+
+def test_a_function_judge_by_module_path_or_file_path(tmp_path, monkeypatch):
+    """`package.module:function` imports the module; `path/to/file.py:function` (relative to the
+    working directory) runs the file: either function gets the prompt messages and the answers,
+    and its scores (a bool as 1 or 0) are read through `checked_scores`."""
+    from dpo.config import load_config
+
+    (tmp_path / "judging_module_for_tests.py").write_text(JUDGES_PY)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "rule.py").write_text(JUDGES_PY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    by_module = judges.load_judge(cfg("judging_module_for_tests:length"), torch.device("cpu"))
+    assert isinstance(by_module, judges.FunctionJudge)
+    assert by_module.name == "judging_module_for_tests:length"
+    assert judges.checked_scores(by_module, [PROMPT] * 2, ["abc", POLITE], what="x") == [
+        3.0, float(len(POLITE))]
+    import judging_module_for_tests
+
+    assert judging_module_for_tests.received == [([PROMPT] * 2, ["abc", POLITE])]
+    assert load_config(["--judge", "sub/rule.py:polite"]).judge == "sub/rule.py:polite"
+    by_file = judges.load_judge(cfg("sub/rule.py:polite"), torch.device("cpu"))
+    assert by_file.name == "sub/rule.py:polite"
+    assert judges.checked_scores(by_file, [PROMPT] * 2, [POLITE, RUDE], what="x") == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("judge, message", [
+    ("no_such_module_for_judges:score", "cannot import no_such_module_for_judges "
+     r"\(ModuleNotFoundError: No module named 'no_such_module_for_judges'\)"),
+    ("dpo.demo.rule:nope", "dpo.demo.rule has no attribute 'nope'"),
+    ("dpo.demo.rule:OFF_TOPIC_FRACTION", "dpo.demo.rule:OFF_TOPIC_FRACTION is a float, not a "
+     "function"),
+    ("missing/judge.py:score", "no such file missing/judge.py"),
+    ("raising.py:score", r"cannot import raising.py \(RuntimeError: no GPU here\)"),
+    ("dpo.demo.rule:", "give a function as package.module:function"),
+])
+def test_a_function_judge_that_cannot_be_found_is_one_line(tmp_path, monkeypatch, judge,
+                                                           message):
+    """Checked with the settings, before anything loads, and again as the judge loads."""
+    from dpo.config import load_config
+
+    (tmp_path / "raising.py").write_text("raise RuntimeError('no GPU here\\nat line 1')\n")
+    monkeypatch.chdir(tmp_path)
+    for check in (lambda: load_config(["--judge", judge]),
+                  lambda: judges.load_judge(cfg(judge), torch.device("cpu"))):
+        with pytest.raises(ConfigError, match=f"^judge {judge}: {message}") as e:
+            check()
+        assert "\n" not in str(e.value)
+
+
+def scorer(score):
+    return SimpleNamespace(name="my:judge", score=score)
+
+
+def checked(score, answers, first=0):
+    return judges.checked_scores(scorer(score), [PROMPT] * len(answers), answers,
+                                 what="round 2 samples", first=first)
+
+
+def test_a_judge_that_raises_is_one_line_naming_the_answer():
+    """The call raised: the answers are scored one at a time to name the one at fault, counted
+    from `first`, its text cut short."""
+    def score(prompts, answers):
+        if any("bad" in answer for answer in answers):
+            raise ValueError("cannot score this\nTraceback ...")
+        return [1.0] * len(answers)
+
+    bad = "a bad answer " + "x" * 100
+    with pytest.raises(judges.JudgeError) as e:
+        checked(score, ["fine", "fine", bad, "bad too"], first=10)
+    message = str(e.value)
+    assert message == (f"judge my:judge on round 2 samples, answer 12 ({repr(bad)[:60]}...) "
+                       "raised ValueError: cannot score this")
+    assert isinstance(e.value, ConfigError)  # train.py prints it as "error: ..."
+
+    def only_alone(prompts, answers):
+        if len(answers) > 1:
+            raise MemoryError("too many at once")
+        return [0.0]
+
+    with pytest.raises(judges.JudgeError, match=r"on round 2 samples: raised MemoryError: too "
+                       "many at once on all 3 answers at once, on none alone"):
+        checked(only_alone, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("scores, message", [
+    ([1.0, 2.0], "gave 2 scores for 3 answers"),
+    ([1.0, float("nan"), 0.0], r"answer 1 \('b'\) got the score nan, not a finite number"),
+    ([1.0, 2.0, float("-inf")], r"answer 2 \('c'\) got the score -inf, not a finite number"),
+    ([1.0, "0.5", 0.0], r"answer 1 \('b'\) got the score '0.5', not a finite number"),
+    ([None, 1.0, 0.0], r"answer 0 \('a'\) got the score None, not a finite number"),
+    (torch.tensor([1.0, 2.0, 3.0]), "gave a Tensor, not a list of 3 scores"),
+])
+def test_scores_that_are_not_one_finite_number_per_answer_are_refused(scores, message):
+    with pytest.raises(judges.JudgeError, match="^judge my:judge on round 2 samples" + r".*"
+                       + message):
+        checked(lambda prompts, answers: scores, ["a", "b", "c"])
+
+
+def test_numbers_of_any_real_type_are_scores():
+    """ints, bools (0 and 1) and numpy floats are read as floats; no answers, no call."""
+    import numpy as np
+
+    assert checked(lambda p, a: (2, True, np.float32(0.5)), ["a", "b", "c"]) == [2.0, 1.0, 0.5]
+    assert checked(lambda p, a: 1 / 0, []) == []
+
+
+def test_a_judges_config_error_passes_through():
+    """A reward model's template that cannot render raises its own one-line ConfigError."""
+    def refuse(prompts, answers):
+        raise ConfigError("judge rm: its tokenizer cannot render the conversation")
+
+    with pytest.raises(ConfigError) as e:
+        checked(refuse, ["a"])
+    assert type(e.value) is ConfigError and str(e.value).startswith("judge rm: its tokenizer")
+
+
+def test_eval_scores_are_checked_and_name_the_answer_in_the_whole_list():
+    """`judge_answers`: the second of 2 processes scores answers 3 and 4 of 5; a bad score on
+    its second is answer 4."""
+    from dpo.eval.evaluation import judge_answers
+
+    second = SimpleNamespace(num_processes=2, process_index=1)
+    scores = judge_answers(second, scorer(lambda p, a: [len(x) for x in a]), [PROMPT] * 5,
+                           ["a", "bb", "ccc", "dddd", "eeeee"], "the policy's sample answers")
+    assert scores == [4.0, 5.0]
+    with pytest.raises(judges.JudgeError, match=r"on the policy's sample answers at step 3, "
+                       r"answer 4 \('e'\) got the score nan"):
+        judge_answers(second, scorer(lambda p, a: [0.0, float("nan")]), [PROMPT] * 5,
+                      ["a", "b", "c", "d", "e"], "the policy's sample answers at step 3")
+
+
+@pytest.mark.slow
+def test_train_with_a_function_judge(tmp_path):
+    """train.py scores the sample answers with a file's function; one that raises stops the run
+    with one line naming the answer."""
+    from tests.e2e import demo_env, read_metrics, run_train
+
+    (tmp_path / "judge.py").write_text("def length(prompts, answers):\n"
+                                       "    return [len(answer) for answer in answers]\n"
+                                       "def broken(prompts, answers):\n"
+                                       "    raise KeyError('role')\n")
+    flags = ["--model", "builtin:tiny-qwen3", "--dataset", "builtin:demo-preferences",
+             "--num-samples", "8", "--eval-samples", "4", "--max-steps", "1",
+             "--num-sample-generations", "3", "--max-new-tokens", "4"]
+    env = demo_env(tmp_path / "cache")
+    run_train(env, *flags, "--judge", f"{tmp_path}/judge.py:length",
+              "--output-dir", str(tmp_path / "out"))
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").open()]
+    assert [s["reward_policy"] for s in samples] == [float(len(s["policy"])) for s in samples]
+    logged = next(log for log in read_metrics(tmp_path / "out") if "eval/win_rate" in log)
+    assert logged["eval/reward/policy"] == sum(s["reward_policy"] for s in samples) / 3
+    result = run_train(env, *flags, "--judge", f"{tmp_path}/judge.py:broken",
+                       "--output-dir", str(tmp_path / "broken"), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: judge {tmp_path}/judge.py:broken on the policy's sample answers at step 1, "
+        "answer 0 (")
+    assert result.stderr.strip().endswith("raised KeyError: 'role'")

@@ -188,6 +188,28 @@ def test_rankings_on_two_processes_match_one(env, tmp_path):
     assert_same_weights(outs["ddp"], outs["single"], rel=1e-4)
 
 
+def test_sampled_answers_are_the_same_on_one_and_two_processes(env, tmp_path):
+    """Online DPO's samples (`sample_answers`, tests/sampling_probe.py: 5 prompts in batches of
+    2, k = 3) are the same on 2 DDP processes (batches 0-1 and 2) as on one, each process's own
+    random stream seeded apart; also in the lockstep of ZeRO-3/FSDP (`--synced`), where the
+    second process repeats a batch and `synced_gpus` keeps both stepping."""
+    from tests.e2e import run_launched, run_python
+
+    def samples(name, launcher=None, *flags):
+        out = tmp_path / f"{name}.json"
+        args = ["tests/sampling_probe.py", str(out), *flags]
+        result = (run_python(args, env) if launcher is None else
+                  run_launched([*launcher, "--main_process_port", str(free_port()), *args], env))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    one = samples("one")
+    assert [len(answers) for answers in one] == [3] * 5
+    assert len({s["text"] for answers in one for s in answers}) == 15
+    assert samples("ddp", LAYOUTS["ddp"]) == one
+    assert samples("synced", LAYOUTS["ddp"], "--synced") == one
+
+
 def test_wpo_and_ld_dpo_are_the_same_on_two_processes_and_packed(runs):
     """WPO's weights and LD-DPO's split are per pair, and a pair's two responses always share a
     micro-batch: 2 processes × 2 pairs and packed (padding-free) batches equal 4 pairs in one."""

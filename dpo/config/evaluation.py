@@ -24,7 +24,9 @@ class EvaluationSection:
     judge: str | None = _opt(None, "scores the sample answers (eval/reward/*, eval/win_rate): "
                              "a reward model's directory or hub name (any "
                              "AutoModelForSequenceClassification, its own tokenizer and chat "
-                             "template), or builtin:demo-rule (the demo's polite+on-topic rule)")
+                             "template), builtin:demo-rule (the demo's polite+on-topic rule), "
+                             "or a function (prompts, answers) -> scores as package.module:function "
+                             "or path/to/file.py:function")
     generation_batch_size: int = _opt(8, "prompts per sample-generation batch, and answers "
                                       "per judge forward")
 

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import gather_object
 
 from dpo.config import TrainConfig
 from dpo.data import IGNORE_INDEX
 from dpo.data.batching import num_pairs
-from dpo.eval.judges import load_judge, win_rate
+# generate_answers and share are imported from here too (train.py, dpo/evaluate.py)
+from dpo.eval.generation import generate_answers, share
+from dpo.eval.judges import checked_scores, load_judge, win_rate
 from dpo.train.loaders import dataset_names
 from dpo.train.metrics import class_means, pair_keys, pair_stats
 from dpo.train.step import Objective, chosen_token_counts, dpo_step, token_mean
@@ -68,74 +69,6 @@ def sample_prompts(cfg: TrainConfig, eval_rows) -> list[list[int]]:
                                           if t != IGNORE_INDEX)] for row in rows]
 
 
-def share(accelerator: Accelerator, n: int) -> tuple[list[int], int]:
-    """This process's share of `n` items: `(its indices, the largest share's size)`.
-
-    Contiguous slices in process order, so gathering the results of each process in turn gives
-    them back in order. A process whose share is smaller pads its work up to the largest one
-    where every process must make the same forwards (sharded models).
-    """
-    per = math.ceil(n / accelerator.num_processes)
-    first = accelerator.process_index * per
-    return list(range(min(first, n), min(first + per, n))), per
-
-
-@torch.no_grad()
-def generate_answers(accelerator: Accelerator, cfg: TrainConfig, model, tokenizer,
-                     prompts: list[list[int]]) -> list[str]:
-    """Answers of `model` to `prompts`, decoded, in order, on every process: greedy, or sampled
-    with `generation_temperature` and `generation_top_p`.
-
-    Each process generates its share (`share`), `generation_batch_size` left-padded prompts at a
-    time, and the answers are gathered. Under ZeRO-3 and FSDP each forward gathers shards from
-    every process, so all of them must make the same number of forwards: a smaller share is
-    padded with repeated prompts, and `synced_gpus` keeps a process whose answers ended early
-    stepping until the last one is done. The model generates in eval mode: in train mode, with
-    gradient checkpointing on, transformers turns the KV cache off and every new token would
-    recompute the whole sequence.
-    """
-    if not prompts:
-        return []
-    empty = next((i for i, prompt in enumerate(prompts) if not prompt), None)
-    if empty is not None:  # tokenizing drops such pairs (no_prompt_tokens): none should get here
-        raise ValueError(f"sample prompt {empty} has no tokens: a model without a BOS has "
-                         "nothing to generate its first token from")
-    synced = (accelerator.distributed_type == DistributedType.FSDP
-              or (accelerator.distributed_type == DistributedType.DEEPSPEED
-                  and accelerator.state.deepspeed_plugin.zero_stage == 3))
-    model = accelerator.unwrap_model(model)
-    was_training = model.training
-    model.eval()
-    mine, per = share(accelerator, len(prompts))
-    work = [prompts[i] for i in mine]
-    if synced:
-        work += [prompts[0]] * (per - len(work))
-    sampling = (dict(do_sample=True, temperature=cfg.generation_temperature,
-                     top_p=cfg.generation_top_p) if cfg.generation_temperature > 0
-                else dict(do_sample=False))
-    answers = []
-    # Sampling draws from its own seeded stream: the run's random state stays untouched.
-    with torch.random.fork_rng(devices=[] if accelerator.device.type == "cpu"
-                               else [accelerator.device]):
-        torch.manual_seed(cfg.seed + accelerator.process_index)
-        for start in range(0, len(work), cfg.generation_batch_size):
-            batch = work[start:start + cfg.generation_batch_size]
-            width = max(map(len, batch))
-            # Left padding: every answer starts right after its prompt, at column `width`.
-            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch],
-                               dtype=torch.long, device=accelerator.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch],
-                                dtype=torch.long, device=accelerator.device)
-            with accelerator.autocast():
-                out = model.generate(ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
-                                     pad_token_id=tokenizer.pad_token_id, synced_gpus=synced,
-                                     use_cache=True, **sampling)
-            answers += [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
-    model.train(was_training)
-    answers = answers[:len(mine)]
-    return gather_object(answers) if accelerator.num_processes > 1 else answers
-
-
 class Evaluator:
     """Held-out metrics and the policy's sample answers beside the reference's, at a step; with a
     judge (`--judge`), both scored: `eval/reward/{policy,reference}`, `eval/win_rate` and
@@ -170,7 +103,7 @@ class Evaluator:
                            self.names, self.objective.bco_delta if self.objective else 0.0)
         answers = generate_answers(self.accelerator, self.cfg, policy, self.tokenizer,
                                    self.prompts)
-        scores = self.judged(answers, results)
+        scores = self.judged(answers, results, step)
         self.answers[step], self.done = answers, (step, results)
         self.logger.log(step, results)
         if self.best is not None:
@@ -212,18 +145,20 @@ class Evaluator:
         users = [m["content"] for m in messages if m["role"] == "user"]
         return users[-1] if users else self.tokenizer.decode(self.prompts[i])
 
-    def judged(self, answers: list[str], results: dict) -> list[float] | None:
+    def judged(self, answers: list[str], results: dict, step: int) -> list[float] | None:
         """The policy's scores (None without a judge); adds the judge's metrics to `results`."""
         if self.judge is None:
             return None
         messages = self.loader.dataset.select(range(len(self.prompts)))["prompt_messages"]
-        scores = judge_answers(self.accelerator, self.judge, messages, answers)
+        scores = judge_answers(self.accelerator, self.judge, messages, answers,
+                               f"the policy's sample answers at step {step}")
         results["eval/reward/policy"] = sum(scores) / len(scores)
         results["eval/length/policy"] = self.mean_length(answers)
         if self.reference_answers is not None:
             if self.reference_scores is None:
                 self.reference_scores = judge_answers(self.accelerator, self.judge, messages,
-                                                      self.reference_answers)
+                                                      self.reference_answers,
+                                                      "the reference's sample answers")
             results["eval/reward/reference"] = (sum(self.reference_scores)
                                                 / len(self.reference_scores))
             results["eval/win_rate"] = win_rate(scores, self.reference_scores)
@@ -252,11 +187,13 @@ def log_samples(accelerator: Accelerator, step: int, samples: list[dict]) -> Non
 
 
 def judge_answers(accelerator: Accelerator, judge, messages: list[list[dict]],
-                  answers: list[str]) -> list[float]:
-    """`judge`'s scores of `answers`, in order, on every process: each process scores its share
-    (the judge is a whole model in each process: no forward needs the others)."""
+                  answers: list[str], what: str) -> list[float]:
+    """`judge`'s scores of `answers` (`what` they are, for errors: `checked_scores`), in order,
+    on every process: each process scores its share (the judge is a whole model in each
+    process: no forward needs the others)."""
     mine, _ = share(accelerator, len(answers))
-    scores = judge.score([messages[i] for i in mine], [answers[i] for i in mine])
+    scores = checked_scores(judge, [messages[i] for i in mine], [answers[i] for i in mine],
+                            what=what, first=mine[0] if mine else 0)
     return gather_object(scores) if accelerator.num_processes > 1 else scores
 
 

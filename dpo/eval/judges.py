@@ -3,19 +3,25 @@
 A judge scores `(prompt messages, answer)` pairs; higher is better. `--judge builtin:demo-rule`
 is the offline demo's rule (1 when the answer is polite and on the prompt's topic, else 0);
 `--judge PATH` a reward model, any `AutoModelForSequenceClassification` with one output, which
-reads the conversation through its own tokenizer and chat template (not the policy's).
+reads the conversation through its own tokenizer and chat template (not the policy's);
+`--judge package.module:function` or `--judge path/to/file.py:function` the user's function
+`(prompts, answers) -> scores`. Scores are read through `checked_scores`, which names the answer
+a judge failed on.
 
 `win_rate` counts a tie as half a win, so a policy that answers exactly as its reference does
 scores 0.5 under any deterministic judge.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 # What a judge may be is checked with the config, before anything loads; loading reuses it.
 from dpo.config import ConfigError
-from dpo.config.judge import (DEMO_RULE, check_judge, check_labels, first_line, render,
-                              reward_tokenizer)
+from dpo.config.judge import (DEMO_RULE, check_judge, check_labels, first_line, is_function,
+                              judge_function, render, reward_tokenizer)
 
 
 class DemoRuleJudge:
@@ -27,6 +33,17 @@ class DemoRuleJudge:
         from dpo.demo import answer_accepted
 
         return [float(answer_accepted(_last_user_turn(p), a)) for p, a in zip(prompts, answers)]
+
+
+class FunctionJudge:
+    """The user's function `(prompt messages, answers) -> one score per answer, higher better`,
+    named by its import path (`package.module:function` or `path/to/file.py:function`)."""
+
+    def __init__(self, path: str):
+        self.name, self.function = path, judge_function(path)
+
+    def score(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
+        return self.function(prompts, answers)
 
 
 class RewardModelJudge:
@@ -70,7 +87,60 @@ def load_judge(cfg, device: torch.device):
     check_judge(cfg)
     if cfg.judge == DEMO_RULE:
         return DemoRuleJudge()
+    if is_function(cfg.judge):
+        return FunctionJudge(cfg.judge)
     return RewardModelJudge(cfg.judge, device, cfg.generation_batch_size, cfg.trust_remote_code)
+
+
+class JudgeError(ConfigError):
+    """A judge that raised on an answer or gave it no valid score (one line, as a ConfigError)."""
+
+
+def checked_scores(judge, prompts: list[list[dict]], answers: list[str], *, what: str,
+                   first: int = 0) -> list[float]:
+    """`judge.score(prompts, answers)` as floats, checked to be one finite real number per
+    answer; a bool counts as 0 or 1 (a rule's verdict). Otherwise JudgeError, one line: the
+    judge, `what` it scored ("the policy's sample answers at step 4"), and the answer at fault,
+    its index counted from `first` (where these answers start in the whole list); where the
+    call raised, the answers are scored one at a time to find the one it raises on. A judge's
+    ConfigError (a template that cannot render) passes through as it is."""
+    if not answers:  # a process's share may be empty: the judge need not handle that
+        return []
+    try:
+        scores = judge.score(prompts, answers)
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's function may raise anything
+        for i in range(len(answers)):
+            try:
+                judge.score(prompts[i:i + 1], answers[i:i + 1])
+            except ConfigError:
+                raise
+            except Exception as alone:
+                raise JudgeError(f"{_answer(judge, what, first + i, answers[i])} raised "
+                                 f"{type(alone).__name__}: {first_line(alone)}") from alone
+        raise JudgeError(f"judge {judge.name} on {what}: raised {type(e).__name__}: "
+                         f"{first_line(e)} on all {len(answers)} answers at once, on none "
+                         "alone") from e
+    if not isinstance(scores, (list, tuple)):
+        raise JudgeError(f"judge {judge.name} on {what}: gave a {type(scores).__name__}, not a "
+                         f"list of {len(answers)} scores")
+    if len(scores) != len(answers):
+        raise JudgeError(f"judge {judge.name} on {what}: gave {len(scores)} scores for "
+                         f"{len(answers)} answers")
+    for i, score in enumerate(scores):
+        if not (isinstance(score, numbers.Real) and math.isfinite(score)):
+            raise JudgeError(f"{_answer(judge, what, first + i, answers[i])} got the score "
+                             f"{_short(repr(score))}, not a finite number")
+    return [float(score) for score in scores]
+
+
+def _answer(judge, what: str, index: int, answer: str) -> str:
+    return f"judge {judge.name} on {what}, answer {index} ({_short(repr(answer))})"
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def win_rate(policy: list[float], reference: list[float]) -> float:
