@@ -25,10 +25,11 @@ from dpo.train import checkpoint
 from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.eval.evaluation import Evaluator, generate_answers, sample_prompts
 from dpo.model.probes import settle_logps_path
+from dpo.online.rounds import run_online
 from dpo.train.loaders import build_dataloaders, build_datasets, make_collator
 from dpo.train.metrics import MetricsLogger, TrainMetrics, log_train, pair_keys, pair_stats
 from dpo.model.loading import (check_reference_layout, load_policy_and_reference, load_tokenizer,
-                        prepare_reference)
+                               prepare_reference)
 from dpo.train.best import BestCheckpoint
 from dpo.train.reference_cache import precompute_for_run
 from dpo.train.runtime import make_accelerator, make_optimizer
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(argv)
         output_dir = checkpoint.prepare_output_dir(
             cfg, resuming=cfg.resume_from_checkpoint is not None)
-        train(cfg, output_dir)
+        # --rounds: online DPO, whose rounds train on the policy's own judged answers
+        run_online(cfg, output_dir, train) if cfg.rounds else train(cfg, output_dir)
     except ConfigError as e:
         sys.exit(f"error: {e}")
 

@@ -16,6 +16,7 @@ from dpo.config.fields import ConfigError, as_field_value, check_field, declared
 from dpo.config.loss import LossSection, fold_rpo
 from dpo.config.model import ModelSection, uses_peft
 from dpo.loss import is_unpaired
+from dpo.config.online import OnlineSection
 from dpo.config.optimisation import OptimisationSection
 from dpo.config.run import RunSection, check_best_model
 
@@ -23,14 +24,14 @@ from dpo.config.run import RunSection, check_best_model
 # Distributed settings (processes, mixed precision, DeepSpeed, FSDP) are accelerate's, given
 # to `accelerate launch`, not fields here.
 SECTIONS = (ModelSection, DataSection, LossSection, OptimisationSection, EvaluationSection,
-            RunSection)
+            RunSection, OnlineSection)
 
 
 # A dataclass collects its bases' fields from the last base to the first: ModelSection's come
 # first, as in SECTIONS.
 @dataclass
-class TrainConfig(RunSection, EvaluationSection, OptimisationSection, LossSection, DataSection,
-                  ModelSection):
+class TrainConfig(OnlineSection, RunSection, EvaluationSection, OptimisationSection, LossSection,
+                  DataSection, ModelSection):
     """Every setting of a training run, from `--config file.yaml` and the flags."""
 
     def __post_init__(self) -> None:
@@ -54,6 +55,7 @@ class TrainConfig(RunSection, EvaluationSection, OptimisationSection, LossSectio
         self._validate_optimisation()
         self._validate_evaluation()
         self._validate_run()
+        self._validate_online()
         self._validate_across()
 
     def _validate_across(self) -> None:
