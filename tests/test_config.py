@@ -252,7 +252,7 @@ def test_help_lists_the_flags_section_by_section():
     assert fields == [f.name for f in dataclasses.fields(TrainConfig)]
     help_text = _build_parser().format_help()
     titles = [section.__doc__.partition(":")[0] for section in SECTIONS]
-    assert titles[:2] == ["model", "data"] and len(titles) == 6
+    assert titles[:2] == ["model", "data"] and len(titles) == 7
     starts = [help_text.index(f"\n{title}:\n") for title in titles] + [len(help_text)]
     for section, start, end in zip(SECTIONS, starts, starts[1:]):
         group = help_text[start:end]

@@ -161,9 +161,8 @@ def test_a_given_reference_model_stays_the_fixed_reference(tmp_path):
 
 # --- End to end: the demo, resume, processes, bad input --------------------------------------
 
-# The demo's first two rounds; a checkpoint every 3 steps for the kill test (saving changes no
-# number), every step logged.
-RUN = [*DEMO, "--rounds", "2", "--save-steps", "3", "--logging-steps", "1"]
+# A checkpoint every 3 steps for the kill test (saving changes no number).
+SAVING = ["--save-steps", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -175,11 +174,11 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(env, tmp_path_factory):
-    """`configs/online_demo.yaml`'s first two rounds, uninterrupted."""
+    """The README's online demo, `configs/online_demo.yaml`: four rounds, uninterrupted."""
     from tests.e2e import run_train
 
     out = tmp_path_factory.mktemp("online") / "out"
-    result = run_train(env, *RUN, "--output-dir", str(out))
+    result = run_train(env, "--config", "configs/online_demo.yaml", "--output-dir", str(out))
     return out, result.stdout
 
 
@@ -197,10 +196,11 @@ def test_the_demo_lifts_acceptance_round_by_round(run):
     sampled answers each round, and more of its held-out answers than the start's."""
     out, stdout = run
     rows = metrics(out)
-    assert [row["round"] for row in rows] == [0, 1, 2]
-    assert rows[2]["samples/acceptance"] > rows[1]["samples/acceptance"]
-    assert rows[2]["heldout/acceptance"] >= rows[0]["heldout/acceptance"] + 0.5
-    assert rows[2]["heldout/win_rate"] > 0.5 == rows[0]["heldout/win_rate"]
+    assert [row["round"] for row in rows] == [0, 1, 2, 3, 4]
+    sampled = [row["samples/acceptance"] for row in rows[1:]]
+    assert sampled == sorted(sampled) and len(set(sampled)) == 4, sampled
+    assert rows[-1]["heldout/acceptance"] >= rows[0]["heldout/acceptance"] + 0.5
+    assert rows[-1]["heldout/win_rate"] > 0.5 == rows[0]["heldout/win_rate"]
     assert "round  held-out: acceptance" in stdout
     for row in rows[1:]:  # what a round reports: scores, pairs, lengths
         assert row["pairs/kept"] + row["pairs/skipped_tied"] == 120
@@ -223,24 +223,26 @@ def test_a_rounds_files_hold_its_answers_scores_and_pairs(run):
     kept = [r for r in records if r["chosen"] is not None]
     assert pairs.pair_rows(records) == lines(out / "round-1" / "pairs.jsonl")
     assert len(kept) == metrics(out)[1]["pairs/kept"]
-    assert weights_equal(out, out / "round-2" / "train")  # the last round's model is the run's
+    assert weights_equal(out, out / "round-4" / "train")  # the last round's model is the run's
 
 
 @pytest.mark.slow
 def test_kill_9_in_training_then_resume_ends_as_the_uninterrupted_run(env, run, tmp_path):
+    """Killed while round 3 trains: the resumed run takes rounds 1-2 as they are, resumes round
+    3 from its checkpoint, and ends with the uninterrupted run's answers, metrics and weights."""
     from tests.e2e import Started, run_train, weights_equal
     from tests.test_checkpoint import wait_for
 
     reference, _ = run
     out = tmp_path / "out"
-    proc = Started(["train.py", *RUN, "--output-dir", str(out)], env)
-    wait_for(proc, "round 2:")  # round 2's answers are judged; its training starts
-    wait_for_file(proc, out / "round-2" / "train" / "checkpoint-3")
+    proc = Started(["train.py", *DEMO, *SAVING, "--output-dir", str(out)], env)
+    wait_for(proc, "round 3:")  # round 3's answers are judged; its training starts
+    wait_for_file(proc, out / "round-3" / "train" / "checkpoint-3")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "round-2" / "metrics.json").exists()
-    run_train(env, *RUN, "--output-dir", str(out), "--resume-from-checkpoint", "latest")
-    assert_same_run(out, reference)
+    assert not (out / "round-3" / "metrics.json").exists()
+    run_train(env, *DEMO, *SAVING, "--output-dir", str(out), "--resume-from-checkpoint", "latest")
+    assert_same_run(out, reference, rounds=(3, 4))
     assert weights_equal(out, reference)
 
 
@@ -257,16 +259,17 @@ def test_an_interrupted_phase_restarts_with_the_same_results(env, run, tmp_path,
     gone = (["samples.jsonl", "pairs.jsonl", "train", "heldout.jsonl", "metrics.json"]
             if phase == "sampling" else ["heldout.jsonl", "metrics.json"])
     for name in gone:
-        path = out / "round-2" / name
+        path = out / "round-4" / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    run_train(env, *RUN, "--output-dir", str(out), "--resume-from-checkpoint", "latest")
-    assert_same_run(out, reference)
+    run_train(env, *DEMO, "--output-dir", str(out), "--resume-from-checkpoint", "latest")
+    assert_same_run(out, reference, rounds=(4,))
 
 
-def assert_same_run(out: Path, reference: Path) -> None:
+def assert_same_run(out: Path, reference: Path, rounds) -> None:
     assert metrics(out) == metrics(reference)
-    for name in ("samples.jsonl", "pairs.jsonl", "heldout.jsonl"):
-        assert lines(out / "round-2" / name) == lines(reference / "round-2" / name), name
+    for r in rounds:
+        for name in ("samples.jsonl", "pairs.jsonl", "heldout.jsonl"):
+            assert lines(out / f"round-{r}" / name) == lines(reference / f"round-{r}" / name)
 
 
 def wait_for_file(proc, path: Path, timeout=300):

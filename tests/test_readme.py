@@ -256,6 +256,10 @@ RUN_BY = {
         ("tests/e2e.py", "demo_run",
          '"--config", "configs/demo.yaml", "--output-dir", str(out))'),
         ("tests/test_demo.py", "test_demo_teaches_the_rule_to_its_answers", "demo_run()")],
+    "python train.py --config configs/online_demo.yaml": [
+        ("tests/test_online.py", "run",
+         '"--config", "configs/online_demo.yaml", "--output-dir", str(out))'),
+        ("tests/test_online.py", "test_the_demo_lifts_acceptance_round_by_round", "run")],
     "python -m dpo.plot outputs/demo": [
         ("tests/test_readme.py", "test_the_quickstart_runs_as_the_readme_shows", '"dpo.plot"')],
     "python -m dpo.evaluate --model outputs/demo": [
