@@ -310,3 +310,34 @@ def test_a_judge_that_fails_or_tells_nothing_apart_stops_in_one_line(env, tmp_pa
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(message), last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, reference", [
+    (["--lora-r", "4"], "start"),
+    (["--lora-r", "4", "--reference-update", "per-round"], None),
+    (["--loss-type", "kto"], "start"),
+    (["--loss-type", "orpo"], "start"),
+    (["--precompute-ref-logps", "--reference-update", "per-round"], None),
+])
+def test_rounds_train_with_trainpy_losses_and_options(env, tmp_path, flags, reference):
+    """A round's training is train.py's with the run's settings: LoRA (the last round's adapter
+    is the run's output), KTO on the pairs made unpaired, ORPO, a precomputed reference; round
+    2's reference is the start model (fixed) or round 1's policy (per-round: none given, the
+    policy's own start)."""
+    import yaml
+
+    from tests.e2e import run_train
+
+    out = tmp_path / "out"
+    run_train(env, *DEMO, "--rounds", "2", "--prompts-per-round", "16", "--epochs", "1",
+              "--output-dir", str(out), *flags)
+    assert [row["round"] for row in metrics(out)] == [0, 1, 2]
+    settings = yaml.safe_load((out / "round-2" / "train" / "training_config.yaml").read_text())
+    assert settings["model"] == str(out / "round-1" / "train")
+    if reference == "start":
+        assert Path(settings["ref_model"]).name == "tiny-qwen3-chat"
+    else:
+        assert settings["ref_model"] is None
+    lora = "--lora-r" in flags
+    assert (out / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()

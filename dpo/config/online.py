@@ -68,9 +68,6 @@ class OnlineSection:
             raise ConfigError(f"resume_from_checkpoint {self.resume_from_checkpoint}: an online "
                               "run resumes where it stopped, in whatever round and phase: use "
                               "latest")
-        if self.reference_update == "per-round" and self.lora_r:
-            raise ConfigError("reference_update per-round with LoRA: the reference is the "
-                              "policy with its adapter off (the start model); use fixed")
 
     def accepts(self, score: float) -> bool | None:
         """Whether a judge's `score` counts as accepted; None without a threshold."""
