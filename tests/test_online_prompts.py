@@ -2,6 +2,7 @@
 any format, filtered with a report, and tokenized exactly as training has the prompt of a pair
 made from the same row, for the demo, tiny and real tokenizers."""
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -134,18 +135,27 @@ def test_ids_are_the_prompt_training_renders_for_real_tokenizers(tmp_path, path)
     assert "Human:" not in tokenizer.decode(train[3].ids)
 
 
-def test_truncation_keeps_the_end_and_the_bos_as_training_does(tmp_path, tiny_tokenizer):
-    """A prompt over max_prompt_length keeps its last tokens and its BOS; a pair that does not
-    fit max_length has just that prompt in training."""
+def test_a_long_held_out_prompt_keeps_its_end_and_a_long_train_prompt_is_dropped(
+        tmp_path, tiny_tokenizer):
+    """A held-out prompt over max_prompt_length keeps its last tokens and its BOS, as train.py's
+    sample prompts do; a train prompt without room for a whole answer (prompt + the answer's
+    tokens + its end over max_length) is dropped: its pairs' prompt would depend on how long
+    their answers came out."""
     long_prompt = " ".join(f"word{i}" for i in range(60)) + " end?"
-    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": long_prompt, "chosen": "yes",
-                                                    "rejected": "no"}])
-    cfg = config(path, max_length=20, max_prompt_length=16)
-    train, report = check_like_training(cfg, tiny_tokenizer, 1)
-    ids = train[0].ids
+    row = {"prompt": long_prompt, "chosen": "yes", "rejected": "no"}
+    write_jsonl(tmp_path / "data" / "train.jsonl", [row, {**row, "prompt": "Short?"}])
+    write_jsonl(tmp_path / "data" / "test.jsonl", [row])
+    cfg = config(tmp_path / "data", max_length=40, max_prompt_length=16, eval_samples=None,
+                 rounds=1, judge="builtin:demo-rule", sample_max_new_tokens=8)
+    train, held_out, report = load_prompts(cfg, tiny_tokenizer)
+    ids = held_out[0].ids
     assert len(ids) == 16 and ids[0] == tiny_tokenizer.bos_token_id
     assert tiny_tokenizer.decode(ids).endswith("end?\n\nAssistant:")
-    assert report.startswith("train prompts: kept 1 of 1 (1 truncated), dropped none")
+    assert [p.row_index for p in train] == [1] and len(train[0].ids) <= 40 - 9
+    assert report == ("train prompts: kept 1 of 2 (0 truncated), dropped 1: too_long 1 (rows 0);"
+                      " held-out prompts: kept 1 of 1 (1 truncated), dropped none")
+    with pytest.raises(ConfigError, match="no prompt is left to answer .*; raise --max-length"):
+        load_prompts(replace(cfg, max_length=12, max_prompt_length=4), tiny_tokenizer)
 
 
 def test_drops_are_counted_by_reason(tmp_path, demo_tokenizer):

@@ -49,8 +49,12 @@ def load_prompts(cfg, tokenizer) -> tuple[list[Prompt], list[Prompt], str]:
     (``dpo.data.formats``: a missing or empty prompt, ...), repeats of an earlier prompt (same
     messages, tools and template options: ``duplicate``), prompts the chat template cannot
     render or that have no token (the reasons tokenizing gives), and train prompts that are also
-    held out (``held_out``). A prompt longer than ``max_prompt_length`` tokens keeps its end
-    (and a leading BOS). ``ConfigError`` (one line) when no train prompt is left.
+    held out (``held_out``). A train prompt that leaves no room for a whole answer (its tokens
+    plus the answer's ``sample_max_new_tokens`` and end token over ``max_length``) is dropped
+    (``too_long``): training would cut its pairs, and cut their prompt to ``max_prompt_length``
+    only when the answers are long, so the policy could not answer the prompt its pairs start
+    with. A held-out prompt longer than ``max_prompt_length`` keeps its end (and a leading BOS),
+    as train.py's sample prompts do. ``ConfigError`` (one line) when no train prompt is left.
     """
     if len(cfg.dataset) != 1:
         raise ConfigError(f"online rounds draw prompts from one dataset; --dataset names "
@@ -78,7 +82,8 @@ def load_prompts(cfg, tokenizer) -> tuple[list[Prompt], list[Prompt], str]:
     except ValueError as e:
         raise ConfigError(f"dataset {given}: {e}") from None
     held_out, eval_drops, eval_cut = _prompts_of(eval_rows, encoder)
-    train, train_drops, train_cut = _prompts_of(train_rows, encoder)
+    answer = (cfg.sample_max_new_tokens or cfg.max_new_tokens) + 1  # its end token too
+    train, train_drops, train_cut = _prompts_of(train_rows, encoder, cfg.max_length - answer)
     held = {_key(p) for p in held_out}
     train_drops += [("held_out", p.row_index) for p in train if _key(p) in held]
     train = [p for p in train if _key(p) not in held]
@@ -87,7 +92,9 @@ def load_prompts(cfg, tokenizer) -> tuple[list[Prompt], list[Prompt], str]:
               f"held-out prompts: "
               f"{_summary(len(held_out), len(eval_rows), len(eval_cut), eval_drops)}")
     if not train:
-        raise ConfigError(f"dataset {given}: no prompt is left to answer ({report})")
+        hint = ("; raise --max-length or lower --sample-max-new-tokens"
+                if any(reason == "too_long" for reason, _ in train_drops) else "")
+        raise ConfigError(f"dataset {given}: no prompt is left to answer ({report}){hint}")
     return train, held_out, report
 
 
@@ -104,10 +111,12 @@ def _encoder(cfg, tokenizer) -> _PairTokenizer:
                           tools=read_tools_file(cfg.tools_file) if cfg.tools_file else None)
 
 
-def _prompts_of(rows, encoder: _PairTokenizer) -> tuple[list[Prompt], list[tuple], set[int]]:
+def _prompts_of(rows, encoder: _PairTokenizer, longest: int | None = None
+                ) -> tuple[list[Prompt], list[tuple], set[int]]:
     """The usable prompts of normalised ``rows`` in source order (a repeat's first row is kept),
     the drops as ``(reason, row_index)``, and the rows whose prompt was cut to
-    ``max_prompt_length``."""
+    ``max_prompt_length``; with ``longest``, a prompt over ``longest`` tokens is dropped
+    (``too_long``) instead of cut."""
     prompts, drops, seen, cut = [], [], set(), set()
     columns = rows.select_columns(["prompt", "tools", "chat_template_kwargs", "row_index",
                                    "problem"])
@@ -129,6 +138,9 @@ def _prompts_of(rows, encoder: _PairTokenizer) -> tuple[list[Prompt], list[tuple
             ids = prompt_ids(encoder, row)
         except RowProblem as problem:
             drops.append((str(problem).partition(":")[0], where))
+            continue
+        if longest is not None and len(ids) > longest:
+            drops.append(("too_long", where))
             continue
         if len(ids) > encoder.max_prompt_length:
             cut.add(where)
