@@ -341,3 +341,28 @@ def test_rounds_train_with_trainpy_losses_and_options(env, tmp_path, flags, refe
         assert settings["ref_model"] is None
     lora = "--lora-r" in flags
     assert (out / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()
+
+
+@pytest.mark.slow
+def test_a_reward_model_judges_the_rounds(env, tmp_path):
+    """A reward model (tiny, random, reading the answers through its own chat template): its
+    scores rank the answers, every prompt makes a pair, and the rounds report scores (no
+    acceptance without a threshold; with one, the share at or above it)."""
+    from transformers import AutoTokenizer
+
+    from dpo import demo
+    from tests.e2e import run_train
+    from tests.test_judges import save_reward_model
+
+    chat = Path(env["DPO_CACHE_DIR"]) / f"demo-v{demo.DEMO_FORMAT_VERSION}" / \
+        demo.CHAT_MODEL_DIR_NAME
+    judge = save_reward_model(tmp_path / "rm", AutoTokenizer.from_pretrained(chat))
+    out = tmp_path / "out"
+    result = run_train(env, *DEMO, "--rounds", "1", "--prompts-per-round", "16", "--output-dir",
+                       str(out), "--judge", str(judge), "--acceptance-threshold", "0")
+    start, first = metrics(out)
+    assert first["pairs/kept"] == 16 and first["pairs/skipped_tied"] == 0
+    scores = [s for r in lines(out / "round-1" / "samples.jsonl") for s in r["scores"]]
+    assert len(set(scores)) > 32  # a reward model's real-valued scores
+    assert first["samples/acceptance"] == pytest.approx(sum(s >= 0 for s in scores) / 64)
+    assert "heldout/score" in start and "round  held-out: acceptance" in result.stdout
