@@ -82,6 +82,23 @@ def test_round_metrics_by_hand():
     assert "samples/acceptance" not in pairs.round_metrics(records(), lambda s: None)
 
 
+def test_the_table_of_rounds_shows_what_was_measured():
+    start = {"round": 0, "heldout/acceptance": 0.0, "heldout/win_rate": 0.5,
+             "heldout/length": 23.42}
+    first = {**start, "round": 1, "heldout/acceptance": 0.25, "heldout/win_rate": 0.625,
+             "samples/acceptance": 0.3, "pairs/kept": 88, "pairs/length/chosen": 25.04,
+             "pairs/length/rejected": 24.66}
+    assert pairs.table([start, first]).splitlines() == [
+        "round  held-out: acceptance win rate  length  samples: acceptance pairs  "
+        "chosen/rejected length",
+        "0                0.000      0.500     23.4",
+        "1                0.250      0.625     23.4             0.300      88     25.0 / 24.7"]
+    unjudged = {k: v for k, v in first.items() if not k.startswith("heldout/")}
+    assert pairs.table([{"round": 0}, unjudged]).splitlines()[1:] == [
+        "0                -          -         -",
+        "1                -          -         -                0.300      88     25.0 / 24.7"]
+
+
 # --- Settings ----------------------------------------------------------------------------------
 
 ONLINE = ["--rounds", "2", "--judge", "builtin:demo-rule", "--dataset", "builtin:demo-prompts"]
@@ -319,6 +336,7 @@ def test_a_judge_that_fails_or_tells_nothing_apart_stops_in_one_line(env, tmp_pa
     (["--loss-type", "kto"], "start"),
     (["--loss-type", "orpo"], "start"),
     (["--precompute-ref-logps", "--reference-update", "per-round"], None),
+    (["--eval-samples", "0"], "start"),
 ])
 def test_rounds_train_with_trainpy_losses_and_options(env, tmp_path, flags, reference):
     """A round's training is train.py's with the run's settings: LoRA (the last round's adapter
@@ -339,6 +357,8 @@ def test_rounds_train_with_trainpy_losses_and_options(env, tmp_path, flags, refe
         assert Path(settings["ref_model"]).name == "tiny-qwen3-chat"
     else:
         assert settings["ref_model"] is None
+    if "--eval-samples" in flags:  # no held-out prompts: no held-out metric
+        assert not any(key.startswith("heldout/") for row in metrics(out) for key in row)
     lora = "--lora-r" in flags
     assert (out / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()
 

@@ -73,20 +73,25 @@ def table(rows: list[dict]) -> str:
     """The rounds side by side: the held-out answers' acceptance (else mean score), win rate
     against the start's and length; the round's sampled answers' acceptance (else mean score),
     its pairs and their chosen and rejected lengths (round 0: the start, held-out only)."""
-    kind = "acceptance" if "heldout/acceptance" in rows[0] else "score"
+    kind = "acceptance" if "samples/acceptance" in rows[-1] else "score"
     lines = ["round  held-out: " + f"{kind:<11}win rate  length  samples: {kind:<11}pairs  "
              "chosen/rejected length"]
     for row in rows:
-        held = row[f"heldout/{kind}"]
-        line = (f"{row['round']:<17}{held:<11.3f}{row['heldout/win_rate']:<10.3f}"
-                f"{row['heldout/length']:<8.1f}")
+        line = f"{row['round']:<17}" + "".join(
+            _cell(row.get(key), width, digits) for key, width, digits in
+            ((f"heldout/{kind}", 11, 3), ("heldout/win_rate", 10, 3), ("heldout/length", 8, 1)))
         if "pairs/kept" in row:
-            sampled = row["samples/acceptance" if kind == "acceptance" else "samples/score/mean"]
-            line += (f"{'':<9}{sampled:<11.3f}{row['pairs/kept']:<7}"
-                     f"{row.get('pairs/length/chosen', 0):.1f} / "
+            line += " " * 9 + _cell(row["samples/acceptance" if kind == "acceptance"
+                                        else "samples/score/mean"], 11, 3)
+            line += (f"{row['pairs/kept']:<7}{row.get('pairs/length/chosen', 0):.1f} / "
                      f"{row.get('pairs/length/rejected', 0):.1f}")
-        lines.append(line)
+        lines.append(line.rstrip())
     return "\n".join(lines)
+
+
+def _cell(value: float | None, width: int, digits: int) -> str:
+    """A number of the table, `-` where not measured (no held-out prompts)."""
+    return f"{'-' if value is None else f'{value:.{digits}f}':<{width}}"
 
 
 def summary(metrics: dict) -> str:

@@ -122,7 +122,7 @@ class Rounds:
     def prompts_of(self, r: int) -> list:
         """Round `r`'s prompts: all, or the next `prompts_per_round` in a seeded order."""
         n, per = len(self.train_prompts), self.cfg.prompts_per_round
-        if per is None:
+        if per is None or per >= n:  # never a prompt twice in a round
             return self.train_prompts
         order = list(range(n))
         random.Random(self.cfg.seed).shuffle(order)
@@ -148,7 +148,6 @@ class Rounds:
         records = [pairing.group_record(p, group, flat[i * k:(i + 1) * k])
                    for i, (p, group) in enumerate(zip(prompts, samples))]
         if self.accelerator.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
             _write_jsonl(folder / PAIRS, pairing.pair_rows(records))
             _write_jsonl(folder / SAMPLES, records)  # last: the phase is done
         self.accelerator.wait_for_everyone()
@@ -170,8 +169,11 @@ class Rounds:
 
     def heldout_phase(self, r: int, policy: str) -> dict:
         """The policy's greedy (or `generation_temperature`) answers to the held-out prompts,
-        judged: acceptance, mean score and length, win rate against the start's answers."""
+        judged: acceptance, mean score and length, win rate against the start's answers; no
+        such metric without held-out prompts (`--eval-samples 0`)."""
         folder = self.out / f"round-{r}"
+        if not self.heldout:
+            return {"round": r}
         if not (folder / HELDOUT).is_file():
             model = self.load(policy)
             answers = generate_answers(self.accelerator, self.cfg, model, self.tokenizer,
@@ -181,7 +183,6 @@ class Rounds:
                                    [p.messages for p in self.heldout], answers,
                                    what=f"round {r} held-out answers")
             if self.accelerator.is_main_process:
-                folder.mkdir(parents=True, exist_ok=True)
                 _write_jsonl(folder / HELDOUT, [
                     {"prompt": p.messages, "answer": a, "score": s,
                      "num_tokens": self.length(a)}
@@ -274,6 +275,7 @@ def _write_json(path: Path, value) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     """Whole or not at all: a kill mid-write leaves the temporary file, never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
