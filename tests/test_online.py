@@ -299,16 +299,23 @@ def wait_for_file(proc, path: Path, timeout=300):
         time.sleep(0.01)
 
 
+LAUNCHERS = {"ddp": ["--multi_gpu"],
+             "zero3": ["--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "true"]}
+
+
 @pytest.mark.slow
 @pytest.mark.parallel
-def test_two_processes_sample_what_one_does(env, run, tmp_path):
-    """Each process answers its share of the prompts; gathered, they are one process's."""
+@pytest.mark.parametrize("layout", LAUNCHERS)
+def test_two_processes_sample_what_one_does(env, run, tmp_path, layout):
+    """Each process answers its share of the prompts; gathered, they are one process's. Under
+    ZeRO-3 too, where each process holds the policy whole to sample and the processes generate
+    in lockstep (a process out of prompts repeats a batch and drops its answers)."""
     from tests.e2e import ACCELERATE, run_train
 
     reference, _ = run
     out = tmp_path / "out"
     run_train(env, *DEMO, "--rounds", "1", "--output-dir", str(out),
-              launcher=[*ACCELERATE, "--multi_gpu", "--num_processes", "2"])
+              launcher=[*ACCELERATE, *LAUNCHERS[layout], "--num_processes", "2"])
     for name in ("round-0/heldout.jsonl", "round-1/samples.jsonl", "round-1/pairs.jsonl"):
         assert lines(out / name) == lines(reference / name), name
 

@@ -203,11 +203,14 @@ class Rounds:
         return len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
 
     def load(self, path: str):
-        """A round's policy for generation: a model, or an adapter merged into its base."""
+        """A round's policy for generation, whole in every process (also under ZeRO-3, which
+        would partition a model loaded for no engine to gather): a model, or an adapter merged
+        into its base."""
         from dpo.model import lora
 
-        model = (lora.merge_into_base(load_causal_lm(self.cfg, adapter_base(path)), path)
-                 if is_adapter_dir(path) else load_causal_lm(self.cfg, path))
+        with lora.whole_weights():
+            model = (lora.merge_into_base(load_causal_lm(self.cfg, adapter_base(path)), path)
+                     if is_adapter_dir(path) else load_causal_lm(self.cfg, path))
         return model.to(self.accelerator.device)
 
     def publish(self, rows: list[dict]) -> None:
