@@ -393,3 +393,20 @@ def test_a_reward_model_judges_the_rounds(env, tmp_path):
     assert len(set(scores)) > 32  # a reward model's real-valued scores
     assert first["samples/acceptance"] == pytest.approx(sum(s >= 0 for s in scores) / 64)
     assert "heldout/score" in start and "round  held-out: acceptance" in result.stdout
+
+
+def test_a_finished_round_is_written_and_logged_to_the_trackers(tmp_path):
+    """Its `metrics.json` (the round done), `metrics.jsonl` of every round so far, and the
+    trackers with the round as the step; round 0 (the start) with round 1."""
+    logged = []
+    loop = rounds_of([], tmp_path)
+    loop.accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None,
+                                       log=lambda row, step: logged.append((step, row)))
+    rows = [{"round": 0, "heldout/score": 0.0}, {"round": 1, "heldout/score": 0.5}]
+    loop.publish(rows)
+    rows.append({"round": 2, "heldout/score": 1.0})
+    loop.publish(rows)
+    assert logged == [(row["round"], row) for row in rows]
+    assert metrics(tmp_path) == rows
+    assert [json.loads((tmp_path / f"round-{r}" / "metrics.json").read_text())
+            for r in range(3)] == rows

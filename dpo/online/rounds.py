@@ -216,13 +216,13 @@ class Rounds:
     def publish(self, rows: list[dict]) -> None:
         """The finished round: its `metrics.json` (which marks it done), `metrics.jsonl` of every
         round so far, and the trackers."""
-        row = rows[-1]
+        new = rows if len(rows) == 2 else rows[-1:]  # round 0 is published with round 1
         if self.accelerator.is_main_process:
-            if len(rows) == 2:  # round 0 is published with round 1
-                _write_json(self.out / "round-0" / DONE, rows[0])
-            _write_json(self.out / f"round-{row['round']}" / DONE, row)
+            for row in new:
+                _write_json(self.out / f"round-{row['round']}" / DONE, row)
             _write_jsonl(self.out / "metrics.jsonl", rows)
-        self.accelerator.log(row, step=row["round"])
+        for row in new:
+            self.accelerator.log(row, step=row["round"])
         self.accelerator.wait_for_everyone()
 
     def finish(self, rows: list[dict]) -> None:
