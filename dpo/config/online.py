@@ -23,17 +23,17 @@ class OnlineSection:
     samples_per_prompt: int = _opt(4, "answers sampled per prompt each round (K >= 2); the "
                                    "best-scored and the worst make its pair")
     prompts_per_round: int | None = _opt(None, "prompts answered each round, taken in turn from "
-                                         "the shuffled train prompts (default: all, every round)")
+                                         "the shuffled train prompts; none = all, every round")
     sample_temperature: float = _opt(1.0, "sampling temperature of the round's answers (> 0)")
     sample_top_p: float = _opt(1.0, "nucleus sampling's top-p of the round's answers")
-    sample_max_new_tokens: int | None = _opt(None, "longest answer sampled in a round (default: "
-                                             "max_new_tokens)")
+    sample_max_new_tokens: int | None = _opt(None, "longest answer sampled in a round; none = "
+                                             "max_new_tokens")
     reference_update: str = _opt("fixed", "the reference each round trains against: fixed = "
                                  "the start model (or --ref-model); per-round = the policy the "
                                  "round starts from", choices=REFERENCE_UPDATES)
     acceptance_threshold: float | None = _opt(None, "a judge score at or above which an answer "
                                               "counts as accepted (*/acceptance metrics); "
-                                              f"default 1 for {DEMO_RULE}, none otherwise")
+                                              f"none = 1 for {DEMO_RULE}, else no acceptance")
 
     def _validate_online(self) -> None:
         check_at_least(self, 1, "rounds", "prompts_per_round", "sample_max_new_tokens")
