@@ -410,3 +410,17 @@ def test_a_finished_round_is_written_and_logged_to_the_trackers(tmp_path):
     assert metrics(tmp_path) == rows
     assert [json.loads((tmp_path / f"round-{r}" / "metrics.json").read_text())
             for r in range(3)] == rows
+
+
+def test_nodes_that_do_not_share_the_output_directory_are_refused(tmp_path, monkeypatch):
+    """Every process reads back what the main process writes: a node-local output directory
+    (`detect_shared_output_dir` false, as train.py's multi-node tests find it) stops at start."""
+    from dpo.online import rounds
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    monkeypatch.setattr(rounds, "make_accelerator", lambda cfg: accelerator)
+    monkeypatch.setattr(rounds.checkpoint, "detect_shared_output_dir",
+                        lambda acc, out: acc is accelerator and out == tmp_path / "out" and False)
+    cfg = load_config([*ONLINE, "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(ConfigError, match="is not shared by all nodes; online DPO"):
+        rounds.run_online(cfg, tmp_path / "out", train=None)

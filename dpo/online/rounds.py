@@ -65,6 +65,10 @@ def run_online(cfg: TrainConfig, output_dir: Path, train) -> None:
             _warn_changes(output_dir / CONFIG, cfg)
         cfg.to_yaml(output_dir / CONFIG)
     accelerator.wait_for_everyone()
+    if not checkpoint.detect_shared_output_dir(accelerator, output_dir):
+        raise ConfigError(f"output_dir: {output_dir} is not shared by all nodes; online DPO's "
+                          "processes read back the files the main process writes (answers, "
+                          "pairs, each round's model): use a filesystem all nodes share")
     set_seed(cfg.seed)
     with accelerator.main_process_first():  # builds the offline demo model once
         start = demo.resolve_model(cfg.model)
