@@ -237,14 +237,15 @@ class Rounds:
                 if item.is_file() and item.name not in FINAL_SKIPS:
                     shutil.copy2(item, self.out / item.name)
             _write_json(self.out / "online_results.json", rows)
+            rounds = pairing.table(rows)
             with (self.out / "README.md").open("a", encoding="utf-8") as card:
                 card.write(f"\n## Online DPO\n\nThe policy after {self.cfg.rounds} rounds of "
                            f"online DPO from `{self.cfg.model}` on the prompts of "
                            f"`{self.cfg.dataset[0]}`, its answers judged by `{self.cfg.judge}` "
                            f"({self.cfg.samples_per_prompt} per prompt, the best against the "
                            f"worst; reference {self.cfg.reference_update}); the card above is "
-                           f"round {self.cfg.rounds}'s training:\n\n```\n{pairing.table(rows)}\n```\n")
-            print(pairing.table(rows), flush=True)
+                           f"round {self.cfg.rounds}'s training:\n\n```\n{rounds}\n```\n")
+            print(rounds, flush=True)
 
 
 # A round's run files that stay in its folder; its model and tokenizer files become the run's.
