@@ -61,9 +61,7 @@ def load_prompts(cfg, tokenizer) -> tuple[list[Prompt], list[Prompt], str]:
                           f"{len(cfg.dataset)} ({', '.join(cfg.dataset)}): give one")
     given = cfg.dataset[0]
     dataset = demo.resolve_dataset(given)
-    eval_dataset = cfg.eval_dataset and demo.resolve_dataset(cfg.eval_dataset)
-    for path in (dataset, *([eval_dataset] if eval_dataset else [])):
-        check_local_files(path)
+    check_local_files(dataset)  # the held-out prompts are its own (no eval_dataset online)
     try:
         encoder = _encoder(cfg, prepare_tokenizer(tokenizer))
     except ValueError as e:  # no EOS; tools or template options without a chat template
@@ -73,7 +71,7 @@ def load_prompts(cfg, tokenizer) -> tuple[list[Prompt], list[Prompt], str]:
             dataset, num_samples=cfg.num_samples, eval_samples=cfg.eval_samples, seed=cfg.seed,
             data_format=cfg.per_dataset("data_format")[0], split=cfg.per_dataset("split")[0],
             num_proc=cfg.num_proc, dataset_config=cfg.per_dataset("dataset_config")[0],
-            data_dir=cfg.per_dataset("data_dir")[0], eval_dataset=eval_dataset,
+            data_dir=cfg.per_dataset("data_dir")[0],
             eval_dataset_config=cfg.eval_dataset_config, eval_data_dir=cfg.eval_data_dir,
             eval_split=cfg.eval_split, streaming=cfg.streaming,
             shuffle_buffer_size=cfg.shuffle_buffer_size)

@@ -161,14 +161,16 @@ class Rounds:
         """train.py's settings for round `r`: the run's, on the round's pairs (all of them, no
         eval split: the held-out prompts measure the round), from the round's policy."""
         cfg, train_dir = self.cfg, folder / TRAIN
-        fixed_reference = cfg.ref_model or (self.start_path if r > 1 else None)
+        # None: the reference is the round's policy at its start (train.py's default).
+        if r == 1 or cfg.reference_update == "per-round":
+            reference = cfg.ref_model if r == 1 else None
+        else:  # fixed, from round 2 on: the start, no longer the round's policy
+            reference = cfg.ref_model or self.start_path
         resume = bool(checkpoint.checkpoints(train_dir))  # else a killed start: begin afresh
         return dataclasses.replace(
             cfg, **{name: default_of(name) for name in ONLINE_FIELDS + DATA_FIELDS},
             model=policy, dataset=[str(folder / PAIRS)], num_samples=None, eval_samples=0,
-            ref_model=fixed_reference if cfg.reference_update == "fixed" else
-            (cfg.ref_model if r == 1 else None),
-            judge=None, eval_on_start=False, output_dir=str(train_dir), seed=cfg.seed + r,
+            ref_model=reference, judge=None, eval_on_start=False, output_dir=str(train_dir), seed=cfg.seed + r,
             resume_from_checkpoint="latest" if resume else None, overwrite_output_dir=not resume)
 
     def heldout_phase(self, r: int, policy: str) -> dict:
