@@ -9,13 +9,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase)
 
 from dpo.config import ConfigError, TrainConfig
 from dpo.config.model import adapter_base, is_adapter_dir, uses_peft
 from dpo.data import prepare_tokenizer
 from dpo.loss import needs_reference
+from dpo.model.processors import is_vision_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,7 +41,8 @@ def load_tokenizer(cfg: TrainConfig, path: str) -> PreTrainedTokenizerBase:
 
 
 def load_causal_lm(cfg: TrainConfig, path: str) -> PreTrainedModel:
-    """`AutoModelForCausalLM.from_pretrained` with every dropout set to zero.
+    """`AutoModelForCausalLM.from_pretrained` with every dropout set to zero
+    (`AutoModelForImageTextToText` for a vision-language model: its config has a vision_config).
 
     Dropout is off in both models: the DPO loss compares the policy's log-probs with the
     reference's, and random masks on either side would add noise to Δ (at init, π = π_ref must
@@ -51,9 +53,12 @@ def load_causal_lm(cfg: TrainConfig, path: str) -> PreTrainedModel:
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model {path}: cannot load its config: {_first_line(e)}") from None
-    for name, value in vars(config).items():
-        if "dropout" in name and isinstance(value, float):
-            setattr(config, name, 0.0)
+    # a vision-language model's text and vision settings are sub-configs
+    parts = [config, *(getattr(config, key) for key in getattr(config, "sub_configs", {}))]
+    for part in filter(None, parts):
+        for name, value in vars(part).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(part, name, 0.0)
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     if cfg.load_in_4bit:  # QLoRA on CUDA (unverified: no GPU run yet)
         from transformers import BitsAndBytesConfig
@@ -62,13 +67,15 @@ def load_causal_lm(cfg: TrainConfig, path: str) -> PreTrainedModel:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(
+    auto = AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
+    model = auto.from_pretrained(
         path, config=config, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
         **kwargs)
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-    model.config.use_cache = False  # no KV cache in training; generation asks for it explicitly
+    # no KV cache in training; generation asks for it explicitly
+    model.config.use_cache = model.config.get_text_config().use_cache = False
     return model
 
 
