@@ -19,6 +19,7 @@ from dpo.loss.variants import length_desensitised
 from dpo.model.logprobs import IGNORE_INDEX, LogitsTransform, chunked_response_sums, response_sums
 from dpo.model.packed_attention import use_packed_sdpa
 from dpo.model.shared_prompt import attention_masks, unshare
+from dpo.model.vision import image_inputs
 
 
 @dataclass
@@ -68,7 +69,8 @@ def concatenated_forward(
             sequence lies; the model then gets no attention mask (see `_unpack`), and the
             results are laid out as for a padded batch. A ranked batch (with `ranking_mask`
             (B, K)) has K slots `[rank 1; rank 2; ...]` of B rows each; its `PairLogps` add
-            each slot's values as `slot_*` (B, K).
+            each slot's values as `slot_*` (B, K). A vision-language model's batch adds each
+            pair's images once (`pixel_values`, ...: `dpo.model.vision.image_inputs`).
         chunked: project only response tokens onto the vocabulary, in chunks
             (`chunked_sequence_logps`); False computes the full `[2B, T, V]` logits.
         chunk_size: tokens per LM-head call on the chunked path.
@@ -86,6 +88,8 @@ def concatenated_forward(
     inputs, index, labels = _model_inputs(model, batch, router_aux or full_mask)
     ranked = "ranking_mask" in batch
     slots = batch["ranking_mask"].shape[1] if ranked else 2
+    if "pixel_values" in batch:  # each pair's images encoded once (dpo.model.vision)
+        inputs.update(image_inputs(model, batch, slots, index))
     if labels.shape[0] % slots:
         what = f"ranked batch of {slots} slots has a multiple of {slots}" if ranked else \
             "[chosen; rejected] batch has an even number"

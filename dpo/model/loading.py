@@ -17,6 +17,7 @@ from dpo.config.model import adapter_base, is_adapter_dir, uses_peft
 from dpo.data import prepare_tokenizer
 from dpo.loss import needs_reference
 from dpo.model.processors import is_vision_config
+from dpo.model.vision import family_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,6 +68,7 @@ def load_causal_lm(cfg: TrainConfig, path: str) -> PreTrainedModel:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    family_of(config)  # ConfigError for a vision-language family dpo does not support
     auto = AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
     model = auto.from_pretrained(
         path, config=config, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
