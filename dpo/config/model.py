@@ -50,6 +50,9 @@ class ModelSection:
     attn_implementation: str | None = _opt(None, "e.g. sdpa, eager, flash_attention_2")
     trust_remote_code: bool = _opt(False, "run modelling code shipped with the model (trust it!)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass")
+    freeze_vision_tower: bool = _opt(True, "a vision-language model's vision tower and "
+                                     "projector stay frozen (false: trained; with LoRA, "
+                                     "adapted); ignored for a text-only model")
     router_aux_loss_coef: float | None = _opt(None, "weight of a mixture-of-experts model's "
                                               "router load-balancing loss, added to the loss "
                                               "(default: the model config's; 0 = off)")

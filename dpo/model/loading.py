@@ -17,7 +17,7 @@ from dpo.config.model import adapter_base, is_adapter_dir, uses_peft
 from dpo.data import prepare_tokenizer
 from dpo.loss import needs_reference
 from dpo.model.processors import is_vision_config
-from dpo.model.vision import family_of
+from dpo.model.vision import family_of, freeze_vision_tower
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,6 +98,8 @@ def load_policy_and_reference(
         policy, reference = lora.load_peft_policy(cfg, path, load_causal_lm)
     else:
         policy, reference = load_causal_lm(cfg, path), None
+        if cfg.freeze_vision_tower:  # (with LoRA: left out of the adapter, frozen with the base)
+            freeze_vision_tower(policy)
         if cfg.gradient_checkpointing:
             # Non-reentrant checkpointing works with DDP's hooks and with inputs that need no
             # grad.

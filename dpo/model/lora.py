@@ -21,6 +21,7 @@ switch adapters and to save the adapter (`dpo.model.lora_save`).
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 
 import torch
@@ -60,7 +61,12 @@ def check_head_untouched(cfg, model: nn.Module) -> None:
                           "(tied embeddings), which is never trained; drop it")
 
 
-def lora_config(cfg):
+def lora_config(cfg, model: nn.Module | None = None):
+    """peft's LoraConfig for `cfg`. For a vision-language `model` the vision tower and projector
+    are excluded (`exclude_modules`) while `freeze_vision_tower` holds; with it false, peft's
+    "all-linear" (or the named targets) reaches the tower's linear layers too, which then train
+    through adapters like the language model's (Qwen2.5-VL's merger included; Gemma 3's
+    projector, a bare weight rather than a linear layer, stays frozen)."""
     from peft import LoraConfig
 
     targets = cfg.lora_target_modules
@@ -68,7 +74,19 @@ def lora_config(cfg):
         targets = "all-linear"  # peft leaves the output layer out
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, modules_to_save=cfg.lora_modules_to_save,
-                      bias="none", task_type="CAUSAL_LM")
+                      exclude_modules=_vision_exclusion(cfg, model), bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def _vision_exclusion(cfg, model: nn.Module | None) -> str | None:
+    """A regex of a frozen vision tower's and projector's modules, as peft matches module
+    names; None when there is nothing to exclude."""
+    from dpo.model.vision import vision_modules
+
+    if model is None or not cfg.freeze_vision_tower:
+        return None
+    names = [re.escape(name) for name, _ in vision_modules(model)]
+    return rf"({'|'.join(names)})(\..*)?" if names else None
 
 
 def load_peft_policy(cfg, model_path: str, load_causal_lm) -> tuple[nn.Module, nn.Module]:
@@ -172,7 +190,7 @@ def _prepare_base(cfg, base: nn.Module) -> None:
 def _add_adapter(cfg, base: nn.Module, get_peft_model):
     _prepare_base(cfg, base)
     # Seeded by set_seed before loading: every process draws the same initial A.
-    return get_peft_model(base, lora_config(cfg))
+    return get_peft_model(base, lora_config(cfg, base))
 
 
 @contextlib.contextmanager

@@ -74,6 +74,14 @@ def vision_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             for name in family.frozen]
 
 
+def freeze_vision_tower(model: nn.Module) -> None:
+    """The vision tower and projector keep their weights (requires_grad False), as
+    LLaMA-Factory and TRL's recipes have them by default: their features are then computed
+    without autograd (`image_inputs`). Nothing to do for a text-only model."""
+    for _, module in vision_modules(model):
+        module.requires_grad_(False)
+
+
 def image_inputs(model: nn.Module, batch: dict[str, torch.Tensor], slots: int,
                  index: torch.Tensor | None = None) -> dict:
     """The model's image inputs for `batch`: `mm_encoder_outputs` (each pair's images encoded
