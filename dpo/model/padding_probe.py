@@ -20,6 +20,7 @@ from dpo.model.logprobs import (IGNORE_INDEX, LogitsTransform, _call_as_forward,
                                 _token_logps)
 from dpo.model.packed_attention import (PACKED_SDPA, PROBE_MARGIN, attention_span, probe_length,
                                         use_dense_mask)
+from dpo.model.vision import image_inputs, probe_image, special_ids, vision_family
 
 
 def check_padding_free(model: nn.Module, *, chunked: bool, device: torch.device | str | None = None,
@@ -80,9 +81,12 @@ def _check_layout(model: nn.Module, layout: dict, chunked: bool, device, max_len
     from dpo.data.batching import PreferenceCollator  # dpo.data imports the tokenizers
 
     unwrapped, _, vocab_size, generator = _probe_setup(model, None)
-    rows = _probe_rows(unwrapped, max_length, vocab_size, generator)
+    family = vision_family(unwrapped)
+    # (no sdpa-by-name retry for image blocks attending both ways: packing cannot serve them)
+    bidirectional = family is not None and family.bidirectional
+    rows, images = _probe_rows(unwrapped, max_length, vocab_size, generator)
     device = device if device is not None else next(unwrapped.parameters()).device
-    padded, other = (_to(PreferenceCollator(0, **kwargs)(rows), device)
+    padded, other = (_to({**PreferenceCollator(0, **kwargs)(rows), **images}, device)
                      for kwargs in ({}, layout))
 
     def compare() -> tuple[float, float]:
@@ -99,18 +103,21 @@ def _check_layout(model: nn.Module, layout: dict, chunked: bool, device, max_len
         with torch.no_grad(), _without_autocast(unwrapped):
             diff, tolerance = compare()
             if (diff > tolerance and unwrapped.config._attn_implementation == PACKED_SDPA
-                    and "share_prompt" not in layout):
+                    and "share_prompt" not in layout and not bidirectional):
                 # A model that tests for sdpa by name: transformers' sdpa, with its block mask
                 # (both layouts again: its padded path was not sdpa's under our name either).
                 use_dense_mask(unwrapped)
                 diff, tolerance = compare()
     finally:
         model.train(was_training)
-    if diff <= tolerance:
-        return None
-    return (f"{what} token log-probs differ from separate ones' by up to {diff:.2g} "
-            f"nats (tolerance {tolerance:.1g}: {PROBE_NUDGE_FACTOR}x its rounding noise + "
-            f"{PROBE_ATOL:g})")
+    measured = (f"{what} token log-probs differ from separate ones' by up to {diff:.2g} "
+                f"nats (tolerance {tolerance:.1g}: {PROBE_NUDGE_FACTOR}x its rounding noise + "
+                f"{PROBE_ATOL:g})")
+    if bidirectional:  # refused even if the probe pair agreed
+        kind = "shared prompts" if layout.get("share_prompt") else "packed rows"
+        return (f"{unwrapped.config.model_type}'s image tokens attend to each other both ways, "
+                f"which {kind} cannot keep (their attention is causal only; {measured})")
+    return None if diff <= tolerance else measured
 
 
 # check_padding_free's tolerance: this many times the rounding noise, plus PROBE_ATOL nats.
@@ -144,8 +151,10 @@ def _nudged_inputs(model: nn.Module) -> Iterator[None]:
 
 
 def _probe_rows(model: nn.Module, max_length: int | None, vocab_size: int,
-                generator: torch.Generator) -> list[dict]:
-    """`check_padding_free`'s tokenized probe pairs for `model` (unwrapped)."""
+                generator: torch.Generator) -> tuple[list[dict], dict]:
+    """`check_padding_free`'s tokenized probe pairs for `model` (unwrapped), and the batch keys
+    of their images: a vision-language model's first pair holds one random image in its
+    prompt (`dpo.model.vision.probe_image`), the others none."""
     pairs = [(12, 20, 9), (7, 14, 25)]
     longest = probe_length(model, max_length)
     if longest is not None:  # responses from just before the limit to past it
@@ -153,16 +162,33 @@ def _probe_rows(model: nn.Module, max_length: int | None, vocab_size: int,
         prompt = max(1, span - 8)
         chosen = min(span + PROBE_MARGIN, longest) - prompt
         pairs.append((prompt, chosen, max(1, longest - prompt - (longest == chosen + prompt))))
-    rows = []
+    rows, images, image = [], {}, []
+    if special_ids(model.config):
+        image, images = probe_image(model, generator)
+        images["image_counts"] = torch.tensor([1] + [0] * (len(pairs) - 1))
     for prompt, chosen, rejected in pairs:
         row = {}
-        ids = torch.randint(vocab_size, (prompt,), generator=generator).tolist()
+        ids = random_ids(model, vocab_size, prompt, generator)
+        ids, image = ids[:prompt // 2] + image + ids[prompt // 2:], []  # the first pair's
         for side, length in (("chosen", chosen), ("rejected", rejected)):
-            response = torch.randint(vocab_size, (length,), generator=generator).tolist()
+            response = random_ids(model, vocab_size, length, generator)
             row[f"{side}_input_ids"] = ids + response
-            row[f"{side}_labels"] = [IGNORE_INDEX] * prompt + response
+            row[f"{side}_labels"] = [IGNORE_INDEX] * len(ids) + response
         rows.append(row)
-    return rows
+    return rows, images
+
+
+def random_ids(model: nn.Module, vocab_size: int, count: int, generator: torch.Generator
+               ) -> list[int]:
+    """`count` random token ids below `vocab_size`, none of them a vision-language model's image
+    or video token (`dpo.model.vision.special_ids`), which would need an image."""
+    avoid = special_ids(extract_model_from_parallel(model).config)
+    if not avoid:
+        return torch.randint(vocab_size, (count,), generator=generator).tolist()
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[[i for i in avoid if i < vocab_size]] = False
+    allowed = allowed.nonzero().squeeze(1)
+    return allowed[torch.randint(len(allowed), (count,), generator=generator)].tolist()
 
 
 @contextmanager
@@ -192,6 +218,8 @@ def _response_token_logps(model: nn.Module, batch: dict, chunked: bool) -> torch
     log-prob path, before its sums."""
     unwrapped = extract_model_from_parallel(model)
     inputs, index, labels = _model_inputs(model, batch, False)
+    if "pixel_values" in batch:
+        inputs.update(image_inputs(model, batch, 2, index))
     if not chunked:
         logits = model(**inputs, use_cache=False).logits
         token_logps, mask = _token_logps(logits if index is None

@@ -20,7 +20,8 @@ from dpo.config import ConfigError, TrainConfig
 from dpo.model.forward import ChunkedHeadUnsupported, concatenated_forward
 from dpo.model.logprobs import IGNORE_INDEX
 from dpo.model.packed_attention import DENSE_MASK_ONLY, PACKED_SDPA, attention_span, probe_length
-from dpo.model.padding_probe import _probe_setup, check_padding_free, check_shared_prompt
+from dpo.model.padding_probe import (_probe_setup, check_padding_free, check_shared_prompt,
+                                     random_ids)
 
 
 def check_chunked_head(model: nn.Module, *, device: torch.device | str | None = None,
@@ -42,7 +43,7 @@ def check_chunked_head(model: nn.Module, *, device: torch.device | str | None = 
             path), far below what any logit scaling or capping changes.
     """
     unwrapped, rtol, vocab_size, generator = _probe_setup(model, rtol)
-    input_ids = torch.randint(vocab_size, (2, length), generator=generator)
+    input_ids = torch.tensor(random_ids(unwrapped, vocab_size, 2 * length, generator)).view(2, -1)
     labels = input_ids.clone()
     labels[:, :length // 2] = IGNORE_INDEX
     attention_mask = torch.ones_like(input_ids)

@@ -125,6 +125,51 @@ def image_inputs(model: nn.Module, batch: dict[str, torch.Tensor], slots: int,
     return {"mm_encoder_outputs": {"image": encoded}, **inputs}
 
 
+# Config fields naming the ids of image and video placeholders and their delimiters.
+_SPECIAL_ID_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id",
+                      "vision_end_token_id", "boi_token_id", "eoi_token_id", "boi_token_index",
+                      "eoi_token_index", "image_token_index")
+
+
+def special_ids(config) -> list[int]:
+    """The ids a vision-language model reserves for images and videos (random probe tokens
+    must avoid them: a stray image token without its image is an error); [] for a text-only
+    model."""
+    if getattr(config, "vision_config", None) is None:
+        return []
+    return sorted({i for name in _SPECIAL_ID_FIELDS
+                   if isinstance(i := getattr(config, name, None), int)})
+
+
+def probe_image(model: nn.Module, generator: torch.Generator) -> tuple[list[int], dict]:
+    """A random image for the start-up probes, as `model`'s processor would give it, without
+    one: `(tokens, inputs)`, the prompt's tokens for the image (placeholders between the
+    family's delimiters) and the batch keys (`pixel_values`, Qwen's `image_grid_thw`).
+    Random pixels, so that image tokens differ and how they attend matters."""
+    config = extract_model_from_parallel(model).config
+    vision = config.vision_config
+    channels = getattr(vision, "in_channels", getattr(vision, "num_channels", 3))
+    if family_of(config).rope_3d:  # a 4×6 grid of patches, merged 2×2 into 6 tokens
+        merge = vision.spatial_merge_size
+        grid = torch.tensor([[1, 2 * merge, 3 * merge]])
+        patch = channels * vision.temporal_patch_size * vision.patch_size ** 2
+        inputs = {"pixel_values": torch.randn(int(grid.prod()), patch, generator=generator),
+                  "image_grid_thw": grid}
+        count = int(grid.prod()) // merge ** 2
+    else:
+        size = vision.image_size
+        inputs = {"pixel_values": torch.randn(1, channels, size, size, generator=generator)}
+        count = config.mm_tokens_per_image
+    start = _first_id(config, "vision_start_token_id", "boi_token_id", "boi_token_index")
+    end = _first_id(config, "vision_end_token_id", "eoi_token_id", "eoi_token_index")
+    tokens = [start] + [config.image_token_id] * count + [end]
+    return [i for i in tokens if i is not None], inputs
+
+
+def _first_id(config, *names: str) -> int | None:
+    return next((i for name in names if isinstance(i := getattr(config, name, None), int)), None)
+
+
 def image_tokens(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """1 on image placeholder tokens, 0 elsewhere: the modality ids the processors make."""
     return (input_ids == model.config.image_token_id).long()
