@@ -13,6 +13,8 @@ peft = pytest.importorskip("peft")
 FAMILIES = ["qwen2_5_vl", "gemma3"]
 VISION = (".visual.", ".vision_tower.", ".multi_modal_projector.")
 
+pytestmark = pytest.mark.shared  # the ../shared tokenizers
+
 
 def load(family: str, **settings):
     path = str(tiny_vision_model_dir(family))

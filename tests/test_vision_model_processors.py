@@ -5,14 +5,17 @@ import logging
 import shutil
 
 import pytest
+import torch
 
 from dpo.config import ConfigError, TrainConfig
 from dpo.demo.tiny_vision import ImageOnlyQwen2_5_VLProcessor
 from dpo.model.loading import load_policy_and_reference
 from dpo.model.processors import load_processor
-from tests.vision_models import tiny_vision_model_dir
+from tests.vision_models import PAIRS, encode_pairs, load_tiny_vision, tiny_vision_model_dir
 
 FAMILIES = ["qwen2_5_vl", "gemma3"]
+
+pytestmark = pytest.mark.shared  # the ../shared tokenizers
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -21,13 +24,19 @@ def test_a_saved_tiny_checkpoint_loads_as_a_vision_model_with_its_processor(fami
     with caplog.at_level(logging.WARNING, logger="dpo.model.processors"):
         processor = load_processor(path)
     assert type(processor.image_processor).__name__.endswith("Pil")  # no torchvision here
-    policy, reference = load_policy_and_reference(
-        TrainConfig(model=path, output_dir="unused"), path)
+    # it encodes a pair as the processor the checkpoint was saved from
+    loaded, built = (encode_pairs(p, PAIRS[:1])[0] for p in (processor,
+                                                             load_tiny_vision(family)[0]))
+    assert loaded.keys() == built.keys() and loaded["prompt"].keys() == built["prompt"].keys()
+    for key, value in built["prompt"].items():
+        assert torch.equal(loaded["prompt"][key], value), key
+    assert loaded["chosen"] == built["chosen"]
+    policy, _ = load_policy_and_reference(
+        TrainConfig(model=path, output_dir="unused", loss_type="simpo"), path)  # no reference
     # Gemma's processor's image_token_id is <start_of_image>; the soft token is the tokenizer's
     image_token = getattr(processor.tokenizer, "image_token_id", processor.image_token_id)
     assert policy.config.image_token_id == image_token
     assert type(policy).__name__.endswith("ForConditionalGeneration")
-    assert type(reference) is type(policy) and not reference.training
     assert not policy.config.get_text_config().use_cache
     if family == "qwen2_5_vl":
         # The real Qwen2_5_VLProcessor needs torchvision for its video processor: the image-only
@@ -49,17 +58,16 @@ def test_a_text_only_model_has_no_processor(tmp_path):
     assert load_processor(str(tmp_path)) is None
 
 
-def test_a_vision_model_without_a_processor_is_one_line(tmp_path):
-    path = tmp_path / "no-processor"
-    shutil.copytree(tiny_vision_model_dir("gemma3"), path)
-    (path / "processor_config.json").unlink()  # the tokenizer's config still names it
+def test_a_vision_model_without_a_processor_is_one_line(tmp_path, tiny_tokenizer):
+    shutil.copy(tiny_vision_model_dir("gemma3") / "config.json", tmp_path)
     with pytest.raises(ConfigError, match="cannot load its processor") as error:
-        load_processor(str(path))
+        load_processor(str(tmp_path))  # nothing but the model's config
     assert "\n" not in str(error.value)
-    for name in ("processor_config.json", "tokenizer_config.json"):
-        config = json.loads((tiny_vision_model_dir("gemma3") / name).read_text())
-        config["processor_class"] = "NoSuchProcessor"  # AutoProcessor: the bare tokenizer
-        (path / name).write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="loads as a bare GemmaTokenizer") as error:
-        load_processor(str(path))
+    tiny_tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["processor_class"] = "NoSuchProcessor"  # AutoProcessor: the bare tokenizer
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="gemma3.* loads as a bare ") \
+            as error:
+        load_processor(str(tmp_path))
     assert "\n" not in str(error.value)

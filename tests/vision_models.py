@@ -16,38 +16,36 @@ TOKENIZERS = {"qwen2_5_vl": QWEN3_TOKENIZER, "gemma3": GEMMA3_TOKENIZER}
 def tiny_vision_model_dir(family: str) -> Path:
     """The saved tiny `family` ("qwen2_5_vl" or "gemma3") checkpoint; skips (with the reason)
     when ../shared lacks the family's tokenizer."""
-    return _saved(family, str(require_shared(TOKENIZERS[family])))
+    return _built(family, str(require_shared(TOKENIZERS[family])))[0]
 
 
 @functools.cache
-def _saved(family: str, tokenizer_dir: str) -> Path:
+def _built(family: str, tokenizer_dir: str):
+    """(directory, processor): the processor as built, before saving, which encodes as the
+    saved one loads (tests/test_vision_model_processors.py), without reading the tokenizer
+    again."""
     import torch
 
-    from dpo.demo.tiny_vision import save_tiny_vision
+    from dpo.demo.tiny_vision import FAMILIES, save_tiny_vision
 
     root = Path(tempfile.mkdtemp(prefix=f"dpo-tiny-{family}-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return save_tiny_vision(family, root / family, tokenizer_dir)
+        processor = FAMILIES[family][0](tokenizer_dir)
+        return save_tiny_vision(family, root / family, tokenizer_dir, processor=processor), \
+            processor
     finally:
         torch.set_num_threads(threads)
 
 
-@functools.cache
-def _processor(family: str):
-    from dpo.model.processors import load_processor
-
-    return load_processor(str(tiny_vision_model_dir(family)))
-
-
 def load_tiny_vision(family: str):
-    """`(processor, model)`: the saved tiny checkpoint's processor (shared, do not change it)
-    and a fresh copy of its model in eval mode."""
+    """`(processor, model)`: the tiny checkpoint's processor (shared: do not change it) and a
+    fresh copy of its saved model in eval mode."""
     from transformers import AutoModelForImageTextToText
 
-    processor = _processor(family)
+    processor = _built(family, str(require_shared(TOKENIZERS[family])))[1]
     model = AutoModelForImageTextToText.from_pretrained(tiny_vision_model_dir(family))
     model.config.use_cache = model.config.get_text_config().use_cache = False
     return processor, model.eval()

@@ -115,15 +115,17 @@ FAMILIES = {"qwen2_5_vl": (qwen2_5_vl_processor, tiny_qwen2_5_vl),
             "gemma3": (gemma3_processor, tiny_gemma3)}
 
 
-def save_tiny_vision(family: str, directory: str | Path, tokenizer_dir: str | Path) -> Path:
+def save_tiny_vision(family: str, directory: str | Path, tokenizer_dir: str | Path, *,
+                     processor=None) -> Path:
     """Save a tiny `family` model and its processor into `directory`, loadable as a checkpoint.
 
     The Qwen processor is saved under the real class name (`Qwen2_5_VLProcessor`), as released
-    checkpoints have it, so loading it meets what loading a real one meets (no torchvision)."""
+    checkpoints have it, so loading it meets what loading a real one meets (no torchvision).
+    `processor`: the family's processor already built from `tokenizer_dir` (saves a reload)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny vision family {family!r} (known: {', '.join(FAMILIES)})")
     make_processor, make_model = FAMILIES[family]
-    processor = make_processor(str(tokenizer_dir))
+    processor = processor or make_processor(str(tokenizer_dir))
     directory = Path(directory)
     make_model(len(processor.tokenizer)).save_pretrained(directory)
     processor.save_pretrained(directory)
