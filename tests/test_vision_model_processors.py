@@ -71,3 +71,12 @@ def test_a_vision_model_without_a_processor_is_one_line(tmp_path, tiny_tokenizer
             as error:
         load_processor(str(tmp_path))
     assert "\n" not in str(error.value)
+
+
+def test_a_vision_model_without_pillow_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    shutil.copy(tiny_vision_model_dir("gemma3") / "config.json", tmp_path)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL raises ImportError
+    with pytest.raises(ConfigError, match=r'its images need pillow \(pip install "dpo\[vision\]"'):
+        load_processor(str(tmp_path))

@@ -8,6 +8,7 @@ torchvision. A text-only model (no `vision_config`) has no processor: None.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from dpo.config import ConfigError
 from dpo.config.model import adapter_base, is_adapter_dir
 
 logger = logging.getLogger(__name__)
+VISION_EXTRA = 'pip install "dpo[vision]"'
 # Families whose processor needs torchvision only for videos.
 VIDEO_NEEDS_TORCHVISION = ("qwen2_vl", "qwen2_5_vl")
 
@@ -37,6 +39,11 @@ def load_processor(path: str, *, trust_remote_code: bool = False):
         raise ConfigError(f"model {path}: cannot load its config: {_first_line(e)}") from None
     if not is_vision_config(config):
         return None
+    try:
+        importlib.import_module("PIL")  # the image processors' backend here
+    except ImportError:
+        raise ConfigError(f"model {path} is a vision-language model: its images need pillow "
+                          f'({VISION_EXTRA})') from None
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ImportError as e:
