@@ -34,7 +34,9 @@ class VisionFamily:
     frozen: tuple[str, ...]  # attributes of the body (`model.model`): the tower and projector
     rope_3d: bool  # multimodal rotary positions (`get_rope_index`) instead of 1-D ones
     bidirectional: bool  # image tokens attend to each other both ways
-    modality_key: str  # the forward's per-token modality argument (1 on image tokens)
+    # the forward's per-token modality argument (1 on image tokens); Qwen's is only read to
+    # compute positions, which `rope_positions` passes instead
+    modality_key: str
 
 
 FAMILIES = {
