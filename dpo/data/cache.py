@@ -38,6 +38,7 @@ from dpo.paths import cache_root
 from dpo.data import tokenize as tokenize_module
 from dpo.data.fingerprint import code_source
 from dpo.data.report import FilterReport
+from dpo.data.vision_tokenize import processor_settings
 
 # Bump when the layout of an entry changes: older entries then miss.
 CACHE_FORMAT_VERSION = 1
@@ -110,15 +111,20 @@ def tokenizer_digest(tokenizer) -> str:
 
 def cache_key(ds: Dataset, tokenizer, settings: dict) -> str:
     """The hex key of what ``tokenize_preferences(ds, tokenizer, **settings)`` returns."""
+    processor = settings.get("processor")
     parts = {
         "format": CACHE_FORMAT_VERSION,
-        "rows": rows_digest(ds),
+        "rows": rows_digest(ds),  # a vision row's image bytes included
         "tokenizer": tokenizer_digest(tokenizer),
-        "settings": {k: v for k, v in settings.items() if k not in UNKEYED_SETTINGS},
+        "settings": {k: v for k, v in settings.items()
+                     if k not in (*UNKEYED_SETTINGS, "processor")},
         "code": hashlib.sha256(code_source().encode()).hexdigest(),
         "versions": [transformers.__version__, tokenizers.__version__, jinja2.__version__,
                      datasets.__version__],
     }
+    if processor is not None:  # a vision model's: its tokenizer, template and image settings
+        parts["processor"] = [tokenizer_digest(processor.tokenizer),
+                              processor_settings(processor)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
