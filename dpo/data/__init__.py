@@ -30,6 +30,7 @@ from dpo.data.draw import default_eval_samples
 from dpo.data.sources import load_preference_splits
 from dpo.data.report import FilterReport
 from dpo.data.tokenize import IGNORE_INDEX, prepare_tokenizer, tokenize_preferences
+from dpo.data.vision_batching import VisionCollator
 
 __all__ = [
     "DATA_FORMATS",
@@ -39,6 +40,7 @@ __all__ = [
     "LengthGroupedBatchSampler",
     "PreferenceCollator",
     "REF_LOGPS_COLUMNS",
+    "VisionCollator",
     "default_eval_samples",
     "load_preference_splits",
     "padding_fraction",

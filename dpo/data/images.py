@@ -184,3 +184,14 @@ def check_responses(**responses: list[dict]) -> None:
         if image_parts(messages):
             raise RowProblem("image_in_response", f"{name} holds an image part; images belong "
                              "in the prompt")
+
+
+def processor_for(rows: list[Dataset], processor, model: str):
+    """The processor that tokenizes ``rows`` (normalised datasets): ``processor`` when one of
+    them has images, else ``None`` (text rows render with the tokenizer as ever); ``ValueError``
+    (one line) for images and a text-only model (``processor`` None)."""
+    if not any(ds is not None and "images" in ds.column_names for ds in rows):
+        return None
+    if processor is None:
+        raise ValueError(f"the data has images but {model} is a text-only model")
+    return processor
