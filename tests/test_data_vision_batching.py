@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dpo.data import VisionCollator
-from dpo.data.tokenize import tokenize_preferences
+from dpo.data.vision_tokenize import tokenize_pairs
 from tests.vision_data import processor, row_with, vision_rows
 
 pytestmark = pytest.mark.shared
@@ -19,8 +19,8 @@ LAYOUTS = {"padded": {}, "packed": {"padding_free": True}, "shared": {"share_pro
 def pairs(family: str):
     """Two tokenized pairs, a 56-px and a 28-px image (Qwen: 4 tokens and 1)."""
     proc = processor(family)
-    return list(tokenize_preferences(vision_rows(row_with(56), row_with(28)), proc.tokenizer,
-                                     max_length=64, processor=proc)[0])
+    return list(tokenize_pairs(vision_rows(row_with(56), row_with(28)), proc.tokenizer,
+                               max_length=64, processor=proc)[0])
 
 
 def collate(family: str, rows, **layout):
@@ -66,7 +66,7 @@ def test_pairs_without_images_in_a_batch_count_zero():
     proc = processor("qwen2_5_vl")
     text = vision_rows({**row_with(), "prompt": [{"role": "user", "content": [
         {"type": "text", "text": "What colour?"}]}], "images": []})
-    rows = list(tokenize_preferences(text, proc.tokenizer, max_length=64, processor=proc)[0])
+    rows = list(tokenize_pairs(text, proc.tokenizer, max_length=64, processor=proc)[0])
     batch = collate("qwen2_5_vl", [*rows, pairs("qwen2_5_vl")[0]])
     assert batch["image_counts"].tolist() == [0, 1]
     assert batch["image_grid_thw"].shape == (1, 3)

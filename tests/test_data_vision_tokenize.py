@@ -10,7 +10,8 @@ import pytest
 from dpo.data.cache import cache_key, tokenize_cached
 from dpo.data.images import pil_image
 from dpo.data.messages import expand
-from dpo.data.tokenize import IGNORE_INDEX, tokenize_preferences
+from dpo.data.tokenize import IGNORE_INDEX
+from dpo.data.vision_tokenize import tokenize_pairs
 from tests.vision_data import FAMILIES, processor, row_with, vision_rows
 
 pytestmark = pytest.mark.shared
@@ -29,7 +30,7 @@ def whole(proc, row: dict, side: str) -> list[int]:
 def test_the_boundary_is_exact_and_the_prompt_expanded(family):
     proc = processor(family)
     rows = vision_rows(row_with(56), row_with(28))
-    pairs, report = tokenize_preferences(rows, proc.tokenizer, max_length=128, processor=proc)
+    pairs, report = tokenize_pairs(rows, proc.tokenizer, max_length=128, processor=proc)
     assert report.kept == 2 and pairs.column_names[:2] == ["row_index", "images"]
     sizes = [(56, 56), (28, 28)]
     assert pairs["image_tokens"] == [[n] for n in proc._get_num_multimodal_tokens(
@@ -56,7 +57,7 @@ def test_truncation_never_cuts_into_an_image():
     proc = processor("qwen2_5_vl")
     long_answer = [{"role": "assistant", "content": [{"type": "text", "text": "Red. " * 40}]}]
     rows = vision_rows(row_with(56, chosen=long_answer))
-    full, _ = tokenize_preferences(rows, proc.tokenizer, max_length=512, processor=proc)
+    full, _ = tokenize_pairs(rows, proc.tokenizer, max_length=512, processor=proc)
     prompt = full[0]["chosen_labels"].count(IGNORE_INDEX)
     ids = full[0]["chosen_input_ids"]
     first = ids.index(proc.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
@@ -66,19 +67,19 @@ def test_truncation_never_cuts_into_an_image():
                        rf"would cut the prompt's first {first + 1} tokens, inside image 0 "
                        rf"\(tokens {first}\.\.\d+\); raise max_prompt_length or make the images "
                        r"smaller \(strict mode\)$"):
-        tokenize_preferences(rows, proc.tokenizer, max_length=keep + 20,
-                             max_prompt_length=keep, processor=proc, strict=True)
+        tokenize_pairs(rows, proc.tokenizer, max_length=keep + 20,
+                       max_prompt_length=keep, processor=proc, strict=True)
     # Keeping the image's first token on keeps the image whole; the response is cut instead.
-    pairs, report = tokenize_preferences(rows, proc.tokenizer, max_length=prompt - first + 20,
-                                         max_prompt_length=prompt - first, processor=proc)
+    pairs, report = tokenize_pairs(rows, proc.tokenizer, max_length=prompt - first + 20,
+                                   max_prompt_length=prompt - first, processor=proc)
     assert report.truncated == 1 and pairs[0]["chosen_input_ids"][0] == ids[first]
     # A cut before the image (an earlier turn's text) keeps the row: the prompt keeps its end.
     later = vision_rows(row_with(56, prompt=[
         {"role": "user", "content": [{"type": "text", "text": "A long first question " * 8}]},
         {"role": "assistant", "content": [{"type": "text", "text": "An answer."}]},
         *row_with()["prompt"]]))
-    pairs, report = tokenize_preferences(later, proc.tokenizer, max_length=40,
-                                         max_prompt_length=30, processor=proc)
+    pairs, report = tokenize_pairs(later, proc.tokenizer, max_length=40,
+                                   max_prompt_length=30, processor=proc)
     assert report.kept == 1 and report.truncated == 1
     assert sum(i in _image_ids(proc) for i in pairs[0]["chosen_input_ids"]) == \
         pairs[0]["image_tokens"][0]
@@ -88,7 +89,7 @@ def test_the_report_counts_vision_drops():
     proc = processor("gemma3")
     rows = vision_rows(row_with(), row_with(images=[{"bytes": b"junk", "path": None}]),
                        row_with(images=[]))
-    _, report = tokenize_preferences(rows, proc.tokenizer, max_length=64, processor=proc)
+    _, report = tokenize_pairs(rows, proc.tokenizer, max_length=64, processor=proc)
     assert report.dropped == {"image_unreadable": 1, "image_count_mismatch": 1}
 
 

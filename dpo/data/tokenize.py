@@ -224,7 +224,7 @@ def tokenize_preferences(
     tools: list[dict] | None = None,
     strict: bool = False,
     num_proc: int | None = None,
-    processor=None,
+    pair_class=_PairTokenizer,
 ) -> tuple[Dataset, FilterReport]:
     """Tokenize normalised preference rows; skip (or, ``strict``, refuse) bad ones.
 
@@ -242,7 +242,7 @@ def tokenize_preferences(
     refuses is skipped as ``template_error``. ``chat_template_kwargs`` go to every rendering
     (a row's own ``chat_template_kwargs`` update them), and ``tools`` (schemas) to every row
     without its own; both need a chat template (``"auto"``).
-    ``processor``: a vision model's, for rows with images (``dpo.data.vision_tokenize``).
+    ``pair_class`` makes the row tokenizer (``dpo.data.vision_tokenize`` passes its own).
     ``max_prompt_length`` defaults to ``max_length // 2``; see
     ``_PairTokenizer.truncate_and_label`` for the truncation rules.
 
@@ -262,10 +262,6 @@ def tokenize_preferences(
     if "row_index" not in ds.column_names:
         ds = ds.add_column("row_index", list(range(len(ds))))
 
-    pair_class = _PairTokenizer
-    if processor is not None:  # it renders with its chat template, and expands the images
-        from dpo.data.vision_tokenize import VisionPairTokenizer as pair_class
-        tokenizer = processor
     pair_tokenizer = pair_class(
         tokenizer,
         max_length=max_length,

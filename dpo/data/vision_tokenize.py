@@ -19,11 +19,24 @@ row as ``image_truncated``, since its pixels would no longer match its tokens.
 """
 from __future__ import annotations
 
+import functools
 import io
 
+from dpo.data import tokenize as tokenize_module
 from dpo.data.errors import RowProblem
 from dpo.data.images import pil_image
 from dpo.data.tokenize import UNUSABLE_PAIR, _PairTokenizer
+
+
+def tokenize_pairs(ds, tokenizer, *, processor=None, **settings):
+    """``tokenize_preferences(ds, tokenizer, **settings)``; with a ``processor`` (a vision
+    model's), rendered with its chat template and the prompts' images expanded by it
+    (``VisionPairTokenizer``): the rows keep ``images`` and gain ``image_tokens``."""
+    if processor is None:
+        return tokenize_module.tokenize_preferences(ds, tokenizer, **settings)
+    return tokenize_module.tokenize_preferences(
+        ds, ProcessorTemplate(processor), **settings,
+        pair_class=functools.partial(VisionPairTokenizer, processor))
 
 
 class ProcessorTemplate:
@@ -58,14 +71,14 @@ class VisionPairTokenizer(_PairTokenizer):
 
     UNUSABLE = {**UNUSABLE_PAIR, "image_tokens": []}
 
-    def __init__(self, processor, **settings):
+    def __init__(self, processor, template: ProcessorTemplate, **settings):
         if processor.chat_template is None:
             raise ValueError(f"the processor ({type(processor).__name__}) has no chat template: "
                              "images need one that writes image parts")
         if settings.get("mode") != "auto":
             raise ValueError(f"rows with images need the processor's chat template (chat_template"
                              f" auto), not chat_template {settings.get('mode')}")
-        super().__init__(ProcessorTemplate(processor), **settings)
+        super().__init__(template, **settings)
         self.processor = processor
         self.image_ids = image_token_ids(processor)
         # The specials that open and close an image's tokens (<|vision_start|>, <end_of_image>).

@@ -20,8 +20,6 @@ import numpy as np
 from datasets import Dataset, Features, List, Value
 from datasets import Image as ImageFeature
 
-from dpo.data.images import pil_image
-
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220),
            "yellow": (235, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -35,8 +33,11 @@ FEATURES = Features({"images": List(ImageFeature()), "prompt": MESSAGES, "chosen
 def draw_shape(shape: str, colour: str, size: int, rng: random.Random, noise: np.ndarray):
     """A PIL image: ``shape`` in ``colour`` at a random place and scale on ``noise`` (a light
     ``(size, size, 3)`` uint8 background)."""
-    picture = pil_image().fromarray(noise)
-    from PIL import ImageDraw  # Pillow is there: pil_image said so
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        raise ImportError('the shapes set needs Pillow: pip install "dpo[vision]"') from None
+    picture = Image.fromarray(noise)
     extent = rng.randint(size // 2, size - 4)
     x, y = rng.randint(0, size - extent), rng.randint(0, size - extent)
     box = (x, y, x + extent - 1, y + extent - 1)
