@@ -62,11 +62,12 @@ def vision_column(format_name: str, features: Features) -> str | None:
     return column
 
 
-def undecoded(ds: Dataset) -> Dataset:
-    """``ds`` with its ``Image`` columns read as ``{"bytes", "path"}``: a Hub dataset's JPEGs
-    then reach the tokenized rows as the bytes they are, never decoded on the way."""
+def undecoded(ds):
+    """``ds`` (a ``Dataset`` or a stream) with its ``Image`` columns read as ``{"bytes",
+    "path"}``: a Hub dataset's JPEGs reach the tokenized rows as the bytes they are, never
+    decoded and re-encoded on the way."""
     for name in IMAGE_COLUMNS:
-        feature = ds.features.get(name)
+        feature = (ds.features or {}).get(name)  # a stream may not know its features
         inner = feature.feature if isinstance(feature, List) else feature
         if isinstance(inner, ImageFeature) and inner.decode:
             undecoded_feature = ImageFeature(decode=False)
