@@ -94,8 +94,8 @@ def test_a_missing_image_file_is_one_counted_line_in_the_report(tmp_path):
         {"bytes": None, "path": str(tmp_path / "gone.png")}])]))
     report = FilterReport.from_rows(rows["problem"], rows["row_index"], [False, False])
     assert report.dropped == {"image_unreadable": 1} and report.examples["image_unreadable"] == [1]
-    assert report.details["image_unreadable"] == [
-        f"images[0] {tmp_path / 'gone.png'}: No such file or directory"]
+    assert str(report) == "kept 1 of 2 pairs (0 truncated), dropped 1: image_unreadable 1 " \
+        f'(rows 1; "images[0] {tmp_path / "gone.png"}: No such file or directory")'
 
 
 def test_text_only_parts_are_plain_text_and_rankings_with_images_are_refused():
