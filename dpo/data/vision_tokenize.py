@@ -55,6 +55,8 @@ class ProcessorTemplate:
         return self.tokenizer(*args, **kwargs)
 
     def __getattr__(self, name):
+        if name in ("tokenizer", "chat_template") or name.startswith("__"):
+            raise AttributeError(name)  # unpickling (Dataset.map workers) asks before they are set
         return getattr(self.tokenizer, name)
 
 
