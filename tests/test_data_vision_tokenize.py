@@ -116,3 +116,23 @@ def test_the_cache_key_covers_the_processor_and_the_image_bytes(tmp_path):
     pairs, _ = tokenize_cached(rows, proc.tokenizer, cache_dir=tmp_path, log=lines.append,
                                **settings)
     assert "saved to cache" in lines[0] and pairs["images"] == rows["images"]
+
+
+def test_the_loaders_tokenize_images_with_the_processor_and_eval_rows_keep_them(tmp_path):
+    from dpo.config import TrainConfig
+    from dpo.demo.shapes import write_shapes_dataset
+    from dpo.train.loaders import build_datasets, make_collator
+    from tests.test_data_sources import _Accelerator
+
+    proc = processor("qwen2_5_vl")
+    folder = write_shapes_dataset(tmp_path / "shapes", n_train=4, n_test=2, seed=0)
+    cfg = TrainConfig(model="tiny-vl", dataset=str(folder), max_length=64, num_samples=None,
+                      eval_samples=2, tokenize_cache=False, padding_free=True,
+                      share_prompt=False)
+    train, evals = build_datasets(cfg, _Accelerator(), proc.tokenizer, processor=proc)
+    assert (len(train), len(evals)) == (4, 2) and train["image_tokens"] == [[1]] * 4
+    # Eval rows keep their images (for sample generations) beside their prompt messages.
+    assert [len(images) for images in evals["images"]] == [1, 1]
+    assert "prompt_messages" in evals.column_names
+    batch = make_collator(cfg, proc.tokenizer, processor=proc)(list(evals))
+    assert batch["image_counts"].tolist() == [1, 1] and "packed_sequences" in batch
