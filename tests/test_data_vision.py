@@ -128,6 +128,13 @@ def test_shape_pairs_are_deterministic_and_right():
         assert drawn == COLOURS[answer.rstrip(".").lower()]
 
 
+def test_streamed_image_columns_are_read_as_bytes():
+    """A stream (``--streaming``) is cast before its rows are drawn: the bytes, not PIL."""
+    stream = images.undecoded(shape_pairs(2, seed=0).to_iterable_dataset())
+    stored = shape_pairs(2, seed=0).cast_column("images", List(ImageFeature(decode=False)))
+    assert [row["images"] for row in stream] == stored["images"]
+
+
 def test_a_written_shapes_dataset_loads_with_its_test_split(tmp_path):
     folder = write_shapes_dataset(tmp_path / "shapes", n_train=6, n_test=3, seed=0)
     train, evals = load_preference_splits(str(folder), num_samples=None, eval_samples=3,
