@@ -22,6 +22,10 @@ precomputed summed log-probs. KTO's unpaired rows (``unpaired``) add ``label`` a
 completion on both sides; the collator puts the KL estimate's mismatched completion in the
 rejected rows. Rankings of N responses (``ranked``) add ``more_input_ids``/``more_labels``
 (ranks 3..N) and ``stages``, and batch as K slots ``[rank 1; rank 2; ...]``.
+
+Vision pairs (an ``images`` column, ``images``) are tokenized with the model's processor
+(``vision_tokenize.tokenize_pairs``), keep ``images`` (bytes) and add ``image_tokens``; the
+``VisionCollator`` (``vision_batching``) adds each pair's pixels once.
 """
 from dpo.data.batching import (REF_LOGPS_COLUMNS, LengthGroupedBatchSampler,
                                 PreferenceCollator, padding_fraction)
@@ -30,6 +34,7 @@ from dpo.data.draw import default_eval_samples
 from dpo.data.sources import load_preference_splits
 from dpo.data.report import FilterReport
 from dpo.data.tokenize import IGNORE_INDEX, prepare_tokenizer, tokenize_preferences
+from dpo.data.vision_batching import VisionCollator
 
 __all__ = [
     "DATA_FORMATS",
@@ -39,6 +44,7 @@ __all__ = [
     "LengthGroupedBatchSampler",
     "PreferenceCollator",
     "REF_LOGPS_COLUMNS",
+    "VisionCollator",
     "default_eval_samples",
     "load_preference_splits",
     "padding_fraction",

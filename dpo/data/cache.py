@@ -35,9 +35,9 @@ from datasets import Dataset, load_from_disk
 from datasets.fingerprint import Hasher
 
 from dpo.paths import cache_root
-from dpo.data import tokenize as tokenize_module
 from dpo.data.fingerprint import code_source
 from dpo.data.report import FilterReport
+from dpo.data.vision_tokenize import processor_settings, tokenize_pairs
 
 # Bump when the layout of an entry changes: older entries then miss.
 CACHE_FORMAT_VERSION = 1
@@ -110,15 +110,20 @@ def tokenizer_digest(tokenizer) -> str:
 
 def cache_key(ds: Dataset, tokenizer, settings: dict) -> str:
     """The hex key of what ``tokenize_preferences(ds, tokenizer, **settings)`` returns."""
+    processor = settings.get("processor")
     parts = {
         "format": CACHE_FORMAT_VERSION,
-        "rows": rows_digest(ds),
+        "rows": rows_digest(ds),  # a vision row's image bytes included
         "tokenizer": tokenizer_digest(tokenizer),
-        "settings": {k: v for k, v in settings.items() if k not in UNKEYED_SETTINGS},
+        "settings": {k: v for k, v in settings.items()
+                     if k not in (*UNKEYED_SETTINGS, "processor")},
         "code": hashlib.sha256(code_source().encode()).hexdigest(),
         "versions": [transformers.__version__, tokenizers.__version__, jinja2.__version__,
                      datasets.__version__],
     }
+    if processor is not None:  # a vision model's: its tokenizer, template and image settings
+        parts["processor"] = [tokenizer_digest(processor.tokenizer),
+                              processor_settings(processor)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -130,7 +135,8 @@ def tokenize_cached(
     log: Callable[[str], None] = print,
     **settings,
 ) -> tuple[Dataset, FilterReport]:
-    """``tokenize_preferences(ds, tokenizer, **settings)``, loaded from ``cache_dir`` when an
+    """``tokenize_pairs(ds, tokenizer, **settings)`` (``tokenize_preferences``, or with a vision
+    model's ``processor`` its vision variant), loaded from ``cache_dir`` when an
     earlier call (another run, or the first process of this one) saved the same result there.
 
     ``settings`` go to ``tokenize_preferences`` as they are and all but ``UNKEYED_SETTINGS``
@@ -139,14 +145,14 @@ def tokenize_cached(
     ``log`` gets one line saying where the pairs came from.
     """
     if cache_dir is None:
-        return tokenize_module.tokenize_preferences(ds, tokenizer, **settings)
+        return tokenize_pairs(ds, tokenizer, **settings)
     key = cache_key(ds, tokenizer, settings)
     path = Path(cache_dir) / key[:40]
     cached = _load(path, key)
     if cached is not None:
         log(f"tokenized pairs: {len(cached[0])} loaded from cache {path}")
         return cached
-    tokenized, report = tokenize_module.tokenize_preferences(ds, tokenizer, **settings)
+    tokenized, report = tokenize_pairs(ds, tokenizer, **settings)
     if _save(path, key, tokenized, report):
         log(f"tokenized pairs: {len(tokenized)} saved to cache {path}")
         # The saved copy is memory-mapped: the same dataset a hit returns, with no rows in RAM.

@@ -8,6 +8,7 @@ import numpy as np
 from datasets import Dataset, IterableDataset, ReadInstruction
 
 from dpo.data.formats import normalise, resolve_format
+from dpo.data.images import undecoded
 
 MAX_DEFAULT_EVAL_SAMPLES = 200
 # Rows in the buffer of a streamed shuffle: each drawn row is picked at random out of this many,
@@ -98,6 +99,8 @@ def _streamed_splits(source: IterableDataset, eval_source: IterableDataset | Non
                      data_format: str | None, num_proc: int | None,
                      eval_name: str | None) -> tuple[Dataset, Dataset]:
     """``load_preference_splits`` on streams: only the drawn rows are ever read."""
+    # Images as their bytes: decoded while streaming, a JPEG would be re-encoded on the way.
+    source, eval_source = undecoded(source), eval_source and undecoded(eval_source)
     drawn = _take(source, num_samples, seed, buffer_size, "num_samples")
     if eval_source is None:
         held = _held_out(eval_samples, num_samples)

@@ -10,7 +10,8 @@ from datasets.fingerprint import Hasher
 # The modules whose source decides the tokenized rows and the report. Both caches key on it
 # (datasets' map cache, ``_fingerprint``; the on-disk ``dpo.data.cache``): any edit misses.
 TOKENS_CODE = ("dpo.data.errors", "dpo.data.messages", "dpo.data.ranked", "dpo.data.transcripts",
-               "dpo.data.formats", "dpo.data.render", "dpo.data.report", "dpo.data.tokenize")
+               "dpo.data.formats", "dpo.data.render", "dpo.data.report", "dpo.data.tokenize",
+               "dpo.data.images", "dpo.data.vision_tokenize")
 
 
 def code_source() -> str:
@@ -36,4 +37,5 @@ def tokens_fingerprint(ds: Dataset, pair_tokenizer) -> str | None:
         tokenizer.eos_token, pair_tokenizer.end_id, pair_tokenizer.bos_id,
         pair_tokenizer.max_length, pair_tokenizer.max_prompt_length, renderer.mode,
         renderer.prompt_template, renderer.kwargs, renderer.tools, code_source(),
+        getattr(pair_tokenizer, "processor_key", None),  # a vision tokenizer's processor
     ])

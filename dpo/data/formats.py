@@ -11,6 +11,8 @@ and the trainer never look at the source format again:
 ``tools`` / ``chat_template_kwargs``
     the row's tool schemas and chat-template options as JSON text, ``""`` for none: every format
     may carry a ``tools`` and a ``chat_template_kwargs`` column.
+``images``
+    only for data with an ``images`` (or ``image``) column: see ``dpo.data.images``.
 ``row_index``
     the row's index in the source split, so that a bad row can be found in the original file.
 ``problem``
@@ -33,21 +35,16 @@ Supported formats (``DATA_FORMATS``):
     (Anthropic HH-RLHF): they are parsed into messages and split like ``conversational``, which puts
     the prompt at their common prefix up to the last ``\\n\\nAssistant:``.
 ``sharegpt``
-    ``conversations`` (list of ``{from, value}``) with ``chosen``/``rejected`` ``{from, value}``
-    messages (LLaMA-Factory's DPO demo).
+    ``conversations``, ``chosen``, ``rejected`` as ``{from, value}`` messages (LLaMA-Factory).
 ``unpaired``
-    ``prompt``, ``completion`` (strings or lists of messages) and a boolean ``label``, true for a
-    desirable completion: KTO's unpaired feedback. Its normalised rows hold the completion as
-    both ``chosen`` and ``rejected`` (tokenized alike; the collator puts the KL estimate's
-    mismatched completion in the rejected slot, ``dpo.data.unpaired``) and add ``label``.
+    ``prompt``, ``completion`` and a boolean ``label`` (true: desirable): KTO's feedback. Its
+    normalised rows hold the completion as ``chosen`` and ``rejected`` (``dpo.data.unpaired``).
 ``ranked``
     ``prompt``, ``responses`` and ``ranks`` (1 = best), or ``prompt``, ``chosen`` and a list of
-    ``rejected`` responses: rankings of N ≥ 2 responses (``dpo.data.ranked``). Rank 1 goes to
-    ``chosen``, rank 2 to ``rejected``, the rest best first to ``more``, with ``stages``.
+    ``rejected`` responses: rankings of N ≥ 2 responses (``dpo.data.ranked``).
 ``prompts``
-    ``prompt`` alone (a string or a list of messages; none of ``chosen``, ``rejected``,
-    ``completion``, ``responses``): prompts for online DPO to answer (``dpo.online.prompts``).
-    Their normalised rows have empty ``chosen`` and ``rejected``; ``train.py`` refuses them.
+    ``prompt`` alone: prompts for online DPO to answer (``dpo.online.prompts``). Their
+    normalised rows have empty ``chosen`` and ``rejected``; ``train.py`` refuses them.
 
 All of them go through one converter: only the column names differ, and a value may be a string
 (one message with the field's default role), one message dict or a list of them, with
@@ -56,11 +53,12 @@ All of them go through one converter: only the column names differ, and a value 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow.compute as pc
 from datasets import Dataset, Features, List, Value
 
+from dpo.data import images
 from dpo.data.errors import RowProblem
 from dpo.data.messages import (MESSAGE, ROLES, as_json, has_text, kwargs_of, to_messages,
                                tools_of)
@@ -88,6 +86,7 @@ DROP_REASONS = (
     "not_raw_text",  # --chat-template none, but a prompt or response is several messages
     "needs_chat_template",  # tools, tool calls or reasoning, and no chat template to render them
     "unrendered_tool_calls",  # the chat template does not write an assistant's tool calls
+    *images.DROP_REASONS,
 )
 
 NORMALISED_FEATURES = Features({"prompt": List(MESSAGE), "chosen": List(MESSAGE),
@@ -106,6 +105,7 @@ class FormatSpec:
     prompt: str | None
     chosen: str | None  # None: prompts only
     rejected: str | None  # None: unpaired rows (a completion and its label), or prompts only
+    images: str | None = None  # the column of a vision row's images (dpo.data.images)
 
 
 def _is_text(feature) -> bool:
@@ -143,6 +143,7 @@ def resolve_format(features: Features, data_format: str | None = None) -> Format
         raise ValueError(
             f"data format {data_format!r} needs columns {needed}, found {sorted(columns)}"
         )
+    spec = replace(spec, images=images.vision_column(spec.name, features))
     if spec.name == "unpaired" and features["label"] != Value("bool"):
         raise ValueError(f"label must hold booleans (true: a desirable completion), found "
                          f"{getattr(features['label'], 'dtype', features['label'])}")
@@ -179,7 +180,7 @@ def _detect(features: Features) -> str:
 
 def normalise_row(row: dict, spec: FormatSpec) -> dict:
     """Convert one source row to the normalised messages; defects go to ``problem``."""
-    ranking = {}
+    ranking, pictures = {}, []
     try:
         if spec.name == "ranked":
             prompt, responses, stages = ranked_responses(row, spec.prompt, spec.chosen,
@@ -215,12 +216,15 @@ def normalise_row(row: dict, spec: FormatSpec) -> dict:
         # A row's own tools and template options; the columns are optional in every format.
         tools = as_json(tools_of(row.get("tools")))
         kwargs = as_json(kwargs_of(row.get("chat_template_kwargs")))
+        if spec.images:
+            prompt, pictures = images.attach_images(row, spec, prompt, chosen, rejected)
     except RowProblem as problem:
         normalised = {"prompt": [], "chosen": [], "rejected": [], "tools": "",
                       "chat_template_kwargs": "", "problem": str(problem)}
     else:
         normalised = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": tools,
                       "chat_template_kwargs": kwargs, "problem": ""}
+    normalised |= {"images": pictures} if spec.images else {}
     if spec.name == "ranked":
         return {**normalised, **NO_RANKING, **ranking}
     return normalised if spec.name != "unpaired" else {**normalised, "label": bool(row["label"])}
@@ -236,6 +240,8 @@ def normalise(ds: Dataset, *, data_format: str | None = None,
     spec = resolve_format(ds.features, data_format)
     features = {"ranked": RANKED_FEATURES, "unpaired": UNPAIRED_FEATURES}.get(
         spec.name, NORMALISED_FEATURES)
+    if spec.images:  # undecoded: the images' bytes reach the rows as they are
+        features, ds = Features({**features, "images": List(images.IMAGE)}), images.undecoded(ds)
     if row_indices is None:
         row_indices = list(range(len(ds)))
     if len(row_indices) != len(ds):

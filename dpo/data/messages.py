@@ -19,6 +19,7 @@ from pathlib import Path
 from datasets import Value
 
 from dpo.data.errors import RowProblem
+from dpo.data.images import PARTS_KEY, split_parts
 
 MESSAGE = {"role": Value("string"), "content": Value("string"), "fields": Value("string")}
 ROLES = ("system", "user", "assistant", "tool")
@@ -62,6 +63,10 @@ def to_message(value, where: str) -> dict:
             content = ""
     if content is None and "tool_calls" in fields:
         content = ""
+    if isinstance(content, list):  # parts (vision data, dpo.data.images)
+        content, parts = split_parts(content, where)
+        if parts:
+            fields[PARTS_KEY] = parts
     if content is None:
         raise RowProblem("missing_field", f"{where} has no content")
     if not isinstance(content, str):
@@ -97,9 +102,10 @@ def to_messages(value, field: str, default_role: str) -> list[dict]:
 
 def expand(message: dict) -> dict:
     """The message as a chat template reads it: role, content and its other fields."""
-    fields = message.get("fields")
-    return {"role": message["role"], "content": message["content"],
-            **(json.loads(fields) if fields else {})}
+    fields = json.loads(message["fields"]) if message.get("fields") else {}
+    # A message with images: its parts are its content (the text alone is in "content").
+    content = fields.pop(PARTS_KEY, None) or message["content"]
+    return {"role": message["role"], "content": content, **fields}
 
 
 def extra_fields(message: dict) -> dict:
@@ -109,9 +115,9 @@ def extra_fields(message: dict) -> dict:
 
 
 def has_text(message: dict) -> bool:
-    """Whether the message says anything: content, reasoning or a tool call."""
+    """Whether the message says anything: content, an image, reasoning or a tool call."""
     fields = extra_fields(message)
-    return bool(message["content"].strip() or fields.get("tool_calls")
+    return bool(message["content"].strip() or fields.get("tool_calls") or fields.get(PARTS_KEY)
                 or str(fields.get("reasoning_content") or "").strip())
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from dpo.data.formats import DROP_REASONS
 
 # Reasons whose detail the report prints: the row indices alone do not say what went wrong.
-REPORTED_DETAILS = ("template_error", "template_mismatch", "not_raw_text", "needs_chat_template")
+REPORTED_DETAILS = ("template_error", "template_mismatch", "not_raw_text", "needs_chat_template",
+                    "image_unreadable", "image_count_mismatch", "image_truncated")
 
 
 @dataclass

@@ -56,6 +56,8 @@ class _PairTokenizer:
     ``PairRenderer``).
     """
 
+    UNUSABLE = UNUSABLE_PAIR  # a vision tokenizer adds its columns (dpo.data.vision_tokenize)
+
     def __init__(self, tokenizer, *, max_length, max_prompt_length, mode, prompt_template=None,
                  chat_template_kwargs=None, tools=None):
         self.tokenizer = tokenizer
@@ -90,14 +92,14 @@ class _PairTokenizer:
                     problems[i] = str(problem)
         encoded = self.encode_rows(texts)
 
-        unusable = {**UNUSABLE_PAIR, **UNUSABLE_MORE} if ranked else UNUSABLE_PAIR
+        unusable = {**self.UNUSABLE, **UNUSABLE_MORE} if ranked else self.UNUSABLE
         out = {name: [] for name in [*unusable, "problem"]}
         for i, problem in enumerate(problems):
             pair = unusable
             if not problem:
                 try:
                     extra = encode_more(self, texts[i][0], more[i]) if ranked else None
-                    pair = self.truncate_and_label(*encoded[i], more=extra)
+                    pair = self.pair_columns(rows[i], texts[i][0], *encoded[i], more=extra)
                 except RowProblem as skip:
                     problem = str(skip)
             unrendered = not problem and bool(rows[i].get("tools") or self.renderer.tools) \
@@ -135,6 +137,11 @@ class _PairTokenizer:
                 self.response_ids(prompt_ids, rejected_ids, rejected),
             )
         return encoded
+
+    def pair_columns(self, row: dict, prompt_text: str, prompt: list[int], chosen: list[int],
+                     rejected: list[int], more=None) -> dict:
+        """The tokenized row's columns (``truncate_and_label``) from its ids."""
+        return self.truncate_and_label(prompt, chosen, rejected, more=more)
 
     def response_ids(self, prompt_ids: list[int], full_ids: list[int], body: str) -> list[int]:
         """The response's ids after ``prompt_ids``, ending with the turn's end token, once.
@@ -217,6 +224,7 @@ def tokenize_preferences(
     tools: list[dict] | None = None,
     strict: bool = False,
     num_proc: int | None = None,
+    pair_class=_PairTokenizer,
 ) -> tuple[Dataset, FilterReport]:
     """Tokenize normalised preference rows; skip (or, ``strict``, refuse) bad ones.
 
@@ -234,6 +242,7 @@ def tokenize_preferences(
     refuses is skipped as ``template_error``. ``chat_template_kwargs`` go to every rendering
     (a row's own ``chat_template_kwargs`` update them), and ``tools`` (schemas) to every row
     without its own; both need a chat template (``"auto"``).
+    ``pair_class`` makes the row tokenizer (``dpo.data.vision_tokenize`` passes its own).
     ``max_prompt_length`` defaults to ``max_length // 2``; see
     ``_PairTokenizer.truncate_and_label`` for the truncation rules.
 
@@ -253,7 +262,7 @@ def tokenize_preferences(
     if "row_index" not in ds.column_names:
         ds = ds.add_column("row_index", list(range(len(ds))))
 
-    pair_tokenizer = _PairTokenizer(
+    pair_tokenizer = pair_class(
         tokenizer,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
@@ -268,7 +277,7 @@ def tokenize_preferences(
         batched=True,
         batch_size=256,
         remove_columns=[name for name in ds.column_names if name not in ("row_index", "label",
-                                                                          "stages")],
+                                                                          "stages", "images")],
         num_proc=num_proc,
         new_fingerprint=_fingerprint(ds, pair_tokenizer),
         desc="tokenizing preference pairs",

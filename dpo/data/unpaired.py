@@ -27,6 +27,9 @@ def as_unpaired(ds: Dataset) -> Dataset:
     A pair's problem goes to both of its rows."""
     if is_unpaired(ds):
         return ds
+    if "images" in ds.column_names:
+        raise ValueError("its rows have images: unpaired losses (KTO) do not take images yet; "
+                         "vision data trains as pairs")
 
     def split(batch: dict[str, list]) -> dict[str, list]:
         out = {name: [] for name in UNPAIRED_FEATURES}

@@ -22,7 +22,7 @@ from dpo import data, demo
 from dpo.config import ConfigError, TrainConfig
 from dpo.data.cache import default_cache_dir, tokenize_cached
 from dpo.data.formats import holds_prompts_only
-from dpo.data import mixture, ranked, unpaired
+from dpo.data import images, mixture, ranked, unpaired
 from dpo.data.mixture import PER_DATASET
 from dpo.data.sources import layout_warning
 from dpo.data.messages import read_tools_file
@@ -32,8 +32,9 @@ from dpo.loss import is_unpaired
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".gz")
 
 
-def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
-    """`(train pairs, eval pairs or None)`: loaded, tokenized and validated.
+def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer, processor=None):
+    """`(train pairs, eval pairs or None)`: loaded, tokenized (with images: by `processor`,
+    a vision model's, None for a text model) and validated.
 
     A mixture (several `--dataset`s, see `dpo.data.mixture`) is drawn and tokenized dataset by
     dataset, each with its own filter report, then concatenated; its eval rows carry their
@@ -60,7 +61,7 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
             train, evals, report = _load_one(
                 cfg, accelerator, tokenizer, datasets_[i], cfg.dataset[i], seed=cfg.seed + i,
                 num_samples=num_samples, eval_samples=eval_samples, eval_dataset=eval_dataset,
-                mixed=len(names) > 1, **settings[i])
+                mixed=len(names) > 1, processor=processor, **settings[i])
             accelerator.print(f"train pairs{f' ({name})' if len(names) > 1 else ''}: {report}")
             train_parts.append(train)
             if isinstance(evals, EmptyEval):
@@ -73,6 +74,8 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
     if emptied and not eval_parts:
         raise ConfigError(f"no eval pair is left of any dataset ({'; '.join(emptied)}); choose "
                           "other eval rows, or --eval-samples 0 to train without eval")
+    if len({"images" in part.column_names for part in train_parts}) > 1:
+        raise ConfigError("a mixture of datasets with and without images: train on one kind")
     if len(train_parts) > 1:
         accelerator.print(f"train pairs: {sum(map(len, train_parts))} from {len(names)} datasets "
                           f"({', '.join(f'{n} {len(p)}' for n, p in zip(names, train_parts))})")
@@ -89,16 +92,17 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer):
     return train_ds, eval_ds
 
 
-def make_collator(cfg: TrainConfig, tokenizer) -> data.PreferenceCollator:
+def make_collator(cfg: TrainConfig, tokenizer, processor=None) -> data.PreferenceCollator:
     """The run's collator, padding or packing, sharing prompts or not, as `cfg.padding_free` and
     `cfg.share_prompt` settled (bools by then: `dpo.model.probes.settle_logps_path` decides the
-    defaults once the model is loaded)."""
+    defaults once the model is loaded); with a vision model's `processor`, pixels too."""
     if cfg.padding_free is None or cfg.share_prompt is None:
         raise ValueError("padding_free and share_prompt are not settled yet: call "
                          "settle_logps_path first")
-    return data.PreferenceCollator(tokenizer.pad_token_id, padding_free=cfg.padding_free,
-                                   max_packed_tokens=cfg.padding_free_max_tokens,
-                                   share_prompt=cfg.share_prompt, max_length=cfg.max_length)
+    vision = {"processor": processor} if processor is not None else {}
+    return (data.VisionCollator if vision else data.PreferenceCollator)(
+        tokenizer.pad_token_id, padding_free=cfg.padding_free, share_prompt=cfg.share_prompt,
+        max_packed_tokens=cfg.padding_free_max_tokens, max_length=cfg.max_length, **vision)
 
 
 def dataset_names(cfg: TrainConfig) -> list[str]:
@@ -112,7 +116,7 @@ class EmptyEval(str):
 
 
 def _load_one(cfg: TrainConfig, accelerator: Accelerator, tokenizer, dataset: str, given: str,
-              mixed: bool = False, **settings):
+              mixed: bool = False, processor=None, **settings):
     """One dataset's `(train pairs, eval pairs or None, filter report)`; errors name it.
 
     Eval rows that tokenizing drops every one of stop a run of one dataset (the training pairs are
@@ -146,6 +150,7 @@ def _load_one(cfg: TrainConfig, accelerator: Accelerator, tokenizer, dataset: st
             raise ValueError("its rows are unpaired (prompt, completion, label): they train with "
                              "--loss-type kto, not with loss_type "
                              f"{', '.join(cfg.loss_type)}, which needs pairs")
+        tokenize["processor"] = images.processor_for([train_rows, eval_rows], processor, cfg.model)
         train, report = tokenize_cached(train_rows, tokenizer, **tokenize)
         if not len(eval_rows):
             return train, None, report
