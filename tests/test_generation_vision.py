@@ -225,7 +225,8 @@ def test_sample_prompts_come_with_their_images_and_text_rows_without():
 @pytest.mark.parametrize("with_images", [True, False])
 def test_logged_samples_name_their_prompts_images(monkeypatch, tmp_path, with_images):
     """samples.jsonl names each prompt's images (its path, else a short hash of its bytes) beside
-    the policy's answer to it; text rows' samples keep their fields."""
+    the policy's answer to it, and shows each image as one image token; text rows' samples keep
+    their fields."""
     model, processor = built("gemma3")
     ids, images = prompts_of("gemma3", PROMPTS[:2] if with_images else
                              [("Say hello.", [], []), ("Say goodbye.", [], [])])
@@ -252,5 +253,10 @@ def test_logged_samples_name_their_prompts_images(monkeypatch, tmp_path, with_im
         assert [s["images"] for s in samples] == [[f"sha256:{digest}"],
                                                   ["pictures/blue.png", f"sha256:{other}"]]
         assert list(samples[0]) == ["step", "prompt", "images", "policy"]
+        # Each image shows as one image token, not the run the processor expanded it to.
+        soft = processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+        assert [s["prompt"].count(soft) for s in samples] == [1, 2]
+        assert samples[0]["prompt"].replace(soft, "") == processor.tokenizer.decode(
+            [t for t in ids[0] if t != model.config.image_token_id])
     else:
         assert list(samples[0]) == ["step", "prompt", "policy"]

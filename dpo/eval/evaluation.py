@@ -14,7 +14,7 @@ from dpo.data.batching import num_pairs
 # generate_answers and share are imported from here too (train.py, dpo/evaluate.py)
 from dpo.eval.generation import generate_answers, share
 from dpo.eval.judges import checked_scores, load_judge, win_rate
-from dpo.eval.vision_inputs import image_label
+from dpo.eval.vision_inputs import collapsed, image_label
 from dpo.train.loaders import dataset_names
 from dpo.train.metrics import class_means, pair_keys, pair_stats
 from dpo.train.step import Objective, chosen_token_counts, dpo_step, token_mean
@@ -122,9 +122,12 @@ class Evaluator:
         if self.best is not None:
             self.best.observe(step, results)
         if self.accelerator.is_main_process:
+            image_token = (None if self.images is None
+                           else self.accelerator.unwrap_model(policy).config.image_token_id)
             samples = []
             for i, (ids, answer) in enumerate(zip(self.prompts, answers)):
-                sample = {"prompt": self.tokenizer.decode(ids)}
+                sample = {"prompt": self.tokenizer.decode(ids if image_token is None
+                                                          else collapsed(ids, image_token))}
                 if self.images is not None:  # which pictures the answers are about
                     sample["images"] = [image_label(record) for record in self.images[i]]
                 sample["policy"] = answer

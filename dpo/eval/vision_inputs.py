@@ -51,6 +51,12 @@ def forget_rope_deltas(model) -> None:
         inner.rope_deltas = None
 
 
+def collapsed(ids: list[int], token: int) -> list[int]:
+    """`ids` with each run of `token` cut to one: a prompt as logs show it, each image one
+    placeholder however many tokens the processor expanded it to (a real model's: hundreds)."""
+    return [t for i, t in enumerate(ids) if t != token or i == 0 or ids[i - 1] != token]
+
+
 def decoded(record: dict):
     """A PIL image from `{"bytes", "path"}`: its bytes, else the file at its path."""
     try:
