@@ -178,11 +178,12 @@ def test_a_repeated_prompt_repeats_its_images(monkeypatch):
     assert calls == [([ids[2], ids[0]], [images[2], images[0]])]
 
 
-def test_sampled_answers_with_images_see_their_own_images():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampled_answers_with_images_see_their_own_images(family):
     """k sampled answers per prompt (`num_return_sequences` repeats each prompt's images too,
     one prompt with two): nearly greedy, each is the prompt's greedy answer alone."""
-    model, processor = built("gemma3")
-    ids, images = prompts_of("gemma3", PROMPTS[:3])
+    model, processor = built(family)
+    ids, images = prompts_of(family, PROMPTS[:3])
     greedy = generate_answers(Accelerator(cpu=True), settings(1, max_new_tokens=3), model,
                               processor.tokenizer, ids, images, processor)
     samples = sample_answers(Accelerator(cpu=True), model, processor.tokenizer, ids, k=2,
