@@ -14,6 +14,7 @@ from dpo.data.batching import num_pairs
 # generate_answers and share are imported from here too (train.py, dpo/evaluate.py)
 from dpo.eval.generation import generate_answers, share
 from dpo.eval.judges import checked_scores, load_judge, win_rate
+from dpo.eval.vision_inputs import collapsed, image_label
 from dpo.train.loaders import dataset_names
 from dpo.train.metrics import class_means, pair_keys, pair_stats
 from dpo.train.step import Objective, chosen_token_counts, dpo_step, token_mean
@@ -69,6 +70,14 @@ def sample_prompts(cfg: TrainConfig, eval_rows) -> list[list[int]]:
                                           if t != IGNORE_INDEX)] for row in rows]
 
 
+def sample_images(cfg: TrainConfig, eval_rows) -> list[list[dict]] | None:
+    """The images of the `sample_prompts` (one list per prompt, `{"bytes", "path"}` each, in
+    prompt order), for `generate_answers`; None for text rows (no `images` column)."""
+    if eval_rows is None or "images" not in eval_rows.column_names:
+        return None
+    return eval_rows.select(range(min(cfg.num_sample_generations, len(eval_rows))))["images"]
+
+
 class Evaluator:
     """Held-out metrics and the policy's sample answers beside the reference's, at a step; with a
     judge (`--judge`), both scored: `eval/reward/{policy,reference}`, `eval/win_rate` and
@@ -77,14 +86,18 @@ class Evaluator:
     The reference is frozen, so its answers are the same at every eval (with sampling, one draw):
     the caller generates them once (`generate_answers`) and passes them in; the reference model
     itself may be gone by then (`--precompute-ref-logps`). They are judged once, at the first eval.
-    A `best` tracker (`dpo.train.best.BestCheckpoint`) is shown every eval's results.
+    A `best` tracker (`dpo.train.best.BestCheckpoint`) is shown every eval's results. A vision
+    run's prompts come with their `images` (`sample_images`) and the model's `processor`; each
+    sample then names its prompt's images (`image_label`).
     """
 
     def __init__(self, accelerator: Accelerator, cfg: TrainConfig, logger, tokenizer, loader,
                  prompts: list[list[int]], reference_answers: list[str] | None,
-                 objective: Objective | None = None, best=None):
+                 objective: Objective | None = None, best=None,
+                 images: list[list[dict]] | None = None, processor=None):
         self.accelerator, self.cfg, self.logger = accelerator, cfg, logger
         self.tokenizer, self.loader, self.prompts = tokenizer, loader, prompts
+        self.images, self.processor = images, processor
         self.reference_answers, self.objective, self.best = reference_answers, objective, best
         self.done: tuple[int, dict] | None = None  # the latest eval: (step, results)
         self.names = dataset_names(cfg) if len(cfg.dataset) > 1 else None
@@ -102,16 +115,22 @@ class Evaluator:
         results = evaluate(self.accelerator, self.cfg, policy, reference, self.loader,
                            self.names, self.objective.bco_delta if self.objective else 0.0)
         answers = generate_answers(self.accelerator, self.cfg, policy, self.tokenizer,
-                                   self.prompts)
+                                   self.prompts, self.images, self.processor)
         scores = self.judged(answers, results, step)
         self.answers[step], self.done = answers, (step, results)
         self.logger.log(step, results)
         if self.best is not None:
             self.best.observe(step, results)
         if self.accelerator.is_main_process:
+            image_token = (None if self.images is None
+                           else self.accelerator.unwrap_model(policy).config.image_token_id)
             samples = []
             for i, (ids, answer) in enumerate(zip(self.prompts, answers)):
-                sample = {"prompt": self.tokenizer.decode(ids), "policy": answer}
+                sample = {"prompt": self.tokenizer.decode(ids if image_token is None
+                                                          else collapsed(ids, image_token))}
+                if self.images is not None:  # which pictures the answers are about
+                    sample["images"] = [image_label(record) for record in self.images[i]]
+                sample["policy"] = answer
                 if self.reference_answers is not None:  # None for a reference-free loss
                     sample["reference"] = self.reference_answers[i]
                 if scores is not None:

@@ -8,6 +8,10 @@ random state stays untouched). Under ZeRO-3 and FSDP each forward gathers shards
 process, so all of them must make the same number of `generate` calls: a process with less work
 repeats some (their results dropped), and `synced_gpus` keeps a process whose answers ended early
 stepping until the last one is done.
+
+A vision-language model's prompts come with their images (`images`: one list per prompt, as the
+tokenized rows hold them) and the model's `processor`: each batch's images go to `generate` as
+pixel values beside the ids (`dpo.eval.vision_inputs`), and a repeated prompt repeats its images.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
+
+from dpo.eval.vision_inputs import forget_rope_deltas, image_inputs
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,11 @@ def share(accelerator: Accelerator, n: int) -> tuple[list[int], int]:
 
 
 @torch.no_grad()
-def generate_answers(accelerator: Accelerator, cfg, model, tokenizer,
-                     prompts: list[list[int]]) -> list[str]:
-    """Answers of `model` to `prompts`, decoded, in order, on every process: greedy, or sampled
-    with `generation_temperature` and `generation_top_p` (seeded by `seed` and the process).
+def generate_answers(accelerator: Accelerator, cfg, model, tokenizer, prompts: list[list[int]],
+                     images: list[list[dict]] | None = None, processor=None) -> list[str]:
+    """Answers of `model` to `prompts` (with their `images`, read by `processor`: see the
+    module's docstring), decoded, in order, on every process: greedy, or sampled with
+    `generation_temperature` and `generation_top_p` (seeded by `seed` and the process).
 
     Each process generates its share (`share`), `generation_batch_size` left-padded prompts at a
     time, and the answers are gathered; under ZeRO-3 and FSDP a smaller share is padded with
@@ -55,11 +62,10 @@ def generate_answers(accelerator: Accelerator, cfg, model, tokenizer,
     if not prompts:
         return []
     _refuse_empty(prompts)
+    _check_images(prompts, images, processor)
     synced = _synced(accelerator)
     mine, per = share(accelerator, len(prompts))
-    work = [prompts[i] for i in mine]
-    if synced:
-        work += [prompts[0]] * (per - len(work))
+    work = mine + ([0] * (per - len(mine)) if synced else [])  # repeats: answers dropped
     sampling = (dict(do_sample=True, temperature=cfg.generation_temperature,
                      top_p=cfg.generation_top_p) if cfg.generation_temperature > 0
                 else dict(do_sample=False))
@@ -67,9 +73,10 @@ def generate_answers(accelerator: Accelerator, cfg, model, tokenizer,
     with _generating(accelerator, model) as unwrapped:
         torch.manual_seed(cfg.seed + accelerator.process_index)
         for start in range(0, len(work), cfg.generation_batch_size):
-            new = _generate(accelerator, unwrapped, tokenizer,
-                            work[start:start + cfg.generation_batch_size], synced=synced,
-                            max_new_tokens=cfg.max_new_tokens, **sampling)
+            chunk = work[start:start + cfg.generation_batch_size]
+            new = _generate(accelerator, unwrapped, tokenizer, [prompts[i] for i in chunk],
+                            synced=synced, max_new_tokens=cfg.max_new_tokens,
+                            **_vision(images, chunk, processor), **sampling)
             answers += [tokenizer.decode(row, skip_special_tokens=True) for row in new]
     answers = answers[:len(mine)]
     return gather_object(answers) if accelerator.num_processes > 1 else answers
@@ -78,8 +85,10 @@ def generate_answers(accelerator: Accelerator, cfg, model, tokenizer,
 @torch.no_grad()
 def sample_answers(accelerator: Accelerator, model, tokenizer, prompts: list[list[int]], *,
                    k: int, temperature: float, top_p: float, max_new_tokens: int,
-                   batch_size: int, seed: int) -> list[list[Sample]]:
-    """`k` sampled answers to each prompt, in prompt order, on every process.
+                   batch_size: int, seed: int, images: list[list[dict]] | None = None,
+                   processor=None) -> list[list[Sample]]:
+    """`k` sampled answers to each prompt (with its `images`, read by `processor`), in prompt
+    order, on every process.
 
     Sampled from the model's distribution at `temperature`, cut to nucleus `top_p` (no top-k cut:
     transformers' default top-k of 50 is turned off). The same samples however many processes
@@ -98,6 +107,7 @@ def sample_answers(accelerator: Accelerator, model, tokenizer, prompts: list[lis
     if not prompts:
         return []
     _refuse_empty(prompts)
+    _check_images(prompts, images, processor)
     synced = _synced(accelerator)
     batches = math.ceil(len(prompts) / batch_size)
     mine, per = share(accelerator, batches)
@@ -107,9 +117,10 @@ def sample_answers(accelerator: Accelerator, model, tokenizer, prompts: list[lis
         eos = _eos_ids(unwrapped, tokenizer)
         for b in work:
             torch.manual_seed(_batch_seed(seed, b))
-            new = _generate(accelerator, unwrapped, tokenizer,
-                            prompts[b * batch_size:(b + 1) * batch_size], synced=synced,
-                            max_new_tokens=max_new_tokens, do_sample=True,
+            chunk = range(b * batch_size, min((b + 1) * batch_size, len(prompts)))
+            new = _generate(accelerator, unwrapped, tokenizer, [prompts[i] for i in chunk],
+                            synced=synced, max_new_tokens=max_new_tokens,
+                            **_vision(images, chunk, processor), do_sample=True,
                             temperature=temperature, top_p=top_p, top_k=0,
                             num_return_sequences=k, eos_token_id=eos or None)
             rows = [_sample(tokenizer, row, eos) for row in new.tolist()]
@@ -124,6 +135,22 @@ def _refuse_empty(prompts: list[list[int]]) -> None:
     if empty is not None:  # tokenizing drops such pairs (no_prompt_tokens): none should get here
         raise ValueError(f"sample prompt {empty} has no tokens: a model without a BOS has "
                          "nothing to generate its first token from")
+
+
+def _check_images(prompts: list[list[int]], images: list[list[dict]] | None, processor) -> None:
+    if images is None:
+        return
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} sample prompts but {len(images)} lists of images: "
+                         "give each prompt its images (an empty list for none)")
+    if processor is None:
+        raise ValueError("sample prompts with images need the model's processor (processor=...)")
+
+
+def _vision(images: list[list[dict]] | None, chunk, processor) -> dict:
+    """`_generate`'s image arguments for the prompts at indices `chunk`; {} for text prompts."""
+    return {} if images is None else {"images": [images[i] for i in chunk],
+                                      "processor": processor}
 
 
 def _synced(accelerator: Accelerator) -> bool:
@@ -145,22 +172,27 @@ def _generating(accelerator: Accelerator, model):
             yield model
     finally:
         model.train(was_training)
+        forget_rope_deltas(model)
 
 
 def _generate(accelerator: Accelerator, model, tokenizer, batch: list[list[int]], *,
-              synced: bool, max_new_tokens: int, **sampling) -> torch.Tensor:
+              synced: bool, max_new_tokens: int, images: list[list[dict]] | None = None,
+              processor=None, **sampling) -> torch.Tensor:
     """The new tokens of `batch`'s answers, `(rows, new tokens)`, padding after an answer's end
-    included; `sampling` goes to `generate`."""
+    included; the prompts' `images` go in through `processor`, `sampling` to `generate`."""
     width = max(map(len, batch))
     # Left padding: every answer starts right after its prompt, at column `width`.
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch],
                        dtype=torch.long, device=accelerator.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch],
                         dtype=torch.long, device=accelerator.device)
+    # The images' placeholder runs keep their places in the padded rows: Qwen's 3-D rotary
+    # positions are counted from each row's first unpadded token (`attention_mask`).
+    pictures = {} if images is None else image_inputs(model, processor, images, ids)
     with accelerator.autocast():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, synced_gpus=synced,
-                             use_cache=True, **sampling)
+                             use_cache=True, **pictures, **sampling)
     return out[:, width:]
 
 
