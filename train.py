@@ -23,13 +23,13 @@ from dpo import demo
 from dpo.eval import model_card
 from dpo.train import checkpoint
 from dpo.config import ConfigError, TrainConfig, load_config
-from dpo.eval.evaluation import Evaluator, generate_answers, sample_prompts
+from dpo.eval.evaluation import Evaluator, generate_answers, sample_images, sample_prompts
 from dpo.model.probes import settle_logps_path
 from dpo.online.rounds import run_online
 from dpo.train.loaders import build_dataloaders, build_datasets, make_collator
 from dpo.train.metrics import MetricsLogger, TrainMetrics, log_train, pair_keys, pair_stats
-from dpo.model.loading import (check_reference_layout, load_policy_and_reference, load_tokenizer,
-                               prepare_reference)
+from dpo.model.loading import (check_reference_layout, load_policy_and_reference,
+                               load_tokenizer_and_processor, prepare_reference)
 from dpo.train.best import BestCheckpoint
 from dpo.train.reference_cache import precompute_for_run
 from dpo.train.runtime import make_accelerator, make_optimizer
@@ -59,8 +59,8 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     set_seed(cfg.seed)
     with accelerator.main_process_first():  # builds the offline demo model once
         model_path = demo.resolve_model(cfg.model)
-    tokenizer = load_tokenizer(cfg, model_path)
-    train_ds, eval_ds = build_datasets(cfg, accelerator, tokenizer)
+    tokenizer, processor = load_tokenizer_and_processor(cfg, model_path)  # processor: images
+    train_ds, eval_ds = build_datasets(cfg, accelerator, tokenizer, processor)
     policy, reference = load_policy_and_reference(cfg, model_path)
     # Only now, with data and models loaded, does the run touch its output directory: a bad
     # input leaves no half-made run behind (nor a non-empty directory that blocks the rerun).
@@ -82,16 +82,15 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
         changed += checkpoint.settled_changes(resume_dir, cfg)
         if changed:
             accelerator.print(f"warning: resuming with changed settings: {', '.join(changed)}")
-    collate = make_collator(cfg, tokenizer)  # packing or padding, now settled
+    collate = make_collator(cfg, tokenizer, processor)  # packing or padding, now settled
     # Frozen and greedy, the reference answers the sample prompts alike at every eval: once.
-    prompts = sample_prompts(cfg, eval_ds)
-    ref_answers = (None if reference is None  # reference-free loss
-                   else generate_answers(accelerator, cfg, reference, tokenizer, prompts))
+    prompts, images = sample_prompts(cfg, eval_ds), sample_images(cfg, eval_ds)
+    ref_answers = None if reference is None else generate_answers(  # None: reference-free loss
+        accelerator, cfg, reference, tokenizer, prompts, images, processor)
     if cfg.precompute_ref_logps:  # the batches then carry the reference's log-probs
         train_ds, eval_ds = precompute_for_run(accelerator, cfg, reference, model_path,
                                                train_ds, eval_ds, collate)
-        # Nothing else holds the reference (it is not among accelerate's models): dropping our
-        # name frees it; gc collects what reference cycles still hold, then the device cache.
+        # Not among accelerate's models, the reference goes with our name (gc: its cycles).
         reference = None
         clear_device_cache(garbage_collection=True)
         accelerator.print("reference: freed; training on its precomputed log-probs")
@@ -122,7 +121,7 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
     metrics = TrainMetrics(accelerator.device, pair_keys(cfg))
     guard, stop = NonFiniteGuard(accelerator, cfg.skip_nonfinite_steps), StopRequest(accelerator)
     evaluator = Evaluator(accelerator, cfg, logger, tokenizer, eval_loader, prompts, ref_answers,
-                          objective, best)
+                          objective, best, images, processor)
     before = evaluator.run(policy, reference, step) if cfg.eval_on_start and not resume_dir else {}
     policy.train()
     timer = time.perf_counter()
@@ -188,7 +187,8 @@ def train(cfg: TrainConfig, output_dir: Path) -> None:
 
     # With --load-best-model-at-end the best checkpoint's weights, and their results, from here.
     final = best.finish(accelerator, output_dir, step, evaluator.run(policy, reference, step))
-    checkpoint.save_final(accelerator, policy, tokenizer, output_dir, cfg.merge_adapter)
+    checkpoint.save_final(accelerator, policy, processor or tokenizer, output_dir,
+                          cfg.merge_adapter)  # a vision model's processor holds its tokenizer
     if accelerator.is_main_process:
         (output_dir / "eval_results.json").write_text(json.dumps(final, indent=2))
         model_card.write(output_dir, cfg, final, step, accelerator.num_processes, train_ds, eval_ds)

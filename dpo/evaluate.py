@@ -29,13 +29,13 @@ from dpo.model import lora
 from dpo.train import checkpoint
 from dpo.config import ConfigError, TrainConfig, load_config
 from dpo.config.model import adapter_base, is_adapter_dir, uses_peft
-from dpo.eval.evaluation import Evaluator, generate_answers, sample_prompts
+from dpo.eval.evaluation import Evaluator, generate_answers, sample_images, sample_prompts
 from dpo.model.probes import settle_logps_path
 from dpo.train.loaders import build_datasets, eval_loader_of, make_collator
 from dpo.loss import needs_reference
 from dpo.train.metrics import MetricsLogger
-from dpo.model.loading import (load_causal_lm, load_reference_model, load_tokenizer,
-                        prepare_reference)
+from dpo.model.loading import (load_causal_lm, load_reference_model,
+                               load_tokenizer_and_processor, prepare_reference)
 from dpo.train.runtime import make_accelerator
 
 RUN_CONFIG = "training_config.yaml"
@@ -136,8 +136,8 @@ def run(cfg: TrainConfig, source: Source) -> dict:
     set_seed(cfg.seed)
     with accelerator.main_process_first():  # builds the offline demo model once
         base = demo.resolve_model(source.trained.model if source.checkpoint else cfg.model)
-    tokenizer = load_tokenizer(cfg, base)
-    _, eval_ds = build_datasets(cfg, accelerator, tokenizer)
+    tokenizer, processor = load_tokenizer_and_processor(cfg, base)  # processor: a vision model's
+    _, eval_ds = build_datasets(cfg, accelerator, tokenizer, processor)
     if eval_ds is None or len(eval_ds) == 0:
         raise ConfigError(f"dataset {', '.join(cfg.dataset)}: no eval pairs to evaluate on (set "
                           "--eval-split, or --eval-samples above 0, or check the filter report "
@@ -146,7 +146,7 @@ def run(cfg: TrainConfig, source: Source) -> dict:
     policy = policy.to(accelerator.device)
     reference = prepare_reference(accelerator, reference)
     cfg = settle_logps_path(accelerator, cfg, policy, reference)
-    collate = make_collator(cfg, tokenizer)  # packing or padding, as training settled it
+    collate = make_collator(cfg, tokenizer, processor)  # packing or padding, as training settled it
     eval_loader = accelerator.prepare(eval_loader_of(cfg, eval_ds, collate))
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -154,13 +154,14 @@ def run(cfg: TrainConfig, source: Source) -> dict:
         for name in RESULTS:
             (out / name).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-    prompts = sample_prompts(cfg, eval_ds)
-    ref_answers = (None if reference is None
-                   else generate_answers(accelerator, cfg, reference, tokenizer, prompts))
+    prompts, images = sample_prompts(cfg, eval_ds), sample_images(cfg, eval_ds)
+    ref_answers = None if reference is None else generate_answers(
+        accelerator, cfg, reference, tokenizer, prompts, images, processor)
     accelerator.init_trackers("dpo-eval", config={k: str(v) for k, v in vars(cfg).items()})
     logger = MetricsLogger(accelerator, out, total_steps=0)
     logger.progress.close()  # no steps to count; its write() still prints the samples
-    evaluator = Evaluator(accelerator, cfg, logger, tokenizer, eval_loader, prompts, ref_answers)
+    evaluator = Evaluator(accelerator, cfg, logger, tokenizer, eval_loader, prompts, ref_answers,
+                          images=images, processor=processor)
     results = evaluator.run(policy, reference, source.step)
     if accelerator.is_main_process:
         (out / "eval_results.json").write_text(json.dumps(results, indent=2))

@@ -277,3 +277,21 @@ def test_config_imports_only_from_layers_below():
             for name in names:
                 if name.split(".")[0] == "dpo":
                     assert ".".join(name.split(".")[:2]) in allowed, f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--freeze-vision-tower", "false"], False), (["--freeze-vision-tower=False"], False),
+    (["--freeze-vision-tower", "true", "--beta", "0.2"], True),
+    (["--no-freeze-vision-tower"], False), (["--freeze-vision-tower", "--beta", "0.2"], True)])
+def test_a_boolean_flag_takes_true_or_false_as_transformers_spells_it(flags, expected):
+    assert load_config(flags).freeze_vision_tower is expected
+    # the word after a flag is consumed only when it is a boolean
+    assert load_config(["--padding-free", "--share-prompt", "false"]).share_prompt is False
+
+
+@pytest.mark.parametrize("flags", [["--padding-free", "maybe"], ["--padding-free=maybe"],
+                                   ["--no-padding-free=true"]])
+def test_a_boolean_flag_with_another_word_is_refused(flags, capsys):
+    with pytest.raises(SystemExit):
+        load_config(flags)
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -19,7 +19,7 @@ def load_config(argv: list[str] | None = None, **fixed) -> TrainConfig:
     """TrainConfig from `--config file.yaml` (optional) overridden by command-line flags, and
     those by `fixed` (fields a command sets whatever the file and flags say)."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_spelled_booleans(parser, sys.argv[1:] if argv is None else argv))
     values = _resolve_aliases(_read_yaml(Path(args.config)), f"--config {args.config}: ") \
         if args.config else {}
     flags = {}
@@ -37,6 +37,30 @@ def load_config(argv: list[str] | None = None, **fixed) -> TrainConfig:
         values["num_samples"] = sum(counts)
     values.update(_resolve_aliases(flags, ""))
     return TrainConfig(**{**values, **fixed})
+
+
+BOOLEAN_WORDS = {"true": True, "false": False}
+
+
+def _spelled_booleans(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--flag true` / `--flag false` as `--flag` / `--no-flag`: a boolean spelled the way
+    transformers' TrainingArguments, and scripts written for it, spell one."""
+    flags = {option for action in parser._actions
+             if isinstance(action, argparse.BooleanOptionalAction)
+             for option in action.option_strings if not option.startswith("--no-")}
+    out, i = [], 0
+    while i < len(argv):
+        name, eq, word = argv[i].partition("=")
+        i += 1
+        if name not in flags:
+            out.append(argv[i - 1])
+            continue
+        if not eq and i < len(argv) and argv[i].lower() in BOOLEAN_WORDS:
+            word, eq, i = argv[i], "=", i + 1
+        if eq and word.lower() not in BOOLEAN_WORDS:
+            parser.error(f"{name}: expected true or false, got {word!r}")
+        out.append(name if not eq or BOOLEAN_WORDS[word.lower()] else "--no-" + name[2:])
+    return out
 
 
 # Older names kept working: alias -> (field, {alias value: field value}).

@@ -36,6 +36,9 @@ QWEN2_5_VL_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 PATCH = 14  # both families' vision patch size in pixels
+# The video processor's section of a saved Qwen2.5-VL processor (building it needs torchvision).
+QWEN_VIDEO_PROCESSOR = {"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": PATCH,
+                        "temporal_patch_size": 2, "merge_size": 2}
 
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -45,6 +48,20 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saved as the real processor saves itself, so that `AutoProcessor` (or this class,
+        without torchvision) loads it back: the class name `Qwen2_5_VLProcessor` and the video
+        processor's section."""
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        for name in ("processor_config.json", "tokenizer_config.json"):  # both name the class
+            path = Path(save_directory) / name
+            config = json.loads(path.read_text())
+            config["processor_class"] = Qwen2_5_VLProcessor.__name__
+            if name == "processor_config.json":
+                config["video_processor"] = QWEN_VIDEO_PROCESSOR
+            path.write_text(json.dumps(config, indent=2) + "\n")
+        return files
 
 
 def qwen2_5_vl_processor(tokenizer_dir: str, *, max_patches: int = 16) -> Qwen2_5_VLProcessor:
@@ -107,9 +124,6 @@ def tiny_gemma3(vocab_size: int, *, seed: int = 0, hidden_size: int = 64,
     return model
 
 
-# The video processor's section of a saved Qwen2.5-VL processor (building it needs torchvision).
-QWEN_VIDEO_PROCESSOR = {"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": PATCH,
-                        "temporal_patch_size": 2, "merge_size": 2}
 # family -> (processor builder, model builder)
 FAMILIES = {"qwen2_5_vl": (qwen2_5_vl_processor, tiny_qwen2_5_vl),
             "gemma3": (gemma3_processor, tiny_gemma3)}
@@ -119,8 +133,8 @@ def save_tiny_vision(family: str, directory: str | Path, tokenizer_dir: str | Pa
                      processor=None) -> Path:
     """Save a tiny `family` model and its processor into `directory`, loadable as a checkpoint.
 
-    The Qwen processor is saved under the real class name (`Qwen2_5_VLProcessor`), as released
-    checkpoints have it, so loading it meets what loading a real one meets (no torchvision).
+    The Qwen processor saves itself under the real class name (`Qwen2_5_VLProcessor`), as
+    released checkpoints have it, so loading it meets what loading a real one meets.
     `processor`: the family's processor already built from `tokenizer_dir` (saves a reload)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny vision family {family!r} (known: {', '.join(FAMILIES)})")
@@ -129,12 +143,4 @@ def save_tiny_vision(family: str, directory: str | Path, tokenizer_dir: str | Pa
     directory = Path(directory)
     make_model(len(processor.tokenizer)).save_pretrained(directory)
     processor.save_pretrained(directory)
-    real = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else type(processor)
-    for name in ("processor_config.json", "tokenizer_config.json"):  # both name the class
-        path = directory / name
-        config = json.loads(path.read_text())
-        config["processor_class"] = real.__name__
-        if name == "processor_config.json" and family == "qwen2_5_vl":
-            config["video_processor"] = QWEN_VIDEO_PROCESSOR  # what the real processor saves
-        path.write_text(json.dumps(config, indent=2) + "\n")
     return directory

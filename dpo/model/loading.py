@@ -16,7 +16,7 @@ from dpo.config import ConfigError, TrainConfig
 from dpo.config.model import adapter_base, is_adapter_dir, uses_peft
 from dpo.data import prepare_tokenizer
 from dpo.loss import needs_reference
-from dpo.model.processors import is_vision_config
+from dpo.model.processors import is_vision_config, load_processor
 from dpo.model.vision import family_of, freeze_vision_tower
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,6 +39,17 @@ def load_tokenizer(cfg: TrainConfig, path: str) -> PreTrainedTokenizerBase:
         return prepare_tokenizer(tokenizer)
     except ValueError as e:
         raise ConfigError(f"model {path}: {e}") from None
+
+
+def load_tokenizer_and_processor(cfg: TrainConfig, path: str):
+    """`(tokenizer, processor)`: the processor of a vision-language model holds the very
+    tokenizer returned (its pad token set), so that rows, batches and generation agree; None for
+    a text-only model."""
+    tokenizer = load_tokenizer(cfg, path)
+    processor = load_processor(path, trust_remote_code=cfg.trust_remote_code)
+    if processor is not None:
+        processor.tokenizer = tokenizer
+    return tokenizer, processor
 
 
 def load_causal_lm(cfg: TrainConfig, path: str) -> PreTrainedModel:

@@ -36,6 +36,7 @@ from dpo.eval.evaluation import generate_answers, judge_answers
 from dpo.eval.generation import sample_answers
 from dpo.eval.judges import load_judge, win_rate
 from dpo.model.loading import load_causal_lm, load_tokenizer
+from dpo.model.processors import load_processor
 from dpo.online import pairs as pairing
 from dpo.online.prompts import load_prompts
 from dpo.train import checkpoint
@@ -73,6 +74,8 @@ def run_online(cfg: TrainConfig, output_dir: Path, train) -> None:
     with accelerator.main_process_first():  # builds the offline demo model once
         start = demo.resolve_model(cfg.model)
     tokenizer = load_tokenizer(cfg, start)
+    if load_processor(start, trust_remote_code=cfg.trust_remote_code) is not None:
+        raise ConfigError(f"model {cfg.model}: online DPO (--rounds) trains text-only models")
     train_prompts, heldout, report = load_prompts(cfg, tokenizer)
     accelerator.print(f"online: {len(train_prompts)} train prompts, {len(heldout)} held-out; "
                       f"{report}")

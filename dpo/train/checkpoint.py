@@ -260,8 +260,9 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
 
 def save_final(accelerator: Accelerator, policy, tokenizer: PreTrainedTokenizerBase,
                output_dir: Path, merge_adapter: bool = False) -> None:
-    """`save_pretrained` model (safetensors) and tokenizer, loadable with `from_pretrained`; with
-    LoRA the adapter instead (`dpo.model.lora_save.save_adapter`; `merge_adapter`: also merged).
+    """`save_pretrained` model (safetensors) and tokenizer (or a vision model's processor, which
+    holds its tokenizer), loadable with `from_pretrained`; with LoRA the adapter instead
+    (`dpo.model.lora_save.save_adapter`; `merge_adapter`: also merged).
 
     `get_state_dict` gathers the full weights when they are sharded (ZeRO-3, FSDP); every process
     must take part in that, only the main one writes.

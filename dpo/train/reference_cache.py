@@ -146,7 +146,8 @@ def precompute_reference_logps(
         key = cache_key(accelerator, dataset, chunked=chunked, chunk_size=chunk_size,
                         batching=(batch_size, longest_first, full_mask, collator.padding_free,
                                   collator.max_packed_tokens, collator.share_prompt),
-                        cache_key_parts=cache_key_parts, ld_alpha=ld_alpha)
+                        cache_key_parts=cache_key_parts, ld_alpha=ld_alpha,
+                        processor=getattr(collator, "processor", None))
         path = Path(cache_dir) / f"ref-logps-{key[:40]}.safetensors"
         cached = _load(path, key, len(dataset))
         # All processes must take the same branch, or the computing ones would wait forever in

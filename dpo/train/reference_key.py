@@ -19,6 +19,8 @@ import transformers
 from accelerate import Accelerator
 from datasets import Dataset
 
+from dpo.data.vision_tokenize import processor_settings
+
 __all__ = ["cache_key", "data_digest", "reference_key_parts", "VALUE_CODE"]
 
 # Bump when the file layout or the meaning of the values changes: older files then miss.
@@ -40,6 +42,8 @@ VALUE_CODE = (
     "dpo.model.lora",  # an adapter start's reference: a frozen copy or the merge, the switch
     "dpo.train.reference_cache",  # this pass: batching, autocast, what is stored
     "dpo.train.reference_key",  # what the key covers (a change there re-keys every entry)
+    "dpo.model.vision",  # a vision model's image features and Qwen2.5-VL's 3-D positions
+    "dpo.data.vision_batching",  # the images' pixel values and grids
 )
 
 
@@ -99,7 +103,8 @@ def _model_dir(model_path: str) -> Path | None:
 
 
 def data_digest(dataset: Dataset) -> str:
-    """sha256 of the token ids and labels of every row, in order (the values' row alignment).
+    """sha256 of the token ids and labels of every row, in order (the values' row alignment),
+    and of a vision row's image bytes (the same tokens hold other pictures).
 
     Read column by column from Arrow, so hashing 10⁸ tokens takes about a second.
     """
@@ -113,12 +118,20 @@ def data_digest(dataset: Dataset) -> str:
             digest.update(name.encode())
             for values in (pc.list_value_length(column), pc.list_flatten(column)):
                 digest.update(values.to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+    if "images" in dataset.column_names:
+        for table in dataset.select_columns(["images"]).with_format("arrow").iter(256):
+            column = table["images"].combine_chunks()
+            digest.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())
+            for picture in pc.list_flatten(column).field("bytes").to_pylist():
+                digest.update(len(picture).to_bytes(8, "little") + picture)
     return digest.hexdigest()
 
 
 def cache_key(accelerator: Accelerator, dataset: Dataset, *, chunked: bool, chunk_size: int,
-              batching: tuple, cache_key_parts: dict, ld_alpha: float | None = None) -> str:
-    """The hex key of the values `precompute_reference_logps` would compute for `dataset`."""
+              batching: tuple, cache_key_parts: dict, ld_alpha: float | None = None,
+              processor=None) -> str:
+    """The hex key of the values `precompute_reference_logps` would compute for `dataset`;
+    `processor`: a vision model's, whose settings make the pixel values."""
     code = "".join(Path(importlib.import_module(name).__file__).read_text()
                    for name in VALUE_CODE)
     parts = {
@@ -135,5 +148,6 @@ def cache_key(accelerator: Accelerator, dataset: Dataset, *, chunked: bool, chun
         "code": hashlib.sha256(code.encode()).hexdigest(),
         "reference": cache_key_parts,
         "ld_alpha": ld_alpha,  # LD-DPO's log-probs are other values
+        "processor": processor and processor_settings(processor),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
