@@ -106,14 +106,18 @@ def gemma3_processor(tokenizer_dir: str, *, image_size: int = 2 * PATCH,
 def tiny_gemma3(vocab_size: int, *, seed: int = 0, hidden_size: int = 64,
                 image_size: int = 2 * PATCH, tokens_per_image: int = 4,
                 **text_kwargs) -> PreTrainedModel:
-    """A random `Gemma3ForConditionalGeneration` in fp32: 2 text layers, a 2-layer SigLIP."""
+    """A random `Gemma3ForConditionalGeneration` in fp32: 2 text layers, one of each of Gemma 3's
+    kinds (a 16-token sliding window, which a chat prompt with an image outgrows, and full
+    attention), and a 2-layer SigLIP without its pooling head (as Gemma 3 has it)."""
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=2048, sliding_window=16,
+                layer_types=["sliding_attention", "full_attention"])
     config = Gemma3Config(
-        text_config=dict(vocab_size=vocab_size, hidden_size=hidden_size,
-                         intermediate_size=2 * hidden_size, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=2048, **text_kwargs),
+        text_config={**text, **text_kwargs},
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=image_size, patch_size=PATCH),
+                           num_attention_heads=2, image_size=image_size, patch_size=PATCH,
+                           vision_use_head=False),
         mm_tokens_per_image=tokens_per_image,
     )
     torch.manual_seed(seed)

@@ -89,6 +89,11 @@ def load_causal_lm(cfg: TrainConfig, path: str) -> PreTrainedModel:
             module.p = 0.0
     # no KV cache in training; generation asks for it explicitly
     model.config.use_cache = model.config.get_text_config().use_cache = False
+    if is_vision_config(config):
+        # Loaded under ZeRO-3, transformers 5.25 keeps the legacy key renamings too, which
+        # saving then undoes twice (`model.model.embed_tokens`). Without them saving reverts
+        # the current mapping, the list a plain load keeps.
+        model._weight_conversions = None
     return model
 
 

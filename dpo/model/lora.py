@@ -268,5 +268,9 @@ class AdapterOffReference(nn.Module):
     def config(self):
         return self._model.config
 
+    @property
+    def dtype(self) -> torch.dtype:  # what generation casts a vision model's pixel values to
+        return self._model.dtype
+
     def get_output_embeddings(self) -> nn.Module:
         return self._model.get_output_embeddings()
