@@ -130,3 +130,28 @@ def test_images_for_a_text_only_model_and_an_unknown_family_are_one_line():
     with pytest.raises(ConfigError, match="qwen2_vl is a vision-language model family dpo does "
                        "not support yet"):
         vision_family(Qwen2VLForConditionalGeneration(config))
+
+
+@pytest.mark.parametrize("processes, kind, stage, frozen, refused", [
+    (2, "DEEPSPEED", 3, True, True), (2, "FSDP", 0, True, True), (2, "MULTI_CPU", 0, False, True),
+    (2, "MULTI_CPU", 0, True, False), (2, "DEEPSPEED", 2, True, False), (1, "NO", 0, False, False)])
+def test_pairs_without_an_image_are_refused_where_a_step_without_one_would_hang(
+        processes, kind, stage, frozen, refused):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from datasets import Dataset
+
+    from dpo.model.vision import check_pairs_have_images
+
+    accelerator = SimpleNamespace(num_processes=processes, distributed_type=DistributedType[kind],
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(
+                                      zero_stage=stage)))
+    cfg = SimpleNamespace(freeze_vision_tower=frozen)
+    image = {"bytes": b"x", "path": None}
+    pairs = Dataset.from_dict({"images": [[image], [], [image, image], []]}).select([0, 1, 2])
+    check_pairs_have_images(accelerator, cfg, [pairs.select([0, 2]), None])  # all have images
+    if not refused:
+        return check_pairs_have_images(accelerator, cfg, [pairs])
+    with pytest.raises(ConfigError, match=r"^pairs without an image: 1; .*every pair needs one"):
+        check_pairs_have_images(accelerator, cfg, [pairs])
