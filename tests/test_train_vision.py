@@ -170,13 +170,18 @@ def test_lora_adapts_the_tower_only_when_it_is_not_frozen(runs, name, trains_tow
 
 
 def test_bad_vision_inputs_are_one_line(env, shapes, tmp_path):
-    """Images for a text-only model; a vision model whose processor cannot be loaded."""
+    """Images for a text-only model; a vision model whose processor cannot be loaded; online
+    DPO with a vision model."""
     text = run_train(env, "--model", "builtin:tiny-qwen3", "--dataset", str(shapes), *SHORT,
                      "--output-dir", str(tmp_path / "a"), check=False)
     broken = shutil.copytree(tiny_vision_model_dir("qwen2_5_vl"), tmp_path / "broken")
     (broken / "processor_config.json").unlink()
     no_processor = run_train(env, "--model", str(broken), "--dataset", str(shapes), *SHORT,
                              "--output-dir", str(tmp_path / "b"), check=False)
-    for result, message in [(text, "is a text-only model"), (no_processor, "processor")]:
+    online = run_train(env, "--model", str(tiny_vision_model_dir("qwen2_5_vl")), "--dataset",
+                       str(shapes), "--rounds", "1", "--judge", "builtin:demo-rule",
+                       "--output-dir", str(tmp_path / "c"), check=False)
+    for result, message in [(text, "is a text-only model"), (no_processor, "processor"),
+                            (online, "online DPO (--rounds) trains text-only models")]:
         last = result.stderr.strip().splitlines()[-1]
         assert result.returncode != 0 and last.startswith("error: ") and message in last, last

@@ -28,6 +28,7 @@ import yaml
 from accelerate import PartialState
 from accelerate.utils import set_seed
 from accelerate.utils.memory import clear_device_cache
+from transformers import AutoConfig
 
 from dpo import demo
 from dpo.config import ConfigError, TrainConfig, default_of
@@ -36,7 +37,7 @@ from dpo.eval.evaluation import generate_answers, judge_answers
 from dpo.eval.generation import sample_answers
 from dpo.eval.judges import load_judge, win_rate
 from dpo.model.loading import load_causal_lm, load_tokenizer
-from dpo.model.processors import load_processor
+from dpo.model.processors import is_vision_config
 from dpo.online import pairs as pairing
 from dpo.online.prompts import load_prompts
 from dpo.train import checkpoint
@@ -74,7 +75,8 @@ def run_online(cfg: TrainConfig, output_dir: Path, train) -> None:
     with accelerator.main_process_first():  # builds the offline demo model once
         start = demo.resolve_model(cfg.model)
     tokenizer = load_tokenizer(cfg, start)
-    if load_processor(start, trust_remote_code=cfg.trust_remote_code) is not None:
+    if is_vision_config(AutoConfig.from_pretrained(start,
+                                                   trust_remote_code=cfg.trust_remote_code)):
         raise ConfigError(f"model {cfg.model}: online DPO (--rounds) trains text-only models")
     train_prompts, heldout, report = load_prompts(cfg, tokenizer)
     accelerator.print(f"online: {len(train_prompts)} train prompts, {len(heldout)} held-out; "
