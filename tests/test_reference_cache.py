@@ -287,6 +287,30 @@ def test_data_digest_needs_tokenized_rows_and_sees_order():
         data_digest(ds.remove_columns("chosen_labels"))
 
 
+def test_the_key_covers_a_vision_rows_image_bytes_and_the_processor(accelerator):
+    """The same tokens with other pictures are other values; so is another image processor."""
+    from types import SimpleNamespace
+
+    ds = pairs_dataset()
+    with_images = lambda payloads: ds.add_column(  # noqa: E731
+        "images", [[{"bytes": p, "path": None}] for p in payloads])
+    one = with_images([bytes([i]) * 3 for i in range(len(ds))])
+    assert data_digest(one) == data_digest(with_images([bytes([i]) * 3 for i in range(len(ds))]))
+    assert data_digest(one) != data_digest(ds)
+    assert data_digest(one) != data_digest(with_images([b"x" * 3] * len(ds)))
+    # the row boundaries count: the same bytes split otherwise are other images
+    assert data_digest(with_images([b"ab", b"c"] + [b""] * (len(ds) - 2))) != data_digest(
+        with_images([b"a", b"bc"] + [b""] * (len(ds) - 2)))
+
+    def processor(size):
+        return SimpleNamespace(to_json_string=lambda: "{}", chat_template="t",
+                               image_processor=SimpleNamespace(to_json_string=lambda: size))
+
+    key = lambda p: cache_key(accelerator, one, chunked=True, chunk_size=8,  # noqa: E731
+                              batching=(), cache_key_parts={"m": 1}, processor=p)
+    assert key(processor("28")) == key(processor("28")) != key(processor("56")) != key(None)
+
+
 def test_config_flag_is_off_by_default_and_refused_without_a_reference():
     assert TrainConfig().precompute_ref_logps is False
     assert TrainConfig(precompute_ref_logps=True).precompute_ref_logps is True

@@ -32,7 +32,8 @@ EXTRA = {"": [], "padded": ["--no-padding-free", "--no-share-prompt"],
 LEARN = ["--num-samples", "256", "--eval-samples", "32", "--max-length", "128", "--epochs", "2",
          "--batch-size", "8", "--gradient-accumulation-steps", "1", "--learning-rate", "3e-3",
          "--beta", "0.5", "--logging-steps", "16",
-         "--eval-on-start", "--num-sample-generations", "2", "--max-new-tokens", "4"]
+         "--eval-on-start", "--num-sample-generations", "2", "--max-new-tokens", "4",
+         "--judge", "builtin:demo-rule"]  # a judge reads the answers' text
 # Qwen2.5-VL's key bias adds one constant to all of a query's scores, which the softmax cancels:
 # its gradient is rounding noise, which Adam turns into steps of ±lr.
 NOISE = ("k_proj.bias",)
@@ -96,7 +97,8 @@ def test_a_tiny_vision_model_learns_the_colours_from_the_pixels(runs):
     assert start["eval/rewards/accuracies"] == 0 and abs(start["eval/loss"] - 0.6931) < 1e-4
     assert end["eval/rewards/accuracies"] >= 0.75 and end["eval/loss"] < 0.6
     samples = [json.loads(line) for line in (out / "samples.jsonl").open()]
-    assert samples and all(len(s["images"]) == 1 for s in samples)
+    assert samples and all(len(s["images"]) == 1 and "reward_policy" in s for s in samples)
+    assert "eval/win_rate" in end
     assert "'images': ['sha256:" in log  # the printed samples name their images
     base = tiny_vision_model_dir("qwen2_5_vl")
     tower, started = tensors(out, TOWER["qwen2_5_vl"]), tensors(base, TOWER["qwen2_5_vl"])

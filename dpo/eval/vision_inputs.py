@@ -14,6 +14,8 @@ import io
 
 import torch
 
+from dpo.data.images import pil_image
+
 # The keys of the image processor's output that `generate` reads (Gemma 3's `num_crops` it does
 # not), and the names under which a family takes its image-token marks: the Qwen2-VL family
 # (`mm_token_type_ids`, for its 3-D rotary positions), Gemma 3 (`token_type_ids`, for its
@@ -59,12 +61,8 @@ def collapsed(ids: list[int], token: int) -> list[int]:
 
 def decoded(record: dict):
     """A PIL image from `{"bytes", "path"}`: its bytes, else the file at its path."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise ImportError('images need Pillow: pip install "dpo[vision]"') from None
     source = io.BytesIO(record["bytes"]) if record.get("bytes") else record["path"]
-    return Image.open(source)
+    return pil_image().open(source)
 
 
 def image_label(record: dict) -> str:
