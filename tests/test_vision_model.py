@@ -104,15 +104,18 @@ def test_a_frozen_tower_runs_without_autograd(family):
                                     dict(share_prompt=True, padding_free=True)],
                          ids=["packed", "shared", "shared-packed"])
 def test_qwen_packed_and_shared_rows_give_the_padded_logps(family, layout):
+    """Qwen's equal its padded rows; Gemma 3's do not (its image tokens attend both ways, which
+    causal packed and shared rows cannot keep): why the probes refuse them for it
+    (tests/test_vision_model_probes.py)."""
     name, processor, model, pairs = family
-    if name != "qwen2_5_vl":
-        pytest.skip("Gemma 3's image tokens attend both ways: refused by the probes "
-                    "(tests/test_vision_model_probes.py)")
     use_packed_sdpa(model)
     with torch.no_grad():
         want = together(model, collate(pairs), chunk_size=8)
         got = together(model, collate(pairs, **layout), chunk_size=8)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if name == "qwen2_5_vl":
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert (got - want).abs().max() > 1e-3
 
 
 def test_images_for_a_text_only_model_and_an_unknown_family_are_one_line():
