@@ -26,8 +26,8 @@ LAYOUTS = {"ddp": [*ACCELERATE, "--multi_gpu", "--num_processes", "2"],
                      "true", "--num_processes", "2"]}
 EXTRA = {"": [], "padded": ["--no-padding-free", "--no-share-prompt"],
          "precompute_gc": ["--precompute-ref-logps", "--gradient-checkpointing"],
-         "lora": ["--lora-r", "4", "--gradient-checkpointing"],
-         "lora_tower": ["--lora-r", "4", "--freeze-vision-tower", "false"]}
+         "lora_tower": ["--lora-r", "4", "--freeze-vision-tower", "false",
+                        "--gradient-checkpointing"]}
 # 256 pairs seen twice: fewer steps leave the held-out accuracy at chance on this seed
 LEARN = ["--num-samples", "256", "--eval-samples", "32", "--max-length", "128", "--epochs", "2",
          "--batch-size", "8", "--gradient-accumulation-steps", "1", "--learning-rate", "3e-3",
@@ -162,13 +162,13 @@ def test_two_processes_and_zero3_train_as_one(runs, name):
     assert_same_weights(out, single, rel=1e-4, ignore=NOISE)
 
 
-@pytest.mark.parametrize("name, trains_tower", [("gemma3/single+lora", False),
-                                                ("qwen2_5_vl/single+lora_tower", True)])
-def test_lora_adapts_the_tower_only_when_it_is_not_frozen(runs, name, trains_tower):
-    out, _ = runs(name)
-    adapted = tensors(out, TOWER[name.partition("/")[0]], adapter=True)
-    assert bool(adapted) is trains_tower
-    assert any("lora_A" in k for k in load_file(out / "adapter_model.safetensors"))
+def test_lora_adapts_the_tower_when_it_is_not_frozen(runs):
+    """With gradient checkpointing. Left out while frozen (the default), for both families:
+    tests/test_vision_model_lora.py."""
+    out, _ = runs("qwen2_5_vl/single+lora_tower")
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in tensors(out, TOWER["qwen2_5_vl"], adapter=True))
+    assert any("lora_A" in k and "language_model" in k for k in adapter)
 
 
 def test_bad_vision_inputs_are_one_line(env, shapes, tmp_path):

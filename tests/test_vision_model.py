@@ -145,7 +145,7 @@ def test_pairs_without_an_image_are_refused_where_a_step_without_one_would_hang(
     from accelerate.utils import DistributedType
     from datasets import Dataset
 
-    from dpo.model.vision import check_pairs_have_images
+    from dpo.model.vision import check_vision_data
 
     accelerator = SimpleNamespace(num_processes=processes, distributed_type=DistributedType[kind],
                                   state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(
@@ -153,8 +153,10 @@ def test_pairs_without_an_image_are_refused_where_a_step_without_one_would_hang(
     cfg = SimpleNamespace(freeze_vision_tower=frozen)
     image = {"bytes": b"x", "path": None}
     pairs = Dataset.from_dict({"images": [[image], [], [image, image], []]}).select([0, 1, 2])
-    check_pairs_have_images(accelerator, cfg, [pairs.select([0, 2]), None])  # all have images
+    check_vision_data(accelerator, cfg, [pairs.select([0, 2])], [])  # all have images
+    with pytest.raises(ConfigError, match="^a mixture of datasets with and without images"):
+        check_vision_data(accelerator, cfg, [pairs, pairs.remove_columns("images")], [])
     if not refused:
-        return check_pairs_have_images(accelerator, cfg, [pairs])
+        return check_vision_data(accelerator, cfg, [pairs], [])
     with pytest.raises(ConfigError, match=r"^pairs without an image: 1; .*every pair needs one"):
-        check_pairs_have_images(accelerator, cfg, [pairs])
+        check_vision_data(accelerator, cfg, [], [pairs])

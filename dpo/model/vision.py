@@ -226,15 +226,18 @@ def rope_positions(model: nn.Module, batch: dict[str, torch.Tensor], grid: torch
     return torch.cat([text, rows.view(3, *input_ids.shape)])
 
 
-def check_pairs_have_images(accelerator, cfg, parts) -> None:
-    """ConfigError (one line) for pairs without an image in a vision dataset, where a step
-    whose batch has none would hang or fail: under ZeRO-3 or FSDP the tower's shards are
+def check_vision_data(accelerator, cfg, train_parts: list, eval_parts: list) -> None:
+    """ConfigError (one line) for a mixture of datasets with and without images (they cannot be
+    batched together), and for pairs without an image in a vision dataset where a step whose
+    batch has none would hang or fail: under ZeRO-3 or FSDP the tower's shards are
     gathered by the processes that run it, which then wait forever for one that skips it; under
     DDP a tower that trains gets no gradient on that process. One process, or DDP with the tower
     frozen, takes them."""
     import pyarrow.compute as pc
     from accelerate.utils import DistributedType
 
+    if len({"images" in part.column_names for part in train_parts}) > 1:
+        raise ConfigError("a mixture of datasets with and without images: train on one kind")
     sharded = accelerator.distributed_type == DistributedType.FSDP or (
         accelerator.distributed_type == DistributedType.DEEPSPEED
         and accelerator.state.deepspeed_plugin.zero_stage == 3)
@@ -242,7 +245,7 @@ def check_pairs_have_images(accelerator, cfg, parts) -> None:
         return
     imageless = sum(pc.sum(pc.equal(pc.list_value_length(
         part.select_columns(["images"]).with_format("arrow")[:]["images"]), 0)).as_py() or 0
-        for part in parts if part is not None and "images" in part.column_names)
+        for part in [*train_parts, *eval_parts] if "images" in part.column_names)
     if imageless:
         setting = "ZeRO-3 and FSDP shard" if sharded else "DDP with a trained tower syncs"
         raise ConfigError(f"pairs without an image: {imageless}; {setting} the vision tower "

@@ -28,7 +28,7 @@ from dpo.data.sources import layout_warning
 from dpo.data.messages import read_tools_file
 from dpo.data.report import NoPairsLeft
 from dpo.loss import is_unpaired
-from dpo.model.vision import check_pairs_have_images
+from dpo.model.vision import check_vision_data
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".gz")
 
@@ -75,9 +75,7 @@ def build_datasets(cfg: TrainConfig, accelerator: Accelerator, tokenizer, proces
     if emptied and not eval_parts:
         raise ConfigError(f"no eval pair is left of any dataset ({'; '.join(emptied)}); choose "
                           "other eval rows, or --eval-samples 0 to train without eval")
-    if len({"images" in part.column_names for part in train_parts}) > 1:
-        raise ConfigError("a mixture of datasets with and without images: train on one kind")
-    check_pairs_have_images(accelerator, cfg, train_parts + eval_parts)
+    check_vision_data(accelerator, cfg, train_parts, eval_parts)
     if len(train_parts) > 1:
         accelerator.print(f"train pairs: {sum(map(len, train_parts))} from {len(names)} datasets "
                           f"({', '.join(f'{n} {len(p)}' for n, p in zip(names, train_parts))})")
