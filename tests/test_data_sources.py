@@ -297,7 +297,9 @@ def test_another_process_draws_the_same_streamed_rows(seed_layout, streamed_draw
 
 
 class _Accelerator:
-    """The two things `build_datasets` asks of an Accelerator, on one process."""
+    """What `build_datasets` asks of an Accelerator, on one process."""
+
+    num_processes = 1
 
     def __init__(self):
         self.printed = []

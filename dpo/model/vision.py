@@ -238,10 +238,13 @@ def check_vision_data(accelerator, cfg, train_parts: list, eval_parts: list) -> 
 
     if len({"images" in part.column_names for part in train_parts}) > 1:
         raise ConfigError("a mixture of datasets with and without images: train on one kind")
+    if not any("images" in part.column_names for part in train_parts) or \
+            accelerator.num_processes == 1:
+        return
     sharded = accelerator.distributed_type == DistributedType.FSDP or (
         accelerator.distributed_type == DistributedType.DEEPSPEED
         and accelerator.state.deepspeed_plugin.zero_stage == 3)
-    if accelerator.num_processes == 1 or not (sharded or not cfg.freeze_vision_tower):
+    if not sharded and cfg.freeze_vision_tower:
         return
     imageless = sum(pc.sum(pc.equal(pc.list_value_length(
         part.select_columns(["images"]).with_format("arrow")[:]["images"]), 0)).as_py() or 0
