@@ -1,8 +1,8 @@
 """Vision-language DPO end to end (issue 28): `train.py` on the shapes set (dpo.demo.shapes) with
 the tiny Qwen2.5-VL and Gemma 3 checkpoints (tests/vision_models.py). A tiny model learns the
-colours from the pixels; packed and shared-prompt rows, a precomputed reference, gradient
-checkpointing, two processes and ZeRO-3 train as the plain run does; LoRA leaves the tower out
-unless told; `python -m dpo.evaluate` takes the run; bad inputs are one line."""
+colours from the pixels; the probes pack Qwen's rows and pad Gemma's; a precomputed reference,
+gradient checkpointing, two processes and ZeRO-3 train as the plain run does; LoRA adapts the
+tower when told; `python -m dpo.evaluate` takes the run; bad inputs are one line."""
 import json
 import shutil
 
@@ -24,8 +24,7 @@ GEOMETRY = {1: ["--batch-size", "4", "--gradient-accumulation-steps", "1"],
 LAYOUTS = {"ddp": [*ACCELERATE, "--multi_gpu", "--num_processes", "2"],
            "zero3": [*ACCELERATE, "--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag",
                      "true", "--num_processes", "2"]}
-EXTRA = {"": [], "padded": ["--no-padding-free", "--no-share-prompt"],
-         "precompute_gc": ["--precompute-ref-logps", "--gradient-checkpointing"],
+EXTRA = {"": [], "precompute_gc": ["--precompute-ref-logps", "--gradient-checkpointing"],
          "lora_tower": ["--lora-r", "4", "--freeze-vision-tower", "false",
                         "--gradient-checkpointing"]}
 # 256 pairs seen twice: fewer steps leave the held-out accuracy at chance on this seed
@@ -37,6 +36,8 @@ LEARN = ["--num-samples", "256", "--eval-samples", "32", "--max-length", "128", 
 # Qwen2.5-VL's key bias adds one constant to all of a query's scores, which the softmax cancels:
 # its gradient is rounding noise, which Adam turns into steps of ±lr.
 NOISE = ("k_proj.bias",)
+# Gemma 3's 262k-token vocabulary makes its steps the dearest: fewer (flags given later win)
+FEWER = {"gemma3": ["--num-samples", "8", "--eval-samples", "4", "--max-steps", "2"]}
 TOWER = {"qwen2_5_vl": ("visual.",), "gemma3": ("vision_tower.", "multi_modal_projector.")}
 
 
@@ -69,8 +70,8 @@ def runs(env, shapes, tmp_path_factory):
                 launcher = [*LAYOUTS[layout], "--main_process_port", str(free_port())]
                 flags = [*SHORT, *GEOMETRY[2]]
             result = run_train(env, "--model", str(tiny_vision_model_dir(family)), "--dataset",
-                               str(shapes), *flags, *EXTRA[extra], "--output-dir", str(out),
-                               launcher=launcher)
+                               str(shapes), *flags, *FEWER.get(family, []), *EXTRA[extra],
+                               "--output-dir", str(out), launcher=launcher)
             done[name] = out, result.stdout + result.stderr
         return done[name]
 
@@ -124,37 +125,30 @@ def test_dpo_evaluate_takes_a_vision_run(env, runs, tmp_path):
         json.loads(line)["images"] for line in (out / "samples.jsonl").open()][:len(samples)]
 
 
-def test_packed_and_shared_prompt_rows_train_as_padded_ones(runs):
-    """Qwen2.5-VL takes packed rows with shared prompts (the CPU default); Gemma 3, whose image
-    tokens attend both ways, is refused them by the probe in one line and pads."""
-    packed, log = runs("qwen2_5_vl/single")
-    padded, _ = runs("qwen2_5_vl/single+padded")
+def test_the_probes_pack_qwen_rows_and_pad_gemmas(runs):
+    """Qwen2.5-VL takes packed rows with shared prompts (the CPU default: equal to padded rows to
+    1e-5, tests/test_vision_model.py); Gemma 3, whose image tokens attend both ways, is refused
+    them by the probe in one line, pads, and trains: its sample answers come with its images."""
+    _, log = runs("qwen2_5_vl/single")
     assert "padding-free batches: on" in log and "shared-prompt batches: on" in log
-    assert_same_logs(train_logs(packed), train_logs(padded), rel=1e-5)
-    assert_same_logs(eval_logs(packed), eval_logs(padded), rel=1e-5)
-    assert_same_weights(packed, padded, rel=1e-5, ignore=NOISE)
-    _, gemma_log = runs("gemma3/single")
+    gemma, gemma_log = runs("gemma3/single")
     assert "padding-free batches: off" in gemma_log and "both ways" in gemma_log
-
-
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
-def test_a_precomputed_reference_and_checkpointing_train_as_the_live_reference(runs, family):
-    live, _ = runs(f"{family}/single")
-    out, log = runs(f"{family}/single+precompute_gc")
-    assert "reference: freed; training on its precomputed log-probs" in log
-    skip = ("tokens_per_sec", "padding_fraction", "rewards/accuracies")  # ~1e-7 rewards at step 1
-    assert_same_logs(train_logs(out), train_logs(live), rel=1e-5, skip=skip)
-    assert_same_logs(eval_logs(out), eval_logs(live), rel=1e-5)
-    assert_same_weights(out, live, rel=1e-5, ignore=NOISE)
+    logs = train_logs(gemma)
+    assert abs(logs[0]["loss"] - 0.6931) < 1e-3 and logs[-1]["loss"] != logs[0]["loss"]
+    samples = [json.loads(line) for line in (gemma / "samples.jsonl").open()]
+    assert samples and all(len(s["images"]) == 1 for s in samples)
 
 
 @pytest.mark.parallel
-@pytest.mark.parametrize("name", ["qwen2_5_vl/ddp", "qwen2_5_vl/zero3"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl/ddp+precompute_gc", "qwen2_5_vl/zero3"])
 def test_two_processes_and_zero3_train_as_one(runs, name):
-    family, _, layout = name.partition("/")
-    single, _ = runs(f"{family}/single")
+    """DDP with a precomputed reference and gradient checkpointing, and ZeRO-3 with its sharded
+    reference, train as one process with the live reference does."""
     out, log = runs(name)
-    if layout == "zero3":
+    single, _ = runs("qwen2_5_vl/single")
+    if "precompute" in name:
+        assert "reference: freed; training on its precomputed log-probs" in log
+    else:
         assert "reference: sharded, a DeepSpeed ZeRO-3 inference engine" in log
     assert_same_logs(train_logs(out), train_logs(single), rel=1e-4,
                      skip=("tokens_per_sec", "padding_fraction", "rewards/accuracies"))
